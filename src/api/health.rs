@@ -1,0 +1,145 @@
+//! GetHealthStatus and `/ping`: a background deep check of the backend, cached, so the
+//! endpoints answer in microseconds however slow the key manager is.
+//!
+//! Spec: the health check SHOULD be deep (real crypto on a dedicated key) and MAY answer
+//! from a cache no older than 60 s. The monitor re-checks every `check_interval` (≤ 60 s);
+//! if the cached result is older than 60 s (a check is hung), every entry is reported
+//! UNAVAILABLE rather than passing off stale good news.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use super::wire::{EkmFleetDetail, HealthResponse};
+use crate::backend::{EkmHealth, Handle, HealthState};
+use crate::config::HealthConfig;
+
+/// The spec's limit on the age of a cached health answer.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
+
+/// One completed deep check.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub entries: Vec<EkmHealth>,
+    pub checked_at: Instant,
+}
+
+/// The cached deep-check result plus what GetHealthStatus reports about us.
+#[derive(Debug)]
+pub struct HealthMonitor {
+    latest: ArcSwap<Snapshot>,
+    config: HealthConfig,
+    ekm_vendor: String,
+}
+
+impl HealthMonitor {
+    /// Runs the first deep check now (so `/ping` is meaningful from the first request).
+    pub async fn start(handle: &Handle, config: HealthConfig, ekm_vendor: String) -> Arc<Self> {
+        let entries = check(handle, &[]).await;
+        Arc::new(Self {
+            latest: ArcSwap::from_pointee(Snapshot {
+                entries,
+                checked_at: Instant::now(),
+            }),
+            config,
+            ekm_vendor,
+        })
+    }
+
+    /// Re-checks every `check_interval` until `stop` fires.
+    pub async fn run(
+        self: Arc<Self>,
+        handle: Handle,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(self.config.check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick fires at once; `start` already checked
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let previous = self.latest.load_full();
+            let entries = check(&handle, &previous.entries).await;
+            for e in &entries {
+                if e.state != HealthState::Active {
+                    tracing::warn!(ekm = %e.id, state = e.state.as_str(), "key manager not healthy");
+                }
+            }
+            self.latest.store(Arc::new(Snapshot {
+                entries,
+                checked_at: Instant::now(),
+            }));
+        }
+    }
+
+    /// The entries to report now (UNAVAILABLE if the cache is older than 60 s).
+    pub fn current(&self) -> Vec<EkmHealth> {
+        let snap = self.latest.load();
+        if snap.checked_at.elapsed() > MAX_AGE {
+            return unavailable_like(&snap.entries);
+        }
+        snap.entries.clone()
+    }
+
+    /// `/ping`: healthy unless every key-manager instance is UNAVAILABLE.
+    pub fn serving(&self) -> bool {
+        self.current()
+            .iter()
+            .any(|e| e.state != HealthState::Unavailable)
+    }
+
+    /// The GetHealthStatus response body.
+    pub fn response(&self) -> HealthResponse {
+        HealthResponse {
+            xks_proxy_fleet_size: self.config.fleet_size,
+            xks_proxy_vendor: self.config.vendor.clone(),
+            xks_proxy_model: concat!("xks-proxy ", env!("CARGO_PKG_VERSION")).to_owned(),
+            ekm_vendor: self.ekm_vendor.clone(),
+            ekm_fleet_details: self
+                .current()
+                .into_iter()
+                .take(10)
+                .map(|e| EkmFleetDetail {
+                    id: e.id,
+                    model: e.model,
+                    health_status: e.state.as_str().to_owned(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One deep check through the backend boundary; a failed or timed-out check reports
+/// the previous entries (or one placeholder) as UNAVAILABLE.
+async fn check(handle: &Handle, previous: &[EkmHealth]) -> Vec<EkmHealth> {
+    // The deep check may legitimately take longer than one request's deadline (a round
+    // trip per token), but the handle's deadline still bounds it.
+    match handle.call(|b| Ok(b.health())).await {
+        Ok(entries) if !entries.is_empty() => entries,
+        Ok(_) => unavailable_like(previous),
+        Err(e) => {
+            tracing::warn!(error = %e, "deep health check failed");
+            unavailable_like(previous)
+        }
+    }
+}
+
+fn unavailable_like(previous: &[EkmHealth]) -> Vec<EkmHealth> {
+    if previous.is_empty() {
+        return vec![EkmHealth {
+            id: "key-manager".into(),
+            model: "unknown".into(),
+            state: HealthState::Unavailable,
+        }];
+    }
+    previous
+        .iter()
+        .map(|e| EkmHealth {
+            state: HealthState::Unavailable,
+            ..e.clone()
+        })
+        .collect()
+}

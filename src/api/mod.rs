@@ -1,0 +1,421 @@
+//! The XKS API: everything spec-shaped. One request's path through here:
+//! route → prefix lookup → body (capped) → SigV4 → key-id check → JSON → handler →
+//! response, and one log line at the end.
+//!
+//! `api` reaches the key manager only through [`crate::backend::Handle`] and never
+//! reaches back into `server`.
+
+pub mod aad;
+pub mod decrypt;
+pub mod encrypt;
+pub mod error;
+pub mod health;
+pub mod metadata;
+pub mod route;
+pub mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::backend::Handle;
+use crate::config::{Config, KeystoreConfig, valid_key_id};
+use crate::sigv4::{Credential, CredentialSet, DuplicateAccessKeyId, VerifyPolicy};
+use error::ApiError;
+use health::HealthMonitor;
+use route::Operation;
+use wire::RequestMetadata;
+
+/// Largest plaintext/ciphertext we accept. The spec requires at least 4300 bytes; past
+/// ours a request gets 501 UnsupportedOperationException.
+pub const MAX_DATA: usize = 8192;
+/// Largest AAD we accept. The spec requires at least 8192 bytes.
+pub const MAX_AAD: usize = 16384;
+
+/// One path prefix's runtime state.
+#[derive(Debug)]
+pub struct Tenant {
+    pub prefix: String,
+    pub credentials: CredentialSet,
+    pub allowed_keys: Option<HashSet<String>>,
+}
+
+/// Every configured prefix, swapped as a whole on reload.
+#[derive(Debug, Default)]
+pub struct Tenants {
+    by_prefix: HashMap<String, Arc<Tenant>>,
+}
+
+impl Tenants {
+    pub fn from_config(keystores: &[KeystoreConfig]) -> Result<Self, DuplicateAccessKeyId> {
+        let by_prefix = keystores
+            .iter()
+            .map(|k| {
+                let creds = k
+                    .credentials
+                    .iter()
+                    .map(|c| Credential::new(c.access_key_id.clone(), c.secret.clone()))
+                    .collect();
+                let tenant = Tenant {
+                    prefix: k.path_prefix.clone(),
+                    credentials: CredentialSet::new(creds)?,
+                    allowed_keys: k.allowed_keys.as_ref().map(|v| v.iter().cloned().collect()),
+                };
+                Ok((k.path_prefix.clone(), Arc::new(tenant)))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { by_prefix })
+    }
+
+    pub fn get(&self, prefix: &str) -> Option<&Arc<Tenant>> {
+        self.by_prefix.get(prefix)
+    }
+
+    pub fn prefixes(&self) -> impl Iterator<Item = &str> {
+        self.by_prefix.keys().map(String::as_str)
+    }
+}
+
+/// The XKS API service: shared by every connection.
+#[derive(Debug)]
+pub struct Api {
+    tenants: ArcSwap<Tenants>,
+    sigv4: VerifyPolicy,
+    backend: Handle,
+    health: Arc<HealthMonitor>,
+    max_body: usize,
+    body_timeout: std::time::Duration,
+}
+
+/// What a handler needs about the current request.
+#[derive(Debug)]
+pub struct Call<'a> {
+    pub key_id: &'a str,
+    pub backend: &'a Handle,
+}
+
+/// What the request log line reports; filled in as the request is understood.
+#[derive(Debug, Default)]
+struct RequestLog {
+    prefix: Option<String>,
+    operation: Option<&'static str>,
+    key_id: Option<String>,
+    access_key_id: Option<String>,
+    kms_request_id: Option<String>,
+    kms_operation: Option<String>,
+    principal: Option<String>,
+}
+
+impl Api {
+    pub fn new(
+        config: &Config,
+        backend: Handle,
+        health: Arc<HealthMonitor>,
+    ) -> Result<Self, DuplicateAccessKeyId> {
+        Ok(Self {
+            tenants: ArcSwap::from_pointee(Tenants::from_config(&config.keystores)?),
+            sigv4: config.sigv4.clone(),
+            backend,
+            health,
+            max_body: config.server.max_body_bytes,
+            body_timeout: config.server.header_read_timeout,
+        })
+    }
+
+    /// Replaces every prefix's credentials and allow-list at once; requests in flight
+    /// keep the tenants they started with.
+    pub fn replace_tenants(&self, tenants: Tenants) {
+        self.tenants.store(Arc::new(tenants));
+    }
+
+    pub fn health(&self) -> &Arc<HealthMonitor> {
+        &self.health
+    }
+
+    pub fn backend(&self) -> &Handle {
+        &self.backend
+    }
+
+    /// Serves one HTTP request (any path).
+    pub async fn serve<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if req.uri().path() == "/ping" {
+            return self.ping(req.method());
+        }
+        let started = Instant::now();
+        let mut log = RequestLog::default();
+        let result = self.dispatch(req, &mut log).await;
+        let response = match result {
+            Ok(r) | Err(Outcomed(r)) => r,
+        };
+        let outcome = if response.status() == StatusCode::OK {
+            "ok"
+        } else {
+            // Several names share a status, so the dispatcher records the errorName
+            // in the response's extensions for this line.
+            response
+                .extensions()
+                .get::<Outcome>()
+                .map(|o| o.0)
+                .unwrap_or("error")
+        };
+        tracing::info!(
+            target: "xks_proxy::request",
+            kms_request_id = log.kms_request_id.as_deref().unwrap_or("-"),
+            kms_operation = log.kms_operation.as_deref().unwrap_or("-"),
+            principal = log.principal.as_deref().unwrap_or("-"),
+            access_key_id = log.access_key_id.as_deref().unwrap_or("-"),
+            prefix = log.prefix.as_deref().unwrap_or("-"),
+            operation = log.operation.unwrap_or("-"),
+            key_id = log.key_id.as_deref().unwrap_or("-"),
+            status = response.status().as_u16(),
+            outcome,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "xks request"
+        );
+        response
+    }
+
+    fn ping(&self, method: &Method) -> Response<Full<Bytes>> {
+        if method != Method::GET && method != Method::HEAD {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            r.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+        ping_response(self.health.serving())
+    }
+
+    async fn dispatch<B>(
+        &self,
+        req: Request<B>,
+        log: &mut RequestLog,
+    ) -> Result<Response<Full<Bytes>>, Outcomed>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path();
+        let route = route::parse(path).ok_or(ApiError::UnknownPath)?;
+        log.operation = Some(route.operation.as_str());
+        log.prefix = Some(route.prefix.to_owned());
+        let tenants = self.tenants.load();
+        let tenant = tenants.get(route.prefix).ok_or(ApiError::UnknownPath)?;
+        if parts.method != Method::POST {
+            return Err(ApiError::MethodNotAllowed.into());
+        }
+        let operation = route.operation;
+        let key_id = route.key_id.map(str::to_owned);
+        log.key_id.clone_from(&key_id);
+
+        // Bound the body before reading it: a declared length over the cap is refused
+        // without reading a byte; an undeclared one is cut off at the cap.
+        if let Some(len) = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            if len > self.max_body {
+                return Err(ApiError::BodyTooLarge(self.max_body).into());
+            }
+        }
+        let collected = tokio::time::timeout(
+            self.body_timeout,
+            Limited::new(body, self.max_body).collect(),
+        )
+        .await
+        .map_err(|_| ApiError::BodyUnreadable)?;
+        let body = match collected {
+            Ok(c) => c.to_bytes(),
+            Err(e) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    return Err(ApiError::BodyTooLarge(self.max_body).into());
+                }
+                return Err(ApiError::BodyUnreadable.into());
+            }
+        };
+
+        let verified = crate::sigv4::verify(
+            &parts,
+            &body,
+            &tenant.credentials,
+            &self.sigv4,
+            SystemTime::now(),
+        )
+        .map_err(ApiError::Auth)?;
+        log.access_key_id = Some(verified.access_key_id);
+
+        // Only now, authenticated, does the caller learn anything about key ids.
+        let key_id = match key_id {
+            None => None,
+            Some(k) => {
+                if !valid_key_id(&k) {
+                    // The spec defines key ids as 1-128 of [A-Za-z0-9._-]; an id outside
+                    // that is malformed input (400), not a well-formed id we lack (404).
+                    return Err(ApiError::Validation(
+                        "external key id must be 1-128 characters of A-Z a-z 0-9 . _ -".into(),
+                    )
+                    .into());
+                }
+                if let Some(allowed) = &tenant.allowed_keys {
+                    if !allowed.contains(&k) {
+                        return Err(ApiError::KeyNotAllowed.into());
+                    }
+                }
+                Some(k)
+            }
+        };
+        let call = Call {
+            key_id: key_id.as_deref().unwrap_or(""),
+            backend: &self.backend,
+        };
+        match operation {
+            Operation::GetHealthStatus => {
+                let req: wire::HealthRequest = decode(&body, log)?;
+                drop(req);
+                Ok(json_ok(&self.health.response()))
+            }
+            Operation::GetKeyMetadata => {
+                let req: wire::MetadataRequest = decode(&body, log)?;
+                Ok(json_ok(&metadata::handle(&call, req).await?))
+            }
+            Operation::Encrypt => {
+                let req: wire::EncryptRequest = decode(&body, log)?;
+                Ok(json_ok(&encrypt::handle(&call, req).await?))
+            }
+            Operation::Decrypt => {
+                let req: wire::DecryptRequest = decode(&body, log)?;
+                Ok(json_ok(&decrypt::handle(&call, req).await?))
+            }
+        }
+    }
+}
+
+/// The `/ping` response for load balancers.
+pub fn ping_response(serving: bool) -> Response<Full<Bytes>> {
+    let (status, text) = if serving {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "key manager unavailable\n")
+    };
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+/// The errorName, carried on the response so the log line can report it.
+#[derive(Debug, Clone, Copy)]
+struct Outcome(&'static str);
+
+/// An `ApiError` already turned into its response (so `?` works in `dispatch`).
+struct Outcomed(Response<Full<Bytes>>);
+
+impl From<ApiError> for Outcomed {
+    fn from(e: ApiError) -> Self {
+        let mut r = e.to_response();
+        r.extensions_mut().insert(Outcome(e.error_name().as_str()));
+        Outcomed(r)
+    }
+}
+
+/// Parses a request body, recording its metadata for the log line. serde's messages
+/// can quote input values (which may be plaintext), so only quote-free ones pass.
+fn decode<T: DeserializeOwned + HasMetadata>(body: &[u8], log: &mut RequestLog) -> Result<T, ApiError> {
+    let req: T = serde_json::from_slice(body).map_err(|e| {
+        let text = e.to_string();
+        let detail = if text.contains('"') {
+            "a field has the wrong type or value".to_owned()
+        } else {
+            text
+        };
+        ApiError::Validation(format!("invalid request body: {detail}"))
+    })?;
+    let m = req.metadata();
+    log.kms_request_id = Some(m.kms_request_id.clone());
+    log.kms_operation = Some(m.kms_operation.clone());
+    log.principal.clone_from(&m.aws_principal_arn);
+    Ok(req)
+}
+
+/// Every request body carries `requestMetadata`.
+trait HasMetadata {
+    fn metadata(&self) -> &RequestMetadata;
+}
+
+macro_rules! has_metadata {
+    ($($t:ty),*) => {$(
+        impl HasMetadata for $t {
+            fn metadata(&self) -> &RequestMetadata {
+                &self.request_metadata
+            }
+        }
+    )*};
+}
+has_metadata!(
+    wire::HealthRequest,
+    wire::MetadataRequest,
+    wire::EncryptRequest,
+    wire::DecryptRequest
+);
+
+/// Spec: awsPrincipalArn is required for every API but GetHealthStatus.
+pub(crate) fn require_principal(md: &RequestMetadata) -> Result<(), ApiError> {
+    match md.aws_principal_arn.as_deref() {
+        Some(p) if !p.is_empty() => Ok(()),
+        _ => Err(ApiError::Validation(
+            "requestMetadata.awsPrincipalArn is required".into(),
+        )),
+    }
+}
+
+/// Spec: kmsKeyArn is required for Encrypt and Decrypt.
+pub(crate) fn require_key_arn(md: &RequestMetadata) -> Result<(), ApiError> {
+    match md.kms_key_arn.as_deref() {
+        Some(p) if !p.is_empty() => Ok(()),
+        _ => Err(ApiError::Validation(
+            "requestMetadata.kmsKeyArn is required".into(),
+        )),
+    }
+}
+
+fn json_ok<T: Serialize>(body: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => {
+            let mut r = Response::new(Full::new(Bytes::from(bytes)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(_) => {
+            Outcomed::from(ApiError::Backend(crate::backend::BackendError::Failed(
+                "response serialisation failed".into(),
+            )))
+            .0
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! `xks-proxy`: thin command-line front end over the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+#[cfg(feature = "pkcs11")]
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+
+use xks_proxy::backend::KeyUsage;
+use xks_proxy::config::{BackendConfig, Config, TlsConfig};
+use xks_proxy::secret::SecretString;
+
+#[derive(Parser)]
+#[command(name = "xks-proxy", version, about = "AWS KMS External Key Store (XKS) proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a config file.
+    Serve {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a throw-away demo proxy: software keystore with one key, the dev TLS
+    /// certificate, random demo credentials (printed). Never for production.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// The path prefix (the XksProxyUriPath is PREFIX/kms/xks/v1).
+        #[arg(long, default_value = "/demo")]
+        prefix: String,
+    },
+    /// Check a config file: syntax, every rule, every secret readable.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Manage keys in the configured backend (software keystore or PKCS#11 token).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file and exit 0 if it can run.
+    Check {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random master key (Base64) for the software keystore.
+    GenerateMasterKey,
+    /// Create an AES-256 key (the software keystore file is created if missing).
+    Create {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+        /// The external key id (software keystore) or CKA_LABEL (PKCS#11).
+        #[arg(long, alias = "id")]
+        label: String,
+        /// Comma-separated usages: encrypt,decrypt,wrap,unwrap,sign,verify,derive.
+        #[arg(long, default_value = "encrypt,decrypt")]
+        usage: String,
+    },
+    /// List keys: id, type, usages, status.
+    List {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Enable a key (software keystore; PKCS#11 keys are disabled in config).
+    Enable {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+        #[arg(long, alias = "id")]
+        label: String,
+    },
+    /// Disable a key (software keystore). A running proxy picks it up on SIGHUP.
+    Disable {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+        #[arg(long, alias = "id")]
+        label: String,
+    },
+    /// Add a new version to a key; new encryptions use it, old ciphertexts still open.
+    Rotate {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+        #[arg(long, alias = "id")]
+        label: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xks-proxy: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    // Exit before binding anything, naming the key and the problem.
+                    eprintln!("xks-proxy: {}: {e}", config.display());
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            serve(cfg, Some(config), None)
+        }
+        Command::Demo { listen, prefix } => demo(&listen, &prefix),
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => match Config::load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: OK ({} keystore(s): {})",
+                    config.display(),
+                    cfg.keystores.len(),
+                    cfg.keystores
+                        .iter()
+                        .map(|k| format!("'{}'", k.path_prefix))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("xks-proxy: {}: {e}", config.display());
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Keys { command } => keys(command),
+    }
+}
+
+fn serve(cfg: Config, config_path: Option<PathBuf>, banner: Option<String>) -> Result<ExitCode> {
+    xks_proxy::telemetry::init(&cfg.logging).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let backend = xks_proxy::backend::open(&cfg.backend).context("opening the backend")?;
+        let running = xks_proxy::server::start(&cfg, backend).await?;
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            prefixes = ?cfg.keystores.iter().map(|k| k.path_prefix.as_str()).collect::<Vec<_>>(),
+            "xks-proxy listening on {}",
+            running.base_url()
+        );
+        if let Some(addr) = running.ping_addr {
+            tracing::info!("load-balancer health check listening on http://{addr}/ping");
+        }
+        if let Some(b) = banner {
+            println!("{}", b.replace("{base}", &running.base_url()));
+        }
+        wait_for_signals(&running, &cfg, config_path.as_deref()).await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        running.shutdown();
+        running.wait().await;
+        tracing::info!("stopped");
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    })
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(
+    running: &xks_proxy::server::Running,
+    cfg: &Config,
+    config_path: Option<&Path>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => reload(running, cfg, config_path),
+        }
+    }
+}
+
+/// SIGHUP: re-read the config's credentials and allow-lists, and the backend's keys.
+/// A config that fails validation changes nothing.
+fn reload(running: &xks_proxy::server::Running, current: &Config, config_path: Option<&Path>) {
+    if let Some(path) = config_path {
+        match Config::load(path) {
+            Ok(new) => match xks_proxy::api::Tenants::from_config(&new.keystores) {
+                Ok(t) => {
+                    running.api.replace_tenants(t);
+                    tracing::info!("reloaded credentials and allow-lists from {}", path.display());
+                }
+                Err(e) => tracing::error!(error = %e, "reload refused; keeping the old config"),
+            },
+            Err(e) => tracing::error!(error = %e, "reload refused; keeping the old config"),
+        }
+    }
+    let _ = current;
+    let backend = running.api.backend().clone();
+    tokio::spawn(async move {
+        match backend.call(|b| b.reload()).await {
+            Ok(()) => tracing::info!("backend reloaded"),
+            Err(e) => tracing::error!(error = %e, "backend reload failed; keeping the old keys"),
+        }
+    });
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_: &xks_proxy::server::Running, _: &Config, _: Option<&Path>) {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+const DEV_CERT: &[u8] = include_bytes!("../../certs/server-ecdsa.pem");
+const DEV_KEY: &[u8] = include_bytes!("../../certs/server-ecdsa.key");
+const DEV_CA: &[u8] = include_bytes!("../../certs/ca.pem");
+const DEMO_KEY: &str = "demo-key-1";
+
+/// The quick-start: everything in a private temp dir that is removed on exit.
+fn demo(listen: &str, prefix: &str) -> Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("xks-proxy-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).context("creating the demo directory")?;
+    let _cleanup = RemoveOnDrop(dir.clone());
+    write_private(&dir.join("master.key"), xks_proxy::backend::software::MasterKey::generate().to_base64().expose())?;
+    let (akid, secret) = xks_proxy::config::generate_credential();
+    write_private(&dir.join("secret"), secret.expose())?;
+    std::fs::write(dir.join("ca.pem"), DEV_CA).context("writing the dev CA")?;
+    let toml = format!(
+        r#"
+[server]
+listen = "{listen}"
+insecure_plain_http = true
+[backend]
+kind = "software"
+keystore = "keystore.json"
+master_key_file = "master.key"
+[[keystores]]
+path_prefix = "{prefix}"
+[[keystores.credentials]]
+access_key_id = "{akid}"
+secret_file = "secret"
+"#
+    );
+    let mut cfg = match Config::from_toml(&toml, &dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xks-proxy demo: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    cfg.server.tls = Some(TlsConfig::Embedded {
+        certificate: DEV_CERT,
+        private_key: DEV_KEY,
+    });
+    create_key(&cfg, DEMO_KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt])?;
+    let ca = dir.join("ca.pem");
+    let host = demo_host(listen);
+    let secret = SecretString::new(secret.expose().to_owned());
+    let banner = format!(
+        r#"
+xks-proxy demo — software keystore, dev certificate, throw-away credentials. NOT for production.
+
+  base URL        https://{host}
+  path prefix     {prefix}   (XksProxyUriPath: {prefix}/kms/xks/v1)
+  access key id   {akid}
+  secret          {secret}
+  external key    {DEMO_KEY}
+  dev CA          {ca}
+
+Health check:
+  curl --aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" --user '{akid}:{secret}' --cacert {ca} \
+    -H 'Content-Type: application/json' \
+    -d '{{"requestMetadata":{{"kmsRequestId":"demo-1","kmsOperation":"KmsHealthCheck"}}}}' \
+    https://{host}{prefix}/kms/xks/v1/health
+
+Encrypt ("hello world"):
+  curl --aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" --user '{akid}:{secret}' --cacert {ca} \
+    -H 'Content-Type: application/json' \
+    -d '{{"requestMetadata":{{"kmsRequestId":"demo-2","kmsOperation":"Encrypt","awsPrincipalArn":"arn:aws:iam::111122223333:user/demo","kmsKeyArn":"arn:aws:kms:us-east-1:111122223333:key/demo"}},"plaintext":"aGVsbG8gd29ybGQ=","encryptionAlgorithm":"AES_GCM","ciphertextDataIntegrityValueAlgorithm":"SHA_256"}}' \
+    https://{host}{prefix}/kms/xks/v1/keys/{DEMO_KEY}/encrypt
+
+Stop with Ctrl-C.
+"#,
+        secret = secret.expose(),
+        ca = ca.display(),
+    );
+    serve(cfg, None, Some(banner))
+}
+
+/// The host:port to print: `localhost` (what the dev certificate names) for loopback.
+fn demo_host(listen: &str) -> String {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_loopback() || a.ip().is_unspecified() => format!("localhost:{}", a.port()),
+        _ => listen.to_owned(),
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write_private(path: &Path, content: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(content.as_bytes())?;
+    Ok(())
+}
+
+fn parse_usages(s: &str) -> Result<Vec<KeyUsage>> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| KeyUsage::parse(p).with_context(|| format!("unknown usage '{p}' (encrypt, decrypt, wrap, unwrap, sign, verify, derive)")))
+        .collect()
+}
+
+fn keys(command: KeysCommand) -> Result<ExitCode> {
+    match command {
+        KeysCommand::GenerateMasterKey => {
+            println!("{}", xks_proxy::backend::software::MasterKey::generate().to_base64().expose());
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Create { config, label, usage } => {
+            let cfg = load(&config)?;
+            let usages = parse_usages(&usage)?;
+            create_key(&cfg, &label, &usages)?;
+            println!("created key {label} ({})", usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","));
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::List { config } => {
+            let cfg = load(&config)?;
+            list_keys(&cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Enable { config, label } => set_enabled(&load(&config)?, &label, true),
+        KeysCommand::Disable { config, label } => set_enabled(&load(&config)?, &label, false),
+        KeysCommand::Rotate { config, label } => {
+            let cfg = load(&config)?;
+            let (mut ks, _) = open_keystore(&cfg)?;
+            let v = ks.rotate(&label)?;
+            ks.save()?;
+            println!("key {label} now at version {v}; send SIGHUP to running proxies");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn open_keystore(cfg: &Config) -> Result<(xks_proxy::backend::software::Keystore, PathBuf)> {
+    use xks_proxy::backend::software::Keystore;
+    match &cfg.backend {
+        BackendConfig::Software { keystore, master_key, .. } => {
+            let master = xks_proxy::backend::master_key_from(master_key)?;
+            let ks = if keystore.exists() {
+                Keystore::open(keystore, &master)?
+            } else {
+                eprintln!("creating keystore {}", keystore.display());
+                Keystore::create(keystore, &master)?
+            };
+            Ok((ks, keystore.clone()))
+        }
+        #[cfg(feature = "pkcs11")]
+        BackendConfig::Pkcs11(_) => bail!("this command is for the software keystore"),
+    }
+}
+
+fn create_key(cfg: &Config, label: &str, usages: &[KeyUsage]) -> Result<()> {
+    match &cfg.backend {
+        BackendConfig::Software { .. } => {
+            let (mut ks, _) = open_keystore(cfg)?;
+            ks.create_key(label, usages)?;
+            ks.save()?;
+            Ok(())
+        }
+        #[cfg(feature = "pkcs11")]
+        BackendConfig::Pkcs11(settings) => {
+            let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(settings)?;
+            backend.create_key(label, usages)?;
+            Ok(())
+        }
+    }
+}
+
+fn list_keys(cfg: &Config) -> Result<()> {
+    println!("{:<40} {:<10} {:<30} STATUS", "ID", "TYPE", "USAGES");
+    match &cfg.backend {
+        BackendConfig::Software { .. } => {
+            let (ks, _) = open_keystore(cfg)?;
+            for k in ks.list() {
+                println!(
+                    "{:<40} {:<10} {:<30} {} (version {})",
+                    k.id,
+                    "AES_256",
+                    k.usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
+                    if k.enabled { "ENABLED" } else { "DISABLED" },
+                    k.current_version,
+                );
+            }
+        }
+        #[cfg(feature = "pkcs11")]
+        BackendConfig::Pkcs11(settings) => {
+            let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(settings)?;
+            for k in backend.list_keys()? {
+                println!(
+                    "{:<40} {:<10} {:<30} {:?}",
+                    k.id,
+                    format!("{:?}", k.spec),
+                    k.usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
+                    k.status,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_enabled(cfg: &Config, label: &str, enabled: bool) -> Result<ExitCode> {
+    match &cfg.backend {
+        BackendConfig::Software { .. } => {
+            let (mut ks, _) = open_keystore(cfg)?;
+            ks.set_enabled(label, enabled)?;
+            ks.save()?;
+            println!(
+                "key {label} {}; send SIGHUP to running proxies",
+                if enabled { "enabled" } else { "disabled" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "pkcs11")]
+        BackendConfig::Pkcs11(_) => bail!(
+            "PKCS#11 keys are disabled by listing them in backend.disabled_keys (then SIGHUP), or by CKA_END_DATE"
+        ),
+    }
+}

@@ -1,0 +1,872 @@
+//! Configuration: TOML → [`RawConfig`] (serde, `deny_unknown_fields`) → [`RawConfig::validate`]
+//! → typed [`Config`]. Every key has a doc line and a default where one is sane; a bad
+//! config is refused before anything binds, with an error naming the key and the problem.
+//!
+//! Secrets (SigV4 secrets, the master key, HSM PINs) are never inline: the TOML names an
+//! environment variable or a file, and validation reads them into zeroizing types.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::SecretString;
+
+/// A config that failed to load or validate: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config key `{key}`: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The spec's suffix after a path prefix.
+pub const XKS_BASE: &str = "/kms/xks/v1";
+
+// ---------------------------------------------------------------------------------------
+// Raw (as written in TOML)
+// ---------------------------------------------------------------------------------------
+
+/// The file as written. Field docs are the reference for operators (see
+/// `config/xks-proxy.toml` for the commented version).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: RawServer,
+    #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
+    pub sigv4: RawSigv4,
+    #[serde(default)]
+    pub logging: RawLogging,
+    #[serde(default)]
+    pub limits: RawLimits,
+    pub backend: RawBackend,
+    /// One entry per path prefix (logical keystore / tenant).
+    #[serde(default)]
+    pub keystores: Vec<RawKeystore>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Address of the XKS listener, e.g. "0.0.0.0:443" or "127.0.0.1:8443". Port 0 picks one.
+    pub listen: String,
+    /// TLS certificate chain and key. Required unless `insecure_plain_http` is true.
+    pub tls: Option<RawTls>,
+    /// Serve plain HTTP instead of TLS. Only for a TLS-terminating load balancer in front.
+    #[serde(default)]
+    pub insecure_plain_http: bool,
+    /// Optional extra plain-HTTP listener answering only `GET /ping` (load-balancer checks).
+    pub ping_listen: Option<String>,
+    /// Largest accepted request body. The spec's largest legal body is about 20 KiB.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Time allowed for a TLS handshake and for a request's headers to arrive.
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight and no bytes moving is closed after this.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_ms: u64,
+    /// Open connections above this are refused (closed right after accept).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain (leaf first). ECDSA P-256 or RSA.
+    pub certificate: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// `xksProxyFleetSize`: how many proxy instances serve this endpoint.
+    #[serde(default = "default_fleet_size")]
+    pub fleet_size: u32,
+    /// `xksProxyVendor`.
+    #[serde(default = "default_vendor")]
+    pub vendor: String,
+    /// How often the backend's deep health check runs (the spec allows answers ≤ 60 s old).
+    #[serde(default = "default_health_interval")]
+    pub check_interval_secs: u64,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            fleet_size: default_fleet_size(),
+            vendor: default_vendor(),
+            check_interval_secs: default_health_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSigv4 {
+    /// If set, only these regions may appear in a request's credential scope.
+    pub regions: Option<Vec<String>>,
+    /// Largest accepted distance between X-Amz-Date and our clock (spec: 5 minutes).
+    pub max_clock_skew_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogging {
+    /// "human" or "json".
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A tracing filter, e.g. "info" or "xks_proxy=debug,info". RUST_LOG overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// One backend call's deadline, queueing included (KMS allows 250 ms per request).
+    #[serde(default = "default_deadline")]
+    pub backend_deadline_ms: u64,
+    /// Backend calls that may wait for a free session; more get ThrottlingException at once.
+    #[serde(default = "default_max_waiting")]
+    pub backend_max_waiting: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            backend_deadline_ms: default_deadline(),
+            backend_max_waiting: default_max_waiting(),
+        }
+    }
+}
+
+/// Which key manager; `kind` selects the variant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawBackend {
+    /// The software keystore: AES-256 keys sealed under a master key in one file.
+    Software {
+        /// The keystore file (created by `xks-proxy keys create`).
+        keystore: PathBuf,
+        /// Environment variable holding the Base64 master key. Exactly one of this and
+        /// `master_key_file`.
+        master_key_env: Option<String>,
+        /// File holding the master key (Base64 text or 32 raw bytes), mode 0600.
+        master_key_file: Option<PathBuf>,
+        /// Test/demo knob: add this much latency to every key operation.
+        #[serde(default)]
+        simulated_latency_ms: u64,
+    },
+    /// An HSM over PKCS#11.
+    #[cfg(feature = "pkcs11")]
+    Pkcs11(crate::backend::pkcs11::Pkcs11Settings),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeystore {
+    /// The path prefix before `/kms/xks/v1`: "" (none) or "/name[/name...]".
+    pub path_prefix: String,
+    /// SigV4 credentials accepted for this prefix; two or more during a rotation.
+    pub credentials: Vec<RawCredential>,
+    /// If set, only these external key ids are served under this prefix.
+    pub allowed_keys: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    /// 20–30 characters of A–Z and 2–7 (KMS's rule).
+    pub access_key_id: String,
+    /// Environment variable holding the secret. Exactly one of this and `secret_file`.
+    pub secret_env: Option<String>,
+    /// File holding the secret (surrounding whitespace ignored).
+    pub secret_file: Option<PathBuf>,
+}
+
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_header_timeout() -> u64 {
+    10_000
+}
+fn default_idle_timeout() -> u64 {
+    120_000
+}
+fn default_grace() -> u64 {
+    10_000
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_fleet_size() -> u32 {
+    1
+}
+fn default_vendor() -> String {
+    "xks-proxy (open source)".into()
+}
+fn default_health_interval() -> u64 {
+    20
+}
+fn default_log_format() -> String {
+    "human".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_deadline() -> u64 {
+    200
+}
+fn default_max_waiting() -> usize {
+    256
+}
+
+// ---------------------------------------------------------------------------------------
+// Typed (validated)
+// ---------------------------------------------------------------------------------------
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub health: HealthConfig,
+    pub sigv4: crate::sigv4::VerifyPolicy,
+    pub logging: LoggingConfig,
+    pub limits: crate::backend::CallLimits,
+    pub backend: BackendConfig,
+    pub keystores: Vec<KeystoreConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// None only when the operator asked for plain HTTP.
+    pub tls: Option<TlsConfig>,
+    pub ping_listen: Option<SocketAddr>,
+    pub max_body_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_connections: usize,
+}
+
+/// Where the TLS certificate and key come from.
+#[derive(Debug, Clone)]
+pub enum TlsConfig {
+    Files {
+        certificate: PathBuf,
+        private_key: PathBuf,
+    },
+    /// PEM bytes compiled into the binary (the demo's dev certificate only).
+    Embedded {
+        certificate: &'static [u8],
+        private_key: &'static [u8],
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub fleet_size: u32,
+    pub vendor: String,
+    pub check_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// Where a secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl SecretSource {
+    fn from_pair(
+        key: &str,
+        env: Option<&String>,
+        file: Option<&PathBuf>,
+        base: &Path,
+    ) -> Result<Self, ConfigError> {
+        match (env, file) {
+            (Some(e), None) if !e.is_empty() => Ok(SecretSource::Env(e.clone())),
+            (None, Some(f)) => Ok(SecretSource::File(base.join(f))),
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                key,
+                "give exactly one of *_env and *_file, not both",
+            )),
+            _ => Err(ConfigError::new(
+                key,
+                "missing: name an environment variable (*_env) or a file (*_file); secrets are never inline",
+            )),
+        }
+    }
+
+    /// Reads the secret, trimming surrounding whitespace. Errors name the variable or
+    /// file, never the content.
+    pub fn read(&self, key: &str) -> Result<SecretString, ConfigError> {
+        let value = match self {
+            SecretSource::Env(var) => std::env::var(var).map_err(|_| {
+                ConfigError::new(key, format!("environment variable {var} is not set"))
+            })?,
+            SecretSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(key, format!("cannot read {}: {}", path.display(), e.kind()))
+            })?,
+        };
+        let value = zeroize::Zeroizing::new(value);
+        let trimmed = value.trim();
+        if trimmed.is_empty() {
+            return Err(ConfigError::new(key, "the secret is empty"));
+        }
+        Ok(SecretString::new(trimmed.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    Software {
+        keystore: PathBuf,
+        master_key: SecretSource,
+        simulated_latency: Duration,
+    },
+    #[cfg(feature = "pkcs11")]
+    Pkcs11(crate::backend::pkcs11::Pkcs11Settings),
+}
+
+/// One path prefix: a logical keystore with its own credentials.
+#[derive(Debug, Clone)]
+pub struct KeystoreConfig {
+    pub path_prefix: String,
+    pub credentials: Vec<CredentialConfig>,
+    pub allowed_keys: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CredentialConfig {
+    pub access_key_id: String,
+    pub secret: SecretString,
+    pub source: SecretSource,
+}
+
+impl Config {
+    /// Loads and validates a config file. Relative paths inside it are resolved against
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::from_toml(&text, &base)
+    }
+
+    /// Parses and validates TOML text; relative paths resolve against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's message names the key and line; it never contains secrets because
+            // secrets are never inline.
+            ConfigError::new(
+                "(syntax)",
+                e.message().to_owned() + &span_hint(text, e.span()),
+            )
+        })?;
+        raw.validate(base)
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+/// The rules for a path prefix: "" or "/seg[/seg]" of `a-zA-Z0-9_-`, and the whole
+/// `XksProxyUriPath` (`prefix + /kms/xks/v1`) at most 128 characters (spec).
+pub fn validate_path_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    if !prefix.starts_with('/') || prefix.ends_with('/') {
+        return Err("must be empty or start with '/' and not end with '/'".into());
+    }
+    if prefix.contains("//") {
+        return Err("must not contain empty segments ('//')".into());
+    }
+    if !prefix
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-'))
+    {
+        return Err("may contain only a-z A-Z 0-9 / _ -".into());
+    }
+    if prefix.len() + XKS_BASE.len() > 128 {
+        return Err(format!(
+            "with {XKS_BASE} it is {} characters; the spec allows 128",
+            prefix.len() + XKS_BASE.len()
+        ));
+    }
+    if prefix.ends_with(XKS_BASE) || prefix.contains("/kms/xks/") {
+        return Err("is the part before /kms/xks/v1; do not include /kms/xks/v1 itself".into());
+    }
+    Ok(())
+}
+
+/// KMS's rule for an XKS access key id: 20–30 characters of `A-Z2-7`.
+pub fn valid_access_key_id(id: &str) -> bool {
+    (20..=30).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+}
+
+/// KMS's rule for an XKS secret: 43–64 characters of `a-zA-Z0-9/+=`.
+pub fn valid_secret(secret: &str) -> bool {
+    (43..=64).contains(&secret.len())
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'='))
+}
+
+/// The spec's external key id rule: 1–128 characters of `A-Za-z0-9._-`.
+pub fn valid_key_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("'{s}' is not an IP:port address (e.g. 127.0.0.1:8443 or [::1]:8443)"),
+        )
+    })
+}
+
+impl RawConfig {
+    /// Checks every rule and reads every secret; the result is ready to run.
+    pub fn validate(self, base: &Path) -> Result<Config, ConfigError> {
+        let s = &self.server;
+        let listen = parse_addr("server.listen", &s.listen)?;
+        let ping_listen = s
+            .ping_listen
+            .as_deref()
+            .map(|p| parse_addr("server.ping_listen", p))
+            .transpose()?;
+        let tls = match (&s.tls, s.insecure_plain_http) {
+            (Some(t), false) => Some(TlsConfig::Files {
+                certificate: base.join(&t.certificate),
+                private_key: base.join(&t.private_key),
+            }),
+            (None, true) => None,
+            (Some(_), true) => {
+                return Err(ConfigError::new(
+                    "server.insecure_plain_http",
+                    "is true but [server.tls] is also set; choose one",
+                ));
+            }
+            (None, false) => {
+                return Err(ConfigError::new(
+                    "server.tls",
+                    "missing: KMS requires HTTPS (set insecure_plain_http = true only behind a TLS-terminating load balancer)",
+                ));
+            }
+        };
+        if s.max_body_bytes < 32 * 1024 {
+            return Err(ConfigError::new(
+                "server.max_body_bytes",
+                "must be at least 32768: the spec's largest legal request is about 20 KiB",
+            ));
+        }
+        for (key, v) in [
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.idle_timeout_ms", s.idle_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        if s.max_connections == 0 {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                "must be greater than 0",
+            ));
+        }
+
+        let h = &self.health;
+        if h.fleet_size == 0 {
+            return Err(ConfigError::new(
+                "health.fleet_size",
+                "must be greater than 0 (spec)",
+            ));
+        }
+        if !(1..=60).contains(&h.check_interval_secs) {
+            return Err(ConfigError::new(
+                "health.check_interval_secs",
+                "must be 1 to 60: the spec allows a cached health result at most 60 s old",
+            ));
+        }
+        if h.vendor.is_empty() || h.vendor.len() > 128 {
+            return Err(ConfigError::new(
+                "health.vendor",
+                "must be 1 to 128 characters",
+            ));
+        }
+
+        let mut sigv4 = crate::sigv4::VerifyPolicy::default();
+        if let Some(regions) = &self.sigv4.regions {
+            if regions.is_empty() || regions.iter().any(|r| r.is_empty()) {
+                return Err(ConfigError::new(
+                    "sigv4.regions",
+                    "must list at least one non-empty region, or be left out",
+                ));
+            }
+            sigv4.allowed_regions = Some(regions.clone());
+        }
+        if let Some(skew) = self.sigv4.max_clock_skew_secs {
+            if !(1..=300).contains(&skew) {
+                return Err(ConfigError::new(
+                    "sigv4.max_clock_skew_secs",
+                    "must be 1 to 300 (the spec requires rejecting requests more than 5 minutes off)",
+                ));
+            }
+            sigv4.max_skew = Duration::from_secs(skew);
+        }
+
+        let format = match self.logging.format.as_str() {
+            "human" => LogFormat::Human,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::new(
+                    "logging.format",
+                    format!("'{other}' is not one of: human, json"),
+                ));
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
+            return Err(ConfigError::new(
+                "logging.level",
+                "is not a valid tracing filter",
+            ));
+        }
+
+        let l = &self.limits;
+        if !(1..=10_000).contains(&l.backend_deadline_ms) {
+            return Err(ConfigError::new(
+                "limits.backend_deadline_ms",
+                "must be 1 to 10000",
+            ));
+        }
+
+        let backend = match self.backend {
+            RawBackend::Software {
+                keystore,
+                master_key_env,
+                master_key_file,
+                simulated_latency_ms,
+            } => BackendConfig::Software {
+                keystore: base.join(keystore),
+                master_key: SecretSource::from_pair(
+                    "backend.master_key_env",
+                    master_key_env.as_ref(),
+                    master_key_file.as_ref(),
+                    base,
+                )?,
+                simulated_latency: Duration::from_millis(simulated_latency_ms),
+            },
+            #[cfg(feature = "pkcs11")]
+            RawBackend::Pkcs11(mut settings) => {
+                settings
+                    .validate(base)
+                    .map_err(|e| ConfigError::new(format!("backend.{}", e.key), e.problem))?;
+                settings.resolve_paths(base);
+                BackendConfig::Pkcs11(settings)
+            }
+        };
+
+        if self.keystores.is_empty() {
+            return Err(ConfigError::new(
+                "keystores",
+                "no [[keystores]]: configure at least one path prefix with credentials",
+            ));
+        }
+        let mut keystores = Vec::with_capacity(self.keystores.len());
+        for (i, ks) in self.keystores.into_iter().enumerate() {
+            let key = format!("keystores[{i}]");
+            validate_path_prefix(&ks.path_prefix)
+                .map_err(|p| ConfigError::new(format!("{key}.path_prefix"), p))?;
+            if keystores
+                .iter()
+                .any(|k: &KeystoreConfig| k.path_prefix == ks.path_prefix)
+            {
+                return Err(ConfigError::new(
+                    format!("{key}.path_prefix"),
+                    format!("'{}' is configured twice", ks.path_prefix),
+                ));
+            }
+            if ks.credentials.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{key}.credentials"),
+                    "at least one credential is required",
+                ));
+            }
+            let mut credentials = Vec::new();
+            for (j, c) in ks.credentials.into_iter().enumerate() {
+                let ckey = format!("{key}.credentials[{j}]");
+                if !valid_access_key_id(&c.access_key_id) {
+                    return Err(ConfigError::new(
+                        format!("{ckey}.access_key_id"),
+                        "must be 20-30 characters of A-Z and 2-7 (KMS's rule); `xks-proxy credentials new` makes one",
+                    ));
+                }
+                if credentials
+                    .iter()
+                    .any(|x: &CredentialConfig| x.access_key_id == c.access_key_id)
+                {
+                    return Err(ConfigError::new(
+                        format!("{ckey}.access_key_id"),
+                        "appears twice in this keystore",
+                    ));
+                }
+                let source = SecretSource::from_pair(
+                    &format!("{ckey}.secret_env"),
+                    c.secret_env.as_ref(),
+                    c.secret_file.as_ref(),
+                    base,
+                )?;
+                let secret = source.read(&format!("{ckey}.secret"))?;
+                if !valid_secret(secret.expose()) {
+                    return Err(ConfigError::new(
+                        format!("{ckey}.secret"),
+                        "must be 43-64 characters of a-z A-Z 0-9 / + = (KMS's rule)",
+                    ));
+                }
+                credentials.push(CredentialConfig {
+                    access_key_id: c.access_key_id,
+                    secret,
+                    source,
+                });
+            }
+            if let Some(allowed) = &ks.allowed_keys {
+                if let Some(bad) = allowed.iter().find(|k| !valid_key_id(k)) {
+                    return Err(ConfigError::new(
+                        format!("{key}.allowed_keys"),
+                        format!(
+                            "'{bad}' is not a valid external key id (1-128 of A-Z a-z 0-9 . _ -)"
+                        ),
+                    ));
+                }
+            }
+            keystores.push(KeystoreConfig {
+                path_prefix: ks.path_prefix,
+                credentials,
+                allowed_keys: ks.allowed_keys,
+            });
+        }
+
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                tls,
+                ping_listen,
+                max_body_bytes: s.max_body_bytes,
+                header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
+                idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+                shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
+                max_connections: s.max_connections,
+            },
+            health: HealthConfig {
+                fleet_size: h.fleet_size,
+                vendor: h.vendor.clone(),
+                check_interval: Duration::from_secs(h.check_interval_secs),
+            },
+            sigv4,
+            logging: LoggingConfig {
+                format,
+                level: self.logging.level,
+            },
+            limits: crate::backend::CallLimits {
+                concurrency: 64,
+                max_waiting: l.backend_max_waiting,
+                deadline: Duration::from_millis(l.backend_deadline_ms),
+            },
+            backend,
+            keystores,
+        })
+    }
+}
+
+/// Makes a fresh XKS credential in the format KMS accepts: a 20-character access key id
+/// of `A-Z2-7` (100 bits) and a 44-character Base64 secret (256 bits of entropy).
+pub fn generate_credential() -> (String, SecretString) {
+    use base64::Engine as _;
+    use ring::rand::{SecureRandom, SystemRandom};
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let rng = SystemRandom::new();
+    let mut id_bytes = [0u8; 20];
+    let mut secret_bytes = zeroize::Zeroizing::new([0u8; 32]);
+    // SystemRandom only fails if the OS RNG is unusable, in which case nothing secure
+    // can be made: stopping is the only right answer.
+    #[allow(clippy::expect_used)]
+    {
+        rng.fill(&mut id_bytes).expect("OS random number generator");
+        rng.fill(&mut secret_bytes[..]).expect("OS random number generator");
+    }
+    // 256 is a multiple of 32, so `b % 32` is unbiased.
+    let id: String = id_bytes.iter().map(|b| ALPHABET[(b % 32) as usize] as char).collect();
+    let secret = base64::engine::general_purpose::STANDARD.encode(&secret_bytes[..]);
+    (id, SecretString::new(secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[server.tls]
+certificate = "certs/server-ecdsa.pem"
+private_key = "certs/server-ecdsa.key"
+[backend]
+kind = "software"
+keystore = "ks.json"
+master_key_env = "XKS_TEST_MASTER_KEY_UNUSED"
+[[keystores]]
+path_prefix = "/a"
+[[keystores.credentials]]
+access_key_id = "AKIAIOSFODNN7EXAMPLE"
+secret_file = "SECRETFILE"
+"#;
+
+    fn with_secret(text: &str, secret: &str) -> (tempfile::TempDir, Result<Config, ConfigError>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("secret"), secret).expect("write");
+        let text = text.replace("SECRETFILE", "secret");
+        let r = Config::from_toml(&text, dir.path());
+        (dir, r)
+    }
+
+    const GOOD_SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY4242\n";
+
+    #[test]
+    fn minimal_config_validates_with_defaults() {
+        let (dir, cfg) = with_secret(MINIMAL, GOOD_SECRET);
+        let cfg = cfg.expect("valid");
+        assert_eq!(cfg.keystores[0].path_prefix, "/a");
+        assert_eq!(cfg.keystores[0].credentials[0].secret.expose().len(), 44);
+        assert_eq!(cfg.server.max_body_bytes, 64 * 1024);
+        assert_eq!(cfg.sigv4.max_skew, Duration::from_secs(300));
+        match &cfg.server.tls {
+            Some(TlsConfig::Files { certificate, .. }) => {
+                assert_eq!(certificate, &dir.path().join("certs/server-ecdsa.pem"));
+            }
+            other => panic!("tls: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: Vec<(String, &str)> = vec![
+            (MINIMAL.replace("127.0.0.1:0", "nonsense"), "server.listen"),
+            (MINIMAL.replace("AKIAIOSFODNN7EXAMPLE", "short"), "keystores[0].credentials[0].access_key_id"),
+            (MINIMAL.replace("\"/a\"", "\"a/\""), "keystores[0].path_prefix"),
+            (MINIMAL.replace("\"/a\"", "\"/a/kms/xks/v1\""), "keystores[0].path_prefix"),
+            (MINIMAL.replace("kind = \"software\"", "kind = \"magic\""), "(syntax)"),
+            (MINIMAL.replace("[server]", "[server]\nbogus = 1"), "(syntax)"),
+            (MINIMAL.replace("secret_file = \"SECRETFILE\"", ""), "keystores[0].credentials[0].secret_env"),
+            (
+                MINIMAL.replace("[server.tls]\ncertificate = \"certs/server-ecdsa.pem\"\nprivate_key = \"certs/server-ecdsa.key\"", ""),
+                "server.tls",
+            ),
+        ];
+        for (text, key) in cases {
+            let (_d, r) = with_secret(&text, GOOD_SECRET);
+            let e = r.expect_err(key);
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
+    fn short_secret_is_refused_without_echoing_it() {
+        let (_d, r) = with_secret(MINIMAL, "tooshortsecret");
+        let e = r.expect_err("short secret");
+        assert_eq!(e.key, "keystores[0].credentials[0].secret");
+        assert!(!e.to_string().contains("tooshortsecret"));
+    }
+
+    #[test]
+    fn two_credentials_per_prefix_for_rotation() {
+        let text = MINIMAL.to_owned()
+            + "[[keystores.credentials]]\naccess_key_id = \"BBBBBBBBBBBBBBBBBBBB\"\nsecret_file = \"secret\"\n";
+        let (_d, r) = with_secret(&text, GOOD_SECRET);
+        assert_eq!(r.expect("valid").keystores[0].credentials.len(), 2);
+        let dup = MINIMAL.to_owned()
+            + "[[keystores.credentials]]\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_file = \"secret\"\n";
+        let (_d, r) = with_secret(&dup, GOOD_SECRET);
+        assert!(r.expect_err("dup").problem.contains("twice"));
+    }
+
+    #[test]
+    fn path_prefix_rules() {
+        assert!(validate_path_prefix("").is_ok());
+        assert!(validate_path_prefix("/tenant-a/x_1").is_ok());
+        for bad in ["tenant", "/a/", "/a//b", "/a b", "/a.b", "/kms/xks/v1"] {
+            assert!(validate_path_prefix(bad).is_err(), "{bad}");
+        }
+        // Spec: the whole XksProxyUriPath is at most 128 characters.
+        let ok = format!("/{}", "a".repeat(128 - XKS_BASE.len() - 1));
+        assert!(validate_path_prefix(&ok).is_ok());
+        assert!(validate_path_prefix(&format!("{ok}b")).is_err());
+    }
+
+    #[test]
+    fn generated_credentials_follow_kms_rules() {
+        for _ in 0..50 {
+            let (id, secret) = generate_credential();
+            assert!(valid_access_key_id(&id), "{id}");
+            assert!(valid_secret(secret.expose()));
+        }
+        assert_ne!(generate_credential().0, generate_credential().0);
+    }
+}

@@ -1,0 +1,583 @@
+//! The emulator's state — custom key stores, KMS keys and each key's own backing
+//! material — kept in memory for fast reads and written through to an embedded,
+//! crash-safe `redb` database (in memory by default, a file with `--data-dir`).
+//!
+//! Why write-through with a full in-memory copy: every request needs a consistent
+//! view of one store and its keys (state machine checks), the data set is tiny (at
+//! most 10 stores and a few thousand keys), and redb gives atomic, durable commits.
+//! The database is the source of truth: if a commit fails, the in-memory copy is
+//! reloaded from it, so memory never holds state that was not persisted.
+//!
+//! Lock discipline: one `std::sync::Mutex` around the in-memory state, held only for
+//! short synchronous sections (never across an `.await`); the redb commit happens
+//! inside it so that memory and disk change in the same order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use super::error::KmsError;
+use crate::secret::{SecretBytes, SecretString};
+
+const STORES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("custom_key_stores");
+const KEYS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kms_keys");
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+/// Bumped when a record's shape changes incompatibly.
+const SCHEMA_VERSION: &[u8] = b"1";
+
+/// Seconds since the Unix epoch, with millisecond precision (KMS's `CreationDate`).
+pub fn now_epoch() -> f64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    (d.as_millis() as f64) / 1000.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnectionState {
+    #[serde(rename = "CONNECTED")]
+    Connected,
+    #[serde(rename = "CONNECTING")]
+    Connecting,
+    #[serde(rename = "FAILED")]
+    Failed,
+    #[serde(rename = "DISCONNECTED")]
+    Disconnected,
+    #[serde(rename = "DISCONNECTING")]
+    Disconnecting,
+}
+
+/// The XKS subset of the model's `ConnectionErrorCodeType` (CloudHSM codes are for a
+/// later issue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ConnectionErrorCode {
+    InternalError,
+    NetworkErrors,
+    InvalidCredentials,
+    XksProxyAccessDenied,
+    XksProxyInvalidConfiguration,
+    XksProxyInvalidResponse,
+    XksProxyInvalidTlsConfiguration,
+    XksProxyNotReachable,
+    XksProxyTimedOut,
+    XksVpcEndpointServiceNotFound,
+    XksVpcEndpointServiceInvalidConfiguration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Connectivity {
+    #[serde(rename = "PUBLIC_ENDPOINT")]
+    PublicEndpoint,
+    #[serde(rename = "VPC_ENDPOINT_SERVICE")]
+    VpcEndpointService,
+}
+
+impl Connectivity {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "PUBLIC_ENDPOINT" => Some(Self::PublicEndpoint),
+            "VPC_ENDPOINT_SERVICE" => Some(Self::VpcEndpointService),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PublicEndpoint => "PUBLIC_ENDPOINT",
+            Self::VpcEndpointService => "VPC_ENDPOINT_SERVICE",
+        }
+    }
+}
+
+/// How KMS reaches one external key store proxy. The secret is a [`SecretString`],
+/// so `Debug` (and therefore any log line) never shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XksSettings {
+    /// `https://host`, exactly as validated (no port, no path).
+    pub endpoint: String,
+    /// `[/prefix]/kms/xks/v1`.
+    pub path: String,
+    pub connectivity: Connectivity,
+    pub access_key_id: String,
+    pub secret: SecretString,
+    pub vpc_service_name: Option<String>,
+    pub vpc_service_owner: Option<String>,
+}
+
+/// One custom key store (XKS only for now; the type field keeps the door open for
+/// CloudHSM stores).
+#[derive(Debug, Clone)]
+pub struct CustomKeyStore {
+    pub id: String,
+    pub name: String,
+    pub creation_date: f64,
+    pub connection_state: ConnectionState,
+    /// Present only while FAILED.
+    pub connection_error_code: Option<ConnectionErrorCode>,
+    /// Bumped by every connect and disconnect, so a connect attempt that finishes
+    /// after a disconnect (or a newer connect) knows its result is stale and drops it.
+    pub attempt: u64,
+    pub xks: XksSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Origin {
+    #[serde(rename = "AWS_KMS")]
+    AwsKms,
+    #[serde(rename = "EXTERNAL_KEY_STORE")]
+    ExternalKeyStore,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AwsKms => "AWS_KMS",
+            Self::ExternalKeyStore => "EXTERNAL_KEY_STORE",
+        }
+    }
+}
+
+/// The state KMS stores for a key; `Unavailable` is derived, never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredKeyState {
+    Enabled,
+    Disabled,
+    PendingDeletion,
+}
+
+/// A KMS key. `material` is the emulator's own 256-bit backing key: for an XKS key
+/// it is the inner layer of the double encryption; for an `AWS_KMS` key the only one.
+#[derive(Debug, Clone)]
+pub struct KmsKey {
+    /// The key ID (a UUID).
+    pub id: String,
+    pub arn: String,
+    pub origin: Origin,
+    pub custom_key_store_id: Option<String>,
+    pub xks_key_id: Option<String>,
+    pub state: StoredKeyState,
+    pub description: String,
+    pub policy: String,
+    pub tags: Vec<(String, String)>,
+    pub creation_date: f64,
+    /// Reported `DeletionDate` (real days from scheduling).
+    pub deletion_date: Option<f64>,
+    pub pending_window_days: Option<u32>,
+    /// When the key really disappears: `--deletion-day-length` scales the wait so
+    /// tests need not wait days; equal to `deletion_date` by default.
+    pub purge_at: Option<f64>,
+    pub material: SecretBytes,
+    /// Random ID of the backing material; every ciphertext carries it, so two KMS
+    /// keys over the same external key can never read each other's data.
+    pub backing_key_id: [u8; 16],
+}
+
+/// Everything the emulator knows.
+#[derive(Debug, Default)]
+pub struct State {
+    pub stores: BTreeMap<String, CustomKeyStore>,
+    pub keys: BTreeMap<String, KmsKey>,
+}
+
+impl State {
+    pub fn store_by_name(&self, name: &str) -> Option<&CustomKeyStore> {
+        self.stores.values().find(|s| s.name == name)
+    }
+
+    pub fn keys_in_store<'a>(&'a self, store_id: &'a str) -> impl Iterator<Item = &'a KmsKey> {
+        self.keys
+            .values()
+            .filter(move |k| k.custom_key_store_id.as_deref() == Some(store_id))
+    }
+}
+
+/// Which records a transaction touched; only those are written.
+#[derive(Debug, Default)]
+pub struct Changes {
+    stores: BTreeSet<String>,
+    keys: BTreeSet<String>,
+}
+
+impl Changes {
+    pub fn store(&mut self, id: &str) {
+        self.stores.insert(id.to_owned());
+    }
+
+    pub fn key(&mut self, id: &str) {
+        self.keys.insert(id.to_owned());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.stores.is_empty() && self.keys.is_empty()
+    }
+}
+
+/// The state plus its database.
+pub struct Store {
+    db: redb::Database,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// Why the state could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("emulator database: {0}")]
+    Db(String),
+    #[error("emulator database holds an unreadable record {0}")]
+    Corrupt(String),
+    #[error("emulator database schema version {0} is not supported by this build")]
+    Schema(String),
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+impl Store {
+    /// An in-memory database: the state lives as long as the process.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let db = redb::Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(db_err)?;
+        Self::from_db(db)
+    }
+
+    /// A database file `kms-emulator.redb` in `dir` (created if missing).
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let db = redb::Database::create(dir.join("kms-emulator.redb")).map_err(db_err)?;
+        Self::from_db(db)
+    }
+
+    fn from_db(db: redb::Database) -> Result<Self, StoreError> {
+        // Create the tables and check the schema version in one transaction.
+        let tx = db.begin_write().map_err(db_err)?;
+        {
+            let mut meta = tx.open_table(META).map_err(db_err)?;
+            let existing = meta
+                .get("schema")
+                .map_err(db_err)?
+                .map(|v| v.value().to_vec());
+            match existing {
+                None => {
+                    meta.insert("schema", SCHEMA_VERSION).map_err(db_err)?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(v) => return Err(StoreError::Schema(String::from_utf8_lossy(&v).into())),
+            }
+            tx.open_table(STORES).map_err(db_err)?;
+            tx.open_table(KEYS).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+        let state = load(&db)?;
+        Ok(Self {
+            db,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied change behind
+        // that matters: the database is the truth and is reloaded on failure.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read-only access to a consistent snapshot.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        let guard = self.lock();
+        f(&guard)
+    }
+
+    /// Runs `f` on the state; records it marks in [`Changes`] are committed to the
+    /// database atomically before the lock is released. If `f` fails it must not have
+    /// changed anything (every operation checks first, then mutates).
+    pub fn transact<T>(
+        &self,
+        f: impl FnOnce(&mut State, &mut Changes) -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        let mut guard = self.lock();
+        let mut changes = Changes::default();
+        let out = f(&mut guard, &mut changes)?;
+        if changes.is_empty() {
+            return Ok(out);
+        }
+        if let Err(e) = persist(&self.db, &guard, &changes) {
+            // Memory ran ahead of the database: throw it away.
+            match load(&self.db) {
+                Ok(fresh) => *guard = fresh,
+                Err(reload) => tracing::error!(error = %reload, "reloading state failed"),
+            }
+            return Err(KmsError::internal(&e));
+        }
+        Ok(out)
+    }
+}
+
+fn persist(db: &redb::Database, state: &State, changes: &Changes) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(db_err)?;
+    {
+        let mut stores = tx.open_table(STORES).map_err(db_err)?;
+        for id in &changes.stores {
+            match state.stores.get(id) {
+                Some(s) => {
+                    let mut bytes = encode_store(s)?;
+                    stores.insert(id.as_str(), bytes.as_slice()).map_err(db_err)?;
+                    bytes.zeroize();
+                }
+                None => {
+                    stores.remove(id.as_str()).map_err(db_err)?;
+                }
+            }
+        }
+        let mut keys = tx.open_table(KEYS).map_err(db_err)?;
+        for id in &changes.keys {
+            match state.keys.get(id) {
+                Some(k) => {
+                    let mut bytes = encode_key(k)?;
+                    keys.insert(id.as_str(), bytes.as_slice()).map_err(db_err)?;
+                    bytes.zeroize();
+                }
+                None => {
+                    keys.remove(id.as_str()).map_err(db_err)?;
+                }
+            }
+        }
+    }
+    tx.commit().map_err(db_err)
+}
+
+fn load(db: &redb::Database) -> Result<State, StoreError> {
+    let tx = db.begin_read().map_err(db_err)?;
+    let mut state = State::default();
+    let stores = tx.open_table(STORES).map_err(db_err)?;
+    for row in stores.iter().map_err(db_err)? {
+        let (k, v) = row.map_err(db_err)?;
+        let s = decode_store(v.value()).ok_or_else(|| StoreError::Corrupt(k.value().into()))?;
+        state.stores.insert(s.id.clone(), s);
+    }
+    let keys = tx.open_table(KEYS).map_err(db_err)?;
+    for row in keys.iter().map_err(db_err)? {
+        let (k, v) = row.map_err(db_err)?;
+        let key = decode_key(v.value()).ok_or_else(|| StoreError::Corrupt(k.value().into()))?;
+        state.keys.insert(key.id.clone(), key);
+    }
+    Ok(state)
+}
+
+// --- On-disk records -------------------------------------------------------------
+//
+// Separate serde types keep `Serialize` off the in-memory types that hold secrets:
+// the only path from a secret to bytes is these encoders, whose output goes straight
+// into the database and is wiped afterwards.
+
+#[derive(Serialize, Deserialize)]
+struct StoreRecord {
+    id: String,
+    name: String,
+    creation_date: f64,
+    connection_state: ConnectionState,
+    connection_error_code: Option<ConnectionErrorCode>,
+    attempt: u64,
+    endpoint: String,
+    path: String,
+    connectivity: Connectivity,
+    access_key_id: String,
+    secret: String,
+    vpc_service_name: Option<String>,
+    vpc_service_owner: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyRecord {
+    id: String,
+    arn: String,
+    origin: Origin,
+    custom_key_store_id: Option<String>,
+    xks_key_id: Option<String>,
+    state: StoredKeyState,
+    description: String,
+    policy: String,
+    tags: Vec<(String, String)>,
+    creation_date: f64,
+    deletion_date: Option<f64>,
+    pending_window_days: Option<u32>,
+    purge_at: Option<f64>,
+    /// Base64 of the 32-byte backing material.
+    material: String,
+    backing_key_id: String,
+}
+
+fn encode_store(s: &CustomKeyStore) -> Result<Vec<u8>, StoreError> {
+    let mut rec = StoreRecord {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        creation_date: s.creation_date,
+        connection_state: s.connection_state,
+        connection_error_code: s.connection_error_code,
+        attempt: s.attempt,
+        endpoint: s.xks.endpoint.clone(),
+        path: s.xks.path.clone(),
+        connectivity: s.xks.connectivity,
+        access_key_id: s.xks.access_key_id.clone(),
+        secret: s.xks.secret.expose().to_owned(),
+        vpc_service_name: s.xks.vpc_service_name.clone(),
+        vpc_service_owner: s.xks.vpc_service_owner.clone(),
+    };
+    let out = serde_json::to_vec(&rec).map_err(db_err);
+    rec.secret.zeroize();
+    out
+}
+
+fn decode_store(bytes: &[u8]) -> Option<CustomKeyStore> {
+    let rec: StoreRecord = serde_json::from_slice(bytes).ok()?;
+    Some(CustomKeyStore {
+        id: rec.id,
+        name: rec.name,
+        creation_date: rec.creation_date,
+        connection_state: rec.connection_state,
+        connection_error_code: rec.connection_error_code,
+        attempt: rec.attempt,
+        xks: XksSettings {
+            endpoint: rec.endpoint,
+            path: rec.path,
+            connectivity: rec.connectivity,
+            access_key_id: rec.access_key_id,
+            secret: SecretString::new(rec.secret),
+            vpc_service_name: rec.vpc_service_name,
+            vpc_service_owner: rec.vpc_service_owner,
+        },
+    })
+}
+
+fn encode_key(k: &KmsKey) -> Result<Vec<u8>, StoreError> {
+    let mut rec = KeyRecord {
+        id: k.id.clone(),
+        arn: k.arn.clone(),
+        origin: k.origin,
+        custom_key_store_id: k.custom_key_store_id.clone(),
+        xks_key_id: k.xks_key_id.clone(),
+        state: k.state,
+        description: k.description.clone(),
+        policy: k.policy.clone(),
+        tags: k.tags.clone(),
+        creation_date: k.creation_date,
+        deletion_date: k.deletion_date,
+        pending_window_days: k.pending_window_days,
+        purge_at: k.purge_at,
+        material: STANDARD.encode(k.material.expose()),
+        backing_key_id: hex::encode(k.backing_key_id),
+    };
+    let out = serde_json::to_vec(&rec).map_err(db_err);
+    rec.material.zeroize();
+    out
+}
+
+fn decode_key(bytes: &[u8]) -> Option<KmsKey> {
+    let mut rec: KeyRecord = serde_json::from_slice(bytes).ok()?;
+    let material = SecretBytes::new(STANDARD.decode(&rec.material).ok()?);
+    rec.material.zeroize();
+    if material.len() != 32 {
+        return None;
+    }
+    let backing_key_id: [u8; 16] = hex::decode(&rec.backing_key_id).ok()?.try_into().ok()?;
+    Some(KmsKey {
+        id: rec.id,
+        arn: rec.arn,
+        origin: rec.origin,
+        custom_key_store_id: rec.custom_key_store_id,
+        xks_key_id: rec.xks_key_id,
+        state: rec.state,
+        description: rec.description,
+        policy: rec.policy,
+        tags: rec.tags,
+        creation_date: rec.creation_date,
+        deletion_date: rec.deletion_date,
+        pending_window_days: rec.pending_window_days,
+        purge_at: rec.purge_at,
+        material,
+        backing_key_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_store() -> CustomKeyStore {
+        CustomKeyStore {
+            id: "cks-0123456789abcdef0".into(),
+            name: "s".into(),
+            creation_date: 1.5,
+            connection_state: ConnectionState::Disconnected,
+            connection_error_code: None,
+            attempt: 0,
+            xks: XksSettings {
+                endpoint: "https://xks.test.example".into(),
+                path: "/kms/xks/v1".into(),
+                connectivity: Connectivity::PublicEndpoint,
+                access_key_id: "AKIA4GBY3I6JCE5M2HPM".into(),
+                secret: SecretString::from("very-secret-value-that-must-not-leak-000000"),
+                vpc_service_name: None,
+                vpc_service_owner: None,
+            },
+        }
+    }
+
+    #[test]
+    fn debug_of_a_store_hides_the_secret() {
+        let shown = format!("{:?}", sample_store());
+        assert!(!shown.contains("very-secret"), "{shown}");
+    }
+
+    #[test]
+    fn state_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store
+                .transact(|st, ch| {
+                    let s = sample_store();
+                    ch.store(&s.id);
+                    st.stores.insert(s.id.clone(), s);
+                    Ok(())
+                })
+                .expect("commit");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let s = store
+            .read(|st| st.stores.get("cks-0123456789abcdef0").cloned())
+            .expect("store persisted");
+        assert_eq!(s.xks.secret.expose(), "very-secret-value-that-must-not-leak-000000");
+        assert_eq!(s.connection_state, ConnectionState::Disconnected);
+    }
+
+    #[test]
+    fn a_failed_closure_commits_nothing() {
+        let store = Store::in_memory().expect("memory");
+        let r: Result<(), KmsError> = store.transact(|_, _| Err(KmsError::validation("no")));
+        assert!(r.is_err());
+        assert!(store.read(|st| st.stores.is_empty()));
+    }
+}

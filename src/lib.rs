@@ -1,0 +1,41 @@
+//! # xks-proxy
+//!
+//! An AWS KMS External Key Store (XKS) proxy: KMS sends SigV4-signed HTTPS requests, the
+//! proxy performs AES-256-GCM in a key manager it controls (an HSM over PKCS#11, or a
+//! software keystore) and answers in the spec's JSON. Plus a KMS emulator that calls the
+//! proxy exactly as KMS does.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | TOML → validated [`config::Config`]; secrets read from env/files |
+//! | [`server`] | listeners, TLS ([`server::tls`]), HTTP/1.1+2, timeouts, graceful drain |
+//! | [`api`] | the XKS API: routing, the one error→wire mapping, AAD/CDIV, handlers, health |
+//! | [`sigv4`] | our SigV4 verifier (the product) and a KMS-like signer (aws-sigv4) |
+//! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary), software keystore, PKCS#11 |
+//! | [`secret`] | zeroizing, `Debug`-redacted secret types |
+//! | [`telemetry`] | tracing setup (human or JSON) |
+//!
+//! # One Encrypt request
+//!
+//! `server` (TLS handshake, HTTP) → [`api::Api::serve`] → [`api::route::parse`] →
+//! prefix lookup → body read under a cap → [`sigv4::verify`] with the prefix's
+//! credentials → key id checks → `wire::EncryptRequest` → [`api::encrypt`] builds the
+//! spec AAD ([`api::aad`]) and calls the backend through [`backend::Handle`] (encrypt,
+//! CDIV, verify-decrypt) → 200 JSON, and one log line with kmsRequestId, operation,
+//! principal, prefix, key, outcome and elapsed time.
+//!
+//! Dependency directions: `server` → `api` → (`sigv4`, `backend` via `Handle`);
+//! `backend` knows nothing of HTTP, Base64 or the spec's AAD layout.
+//!
+//! Start reading at `src/bin/xks-proxy.rs`, then [`server::start`] and [`api::Api::serve`].
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod secret;
+pub mod server;
+pub mod sigv4;
+pub mod telemetry;
