@@ -895,29 +895,53 @@ mod tests {
         }
 
         use AuthError::{MalformedAuthorization as M, UnsupportedAlgorithm as Alg};
-        let upper_sig = sig.to_uppercase();
+        // The real header with one component replaced.
+        let with = |c: &str, h: &str, s: &str| {
+            format!("AWS4-HMAC-SHA256 Credential={c}, SignedHeaders={h}, Signature={s}")
+        };
+        let scope = |id: &str, date: &str, region: &str, service: &str, term: &str| {
+            with(&format!("{id}/{date}/{region}/{service}/{term}"), sh, &sig)
+        };
+        const SHAPE: &str = "Credential must be id/yyyymmdd/region/service/aws4_request";
+        const REG_SVC: &str = "credential scope region or service is empty or not visible ASCII";
+        const SORTED: &str = "SignedHeaders must be sorted with no duplicates";
+        let full = with(&cred, sh, &sig);
         let cases: Vec<(String, AuthError)> = vec![
+            // Algorithm.
             (String::new(), Alg),
+            ("Basic dXNlcjpwYXNz".into(), Alg),
+            (full.replace("AWS4-HMAC-SHA256", "AWS4-HMAC-SHA512"), Alg),
+            (full.replace("AWS4-HMAC-SHA256", "aws4-hmac-sha256"), Alg),
+            (
+                full.replace("AWS4-HMAC-SHA256", "AWS4-ECDSA-P256-SHA256"),
+                Alg,
+            ),
             (
                 "AWS4-HMAC-SHA256".into(),
                 M("no Credential, SignedHeaders or Signature"),
             ),
+            // Component list.
             ("AWS4-HMAC-SHA256 ".into(), M("empty component")),
+            (format!("{full},"), M("empty component")),
             (
-                format!("AWS4-HMAC-SHA512 Credential={cred}, SignedHeaders={sh}, Signature={sig}"),
-                Alg,
+                full.replace(", SignedHeaders", ",, SignedHeaders"),
+                M("empty component"),
+            ),
+            (format!("{full}, Extra=1"), M("unknown component")),
+            (
+                full.replace("Credential=", "credential="),
+                M("unknown component"),
             ),
             (
-                format!("aws4-hmac-sha256 Credential={cred}, SignedHeaders={sh}, Signature={sig}"),
-                Alg,
+                full.replace("Credential=", "Credential "),
+                M("component is not key=value"),
             ),
+            (full.replace(", ", " "), M("missing SignedHeaders")),
+            (format!("{full}, Signature={sig}"), M("duplicate component")),
             (
-                format!(
-                    "AWS4-ECDSA-P256-SHA256 Credential={cred}, SignedHeaders={sh}, Signature={sig}"
-                ),
-                Alg,
+                full.replace("Credential=", &format!("Credential={cred}, Credential=")),
+                M("duplicate component"),
             ),
-            ("Basic dXNlcjpwYXNz".into(), Alg),
             (
                 format!("AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}"),
                 M("missing Signature"),
@@ -930,163 +954,96 @@ mod tests {
                 format!("AWS4-HMAC-SHA256 SignedHeaders={sh}, Signature={sig}"),
                 M("missing Credential"),
             ),
+            // Credential and scope.
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, Credential={cred}, SignedHeaders={sh}, Signature={sig}"
-                ),
-                M("duplicate component"),
-            ),
-            (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}, Signature={sig}, Signature={sig}"
-                ),
-                M("duplicate component"),
-            ),
-            (
-                format!("AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}, Signature={sig},"),
-                M("empty component"),
-            ),
-            (
-                format!("AWS4-HMAC-SHA256 Credential={cred},, SignedHeaders={sh}, Signature={sig}"),
-                M("empty component"),
-            ),
-            (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}, Signature={sig}, Extra=1"
-                ),
-                M("unknown component"),
-            ),
-            (
-                format!("AWS4-HMAC-SHA256 credential={cred}, SignedHeaders={sh}, Signature={sig}"),
-                M("unknown component"),
-            ),
-            (
-                format!("AWS4-HMAC-SHA256 Credential={cred} SignedHeaders={sh} Signature={sig}"),
+                scope(AKID, "20240301", REGION, "kms-xks-proxy", "aws4_requesT"),
                 M("credential scope must end in aws4_request"),
             ),
             (
-                format!("AWS4-HMAC-SHA256 Credential {cred}, SignedHeaders={sh}, Signature={sig}"),
-                M("component is not key=value"),
+                scope(
+                    AKID,
+                    "20240301",
+                    REGION,
+                    "kms-xks-proxy",
+                    "aws4_request/extra",
+                ),
+                M(SHAPE),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={AKID}/20240301/{REGION}/kms-xks-proxy/aws4_requesT, SignedHeaders={sh}, Signature={sig}"
-                ),
-                M("credential scope must end in aws4_request"),
+                with(&format!("{AKID}/20240301/{REGION}/kms-xks-proxy"), sh, &sig),
+                M(SHAPE),
             ),
+            (with(AKID, sh, &sig), M(SHAPE)),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={AKID}/20240301/{REGION}/kms-xks-proxy, SignedHeaders={sh}, Signature={sig}"
-                ),
-                M("Credential must be id/yyyymmdd/region/service/aws4_request"),
-            ),
-            (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}/extra, SignedHeaders={sh}, Signature={sig}"
-                ),
-                M("Credential must be id/yyyymmdd/region/service/aws4_request"),
-            ),
-            (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential=/20240301/{REGION}/kms-xks-proxy/aws4_request, SignedHeaders={sh}, Signature={sig}"
-                ),
+                scope("", "20240301", REGION, "kms-xks-proxy", "aws4_request"),
                 M("access key id is empty or not visible ASCII"),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={AKID}/2024031/{REGION}/kms-xks-proxy/aws4_request, SignedHeaders={sh}, Signature={sig}"
-                ),
+                scope(AKID, "2024031", REGION, "kms-xks-proxy", "aws4_request"),
                 M("credential scope date is not yyyymmdd"),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={AKID}/2024-03-01/{REGION}/kms-xks-proxy/aws4_request, SignedHeaders={sh}, Signature={sig}"
-                ),
+                scope(AKID, "2024-03-01", REGION, "kms-xks-proxy", "aws4_request"),
                 M("credential scope date is not yyyymmdd"),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={AKID}/20240301//kms-xks-proxy/aws4_request, SignedHeaders={sh}, Signature={sig}"
-                ),
-                M("credential scope region or service is empty or not visible ASCII"),
+                scope(AKID, "20240301", "", "kms-xks-proxy", "aws4_request"),
+                M(REG_SVC),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={AKID}/20240301/{REGION}//aws4_request, SignedHeaders={sh}, Signature={sig}"
-                ),
-                M("credential scope region or service is empty or not visible ASCII"),
+                scope(AKID, "20240301", REGION, "", "aws4_request"),
+                M(REG_SVC),
             ),
             (
-                format!("AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=, Signature={sig}"),
-                M("SignedHeaders is empty"),
+                scope(AKID, "20240301", "us east", "kms-xks-proxy", "aws4_request"),
+                M(REG_SVC),
             ),
+            // SignedHeaders.
+            (with(&cred, "", &sig), M("SignedHeaders is empty")),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=host;;x-amz-date, Signature={sig}"
-                ),
+                with(&cred, "host;;x-amz-date", &sig),
                 M("SignedHeaders has an empty header name"),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=host;x-amz-date;, Signature={sig}"
-                ),
+                with(&cred, "host;x-amz-date;", &sig),
                 M("SignedHeaders has an empty header name"),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=Host;x-amz-date, Signature={sig}"
-                ),
+                with(&cred, "Host;x-amz-date", &sig),
                 M("SignedHeaders names must be lower-case"),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=x-amz-date;host, Signature={sig}"
-                ),
-                M("SignedHeaders must be sorted with no duplicates"),
-            ),
-            (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=host;host;x-amz-date, Signature={sig}"
-                ),
-                M("SignedHeaders must be sorted with no duplicates"),
-            ),
-            (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=host;x amz date, Signature={sig}"
-                ),
+                with(&cred, "host;x amz date", &sig),
                 M("SignedHeaders has an invalid header name"),
             ),
             (
-                format!("AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}, Signature="),
+                with(&cred, "host;x-amz-date:", &sig),
+                M("SignedHeaders has an invalid header name"),
+            ),
+            (with(&cred, "x-amz-date;host", &sig), M(SORTED)),
+            (with(&cred, "host;host;x-amz-date", &sig), M(SORTED)),
+            // Signature.
+            (with(&cred, sh, ""), M("Signature must be 64 hex digits")),
+            (
+                with(&cred, sh, &sig[..63]),
                 M("Signature must be 64 hex digits"),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}, Signature={}",
-                    &sig[..63]
-                ),
+                with(&cred, sh, &format!("{sig}0")),
                 M("Signature must be 64 hex digits"),
             ),
+            (format!("{full} "), M("Signature must be 64 hex digits")),
             (
-                format!("AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}, Signature={sig}0"),
-                M("Signature must be 64 hex digits"),
-            ),
-            (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}, Signature={upper_sig}"
-                ),
+                with(&cred, sh, &sig.to_uppercase()),
                 M("Signature must be lower-case hex"),
             ),
             (
-                format!(
-                    "AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}, Signature={}",
-                    "g".repeat(64)
-                ),
+                with(&cred, sh, &"g".repeat(64)),
                 M("Signature must be lower-case hex"),
             ),
             (
-                format!("AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders={sh}, Signature={sig} "),
-                M("Signature must be 64 hex digits"),
+                with(&cred, sh, &format!("0x{}", &sig[2..])),
+                M("Signature must be lower-case hex"),
             ),
         ];
         assert!(cases.len() >= 15);
