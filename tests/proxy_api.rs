@@ -423,7 +423,7 @@ async fn slow_handshakes_are_cut_off() {
 async fn graceful_shutdown_finishes_in_flight_requests() {
     // SIGTERM semantics: stop accepting, finish what is in flight.
     let p = TestProxy::start(Options {
-        simulated_latency_ms: 150,
+        simulated_latency_ms: 80,
         ..Options::default()
     })
     .await;
