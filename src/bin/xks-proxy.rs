@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 
 use xks_proxy::backend::KeyUsage;
 use xks_proxy::config::{BackendConfig, Config, TlsConfig};
-use xks_proxy::secret::SecretString;
 
 #[derive(Parser)]
 #[command(name = "xks-proxy", version, about = "AWS KMS External Key Store (XKS) proxy")]
@@ -149,7 +148,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn serve(cfg: Config, config_path: Option<PathBuf>, banner: Option<String>) -> Result<ExitCode> {
+/// Text printed once the listener is bound, given the bound address.
+type Banner = Box<dyn FnOnce(std::net::SocketAddr) -> String + Send>;
+
+fn serve(cfg: Config, config_path: Option<PathBuf>, banner: Option<Banner>) -> Result<ExitCode> {
     xks_proxy::telemetry::init(&cfg.logging).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -168,7 +170,10 @@ fn serve(cfg: Config, config_path: Option<PathBuf>, banner: Option<String>) -> R
             tracing::info!("load-balancer health check listening on http://{addr}/ping");
         }
         if let Some(b) = banner {
-            println!("{}", b.replace("{base}", &running.base_url()));
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", b(running.local_addr));
+            let _ = out.flush();
         }
         wait_for_signals(&running, &cfg, config_path.as_deref()).await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");
@@ -277,9 +282,10 @@ secret_file = "secret"
     });
     create_key(&cfg, DEMO_KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt])?;
     let ca = dir.join("ca.pem");
-    let host = demo_host(listen);
-    let secret = SecretString::new(secret.expose().to_owned());
-    let banner = format!(
+    let prefix = prefix.to_owned();
+    let banner: Banner = Box::new(move |addr| {
+        let host = demo_host(addr);
+        format!(
         r#"
 xks-proxy demo — software keystore, dev certificate, throw-away credentials. NOT for production.
 
@@ -304,17 +310,19 @@ Encrypt ("hello world"):
 
 Stop with Ctrl-C.
 "#,
-        secret = secret.expose(),
-        ca = ca.display(),
-    );
+            secret = secret.expose(),
+            ca = ca.display(),
+        )
+    });
     serve(cfg, None, Some(banner))
 }
 
 /// The host:port to print: `localhost` (what the dev certificate names) for loopback.
-fn demo_host(listen: &str) -> String {
-    match listen.parse::<std::net::SocketAddr>() {
-        Ok(a) if a.ip().is_loopback() || a.ip().is_unspecified() => format!("localhost:{}", a.port()),
-        _ => listen.to_owned(),
+fn demo_host(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
     }
 }
 

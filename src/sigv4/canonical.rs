@@ -174,24 +174,6 @@ pub fn push_trimmed_value(value: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// The host value the signer saw: the `Host` header's values if there are any, else
-/// the URI authority (HTTP/2's `:authority`, which hyper puts in the request URI).
-fn host_values(parts: &Parts) -> Result<Vec<&[u8]>, AuthError> {
-    let values: Vec<&[u8]> = parts
-        .headers
-        .get_all(http::header::HOST)
-        .iter()
-        .map(http::HeaderValue::as_bytes)
-        .collect();
-    if !values.is_empty() {
-        return Ok(values);
-    }
-    match parts.uri.authority() {
-        Some(authority) => Ok(vec![authority.as_str().as_bytes()]),
-        None => Err(AuthError::MissingHost),
-    }
-}
-
 /// Builds the canonical request of `parts` for the given `SignedHeaders` list
 /// (`"host;x-amz-date"`: lower-case names, sorted, `;`-separated, as taken from the
 /// Authorization header) and payload hash (lower-case hex SHA-256 of the body):
@@ -228,28 +210,25 @@ pub fn canonical_request(
     out.push(b'\n');
 
     for name in signed_headers.split(';') {
-        let values: Vec<&[u8]> = if name == "host" {
-            host_values(parts)?
-        } else {
-            // `get_all` with a string that is not a valid header name finds nothing
-            // (it does not panic), which lands in the "missing" error below.
-            parts
-                .headers
-                .get_all(name)
-                .iter()
-                .map(http::HeaderValue::as_bytes)
-                .collect()
-        };
-        if values.is_empty() {
-            return Err(AuthError::SignedHeaderMissing);
-        }
         out.extend_from_slice(name.as_bytes());
         out.push(b':');
-        for (i, value) in values.iter().enumerate() {
+        // `get_all` with a string that is not a valid header name finds nothing (it
+        // does not panic), which lands in the "missing" error below.
+        let mut values = parts.headers.get_all(name).iter().peekable();
+        if values.peek().is_none() {
+            if name != "host" {
+                return Err(AuthError::SignedHeaderMissing);
+            }
+            // No Host header: HTTP/2 carries the host as `:authority`, which hyper
+            // puts in the request URI.
+            let authority = parts.uri.authority().ok_or(AuthError::MissingHost)?;
+            push_trimmed_value(authority.as_str().as_bytes(), &mut out);
+        }
+        for (i, value) in values.enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            push_trimmed_value(value, &mut out);
+            push_trimmed_value(value.as_bytes(), &mut out);
         }
         out.push(b'\n');
     }

@@ -72,9 +72,7 @@ struct Authorization<'a> {
     signature: [u8; 32],
 }
 
-type Malformed = AuthError;
-
-fn malformed(reason: &'static str) -> Malformed {
+fn malformed(reason: &'static str) -> AuthError {
     AuthError::MalformedAuthorization(reason)
 }
 
@@ -110,7 +108,7 @@ fn is_lower_token_char(b: u8) -> bool {
 /// SignedHeaders: `;`-separated, non-empty, lower-case header names, strictly
 /// ascending (which also rules out duplicates). SigV4 signers always emit this exact
 /// form, so accepting anything looser would only widen what an attacker can vary.
-fn check_signed_headers(list: &str) -> Result<(), Malformed> {
+fn check_signed_headers(list: &str) -> Result<(), AuthError> {
     if list.is_empty() {
         return Err(malformed("SignedHeaders is empty"));
     }
@@ -136,7 +134,7 @@ fn check_signed_headers(list: &str) -> Result<(), Malformed> {
 }
 
 /// Signature: exactly 64 lower-case hex digits (what every SigV4 signer emits).
-fn parse_signature(s: &str) -> Result<[u8; 32], Malformed> {
+fn parse_signature(s: &str) -> Result<[u8; 32], AuthError> {
     if s.len() != 64 {
         return Err(malformed("Signature must be 64 hex digits"));
     }
@@ -1199,7 +1197,7 @@ mod tests {
     fn amz_date_parser() {
         assert_eq!(parse_amz_date("20240301T120000Z"), Some(t0()));
         assert_eq!(parse_amz_date("19700101T000000Z"), Some(UNIX_EPOCH));
-        assert_eq!(parse_amz_date("20240229T235959Z").is_some(), true);
+        assert!(parse_amz_date("20240229T235959Z").is_some());
         assert_eq!(parse_amz_date("20230229T000000Z"), None);
         assert_eq!(parse_amz_date("99999999T999999Z"), None);
         assert_eq!(parse_amz_date("2024030１T12000Z"), None);

@@ -80,7 +80,13 @@ fn plaintext(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn encrypt_ok(check: &str, backend: &dyn CryptoBackend, key: &str, pt: &[u8], aad: &[u8]) -> Sealed {
+fn encrypt_ok(
+    check: &str,
+    backend: &dyn CryptoBackend,
+    key: &str,
+    pt: &[u8],
+    aad: &[u8],
+) -> Sealed {
     backend
         .encrypt(key, pt, &|_| aad.to_vec())
         .unwrap_or_else(|e| panic!("{check}: encrypt under {key:?} failed: {e:?}"))
@@ -115,7 +121,14 @@ fn flip_first_bit(bytes: &[u8]) -> Vec<u8> {
 /// The key version this backend stamps on new ciphertexts (learned from `full`), so
 /// hand-made inputs for other keys use a version the backend could plausibly know.
 fn backend_version(backend: &dyn CryptoBackend, fx: &Fixture) -> KeyVersion {
-    encrypt_ok("backend_version", backend, &fx.full, b"probe", &spec_aad(b"", b"")).key_version
+    encrypt_ok(
+        "backend_version",
+        backend,
+        &fx.full,
+        b"probe",
+        &spec_aad(b"", b""),
+    )
+    .key_version
 }
 
 // ---------------------------------------------------------------------------------
@@ -137,7 +150,11 @@ pub fn metadata_of_each_key(backend: &dyn CryptoBackend, fx: &Fixture) {
         let md = backend
             .key_metadata(key)
             .unwrap_or_else(|e| panic!("{CHECK}: metadata of {key:?} failed: {e:?}"));
-        assert_eq!(md.spec, KeySpec::Aes { bits: 256 }, "{CHECK}: spec of {key:?}");
+        assert_eq!(
+            md.spec,
+            KeySpec::Aes { bits: 256 },
+            "{CHECK}: spec of {key:?}"
+        );
         assert_eq!(md.status, status, "{CHECK}: status of {key:?}");
         assert_eq!(
             md.usages.contains(&KeyUsage::Encrypt),
@@ -151,11 +168,18 @@ pub fn metadata_of_each_key(backend: &dyn CryptoBackend, fx: &Fixture) {
             "{CHECK}: DECRYPT in usages of {key:?}: {:?}",
             md.usages
         );
-        assert!(md.usages.len() <= 10, "{CHECK}: more than 10 usages on {key:?}");
+        assert!(
+            md.usages.len() <= 10,
+            "{CHECK}: more than 10 usages on {key:?}"
+        );
         let mut dedup = md.usages.clone();
         dedup.sort();
         dedup.dedup();
-        assert_eq!(dedup.len(), md.usages.len(), "{CHECK}: duplicate usages on {key:?}");
+        assert_eq!(
+            dedup.len(),
+            md.usages.len(),
+            "{CHECK}: duplicate usages on {key:?}"
+        );
     }
 }
 
@@ -165,7 +189,10 @@ pub fn round_trip_with_aad(backend: &dyn CryptoBackend, fx: &Fixture) {
     const CHECK: &str = "round_trip_with_aad";
     let aads = [
         spec_aad(b"", b""),
-        spec_aad(b"project=nile,department=marketing", b"\x01\x00\x00\x00\x01"),
+        spec_aad(
+            b"project=nile,department=marketing",
+            b"\x01\x00\x00\x00\x01",
+        ),
         spec_aad(&plaintext(8192, 7), &[0xAB; 20]),
     ];
     for (i, size) in [1usize, 32, 4300].into_iter().enumerate() {
@@ -175,7 +202,10 @@ pub fn round_trip_with_aad(backend: &dyn CryptoBackend, fx: &Fixture) {
             let back = backend
                 .decrypt(&fx.full, opening(&sealed, aad))
                 .unwrap_or_else(|e| panic!("{CHECK}: decrypt of {size} bytes failed: {e:?}"));
-            assert!(back.expose() == pt, "{CHECK}: {size} bytes did not round-trip");
+            assert!(
+                back.expose() == pt,
+                "{CHECK}: {size} bytes did not round-trip"
+            );
         }
     }
 }
@@ -190,7 +220,10 @@ pub fn sealed_output_shape(backend: &dyn CryptoBackend, fx: &Fixture) {
         assert_eq!(sealed.ciphertext.len(), size, "{CHECK}: ciphertext length");
         assert_eq!(sealed.iv.len(), 12, "{CHECK}: IV length");
         assert_eq!(sealed.tag.len(), 16, "{CHECK}: tag length");
-        assert_ne!(sealed.ciphertext, pt, "{CHECK}: ciphertext equals plaintext ({size} bytes)");
+        assert_ne!(
+            sealed.ciphertext, pt,
+            "{CHECK}: ciphertext equals plaintext ({size} bytes)"
+        );
     }
 }
 
@@ -226,12 +259,36 @@ pub fn tampering_is_invalid_ciphertext(backend: &dyn CryptoBackend, fx: &Fixture
     }
     let cases: [(&str, Opening<'_>); 7] = [
         ("tag bit flipped", Opening { tag: &tag, ..good }),
-        ("ciphertext bit flipped", Opening { ciphertext: &ct, ..good }),
-        ("last ciphertext byte changed", Opening { ciphertext: &last_ct_byte, ..good }),
+        (
+            "ciphertext bit flipped",
+            Opening {
+                ciphertext: &ct,
+                ..good
+            },
+        ),
+        (
+            "last ciphertext byte changed",
+            Opening {
+                ciphertext: &last_ct_byte,
+                ..good
+            },
+        ),
         ("IV bit flipped", Opening { iv: &iv, ..good }),
-        ("AAD bit flipped", Opening { aad: &other_aad, ..good }),
+        (
+            "AAD bit flipped",
+            Opening {
+                aad: &other_aad,
+                ..good
+            },
+        ),
         ("AAD missing", Opening { aad: &[], ..good }),
-        ("ciphertext truncated", Opening { ciphertext: &sealed.ciphertext[..63], ..good }),
+        (
+            "ciphertext truncated",
+            Opening {
+                ciphertext: &sealed.ciphertext[..63],
+                ..good
+            },
+        ),
     ];
     for (what, op) in cases {
         assert_invalid_ciphertext(CHECK, what, backend.decrypt(&fx.full, op));
@@ -240,7 +297,10 @@ pub fn tampering_is_invalid_ciphertext(backend: &dyn CryptoBackend, fx: &Fixture
     let back = backend
         .decrypt(&fx.full, good)
         .unwrap_or_else(|e| panic!("{CHECK}: untouched input failed: {e:?}"));
-    assert!(back.expose() == pt, "{CHECK}: untouched input decrypted wrongly");
+    assert!(
+        back.expose() == pt,
+        "{CHECK}: untouched input decrypted wrongly"
+    );
 }
 
 /// Contract ("wrong IV length ... is InvalidCiphertext"): a short or missing tag or IV
@@ -251,9 +311,21 @@ pub fn wrong_lengths_are_invalid_ciphertext(backend: &dyn CryptoBackend, fx: &Fi
     let sealed = encrypt_ok(CHECK, backend, &fx.full, &plaintext(32, 400), &aad);
     let good = opening(&sealed, &aad);
     let cases: [(&str, Opening<'_>); 4] = [
-        ("15-byte tag", Opening { tag: &sealed.tag[..15], ..good }),
+        (
+            "15-byte tag",
+            Opening {
+                tag: &sealed.tag[..15],
+                ..good
+            },
+        ),
         ("empty tag", Opening { tag: &[], ..good }),
-        ("11-byte IV", Opening { iv: &sealed.iv[..11], ..good }),
+        (
+            "11-byte IV",
+            Opening {
+                iv: &sealed.iv[..11],
+                ..good
+            },
+        ),
         ("empty IV", Opening { iv: &[], ..good }),
     ];
     for (what, op) in cases {
@@ -275,8 +347,15 @@ pub fn wrong_key_version_is_invalid_ciphertext(backend: &dyn CryptoBackend, fx: 
         if version == sealed.key_version {
             continue;
         }
-        let op = Opening { key_version: version, ..opening(&sealed, &aad) };
-        assert_invalid_ciphertext(CHECK, &format!("version {version}"), backend.decrypt(&fx.full, op));
+        let op = Opening {
+            key_version: version,
+            ..opening(&sealed, &aad)
+        };
+        assert_invalid_ciphertext(
+            CHECK,
+            &format!("version {version}"),
+            backend.decrypt(&fx.full, op),
+        );
     }
 }
 
@@ -289,7 +368,10 @@ pub fn sixteen_byte_iv_is_invalid_ciphertext(backend: &dyn CryptoBackend, fx: &F
     let sealed = encrypt_ok(CHECK, backend, &fx.full, &plaintext(32, 600), &aad);
     let mut iv16 = sealed.iv.clone();
     iv16.extend_from_slice(&[0u8; 4]);
-    let op = Opening { iv: &iv16, ..opening(&sealed, &aad) };
+    let op = Opening {
+        iv: &iv16,
+        ..opening(&sealed, &aad)
+    };
     assert_invalid_ciphertext(CHECK, "16-byte IV", backend.decrypt(&fx.full, op));
 }
 
@@ -327,7 +409,11 @@ pub fn decrypt_only_key(backend: &dyn CryptoBackend, fx: &Fixture) {
         tag: &[0x33; 16],
         aad: &aad,
     };
-    assert_invalid_ciphertext(CHECK, "garbage input", backend.decrypt(&fx.decrypt_only, garbage));
+    assert_invalid_ciphertext(
+        CHECK,
+        "garbage input",
+        backend.decrypt(&fx.decrypt_only, garbage),
+    );
 }
 
 /// Encrypt/Decrypt (spec InvalidKeyUsageException): a key allowing neither ENCRYPT
@@ -361,7 +447,9 @@ pub fn disabled_key(backend: &dyn CryptoBackend, fx: &Fixture) {
     const CHECK: &str = "disabled_key";
     let aad = spec_aad(b"", b"");
     assert_eq!(
-        backend.encrypt(&fx.disabled, b"hello", &|_| aad.clone()).map(|_| ()),
+        backend
+            .encrypt(&fx.disabled, b"hello", &|_| aad.clone())
+            .map(|_| ()),
         Err(BackendError::KeyDisabled),
         "{CHECK}: encrypt"
     );
@@ -394,7 +482,9 @@ pub fn missing_key(backend: &dyn CryptoBackend, fx: &Fixture) {
         "{CHECK}: metadata"
     );
     assert_eq!(
-        backend.encrypt(&fx.missing, b"hello", &|_| aad.clone()).map(|_| ()),
+        backend
+            .encrypt(&fx.missing, b"hello", &|_| aad.clone())
+            .map(|_| ()),
         Err(BackendError::KeyNotFound),
         "{CHECK}: encrypt"
     );
@@ -426,7 +516,10 @@ pub fn aad_callback_gets_the_sealing_version(backend: &dyn CryptoBackend, fx: &F
         })
         .unwrap_or_else(|e| panic!("{CHECK}: encrypt failed: {e:?}"));
     let seen = seen.into_inner().expect("lock");
-    assert!(!seen.is_empty(), "{CHECK}: the aad callback was never called");
+    assert!(
+        !seen.is_empty(),
+        "{CHECK}: the aad callback was never called"
+    );
     assert!(
         seen.iter().all(|&v| v == sealed.key_version),
         "{CHECK}: callback saw versions {seen:?}, Sealed says {}",
@@ -436,7 +529,10 @@ pub fn aad_callback_gets_the_sealing_version(backend: &dyn CryptoBackend, fx: &F
     let back = backend
         .decrypt(&fx.full, opening(&sealed, &aad))
         .unwrap_or_else(|e| panic!("{CHECK}: decrypt with the callback's AAD failed: {e:?}"));
-    assert!(back.expose() == plaintext(32, 800), "{CHECK}: wrong plaintext");
+    assert!(
+        back.expose() == plaintext(32, 800),
+        "{CHECK}: wrong plaintext"
+    );
     let other = aad_for(sealed.key_version.wrapping_add(1));
     assert_invalid_ciphertext(
         CHECK,
@@ -456,11 +552,20 @@ pub fn health_is_deep_and_well_formed(backend: &dyn CryptoBackend) {
         health.len()
     );
     for entry in &health {
-        assert!(!entry.id.trim().is_empty(), "{CHECK}: empty id in {entry:?}");
-        assert!(!entry.model.trim().is_empty(), "{CHECK}: empty model in {entry:?}");
+        assert!(
+            !entry.id.trim().is_empty(),
+            "{CHECK}: empty id in {entry:?}"
+        );
+        assert!(
+            !entry.model.trim().is_empty(),
+            "{CHECK}: empty model in {entry:?}"
+        );
         assert_eq!(entry.state, HealthState::Active, "{CHECK}: {entry:?}");
     }
-    assert!(!backend.ekm_vendor().trim().is_empty(), "{CHECK}: empty ekm_vendor");
+    assert!(
+        !backend.ekm_vendor().trim().is_empty(),
+        "{CHECK}: empty ekm_vendor"
+    );
 }
 
 /// Contract ("safe to call from many threads at once"): 8 threads x 200 round trips,
@@ -479,11 +584,15 @@ pub fn concurrent_round_trips(backend: &dyn CryptoBackend, fx: &Fixture) {
                         let pt = plaintext(1 + (seed as usize % 97), 10_000 + seed);
                         let aad = spec_aad(&seed.to_be_bytes(), b"");
                         match backend.encrypt(&fx.full, &pt, &|_| aad.clone()) {
-                            Ok(sealed) => match backend.decrypt(&fx.full, opening(&sealed, &aad)) {
-                                Ok(back) if back.expose() == pt => {}
-                                Ok(_) => failures.push(format!("thread {t} round {r}: wrong plaintext")),
-                                Err(e) => failures.push(format!("thread {t} round {r}: decrypt {e:?}")),
-                            },
+                            Ok(sealed) => {
+                                match backend.decrypt(&fx.full, opening(&sealed, &aad)) {
+                                    Ok(back) if back.expose() == pt => {}
+                                    Ok(_) => failures
+                                        .push(format!("thread {t} round {r}: wrong plaintext")),
+                                    Err(e) => failures
+                                        .push(format!("thread {t} round {r}: decrypt {e:?}")),
+                                }
+                            }
                             Err(e) => failures.push(format!("thread {t} round {r}: encrypt {e:?}")),
                         }
                     }

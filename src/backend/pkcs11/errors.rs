@@ -105,6 +105,15 @@ pub(crate) enum Fault {
 }
 
 impl Fault {
+    /// A short name of the failure for logs and health: the `CKR_*` code of a lost
+    /// session/token, else the caller-visible error's text.
+    pub(crate) fn code(self) -> String {
+        match self {
+            Fault::SessionLost(code) | Fault::TokenLost(code) => code,
+            other => other.into_backend_error().to_string(),
+        }
+    }
+
     /// The error a caller sees when no retry or failover rescued the request.
     pub(crate) fn into_backend_error(self) -> BackendError {
         match self {

@@ -196,7 +196,7 @@ impl Module {
                 generation: state.generation,
             };
             for t in &tokens {
-                t.teardown(&old, "module re-initialising");
+                t.teardown(&old);
             }
             // CKR_CRYPTOKI_NOT_INITIALIZED here just means it is already finalized.
             if let Err(e) = self.ctx.clone().finalize() {
@@ -212,7 +212,7 @@ impl Module {
                 let code = super::errors::error_code(&e);
                 tracing::warn!(module = %self.path.display(), %code, "C_Initialize failed during recovery; will retry");
                 for t in &tokens {
-                    t.mark_down(&code);
+                    t.note_down(&code);
                 }
                 return Err(code);
             }
@@ -223,7 +223,9 @@ impl Module {
             generation: state.generation,
         };
         for t in &tokens {
-            t.rebuild_exclusive(&now);
+            if let Err(code) = t.rebuild_exclusive(&now) {
+                tracing::warn!(token = %t.selector, %code, "PKCS#11 token not back after re-initialisation");
+            }
         }
         Ok(())
     }

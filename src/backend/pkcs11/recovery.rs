@@ -1,0 +1,132 @@
+//! The recovery thread: notices lost tokens and brings them back, without a restart.
+//!
+//! One background thread per backend (`xks-pkcs11-recovery`). It never serves
+//! requests; requests only read the tokens' `up` flags, so a lost token costs them
+//! nothing but an immediate `Unavailable` (or a failover) while this thread works.
+//!
+//! Each round:
+//! 1. **Probe** serving tokens (every second) with C_GetTokenInfo, so a token lost while
+//!    idle (a failover token, a quiet night) is noticed before KMS asks.
+//! 2. **Recover** each lost token whose backoff has expired:
+//!    - *light*: tear down its pool, find its slot again, open sessions, log in — enough
+//!      after session-level losses or an HSM that restarted behind a live library;
+//!    - *full*: if that fails, C_Finalize + C_Initialize the module (under its write
+//!      lock; see `module.rs`) and rebuild every token on it. SoftHSM needs this: once
+//!      its token directory disappears, the in-memory token stays invalid
+//!      (CKR_GENERAL_ERROR from C_GetTokenInfo, empty searches) even after the
+//!      directory returns, until the library is re-initialised.
+//!    - a refused PIN is never retried (it would lock the token).
+//! 3. Sleep until the next probe or attempt is due, or until a request reports a loss.
+//!
+//! Backoff: 100 ms doubling to `recovery_backoff_max_ms` (default 2 s), so a returning
+//! token serves again within about 2 s, while a long outage costs one re-initialisation
+//! attempt per interval.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::token::{Shared, Token};
+
+/// How often serving tokens are probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the thread needs from the backend: the tokens (weakly, so dropping the backend
+/// ends the thread) and the shared wake-up/stop signals.
+pub(crate) trait Tokens: Send + Sync + 'static {
+    fn tokens(&self) -> &[Arc<Token>];
+}
+
+/// Starts the recovery thread.
+pub(crate) fn spawn<T: Tokens>(
+    owner: Weak<T>,
+    shared: Arc<Shared>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("xks-pkcs11-recovery".into())
+        .spawn(move || run(owner, shared, stop))
+}
+
+fn run<T: Tokens>(owner: Weak<T>, shared: Arc<Shared>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let mut last_probe = Instant::now();
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let sleep = {
+            let Some(owner) = owner.upgrade() else { return };
+            let tokens = owner.tokens();
+            if last_probe.elapsed() >= PROBE_INTERVAL {
+                last_probe = Instant::now();
+                for t in tokens {
+                    t.probe();
+                }
+            }
+            let mut next = PROBE_INTERVAL.saturating_sub(last_probe.elapsed());
+            for t in tokens {
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Some(wait) = attend(t) {
+                    next = next.min(wait);
+                }
+            }
+            next
+        };
+        let flag = shared.wake.flag.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut flag = if *flag {
+            flag
+        } else {
+            shared
+                .wake
+                .cv
+                .wait_timeout(flag, sleep.max(Duration::from_millis(10)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+        };
+        *flag = false;
+    }
+}
+
+/// Recovers `t` if it is down and due; returns how long until it next needs attention.
+fn attend(t: &Token) -> Option<Duration> {
+    if t.is_up() || t.login_refused().is_some() {
+        return None;
+    }
+    let now = Instant::now();
+    if let Some(d) = t.down()
+        && d.next_attempt > now
+    {
+        return Some(d.next_attempt - now);
+    }
+    match recover(t) {
+        Ok(()) => None,
+        Err(code) => {
+            t.backoff(&code);
+            t.down().map(|d| d.next_attempt.saturating_duration_since(Instant::now()))
+        }
+    }
+}
+
+/// One recovery attempt: light, then full. Returns the last failure's code name.
+fn recover(t: &Token) -> Result<(), String> {
+    let (seen_generation, light) = match t.module.enter_blocking() {
+        Ok(guard) => (guard.generation(), t.rebuild(&guard)),
+        Err(fault) => (t.module.generation(), Err(fault.code())),
+    };
+    let light_code = match light {
+        Ok(()) => return Ok(()),
+        Err(code) => code,
+    };
+    if let Some(code) = t.login_refused() {
+        return Err(code);
+    }
+    tracing::debug!(token = %t.selector, code = %light_code, "light PKCS#11 recovery failed; re-initialising the module");
+    t.module.reinitialize(seen_generation)?;
+    if t.is_up() {
+        return Ok(());
+    }
+    Err(t.down().map(|d| d.code).unwrap_or(light_code))
+}

@@ -1,0 +1,1196 @@
+//! The six custom-key-store operations (Create, Connect, Disconnect, Update,
+//! Describe, Delete) with the model's validation, uniqueness and per-state rules, the
+//! background connect attempt, and the periodic `KmsHealthCheck` that never changes a
+//! store's state.
+//!
+//! Pattern for every operation that calls the proxy: check everything under the
+//! lock, release it for the network call, then re-check under the lock before
+//! applying — another request may have changed the store meanwhile.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::error::{Exception, KmsError};
+use super::store::{
+    ConnectionErrorCode, ConnectionState, Connectivity, CustomKeyStore, State, XksSettings,
+    now_epoch,
+};
+use super::validate::{self as v, Shown, Violations};
+use super::xks_client::{XksFailure, XksTarget};
+use super::{Ctx, Emulator, HealthCheckStats};
+use crate::api::wire::RequestMetadata;
+use crate::secret::SecretString;
+
+/// At most this many custom key stores per account and Region (not raisable).
+pub const MAX_STORES: usize = 10;
+const XKS_TYPE: &str = "EXTERNAL_KEY_STORE";
+const CLOUDHSM_TYPE: &str = "AWS_CLOUDHSM";
+const DEFAULT_PAGE: usize = 1000;
+
+/// A sensitive string from a request: never shown by `Debug`, zeroized on drop.
+#[derive(Debug, Clone)]
+pub struct SecretInput(pub SecretString);
+
+impl<'de> Deserialize<'de> for SecretInput {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| Self(SecretString::new(s)))
+    }
+}
+
+/// `XksProxyAuthenticationCredential`: both members are sensitive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CredentialInput {
+    pub access_key_id: Option<SecretInput>,
+    pub raw_secret_access_key: Option<SecretInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateCustomKeyStoreRequest {
+    pub custom_key_store_name: Option<String>,
+    pub cloud_hsm_cluster_id: Option<String>,
+    pub trust_anchor_certificate: Option<String>,
+    pub key_store_password: Option<SecretInput>,
+    pub custom_key_store_type: Option<String>,
+    pub xks_proxy_uri_endpoint: Option<String>,
+    pub xks_proxy_uri_path: Option<String>,
+    pub xks_proxy_vpc_endpoint_service_name: Option<String>,
+    pub xks_proxy_vpc_endpoint_service_owner: Option<String>,
+    pub xks_proxy_authentication_credential: Option<CredentialInput>,
+    pub xks_proxy_connectivity: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateCustomKeyStoreResponse {
+    pub custom_key_store_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct StoreIdRequest {
+    pub custom_key_store_id: Option<String>,
+}
+
+/// The `{}` answer of operations without output.
+#[derive(Debug, Serialize)]
+pub struct Empty {}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateCustomKeyStoreRequest {
+    pub custom_key_store_id: Option<String>,
+    pub new_custom_key_store_name: Option<String>,
+    pub key_store_password: Option<SecretInput>,
+    pub cloud_hsm_cluster_id: Option<String>,
+    pub xks_proxy_uri_endpoint: Option<String>,
+    pub xks_proxy_uri_path: Option<String>,
+    pub xks_proxy_vpc_endpoint_service_name: Option<String>,
+    pub xks_proxy_vpc_endpoint_service_owner: Option<String>,
+    pub xks_proxy_authentication_credential: Option<CredentialInput>,
+    pub xks_proxy_connectivity: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DescribeCustomKeyStoresRequest {
+    pub custom_key_store_id: Option<String>,
+    pub custom_key_store_name: Option<String>,
+    pub limit: Option<i64>,
+    pub marker: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DescribeCustomKeyStoresResponse {
+    pub custom_key_stores: Vec<CustomKeyStoresListEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_marker: Option<String>,
+    pub truncated: bool,
+}
+
+/// One store as Describe shows it. There is deliberately no field for the secret.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CustomKeyStoresListEntry {
+    pub custom_key_store_id: String,
+    pub custom_key_store_name: String,
+    pub custom_key_store_type: &'static str,
+    pub creation_date: f64,
+    pub connection_state: ConnectionState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_error_code: Option<ConnectionErrorCode>,
+    pub xks_proxy_configuration: XksProxyConfiguration,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct XksProxyConfiguration {
+    pub connectivity: Connectivity,
+    pub access_key_id: String,
+    pub uri_endpoint: String,
+    pub uri_path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vpc_endpoint_service_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vpc_endpoint_service_owner: Option<String>,
+}
+
+fn not_found(id: &str) -> KmsError {
+    KmsError::new(
+        Exception::CustomKeyStoreNotFound,
+        format!("Custom key store {id} does not exist in this account and Region."),
+    )
+}
+
+fn invalid_state(id: &str, state: ConnectionState, what: &str) -> KmsError {
+    KmsError::new(
+        Exception::CustomKeyStoreInvalidState,
+        format!(
+            "Custom key store {id} is in the {} state; {what}",
+            serde_json::to_value(state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        ),
+    )
+}
+
+/// Checks the credential's syntax: both members required, lengths and patterns.
+fn check_credential(vs: &mut Violations, c: &CredentialInput) {
+    const M: &str = "xksProxyAuthenticationCredential";
+    vs.required(&format!("{M}.accessKeyId"), &c.access_key_id);
+    vs.required(&format!("{M}.rawSecretAccessKey"), &c.raw_secret_access_key);
+    if let Some(a) = &c.access_key_id {
+        vs.string(
+            &format!("{M}.accessKeyId"),
+            Some(a.0.expose()),
+            20,
+            30,
+            v::is_access_key_id,
+            v::ACCESS_KEY_ID_PATTERN,
+            Shown::Redacted,
+        );
+    }
+    if let Some(s) = &c.raw_secret_access_key {
+        vs.string(
+            &format!("{M}.rawSecretAccessKey"),
+            Some(s.0.expose()),
+            43,
+            64,
+            v::is_secret,
+            v::SECRET_PATTERN,
+            Shown::Redacted,
+        );
+    }
+}
+
+/// The connection-related members shared by Create and Update.
+fn check_xks_members(
+    vs: &mut Violations,
+    endpoint: Option<&str>,
+    path: Option<&str>,
+    vpc_name: Option<&str>,
+    vpc_owner: Option<&str>,
+    connectivity: Option<&str>,
+    credential: Option<&CredentialInput>,
+    allow_empty_vpc_name: bool,
+) {
+    vs.string(
+        "xksProxyUriEndpoint",
+        endpoint,
+        10,
+        128,
+        v::is_xks_endpoint,
+        v::XKS_ENDPOINT_PATTERN,
+        Shown::Yes,
+    );
+    vs.string(
+        "xksProxyUriPath",
+        path,
+        10,
+        128,
+        v::is_xks_path,
+        v::XKS_PATH_PATTERN,
+        Shown::Yes,
+    );
+    // Update accepts "" to clear the service name when switching to PUBLIC.
+    if !(allow_empty_vpc_name && vpc_name == Some("")) {
+        vs.string(
+            "xksProxyVpcEndpointServiceName",
+            vpc_name,
+            20,
+            64,
+            v::is_vpc_service_name,
+            v::VPC_SERVICE_PATTERN,
+            Shown::Yes,
+        );
+    }
+    vs.string(
+        "xksProxyVpcEndpointServiceOwner",
+        vpc_owner,
+        12,
+        12,
+        v::is_account_id,
+        v::ACCOUNT_ID_PATTERN,
+        Shown::Yes,
+    );
+    vs.one_of(
+        "xksProxyConnectivity",
+        connectivity,
+        &["PUBLIC_ENDPOINT", "VPC_ENDPOINT_SERVICE"],
+    );
+    if let Some(c) = credential {
+        check_credential(vs, c);
+    }
+}
+
+/// Name and XKS uniqueness (brief §3.2), against every store but `exclude`.
+fn check_unique(
+    state: &State,
+    exclude: Option<&str>,
+    name: Option<&str>,
+    xks: Option<&XksSettings>,
+) -> Result<(), KmsError> {
+    let others = || {
+        state
+            .stores
+            .values()
+            .filter(move |s| Some(s.id.as_str()) != exclude)
+    };
+    if let Some(name) = name
+        && others().any(|s| s.name == name)
+    {
+        return Err(KmsError::new(
+            Exception::CustomKeyStoreNameInUse,
+            format!(
+                "The custom key store name {name} is already assigned to another custom key \
+                 store in this account and Region. Use a unique name."
+            ),
+        ));
+    }
+    let Some(x) = xks else { return Ok(()) };
+    if others().any(|s| s.xks.endpoint.eq_ignore_ascii_case(&x.endpoint) && s.xks.path == x.path) {
+        return Err(KmsError::new(
+            Exception::XksProxyUriInUse,
+            "The combination of XksProxyUriEndpoint and XksProxyUriPath is already used by \
+             another external key store in this account and Region.",
+        ));
+    }
+    let vpc = Connectivity::VpcEndpointService;
+    if others().any(|s| {
+        s.xks.endpoint.eq_ignore_ascii_case(&x.endpoint)
+            && (s.xks.connectivity == vpc || x.connectivity == vpc)
+    }) {
+        return Err(KmsError::new(
+            Exception::XksProxyUriEndpointInUse,
+            "The XksProxyUriEndpoint is already used by another external key store, and an \
+             external key store with VPC endpoint service connectivity needs its own endpoint.",
+        ));
+    }
+    if let Some(svc) = &x.vpc_service_name
+        && others().any(|s| s.xks.vpc_service_name.as_deref() == Some(svc.as_str()))
+    {
+        return Err(KmsError::new(
+            Exception::XksProxyVpcEndpointServiceInUse,
+            "The XksProxyVpcEndpointServiceName is already associated with another external \
+             key store in this account and Region.",
+        ));
+    }
+    Ok(())
+}
+
+fn new_store_id() -> Result<String, KmsError> {
+    let bytes: [u8; 9] = random()?;
+    let mut hex = hex::encode(bytes);
+    hex.truncate(17);
+    Ok(format!("cks-{hex}"))
+}
+
+/// Random bytes from the OS.
+pub(super) fn random<const N: usize>() -> Result<[u8; N], KmsError> {
+    let mut out = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut out)
+        .map_err(|_| KmsError::internal(&"the system random number generator failed"))?;
+    Ok(out)
+}
+
+pub(super) fn target_of(s: &CustomKeyStore) -> XksTarget {
+    XksTarget {
+        endpoint: s.xks.endpoint.clone(),
+        path: s.xks.path.clone(),
+        access_key_id: s.xks.access_key_id.clone(),
+        secret: s.xks.secret.clone(),
+    }
+}
+
+fn health_metadata(request_id: &str, operation: &str) -> RequestMetadata {
+    RequestMetadata {
+        kms_request_id: request_id.to_owned(),
+        kms_operation: operation.to_owned(),
+        ..RequestMetadata::default()
+    }
+}
+
+fn store_id_of(req: &StoreIdRequest) -> Result<String, KmsError> {
+    let mut vs = Violations::new();
+    vs.required("customKeyStoreId", &req.custom_key_store_id);
+    vs.length(
+        "customKeyStoreId",
+        req.custom_key_store_id.as_deref(),
+        1,
+        64,
+        Shown::Yes,
+    );
+    vs.finish()?;
+    Ok(req.custom_key_store_id.clone().unwrap_or_default())
+}
+
+impl Emulator {
+    pub async fn create_custom_key_store(
+        &self,
+        ctx: &Ctx,
+        req: CreateCustomKeyStoreRequest,
+    ) -> Result<CreateCustomKeyStoreResponse, KmsError> {
+        // 1. Syntax.
+        let mut vs = Violations::new();
+        vs.required("customKeyStoreName", &req.custom_key_store_name);
+        vs.length(
+            "customKeyStoreName",
+            req.custom_key_store_name.as_deref(),
+            1,
+            256,
+            Shown::Yes,
+        );
+        vs.one_of(
+            "customKeyStoreType",
+            req.custom_key_store_type.as_deref(),
+            &[CLOUDHSM_TYPE, XKS_TYPE],
+        );
+        vs.string(
+            "cloudHsmClusterId",
+            req.cloud_hsm_cluster_id.as_deref(),
+            19,
+            24,
+            v::is_cluster_id,
+            v::CLUSTER_ID_PATTERN,
+            Shown::Yes,
+        );
+        vs.length(
+            "trustAnchorCertificate",
+            req.trust_anchor_certificate.as_deref(),
+            1,
+            5000,
+            Shown::Yes,
+        );
+        vs.length(
+            "keyStorePassword",
+            req.key_store_password.as_ref().map(|p| p.0.expose()),
+            7,
+            32,
+            Shown::Redacted,
+        );
+        check_xks_members(
+            &mut vs,
+            req.xks_proxy_uri_endpoint.as_deref(),
+            req.xks_proxy_uri_path.as_deref(),
+            req.xks_proxy_vpc_endpoint_service_name.as_deref(),
+            req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
+            req.xks_proxy_connectivity.as_deref(),
+            req.xks_proxy_authentication_credential.as_ref(),
+            false,
+        );
+        vs.finish()?;
+        let name = req.custom_key_store_name.clone().unwrap_or_default();
+
+        // Type-specific members (KMS's exact reaction is unknown; brief: Validation).
+        let is_xks = req.custom_key_store_type.as_deref() == Some(XKS_TYPE);
+        let mut vs = Violations::new();
+        let hsm_members = [
+            ("cloudHsmClusterId", req.cloud_hsm_cluster_id.is_some()),
+            ("trustAnchorCertificate", req.trust_anchor_certificate.is_some()),
+            ("keyStorePassword", req.key_store_password.is_some()),
+        ];
+        let xks_members = [
+            ("xksProxyUriEndpoint", req.xks_proxy_uri_endpoint.is_some()),
+            ("xksProxyUriPath", req.xks_proxy_uri_path.is_some()),
+            (
+                "xksProxyAuthenticationCredential",
+                req.xks_proxy_authentication_credential.is_some(),
+            ),
+            ("xksProxyConnectivity", req.xks_proxy_connectivity.is_some()),
+            (
+                "xksProxyVpcEndpointServiceName",
+                req.xks_proxy_vpc_endpoint_service_name.is_some(),
+            ),
+            (
+                "xksProxyVpcEndpointServiceOwner",
+                req.xks_proxy_vpc_endpoint_service_owner.is_some(),
+            ),
+        ];
+        let (required, foreign, type_name) = if is_xks {
+            (&xks_members[..4], &hsm_members[..], XKS_TYPE)
+        } else {
+            (&hsm_members[..], &xks_members[..], CLOUDHSM_TYPE)
+        };
+        for (member, present) in required {
+            if !present {
+                vs.custom(
+                    member,
+                    None,
+                    Shown::Yes,
+                    &format!("Member must not be null for a {type_name} custom key store"),
+                );
+            }
+        }
+        for (member, present) in foreign {
+            if *present {
+                vs.custom(
+                    member,
+                    Some(""),
+                    Shown::Redacted,
+                    &format!("Member is not valid for a {type_name} custom key store"),
+                );
+            }
+        }
+        let connectivity = req
+            .xks_proxy_connectivity
+            .as_deref()
+            .and_then(Connectivity::parse)
+            .unwrap_or(Connectivity::PublicEndpoint);
+        if is_xks {
+            match connectivity {
+                Connectivity::VpcEndpointService => {
+                    vs.required(
+                        "xksProxyVpcEndpointServiceName",
+                        &req.xks_proxy_vpc_endpoint_service_name,
+                    );
+                }
+                Connectivity::PublicEndpoint => {
+                    for (member, present) in &xks_members[4..] {
+                        if *present {
+                            vs.custom(
+                                member,
+                                Some(""),
+                                Shown::Redacted,
+                                "Member is only valid with VPC_ENDPOINT_SERVICE connectivity",
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        vs.finish()?;
+
+        // 2. Quota and name (3. XKS uniqueness below, with the settings).
+        self.store().read(|st| {
+            if st.stores.len() >= MAX_STORES {
+                return Err(KmsError::new(
+                    Exception::LimitExceeded,
+                    format!(
+                        "You have reached the maximum of {MAX_STORES} custom key stores in \
+                         this account and Region."
+                    ),
+                ));
+            }
+            check_unique(st, None, Some(&name), None)
+        })?;
+
+        if !is_xks {
+            // CloudHSM key stores are a later issue; fail in KMS's own terms.
+            return Err(KmsError::new(
+                Exception::CloudHsmClusterNotFound,
+                "AWS CloudHSM key stores are not supported by this KMS emulator yet; \
+                 create an EXTERNAL_KEY_STORE instead.",
+            ));
+        }
+
+        let cred = req
+            .xks_proxy_authentication_credential
+            .ok_or_else(|| KmsError::validation("credential missing"))?;
+        let (Some(akid), Some(secret)) = (cred.access_key_id, cred.raw_secret_access_key) else {
+            return Err(KmsError::validation("credential incomplete"));
+        };
+        let xks = XksSettings {
+            endpoint: req.xks_proxy_uri_endpoint.unwrap_or_default(),
+            path: req.xks_proxy_uri_path.unwrap_or_default(),
+            connectivity,
+            access_key_id: akid.0.expose().to_owned(),
+            secret: secret.0,
+            vpc_service_name: req.xks_proxy_vpc_endpoint_service_name,
+            vpc_service_owner: match connectivity {
+                // Defaults to the caller's account for VPC stores.
+                Connectivity::VpcEndpointService => Some(
+                    req.xks_proxy_vpc_endpoint_service_owner
+                        .unwrap_or_else(|| self.config().account_id.clone()),
+                ),
+                Connectivity::PublicEndpoint => None,
+            },
+        };
+        warn_if_ip(&xks.endpoint);
+        self.store()
+            .read(|st| check_unique(st, None, None, Some(&xks)))?;
+
+        // 4. PUBLIC stores: a synchronous health check, as KMS does.
+        if connectivity == Connectivity::PublicEndpoint {
+            let target = XksTarget {
+                endpoint: xks.endpoint.clone(),
+                path: xks.path.clone(),
+                access_key_id: xks.access_key_id.clone(),
+                secret: xks.secret.clone(),
+            };
+            self.xks()
+                .health(
+                    &target,
+                    health_metadata(&ctx.request_id, "CreateCustomKeyStore"),
+                )
+                .await
+                .map_err(|f| {
+                    tracing::info!(failure = ?f, "CreateCustomKeyStore health check failed");
+                    f.for_store_admin()
+                })?;
+        }
+
+        // 5. Store it DISCONNECTED (re-checking: the world moved during the call).
+        let id = new_store_id()?;
+        self.store().transact(|st, ch| {
+            if st.stores.len() >= MAX_STORES {
+                return Err(KmsError::new(
+                    Exception::LimitExceeded,
+                    format!("You have reached the maximum of {MAX_STORES} custom key stores."),
+                ));
+            }
+            check_unique(st, None, Some(&name), Some(&xks))?;
+            st.stores.insert(
+                id.clone(),
+                CustomKeyStore {
+                    id: id.clone(),
+                    name: name.clone(),
+                    creation_date: now_epoch(),
+                    connection_state: ConnectionState::Disconnected,
+                    connection_error_code: None,
+                    attempt: 0,
+                    xks: xks.clone(),
+                },
+            );
+            ch.store(&id);
+            Ok(())
+        })?;
+        tracing::info!(custom_key_store_id = %id, name = %name, "custom key store created");
+        Ok(CreateCustomKeyStoreResponse {
+            custom_key_store_id: id,
+        })
+    }
+
+    pub fn connect_custom_key_store(
+        &self,
+        ctx: &Ctx,
+        req: StoreIdRequest,
+    ) -> Result<Empty, KmsError> {
+        let id = store_id_of(&req)?;
+        let started = self.store().transact(|st, ch| {
+            let s = st.stores.get_mut(&id).ok_or_else(|| not_found(&id))?;
+            match s.connection_state {
+                ConnectionState::Disconnected => {
+                    s.connection_state = ConnectionState::Connecting;
+                    s.connection_error_code = None;
+                    s.attempt += 1;
+                    ch.store(&id);
+                    Ok(Some(s.attempt))
+                }
+                // Already connecting or connected: accepted, nothing changes.
+                ConnectionState::Connecting | ConnectionState::Connected => Ok(None),
+                ConnectionState::Failed => Err(invalid_state(
+                    &id,
+                    s.connection_state,
+                    "disconnect it before you connect it again.",
+                )),
+                ConnectionState::Disconnecting => Err(invalid_state(
+                    &id,
+                    s.connection_state,
+                    "wait until it is DISCONNECTED, then connect it.",
+                )),
+            }
+        })?;
+        if let Some(attempt) = started {
+            self.spawn_connect(id, attempt, ctx.request_id.clone());
+        }
+        Ok(Empty {})
+    }
+
+    /// Runs one connect attempt in the background; the result is applied only if the
+    /// attempt is still the store's current one.
+    fn spawn_connect(&self, id: String, attempt: u64, request_id: String) {
+        let emu = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = emu.stopped() => {}
+                _ = emu.connect_attempt(&id, attempt, &request_id) => {}
+            }
+        });
+    }
+
+    async fn connect_attempt(&self, id: &str, attempt: u64, request_id: &str) {
+        tokio::time::sleep(self.config().connect_delay).await;
+        let current = |s: &CustomKeyStore| {
+            s.attempt == attempt && s.connection_state == ConnectionState::Connecting
+        };
+        let Some(target) = self
+            .store()
+            .read(|st| st.stores.get(id).filter(|s| current(s)).map(target_of))
+        else {
+            return;
+        };
+        let result = self
+            .xks()
+            .health(
+                &target,
+                health_metadata(request_id, "ConnectCustomKeyStore"),
+            )
+            .await;
+        let applied = self.store().transact(|st, ch| {
+            let Some(s) = st.stores.get_mut(id).filter(|s| current(s)) else {
+                return Ok(false);
+            };
+            match &result {
+                Ok(_) => {
+                    s.connection_state = ConnectionState::Connected;
+                    s.connection_error_code = None;
+                }
+                Err(f) => {
+                    s.connection_state = ConnectionState::Failed;
+                    s.connection_error_code = Some(f.connection_error_code());
+                }
+            }
+            ch.store(id);
+            Ok(true)
+        });
+        match (applied, &result) {
+            (Ok(true), Ok(_)) => tracing::info!(custom_key_store_id = %id, "custom key store connected"),
+            (Ok(true), Err(f)) => tracing::info!(
+                custom_key_store_id = %id,
+                failure = ?f,
+                code = ?f.connection_error_code(),
+                "custom key store connection failed"
+            ),
+            (Ok(false), _) => tracing::debug!(custom_key_store_id = %id, "stale connect result dropped"),
+            (Err(e), _) => tracing::error!(custom_key_store_id = %id, error = %e, "cannot record the connect result"),
+        }
+    }
+
+    pub fn disconnect_custom_key_store(&self, req: StoreIdRequest) -> Result<Empty, KmsError> {
+        let id = store_id_of(&req)?;
+        let delay = self.config().disconnect_delay;
+        let pending = self.store().transact(|st, ch| {
+            let s = st.stores.get_mut(&id).ok_or_else(|| not_found(&id))?;
+            match s.connection_state {
+                ConnectionState::Disconnected | ConnectionState::Disconnecting => {
+                    return Err(invalid_state(&id, s.connection_state, "it is not connected."));
+                }
+                ConnectionState::Connected
+                | ConnectionState::Connecting
+                | ConnectionState::Failed => {}
+            }
+            // Bumping the attempt makes any connect result in flight stale.
+            s.attempt += 1;
+            s.connection_error_code = None;
+            s.connection_state = if delay.is_zero() {
+                ConnectionState::Disconnected
+            } else {
+                ConnectionState::Disconnecting
+            };
+            ch.store(&id);
+            Ok((!delay.is_zero()).then_some(s.attempt))
+        })?;
+        tracing::info!(custom_key_store_id = %id, "custom key store disconnecting");
+        if let Some(attempt) = pending {
+            self.spawn_finish_disconnect(id, attempt, delay);
+        }
+        Ok(Empty {})
+    }
+
+    fn spawn_finish_disconnect(&self, id: String, attempt: u64, delay: Duration) {
+        let emu = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = emu.stopped() => {}
+                _ = tokio::time::sleep(delay) => {
+                    let r = emu.store().transact(|st, ch| {
+                        if let Some(s) = st.stores.get_mut(&id)
+                            && s.attempt == attempt
+                            && s.connection_state == ConnectionState::Disconnecting
+                        {
+                            s.connection_state = ConnectionState::Disconnected;
+                            ch.store(&id);
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = r {
+                        tracing::error!(custom_key_store_id = %id, error = %e, "cannot finish disconnect");
+                    }
+                }
+            }
+        });
+    }
+
+    /// After a restart: CONNECTING stores try again, DISCONNECTING ones finish.
+    pub(super) fn resume_background_work(&self) {
+        let pending: Vec<(String, u64, ConnectionState)> = self.store().read(|st| {
+            st.stores
+                .values()
+                .filter(|s| {
+                    matches!(
+                        s.connection_state,
+                        ConnectionState::Connecting | ConnectionState::Disconnecting
+                    )
+                })
+                .map(|s| (s.id.clone(), s.attempt, s.connection_state))
+                .collect()
+        });
+        for (id, attempt, state) in pending {
+            match state {
+                ConnectionState::Connecting => {
+                    self.spawn_connect(id, attempt, uuid::Uuid::new_v4().to_string());
+                }
+                ConnectionState::Disconnecting => {
+                    self.spawn_finish_disconnect(id, attempt, Duration::ZERO);
+                }
+                ConnectionState::Connected
+                | ConnectionState::Disconnected
+                | ConnectionState::Failed => {}
+            }
+        }
+    }
+
+    pub async fn update_custom_key_store(
+        &self,
+        ctx: &Ctx,
+        req: UpdateCustomKeyStoreRequest,
+    ) -> Result<Empty, KmsError> {
+        let mut vs = Violations::new();
+        vs.required("customKeyStoreId", &req.custom_key_store_id);
+        vs.length(
+            "customKeyStoreId",
+            req.custom_key_store_id.as_deref(),
+            1,
+            64,
+            Shown::Yes,
+        );
+        vs.length(
+            "newCustomKeyStoreName",
+            req.new_custom_key_store_name.as_deref(),
+            1,
+            256,
+            Shown::Yes,
+        );
+        vs.length(
+            "keyStorePassword",
+            req.key_store_password.as_ref().map(|p| p.0.expose()),
+            7,
+            32,
+            Shown::Redacted,
+        );
+        vs.string(
+            "cloudHsmClusterId",
+            req.cloud_hsm_cluster_id.as_deref(),
+            19,
+            24,
+            v::is_cluster_id,
+            v::CLUSTER_ID_PATTERN,
+            Shown::Yes,
+        );
+        check_xks_members(
+            &mut vs,
+            req.xks_proxy_uri_endpoint.as_deref(),
+            req.xks_proxy_uri_path.as_deref(),
+            req.xks_proxy_vpc_endpoint_service_name.as_deref(),
+            req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
+            req.xks_proxy_connectivity.as_deref(),
+            req.xks_proxy_authentication_credential.as_ref(),
+            true,
+        );
+        vs.finish()?;
+        let id = req.custom_key_store_id.clone().unwrap_or_default();
+
+        // Fields of the wrong store type (every store is XKS for now).
+        let mut vs = Violations::new();
+        if req.key_store_password.is_some() {
+            vs.custom(
+                "keyStorePassword",
+                Some(""),
+                Shown::Redacted,
+                "Member is not valid for an EXTERNAL_KEY_STORE custom key store",
+            );
+        }
+        if req.cloud_hsm_cluster_id.is_some() {
+            vs.custom(
+                "cloudHsmClusterId",
+                req.cloud_hsm_cluster_id.as_deref(),
+                Shown::Yes,
+                "Member is not valid for an EXTERNAL_KEY_STORE custom key store",
+            );
+        }
+        vs.finish()?;
+
+        let renames = req.new_custom_key_store_name.is_some();
+        let live_fields = req.xks_proxy_authentication_credential.is_some()
+            || req.xks_proxy_uri_path.is_some();
+        let offline_fields = req.xks_proxy_uri_endpoint.is_some()
+            || req.xks_proxy_connectivity.is_some()
+            || req.xks_proxy_vpc_endpoint_service_name.is_some()
+            || req.xks_proxy_vpc_endpoint_service_owner.is_some();
+        let connection_fields = live_fields || offline_fields;
+
+        // Build the new settings from a snapshot, checking state and uniqueness.
+        let build = |st: &State| -> Result<(CustomKeyStore, u64), KmsError> {
+            let s = st.stores.get(&id).ok_or_else(|| not_found(&id))?;
+            match s.connection_state {
+                ConnectionState::Disconnected => {}
+                ConnectionState::Connected if offline_fields => {
+                    return Err(invalid_state(
+                        &id,
+                        s.connection_state,
+                        "the proxy endpoint, connectivity and VPC endpoint service can be \
+                         changed only while the store is DISCONNECTED.",
+                    ));
+                }
+                ConnectionState::Connected => {}
+                ConnectionState::Connecting
+                | ConnectionState::Disconnecting
+                | ConnectionState::Failed => {
+                    return Err(invalid_state(
+                        &id,
+                        s.connection_state,
+                        "a store can be updated only while CONNECTED or DISCONNECTED.",
+                    ));
+                }
+            }
+            let mut next = s.clone();
+            if let Some(n) = &req.new_custom_key_store_name {
+                next.name = n.clone();
+            }
+            if let Some(c) = &req.xks_proxy_authentication_credential {
+                let (Some(a), Some(k)) = (&c.access_key_id, &c.raw_secret_access_key) else {
+                    return Err(KmsError::validation("credential incomplete"));
+                };
+                next.xks.access_key_id = a.0.expose().to_owned();
+                next.xks.secret = k.0.clone();
+            }
+            if let Some(p) = &req.xks_proxy_uri_path {
+                next.xks.path = p.clone();
+            }
+            if let Some(e) = &req.xks_proxy_uri_endpoint {
+                next.xks.endpoint = e.clone();
+            }
+            let before = s.xks.connectivity;
+            let after = req
+                .xks_proxy_connectivity
+                .as_deref()
+                .and_then(Connectivity::parse)
+                .unwrap_or(before);
+            next.xks.connectivity = after;
+            let svc = req.xks_proxy_vpc_endpoint_service_name.as_deref();
+            let mut vs = Violations::new();
+            match after {
+                Connectivity::VpcEndpointService => {
+                    if before != after {
+                        vs.required("xksProxyUriEndpoint", &req.xks_proxy_uri_endpoint);
+                        vs.required(
+                            "xksProxyVpcEndpointServiceName",
+                            &req.xks_proxy_vpc_endpoint_service_name,
+                        );
+                    }
+                    if svc == Some("") {
+                        vs.length("xksProxyVpcEndpointServiceName", svc, 20, 64, Shown::Yes);
+                    }
+                    if let Some(svc) = svc {
+                        next.xks.vpc_service_name = Some(svc.to_owned());
+                    }
+                    if let Some(o) = &req.xks_proxy_vpc_endpoint_service_owner {
+                        next.xks.vpc_service_owner = Some(o.clone());
+                    } else if next.xks.vpc_service_owner.is_none() {
+                        next.xks.vpc_service_owner = Some(self.config().account_id.clone());
+                    }
+                }
+                Connectivity::PublicEndpoint => {
+                    if before != after {
+                        vs.required("xksProxyUriEndpoint", &req.xks_proxy_uri_endpoint);
+                    }
+                    if svc.is_some_and(|s| !s.is_empty()) {
+                        vs.custom(
+                            "xksProxyVpcEndpointServiceName",
+                            svc,
+                            Shown::Yes,
+                            "Member must be null or empty for PUBLIC_ENDPOINT connectivity",
+                        );
+                    }
+                    if req.xks_proxy_vpc_endpoint_service_owner.is_some() {
+                        vs.custom(
+                            "xksProxyVpcEndpointServiceOwner",
+                            req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
+                            Shown::Yes,
+                            "Member is only valid with VPC_ENDPOINT_SERVICE connectivity",
+                        );
+                    }
+                    next.xks.vpc_service_name = None;
+                    next.xks.vpc_service_owner = None;
+                }
+            }
+            vs.finish()?;
+            let name = renames.then_some(next.name.as_str());
+            let xks = connection_fields.then_some(&next.xks);
+            check_unique(st, Some(&id), name, xks)?;
+            Ok((next, s.attempt))
+        };
+
+        let (next, attempt) = self.store().read(build)?;
+        warn_if_ip(&next.xks.endpoint);
+
+        // Health check with the NEW values before anything is applied.
+        if connection_fields && next.xks.connectivity == Connectivity::PublicEndpoint {
+            self.xks()
+                .health(
+                    &target_of(&next),
+                    health_metadata(&ctx.request_id, "UpdateCustomKeyStore"),
+                )
+                .await
+                .map_err(|f| {
+                    tracing::info!(failure = ?f, "UpdateCustomKeyStore health check failed");
+                    f.for_store_admin()
+                })?;
+        }
+
+        self.store().transact(|st, ch| {
+            // Re-derive from the current state so concurrent changes are not lost.
+            let (again, now_attempt) = build(st)?;
+            if now_attempt != attempt {
+                return Err(KmsError::new(
+                    Exception::CustomKeyStoreInvalidState,
+                    format!(
+                        "Custom key store {id} changed its connection state during the update; \
+                         retry the request."
+                    ),
+                ));
+            }
+            st.stores.insert(id.clone(), again);
+            ch.store(&id);
+            Ok(())
+        })?;
+        tracing::info!(custom_key_store_id = %id, "custom key store updated");
+        Ok(Empty {})
+    }
+
+    pub fn describe_custom_key_stores(
+        &self,
+        req: DescribeCustomKeyStoresRequest,
+    ) -> Result<DescribeCustomKeyStoresResponse, KmsError> {
+        let mut vs = Violations::new();
+        vs.length(
+            "customKeyStoreId",
+            req.custom_key_store_id.as_deref(),
+            1,
+            64,
+            Shown::Yes,
+        );
+        vs.length(
+            "customKeyStoreName",
+            req.custom_key_store_name.as_deref(),
+            1,
+            256,
+            Shown::Yes,
+        );
+        vs.range("limit", req.limit, 1, 1000);
+        vs.string(
+            "marker",
+            req.marker.as_deref(),
+            1,
+            1024,
+            v::is_marker,
+            v::MARKER_PATTERN,
+            Shown::Yes,
+        );
+        if req.custom_key_store_id.is_some() && req.custom_key_store_name.is_some() {
+            vs.custom(
+                "customKeyStoreName",
+                req.custom_key_store_name.as_deref(),
+                Shown::Yes,
+                "Member must be null when customKeyStoreId is given (specify one, not both)",
+            );
+        }
+        vs.finish()?;
+        let limit = req
+            .limit
+            .and_then(|l| usize::try_from(l).ok())
+            .unwrap_or(DEFAULT_PAGE);
+
+        self.store().read(|st| {
+            let mut all: Vec<&CustomKeyStore> = st.stores.values().collect();
+            all.sort_by(|a, b| {
+                a.creation_date
+                    .total_cmp(&b.creation_date)
+                    .then_with(|| a.id.cmp(&b.id))
+            });
+            if let Some(id) = &req.custom_key_store_id {
+                all.retain(|s| &s.id == id);
+                if all.is_empty() {
+                    return Err(not_found(id));
+                }
+            }
+            if let Some(name) = &req.custom_key_store_name {
+                all.retain(|s| &s.name == name);
+                if all.is_empty() {
+                    return Err(KmsError::new(
+                        Exception::CustomKeyStoreNotFound,
+                        format!("Custom key store with name {name} does not exist."),
+                    ));
+                }
+            }
+            let start = match &req.marker {
+                None => 0,
+                Some(m) => all.iter().position(|s| &s.id == m).ok_or_else(|| {
+                    KmsError::new(
+                        Exception::InvalidMarker,
+                        "The marker that specifies where pagination should next begin is not valid.",
+                    )
+                })?,
+            };
+            let page: Vec<CustomKeyStoresListEntry> = all
+                .iter()
+                .skip(start)
+                .take(limit)
+                .map(|s| entry(s))
+                .collect();
+            let next = all.get(start + limit).map(|s| s.id.clone());
+            Ok(DescribeCustomKeyStoresResponse {
+                custom_key_stores: page,
+                truncated: next.is_some(),
+                next_marker: next,
+            })
+        })
+    }
+
+    pub fn delete_custom_key_store(&self, req: StoreIdRequest) -> Result<Empty, KmsError> {
+        let id = store_id_of(&req)?;
+        self.purge_expired_keys()?;
+        self.store().transact(|st, ch| {
+            let s = st.stores.get(&id).ok_or_else(|| not_found(&id))?;
+            if s.connection_state != ConnectionState::Disconnected {
+                return Err(invalid_state(
+                    &id,
+                    s.connection_state,
+                    "disconnect it before you delete it.",
+                ));
+            }
+            let keys = st.keys_in_store(&id).count();
+            if keys > 0 {
+                return Err(KmsError::new(
+                    Exception::CustomKeyStoreHasCmks,
+                    format!(
+                        "Custom key store {id} still holds {keys} KMS key(s), including keys \
+                         pending deletion. Delete them (and wait for their waiting period) first."
+                    ),
+                ));
+            }
+            st.stores.remove(&id);
+            ch.store(&id);
+            Ok(())
+        })?;
+        tracing::info!(custom_key_store_id = %id, "custom key store deleted");
+        Ok(Empty {})
+    }
+}
+
+fn entry(s: &CustomKeyStore) -> CustomKeyStoresListEntry {
+    CustomKeyStoresListEntry {
+        custom_key_store_id: s.id.clone(),
+        custom_key_store_name: s.name.clone(),
+        custom_key_store_type: XKS_TYPE,
+        creation_date: s.creation_date,
+        connection_state: s.connection_state,
+        connection_error_code: if s.connection_state == ConnectionState::Failed {
+            s.connection_error_code
+        } else {
+            None
+        },
+        xks_proxy_configuration: XksProxyConfiguration {
+            connectivity: s.xks.connectivity,
+            access_key_id: s.xks.access_key_id.clone(),
+            uri_endpoint: s.xks.endpoint.clone(),
+            uri_path: s.xks.path.clone(),
+            vpc_endpoint_service_name: s.xks.vpc_service_name.clone(),
+            vpc_endpoint_service_owner: s.xks.vpc_service_owner.clone(),
+        },
+    }
+}
+
+/// The spec wants a DNS name, the model accepts an IP: accept it, as KMS does, and warn.
+fn warn_if_ip(endpoint: &str) {
+    if let Some(host) = endpoint.strip_prefix("https://")
+        && host.parse::<std::net::IpAddr>().is_ok()
+    {
+        tracing::warn!(endpoint, "XKS proxy endpoint is an IP address; the spec asks for a DNS name");
+    }
+}
+
+/// Calls GetHealthStatus (`kmsOperation=KmsHealthCheck`) on every CONNECTED store
+/// every `health_interval`. Results are logged and counted; they never change a
+/// store's state.
+pub(super) async fn health_loop(emu: Emulator) {
+    let interval = emu.config().health_interval;
+    if interval.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = emu.stopped() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let ids: Vec<String> = emu.store().read(|st| {
+            st.stores
+                .values()
+                .filter(|s| s.connection_state == ConnectionState::Connected)
+                .map(|s| s.id.clone())
+                .collect()
+        });
+        for id in ids {
+            // Re-read right before the call: a disconnect stops health checks at once.
+            let Some(target) = emu.store().read(|st| {
+                st.stores
+                    .get(&id)
+                    .filter(|s| s.connection_state == ConnectionState::Connected)
+                    .map(target_of)
+            }) else {
+                continue;
+            };
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let result = tokio::select! {
+                _ = emu.stopped() => return,
+                r = emu.xks().health(&target, health_metadata(&request_id, "KmsHealthCheck")) => r,
+            };
+            record_health(&emu, &id, &request_id, result.err());
+        }
+    }
+}
+
+fn record_health(emu: &Emulator, id: &str, request_id: &str, failure: Option<XksFailure>) {
+    let mut stats = emu
+        .shared
+        .health_stats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let entry: &mut HealthCheckStats = stats.entry(id.to_owned()).or_default();
+    match failure {
+        None => {
+            entry.ok += 1;
+            entry.last_failure = None;
+            tracing::debug!(custom_key_store_id = %id, kms_request_id = %request_id, "KmsHealthCheck ok");
+        }
+        Some(f) => {
+            entry.failed += 1;
+            entry.last_failure = Some(format!("{f:?}"));
+            tracing::warn!(custom_key_store_id = %id, kms_request_id = %request_id, failure = ?f, "KmsHealthCheck failed");
+        }
+    }
+}

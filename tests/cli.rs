@@ -1,0 +1,200 @@
+//! The `xks-proxy` binary as an operator uses it: help, config errors before binding,
+//! the demo quick start (its printed curl lines must work), key commands, signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().expect("kill");
+    assert!(ok.success());
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "process did not exit in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn help_documents_the_subcommands() {
+    let out = bin().arg("--help").output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["serve", "demo", "config", "keys"] {
+        assert!(text.contains(cmd), "{cmd} missing from --help:\n{text}");
+    }
+    let out = bin().args(["keys", "--help"]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["create", "list", "enable", "disable", "rotate", "generate-master-key"] {
+        assert!(text.contains(cmd), "{cmd} missing from keys --help");
+    }
+}
+
+#[test]
+fn a_bad_config_exits_non_zero_before_binding_and_names_the_key() {
+    let (dir, text, _) = prepare(&Options::default());
+    // Hold a port, then point a broken config at it: if serve bound before validating,
+    // it would fail differently (address in use) or succeed.
+    let bad = text.replace("path_prefix = \"/tenant-a\"", "path_prefix = \"tenant-a/\"");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, bad).expect("write");
+    let out = bin().args(["serve", "--config"]).arg(&path).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keystores[0].path_prefix"), "{err}");
+    let out = bin().args(["config", "check", "--config"]).arg(&path).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let out = bin().args(["config", "check", "--config"]).arg(dir.path().join("proxy.toml")).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_demo_quick_start_prints_curl_lines_that_work() {
+    let curl_ok = Command::new("curl").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(curl_ok, "curl is required (the test command installs it)");
+    let mut child = bin()
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut banner = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.contains("Stop with Ctrl-C") || Instant::now() > deadline {
+            break;
+        }
+    }
+    for needle in ["base URL", "path prefix", "access key id", "secret", "curl --aws-sigv4 \"aws:amz:us-east-1:kms-xks-proxy\""] {
+        assert!(banner.contains(needle), "banner lacks {needle}:\n{banner}");
+    }
+    // Each printed curl command, run as printed (continuations joined), must succeed.
+    let commands: Vec<String> = banner
+        .split("\n\n")
+        .filter_map(|block| block.find("  curl ").map(|i| block[i..].replace("\\\n", " ")))
+        .collect();
+    assert_eq!(commands.len(), 2, "{banner}");
+    let dir = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("dev CA"))
+        .map(|s| std::path::PathBuf::from(s.trim()).parent().expect("dir").to_path_buf())
+        .expect("dev CA line");
+    for (cmd, expect) in commands.iter().zip(["ekmFleetDetails", "ciphertextDataIntegrityValue"]) {
+        let out = Command::new("bash").arg("-c").arg(format!("{cmd} -sS --fail-with-body")).output().expect("bash");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains(expect), "{cmd}\n=> {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(15));
+    assert!(status.success(), "SIGTERM must exit 0, got {status}");
+    assert!(!dir.exists(), "the demo removes its temp dir on exit");
+}
+
+#[test]
+fn keys_commands_manage_the_software_keystore() {
+    let out = bin().args(["keys", "generate-master-key"]).output().expect("run");
+    let master = String::from_utf8(out.stdout).expect("utf8");
+    assert_eq!(master.trim().len(), 44, "Base64 of 32 bytes");
+    let (dir, _text, _) = prepare(&Options::default());
+    let cfg = dir.path().join("proxy.toml");
+    let run = |args: &[&str]| {
+        let out = bin().args(["keys"]).args(args).arg("--config").arg(&cfg).output().expect("run");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, text) = run(&["create", "--label", "new-key", "--usage", "encrypt,decrypt"]);
+    assert!(ok, "{text}");
+    let (ok, text) = run(&["create", "--label", "new-key"]);
+    assert!(!ok, "duplicate ids are refused: {text}");
+    let (ok, text) = run(&["create", "--label", "bad id!"]);
+    assert!(!ok, "{text}");
+    let (ok, text) = run(&["disable", "--label", "new-key"]);
+    assert!(ok, "{text}");
+    let (ok, text) = run(&["list"]);
+    assert!(ok && text.contains("new-key") && text.contains("DISABLED"), "{text}");
+    let (ok, text) = run(&["enable", "--label", "new-key"]);
+    assert!(ok, "{text}");
+    let (ok, text) = run(&["rotate", "--label", "new-key"]);
+    assert!(ok && text.contains("version 2"), "{text}");
+    // A wrong master key is a clear error, and the file is untouched.
+    let before = std::fs::read(dir.path().join("keystore.json")).expect("read");
+    std::fs::write(dir.path().join("master.key"), master.trim()).expect("write");
+    let (ok, text) = run(&["create", "--label", "other"]);
+    assert!(!ok, "{text}");
+    assert!(text.to_lowercase().contains("master key"), "{text}");
+    assert_eq!(before, std::fs::read(dir.path().join("keystore.json")).expect("read"));
+}
+
+/// Starts `xks-proxy serve` and returns the child and its bound address.
+fn serve(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "info")
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(rest) = line.split("listening on https://").nth(1) {
+                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("proxy announces its address");
+    (child, addr.parse().expect("addr"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
+    let (dir, _text, creds) = prepare(&Options::default());
+    let (mut child, addr) = serve(&dir.path().join("proxy.toml"));
+    let c = Client::new(addr, false, creds[0].clone());
+    let url = format!("https://localhost:{}{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt", addr.port());
+    assert_eq!(c.post(&url, &encrypt_body(b"x", None)).await.status, 200);
+    // Disable the key with the CLI, SIGHUP, and the running proxy refuses it.
+    let out = bin()
+        .args(["keys", "disable", "--label", KEY, "--config"])
+        .arg(dir.path().join("proxy.toml"))
+        .output()
+        .expect("disable");
+    assert!(out.status.success());
+    signal(&child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c.post(&url, &encrypt_body(b"x", None)).await;
+        if r.error_name() == "InvalidStateException" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reload not applied: {:?}", r.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(&child, "-TERM");
+    let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(15)));
+    assert!(status.success(), "{status}");
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs every test of the project, installing what the tests need when it is missing:
+#   curl (the curl --aws-sigv4 tests), softhsm2 (the PKCS#11 backend on a real token),
+#   python3 + venv with boto3/pytest/awscli (the KMS-emulator end-to-end tests).
+# Usage: ./tests/run-all.sh        (from anywhere; works on a fresh Debian with Rust)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+say() { printf '\n==> %s\n' "$*"; }
+
+# --- system packages ------------------------------------------------------------------
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v softhsm2-util >/dev/null || missing+=(softhsm2)
+command -v python3 >/dev/null || missing+=(python3 python3-venv)
+if command -v python3 >/dev/null && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  missing+=(python3-venv)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# --- SoftHSMv2: a throw-away token directory for this run --------------------------------
+say "preparing SoftHSMv2"
+rm -rf "$root/target/softhsm"
+eval "$(tests/softhsm/setup.sh "$root/target/softhsm")"
+export SOFTHSM2_CONF
+
+# --- Python test dependencies (boto3, pytest, awscli) -----------------------------------
+if [ -f tests/e2e_py/requirements.txt ]; then
+  venv="$root/target/py-venv"
+  if [ ! -x "$venv/bin/python" ] || ! cmp -s tests/e2e_py/requirements.txt "$venv/.requirements"; then
+    say "installing Python test dependencies"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r tests/e2e_py/requirements.txt
+    cp tests/e2e_py/requirements.txt "$venv/.requirements"
+  fi
+fi
+
+# --- Rust: unit, integration and end-to-end tests ----------------------------------------
+say "cargo test"
+cargo test --all-targets --locked
+
+if [ -f tests/e2e_py/requirements.txt ]; then
+  say "boto3 / AWS CLI end-to-end tests"
+  cargo build --locked --bins
+  export XKS_PROXY_BIN="$root/target/debug/xks-proxy" KMS_EMULATOR_BIN="$root/target/debug/kms-emulator"
+  "$venv/bin/python" -m pytest -q tests/e2e_py
+fi
+say "all tests passed"
