@@ -687,15 +687,13 @@ impl RawConfig {
                     source,
                 });
             }
-            if let Some(allowed) = &ks.allowed_keys {
-                if let Some(bad) = allowed.iter().find(|k| !valid_key_id(k)) {
-                    return Err(ConfigError::new(
-                        format!("{key}.allowed_keys"),
-                        format!(
-                            "'{bad}' is not a valid external key id (1-128 of A-Z a-z 0-9 . _ -)"
-                        ),
-                    ));
-                }
+            if let Some(allowed) = &ks.allowed_keys
+                && let Some(bad) = allowed.iter().find(|k| !valid_key_id(k))
+            {
+                return Err(ConfigError::new(
+                    format!("{key}.allowed_keys"),
+                    format!("'{bad}' is not a valid external key id (1-128 of A-Z a-z 0-9 . _ -)"),
+                ));
             }
             keystores.push(KeystoreConfig {
                 path_prefix: ks.path_prefix,
@@ -750,10 +748,14 @@ pub fn generate_credential() -> (String, SecretString) {
     #[allow(clippy::expect_used)]
     {
         rng.fill(&mut id_bytes).expect("OS random number generator");
-        rng.fill(&mut secret_bytes[..]).expect("OS random number generator");
+        rng.fill(&mut secret_bytes[..])
+            .expect("OS random number generator");
     }
     // 256 is a multiple of 32, so `b % 32` is unbiased.
-    let id: String = id_bytes.iter().map(|b| ALPHABET[(b % 32) as usize] as char).collect();
+    let id: String = id_bytes
+        .iter()
+        .map(|b| ALPHABET[(b % 32) as usize] as char)
+        .collect();
     let secret = base64::engine::general_purpose::STANDARD.encode(&secret_bytes[..]);
     (id, SecretString::new(secret))
 }

@@ -35,6 +35,7 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod kms;
 pub mod secret;
 pub mod server;
 pub mod sigv4;

@@ -14,7 +14,10 @@ fn bin() -> Command {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().expect("kill");
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(ok.success());
 }
 
@@ -38,7 +41,14 @@ fn help_documents_the_subcommands() {
     }
     let out = bin().args(["keys", "--help"]).output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["create", "list", "enable", "disable", "rotate", "generate-master-key"] {
+    for cmd in [
+        "create",
+        "list",
+        "enable",
+        "disable",
+        "rotate",
+        "generate-master-key",
+    ] {
         assert!(text.contains(cmd), "{cmd} missing from keys --help");
     }
 }
@@ -51,19 +61,39 @@ fn a_bad_config_exits_non_zero_before_binding_and_names_the_key() {
     let bad = text.replace("path_prefix = \"/tenant-a\"", "path_prefix = \"tenant-a/\"");
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, bad).expect("write");
-    let out = bin().args(["serve", "--config"]).arg(&path).output().expect("run");
+    let out = bin()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("keystores[0].path_prefix"), "{err}");
-    let out = bin().args(["config", "check", "--config"]).arg(&path).output().expect("run");
+    let out = bin()
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
-    let out = bin().args(["config", "check", "--config"]).arg(dir.path().join("proxy.toml")).output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args(["config", "check", "--config"])
+        .arg(dir.path().join("proxy.toml"))
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn the_demo_quick_start_prints_curl_lines_that_work() {
-    let curl_ok = Command::new("curl").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let curl_ok = Command::new("curl")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     assert!(curl_ok, "curl is required (the test command installs it)");
     let mut child = bin()
         .args(["demo", "--listen", "127.0.0.1:0"])
@@ -83,24 +113,50 @@ fn the_demo_quick_start_prints_curl_lines_that_work() {
             break;
         }
     }
-    for needle in ["base URL", "path prefix", "access key id", "secret", "curl --aws-sigv4 \"aws:amz:us-east-1:kms-xks-proxy\""] {
+    for needle in [
+        "base URL",
+        "path prefix",
+        "access key id",
+        "secret",
+        "curl --aws-sigv4 \"aws:amz:us-east-1:kms-xks-proxy\"",
+    ] {
         assert!(banner.contains(needle), "banner lacks {needle}:\n{banner}");
     }
     // Each printed curl command, run as printed (continuations joined), must succeed.
     let commands: Vec<String> = banner
         .split("\n\n")
-        .filter_map(|block| block.find("  curl ").map(|i| block[i..].replace("\\\n", " ")))
+        .filter_map(|block| {
+            block
+                .find("  curl ")
+                .map(|i| block[i..].replace("\\\n", " "))
+        })
         .collect();
     assert_eq!(commands.len(), 2, "{banner}");
     let dir = banner
         .lines()
         .find_map(|l| l.trim().strip_prefix("dev CA"))
-        .map(|s| std::path::PathBuf::from(s.trim()).parent().expect("dir").to_path_buf())
+        .map(|s| {
+            std::path::PathBuf::from(s.trim())
+                .parent()
+                .expect("dir")
+                .to_path_buf()
+        })
         .expect("dev CA line");
-    for (cmd, expect) in commands.iter().zip(["ekmFleetDetails", "ciphertextDataIntegrityValue"]) {
-        let out = Command::new("bash").arg("-c").arg(format!("{cmd} -sS --fail-with-body")).output().expect("bash");
+    for (cmd, expect) in commands
+        .iter()
+        .zip(["ekmFleetDetails", "ciphertextDataIntegrityValue"])
+    {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!("{cmd} -sS --fail-with-body"))
+            .output()
+            .expect("bash");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains(expect), "{cmd}\n=> {text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && text.contains(expect),
+            "{cmd}\n=> {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     signal(&child, "-TERM");
     let status = wait_exit(&mut child, Duration::from_secs(15));
@@ -110,14 +166,27 @@ fn the_demo_quick_start_prints_curl_lines_that_work() {
 
 #[test]
 fn keys_commands_manage_the_software_keystore() {
-    let out = bin().args(["keys", "generate-master-key"]).output().expect("run");
+    let out = bin()
+        .args(["keys", "generate-master-key"])
+        .output()
+        .expect("run");
     let master = String::from_utf8(out.stdout).expect("utf8");
     assert_eq!(master.trim().len(), 44, "Base64 of 32 bytes");
     let (dir, _text, _) = prepare(&Options::default());
     let cfg = dir.path().join("proxy.toml");
     let run = |args: &[&str]| {
-        let out = bin().args(["keys"]).args(args).arg("--config").arg(&cfg).output().expect("run");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        let out = bin()
+            .args(["keys"])
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("run");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     let (ok, text) = run(&["create", "--label", "new-key", "--usage", "encrypt,decrypt"]);
     assert!(ok, "{text}");
@@ -128,7 +197,10 @@ fn keys_commands_manage_the_software_keystore() {
     let (ok, text) = run(&["disable", "--label", "new-key"]);
     assert!(ok, "{text}");
     let (ok, text) = run(&["list"]);
-    assert!(ok && text.contains("new-key") && text.contains("DISABLED"), "{text}");
+    assert!(
+        ok && text.contains("new-key") && text.contains("DISABLED"),
+        "{text}"
+    );
     let (ok, text) = run(&["enable", "--label", "new-key"]);
     assert!(ok, "{text}");
     let (ok, text) = run(&["rotate", "--label", "new-key"]);
@@ -139,7 +211,10 @@ fn keys_commands_manage_the_software_keystore() {
     let (ok, text) = run(&["create", "--label", "other"]);
     assert!(!ok, "{text}");
     assert!(text.to_lowercase().contains("master key"), "{text}");
-    assert_eq!(before, std::fs::read(dir.path().join("keystore.json")).expect("read"));
+    assert_eq!(
+        before,
+        std::fs::read(dir.path().join("keystore.json")).expect("read")
+    );
 }
 
 /// Starts `xks-proxy serve` and returns the child and its bound address.
@@ -157,16 +232,19 @@ fn serve(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(rest) = line.split("listening on https://").nth(1) {
-                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
-                    let _ = tx.send(addr);
-                    sent = true;
-                }
+            if !sent && let Some(rest) = line.split("listening on https://").nth(1) {
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"')
+                    .collect();
+                let _ = tx.send(addr);
+                sent = true;
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("proxy announces its address");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("proxy announces its address");
     (child, addr.parse().expect("addr"))
 }
 
@@ -175,7 +253,10 @@ async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
     let (dir, _text, creds) = prepare(&Options::default());
     let (mut child, addr) = serve(&dir.path().join("proxy.toml"));
     let c = Client::new(addr, false, creds[0].clone());
-    let url = format!("https://localhost:{}{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt", addr.port());
+    let url = format!(
+        "https://localhost:{}{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt",
+        addr.port()
+    );
     assert_eq!(c.post(&url, &encrypt_body(b"x", None)).await.status, 200);
     // Disable the key with the CLI, SIGHUP, and the running proxy refuses it.
     let out = bin()
@@ -191,7 +272,11 @@ async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
         if r.error_name() == "InvalidStateException" {
             break;
         }
-        assert!(Instant::now() < deadline, "reload not applied: {:?}", r.body);
+        assert!(
+            Instant::now() < deadline,
+            "reload not applied: {:?}",
+            r.body
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     signal(&child, "-TERM");

@@ -8,30 +8,59 @@ use common::*;
 use std::process::Command;
 
 fn curl() -> Command {
-    let ok = Command::new("curl").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "curl is required (the test command installs it: apt-get install curl)");
+    let ok = Command::new("curl")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "curl is required (the test command installs it: apt-get install curl)"
+    );
     Command::new("curl")
 }
 
-fn run_curl(p: &TestProxy, cred: &Cred, version_flag: &str, path: &str, body: &str) -> (u16, String, String) {
+fn run_curl(
+    p: &TestProxy,
+    cred: &Cred,
+    version_flag: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
     let ca = repo().join("certs/ca.pem");
     let out = curl()
-        .args(["-sS", version_flag, "--aws-sigv4", "aws:amz:us-east-1:kms-xks-proxy"])
+        .args([
+            "-sS",
+            version_flag,
+            "--aws-sigv4",
+            "aws:amz:us-east-1:kms-xks-proxy",
+        ])
         .arg("--user")
         .arg(format!("{}:{}", cred.akid, cred.secret.expose()))
         .arg("--cacert")
         .arg(&ca)
-        .args(["--resolve", &format!("localhost:{}:127.0.0.1", p.addr().port())])
+        .args([
+            "--resolve",
+            &format!("localhost:{}:127.0.0.1", p.addr().port()),
+        ])
         .args(["-H", "Content-Type: application/json", "-d", body])
         .args(["-w", "\n%{http_code} %{http_version}"])
         .arg(p.url(path))
         .output()
         .expect("run curl");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("utf8");
     let (body, tail) = text.rsplit_once('\n').expect("tail");
     let (code, version) = tail.split_once(' ').expect("code version");
-    (code.parse().expect("code"), version.to_owned(), body.to_owned())
+    (
+        code.parse().expect("code"),
+        version.to_owned(),
+        body.to_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,25 +68,53 @@ async fn curl_aws_sigv4_over_http1_and_http2() {
     let p = TestProxy::start(Options::default()).await;
     let cred = p.creds[1].clone();
     let health = serde_json::to_string(&health_body()).expect("json");
-    let encrypt = serde_json::to_string(&encrypt_body(b"hello from curl", Some(b"aad"))).expect("json");
+    let encrypt =
+        serde_json::to_string(&encrypt_body(b"hello from curl", Some(b"aad"))).expect("json");
     for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
         let (code, v, body) = tokio::task::block_in_place(|| {
-            run_curl(&p, &cred, flag, &format!("{PREFIX}/kms/xks/v1/health"), &health)
+            run_curl(
+                &p,
+                &cred,
+                flag,
+                &format!("{PREFIX}/kms/xks/v1/health"),
+                &health,
+            )
         });
         assert_eq!((code, v.as_str()), (200, version), "{body}");
         let (code, _, body) = tokio::task::block_in_place(|| {
-            run_curl(&p, &cred, flag, &format!("{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt"), &encrypt)
+            run_curl(
+                &p,
+                &cred,
+                flag,
+                &format!("{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt"),
+                &encrypt,
+            )
         });
         assert_eq!(code, 200, "{body}");
         let enc: serde_json::Value = serde_json::from_str(&body).expect("json");
         // And decrypt it through the aws-sigv4 client: both clients agree.
-        let dec = p.client(false).post(&key_url(&p, KEY, "decrypt"), &decrypt_body(&enc, Some(b"aad"))).await;
+        let dec = p
+            .client(false)
+            .post(
+                &key_url(&p, KEY, "decrypt"),
+                &decrypt_body(&enc, Some(b"aad")),
+            )
+            .await;
         assert_eq!(unb64(&dec.body["plaintext"]), b"hello from curl");
     }
     // A wrong secret through curl is a 401.
-    let wrong = Cred { akid: cred.akid.clone(), secret: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY4242".into() };
+    let wrong = Cred {
+        akid: cred.akid.clone(),
+        secret: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY4242".into(),
+    };
     let (code, _, body) = tokio::task::block_in_place(|| {
-        run_curl(&p, &wrong, "--http2", &format!("{PREFIX}/kms/xks/v1/health"), &health)
+        run_curl(
+            &p,
+            &wrong,
+            "--http2",
+            &format!("{PREFIX}/kms/xks/v1/health"),
+            &health,
+        )
     });
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("AuthenticationFailedException"));
@@ -74,7 +131,10 @@ async fn chunked_oversize_body_is_cut_off() {
         curl()
             .args(["-sS", "--http1.1", "--cacert"])
             .arg(repo().join("certs/ca.pem"))
-            .args(["--resolve", &format!("localhost:{}:127.0.0.1", p.addr().port())])
+            .args([
+                "--resolve",
+                &format!("localhost:{}:127.0.0.1", p.addr().port()),
+            ])
             .args(["-H", "Transfer-Encoding: chunked", "--data-binary"])
             .arg(format!("@{}", file.display()))
             .args(["-w", "\n%{http_code}", "--max-time", "10"])
@@ -83,6 +143,10 @@ async fn chunked_oversize_body_is_cut_off() {
             .expect("curl")
     });
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("UnsupportedOperationException"), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("UnsupportedOperationException"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.trim_end().ends_with("501"));
 }

@@ -47,34 +47,73 @@ async fn nothing_secret_reaches_the_logs_at_trace_level() {
     let mut found_request_line = false;
     for h2 in [false, true] {
         let c = p.client(h2);
-        let enc = c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(&canary, Some(b"aad-ctx"))).await;
+        let enc = c
+            .post(
+                &key_url(&p, KEY, "encrypt"),
+                &encrypt_body(&canary, Some(b"aad-ctx")),
+            )
+            .await;
         assert_eq!(enc.status, 200);
-        let dec = c.post(&key_url(&p, KEY, "decrypt"), &decrypt_body(&enc.body, Some(b"aad-ctx"))).await;
+        let dec = c
+            .post(
+                &key_url(&p, KEY, "decrypt"),
+                &decrypt_body(&enc.body, Some(b"aad-ctx")),
+            )
+            .await;
         assert_eq!(unb64(&dec.body["plaintext"]), canary);
         // Failures log too: a bad signature, a disabled key, a malformed body.
-        let bad = c.with_cred(Cred { akid: p.creds[0].akid.clone(), secret: p.creds[1].secret.clone() });
-        assert_eq!(bad.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(&canary, None)).await.status, 401);
-        let r = c.post(&key_url(&p, KEY_DISABLED, "encrypt"), &encrypt_body(&canary, None)).await;
+        let bad = c.with_cred(Cred {
+            akid: p.creds[0].akid.clone(),
+            secret: p.creds[1].secret.clone(),
+        });
+        assert_eq!(
+            bad.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(&canary, None))
+                .await
+                .status,
+            401
+        );
+        let r = c
+            .post(
+                &key_url(&p, KEY_DISABLED, "encrypt"),
+                &encrypt_body(&canary, None),
+            )
+            .await;
         assert_eq!(r.status, 400);
         let mut wrong_type = encrypt_body(&canary, None);
         wrong_type["plaintext"] = json!([String::from_utf8(canary.clone()).expect("utf8")]);
         let r = c.post(&key_url(&p, KEY, "encrypt"), &wrong_type).await;
         assert_eq!(r.status, 400);
-        assert!(!r.body.to_string().contains("CANARY"), "error messages must not echo input");
+        assert!(
+            !r.body.to_string().contains("CANARY"),
+            "error messages must not echo input"
+        );
     }
     // Let background log lines land.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let logs = String::from_utf8_lossy(&capture.0.lock().expect("lock")).into_owned();
-    assert!(logs.len() > 1000, "TRACE logging captured little ({} bytes): the test would prove nothing", logs.len());
+    assert!(
+        logs.len() > 1000,
+        "TRACE logging captured little ({} bytes): the test would prove nothing",
+        logs.len()
+    );
     for line in logs.lines() {
-        if line.contains("xks request") && line.contains("kms_request_id") && line.contains("outcome") {
+        if line.contains("xks request")
+            && line.contains("kms_request_id")
+            && line.contains("outcome")
+        {
             found_request_line = true;
         }
     }
-    assert!(found_request_line, "one line per request with kmsRequestId and outcome");
+    assert!(
+        found_request_line,
+        "one line per request with kmsRequestId and outcome"
+    );
 
     let mut forbidden: Vec<(String, String)> = vec![
-        ("plaintext".into(), String::from_utf8(canary.clone()).expect("utf8")),
+        (
+            "plaintext".into(),
+            String::from_utf8(canary.clone()).expect("utf8"),
+        ),
         ("plaintext (Base64)".into(), b64(&canary)),
         ("plaintext fragment".into(), "CANARY-7f3a9c".into()),
         ("master key".into(), master.trim().to_owned()),

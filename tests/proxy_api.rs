@@ -11,12 +11,20 @@ use serde_json::json;
 async fn health_over_http1_and_http2() {
     // Spec: HTTP/1.1 or later, with fallback to HTTP/1.1 (ALPN h2 + http/1.1).
     let p = TestProxy::start(Options::default()).await;
-    for (h2, version) in [(false, http::Version::HTTP_11), (true, http::Version::HTTP_2)] {
+    for (h2, version) in [
+        (false, http::Version::HTTP_11),
+        (true, http::Version::HTTP_2),
+    ] {
         let r = p.client(h2).post(&health_url(&p), &health_body()).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         assert_eq!(r.version, version);
         assert_eq!(r.body["xksProxyFleetSize"], 1);
-        assert!(r.body["xksProxyModel"].as_str().expect("model").starts_with("xks-proxy "));
+        assert!(
+            r.body["xksProxyModel"]
+                .as_str()
+                .expect("model")
+                .starts_with("xks-proxy ")
+        );
         let details = r.body["ekmFleetDetails"].as_array().expect("details");
         assert!((1..=10).contains(&details.len()));
         assert_eq!(details[0]["healthStatus"], "ACTIVE");
@@ -30,13 +38,19 @@ async fn get_key_metadata_reports_spec_usage_and_status() {
     let body = json!({"requestMetadata": {"kmsRequestId": "m", "kmsOperation": "CreateKey", "awsPrincipalArn": PRINCIPAL}});
     let r = c.post(&key_url(&p, KEY, "metadata"), &body).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    assert_eq!(r.body, json!({"keySpec": "AES_256", "keyUsage": ["ENCRYPT", "DECRYPT"], "keyStatus": "ENABLED"}));
+    assert_eq!(
+        r.body,
+        json!({"keySpec": "AES_256", "keyUsage": ["ENCRYPT", "DECRYPT"], "keyStatus": "ENABLED"})
+    );
     let r = c.post(&key_url(&p, KEY_DISABLED, "metadata"), &body).await;
     assert_eq!(r.body["keyStatus"], "DISABLED");
-    let r = c.post(&key_url(&p, KEY_ENCRYPT_ONLY, "metadata"), &body).await;
+    let r = c
+        .post(&key_url(&p, KEY_ENCRYPT_ONLY, "metadata"), &body)
+        .await;
     assert_eq!(r.body["keyUsage"], json!(["ENCRYPT"]));
     // Spec: awsPrincipalArn is required for GetKeyMetadata.
-    let no_principal = json!({"requestMetadata": {"kmsRequestId": "m", "kmsOperation": "CreateKey"}});
+    let no_principal =
+        json!({"requestMetadata": {"kmsRequestId": "m", "kmsOperation": "CreateKey"}});
     let r = c.post(&key_url(&p, KEY, "metadata"), &no_principal).await;
     assert_eq!((r.status, r.error_name()), (400, "ValidationException"));
 }
@@ -51,7 +65,9 @@ async fn encrypt_decrypt_round_trip_with_cdiv_at_the_spec_size_edges() {
             let pt: Vec<u8> = (0..pt_len).map(|i| (i * 7 + 3) as u8).collect();
             let aad: Vec<u8> = (0..aad_len).map(|i| (i * 5) as u8).collect();
             let aad_opt = (aad_len > 0).then_some(&aad[..]);
-            let enc = c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(&pt, aad_opt)).await;
+            let enc = c
+                .post(&key_url(&p, KEY, "encrypt"), &encrypt_body(&pt, aad_opt))
+                .await;
             assert_eq!(enc.status, 200, "{:?}", enc.body);
             let ct = unb64(&enc.body["ciphertext"]);
             let iv = unb64(&enc.body["initializationVector"]);
@@ -63,8 +79,16 @@ async fn encrypt_decrypt_round_trip_with_cdiv_at_the_spec_size_edges() {
             assert!(md.len() <= 20);
             // Client-side CDIV: SHA-256(aad || metadata || iv || ciphertext || tag).
             let want = xks_proxy::api::aad::cdiv(&aad, &md, &iv, &ct, &tag);
-            assert_eq!(unb64(&enc.body["ciphertextDataIntegrityValue"]), want.to_vec());
-            let dec = c.post(&key_url(&p, KEY, "decrypt"), &decrypt_body(&enc.body, aad_opt)).await;
+            assert_eq!(
+                unb64(&enc.body["ciphertextDataIntegrityValue"]),
+                want.to_vec()
+            );
+            let dec = c
+                .post(
+                    &key_url(&p, KEY, "decrypt"),
+                    &decrypt_body(&enc.body, aad_opt),
+                )
+                .await;
             assert_eq!(dec.status, 200, "{:?}", dec.body);
             assert_eq!(unb64(&dec.body["plaintext"]), pt);
         }
@@ -76,8 +100,13 @@ async fn no_cdiv_unless_asked() {
     // Spec: ciphertextDataIntegrityValue is returned iff the request named an algorithm.
     let p = TestProxy::start(Options::default()).await;
     let mut body = encrypt_body(b"abc", None);
-    body.as_object_mut().expect("obj").remove("ciphertextDataIntegrityValueAlgorithm");
-    let r = p.client(false).post(&key_url(&p, KEY, "encrypt"), &body).await;
+    body.as_object_mut()
+        .expect("obj")
+        .remove("ciphertextDataIntegrityValueAlgorithm");
+    let r = p
+        .client(false)
+        .post(&key_url(&p, KEY, "encrypt"), &body)
+        .await;
     assert_eq!(r.status, 200);
     assert!(r.body.get("ciphertextDataIntegrityValue").is_none());
 }
@@ -87,12 +116,26 @@ async fn sizes_past_what_we_support_are_501() {
     // Spec: a size beyond what the proxy supports past the required minimum → 501.
     let p = TestProxy::start(Options::default()).await;
     let c = p.client(false);
-    let r = c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(&vec![1u8; xks_proxy::api::MAX_DATA + 1], None)).await;
-    assert_eq!((r.status, r.error_name()), (501, "UnsupportedOperationException"));
     let r = c
-        .post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"x", Some(&vec![1u8; xks_proxy::api::MAX_AAD + 1])))
+        .post(
+            &key_url(&p, KEY, "encrypt"),
+            &encrypt_body(&vec![1u8; xks_proxy::api::MAX_DATA + 1], None),
+        )
         .await;
-    assert_eq!((r.status, r.error_name()), (501, "UnsupportedOperationException"));
+    assert_eq!(
+        (r.status, r.error_name()),
+        (501, "UnsupportedOperationException")
+    );
+    let r = c
+        .post(
+            &key_url(&p, KEY, "encrypt"),
+            &encrypt_body(b"x", Some(&vec![1u8; xks_proxy::api::MAX_AAD + 1])),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_name()),
+        (501, "UnsupportedOperationException")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,11 +143,16 @@ async fn a_16_byte_iv_is_valid_input_but_not_one_the_software_keystore_made() {
     // Spec: IV 12 or 16 bytes. The software keystore only makes 12-byte IVs.
     let p = TestProxy::start(Options::default()).await;
     let c = p.client(false);
-    let enc = c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"hello", None)).await;
+    let enc = c
+        .post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"hello", None))
+        .await;
     let mut body = decrypt_body(&enc.body, None);
     body["initializationVector"] = json!(b64(&[0u8; 16]));
     let r = c.post(&key_url(&p, KEY, "decrypt"), &body).await;
-    assert_eq!((r.status, r.error_name()), (400, "InvalidCiphertextException"));
+    assert_eq!(
+        (r.status, r.error_name()),
+        (400, "InvalidCiphertextException")
+    );
     body["initializationVector"] = json!(b64(&[0u8; 13]));
     let r = c.post(&key_url(&p, KEY, "decrypt"), &body).await;
     assert_eq!((r.status, r.error_name()), (400, "ValidationException"));
@@ -115,27 +163,53 @@ async fn tampering_is_invalid_ciphertext() {
     // Spec: a modified ciphertext, tag, AAD or ciphertextMetadata MUST be detected.
     let p = TestProxy::start(Options::default()).await;
     let c = p.client(false);
-    let enc = c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"secret data", Some(b"ctx"))).await;
+    let enc = c
+        .post(
+            &key_url(&p, KEY, "encrypt"),
+            &encrypt_body(b"secret data", Some(b"ctx")),
+        )
+        .await;
     let flip = |v: &serde_json::Value| {
         let mut b = unb64(v);
         b[0] ^= 1;
         json!(b64(&b))
     };
-    for field in ["ciphertext", "authenticationTag", "initializationVector", "ciphertextMetadata"] {
+    for field in [
+        "ciphertext",
+        "authenticationTag",
+        "initializationVector",
+        "ciphertextMetadata",
+    ] {
         let mut body = decrypt_body(&enc.body, Some(b"ctx"));
         body[field] = flip(&body[field]);
         let r = c.post(&key_url(&p, KEY, "decrypt"), &body).await;
-        assert_eq!((r.status, r.error_name()), (400, "InvalidCiphertextException"), "{field}");
+        assert_eq!(
+            (r.status, r.error_name()),
+            (400, "InvalidCiphertextException"),
+            "{field}"
+        );
     }
     // Wrong AAD, and AAD moved into the metadata field.
-    let r = c.post(&key_url(&p, KEY, "decrypt"), &decrypt_body(&enc.body, Some(b"cty"))).await;
+    let r = c
+        .post(
+            &key_url(&p, KEY, "decrypt"),
+            &decrypt_body(&enc.body, Some(b"cty")),
+        )
+        .await;
     assert_eq!(r.error_name(), "InvalidCiphertextException");
     let mut body = decrypt_body(&enc.body, None);
-    body.as_object_mut().expect("obj").remove("ciphertextMetadata");
+    body.as_object_mut()
+        .expect("obj")
+        .remove("ciphertextMetadata");
     let r = c.post(&key_url(&p, KEY, "decrypt"), &body).await;
     assert_eq!(r.error_name(), "InvalidCiphertextException");
     // Another key cannot open it.
-    let r = c.post(&key_url(&p, KEY_DECRYPT_ONLY, "decrypt"), &decrypt_body(&enc.body, Some(b"ctx"))).await;
+    let r = c
+        .post(
+            &key_url(&p, KEY_DECRYPT_ONLY, "decrypt"),
+            &decrypt_body(&enc.body, Some(b"ctx")),
+        )
+        .await;
     assert_eq!(r.error_name(), "InvalidCiphertextException");
 }
 
@@ -143,19 +217,52 @@ async fn tampering_is_invalid_ciphertext() {
 async fn key_state_and_usage_errors() {
     let p = TestProxy::start(Options::default()).await;
     let c = p.client(false);
-    let enc = c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"x", None)).await;
+    let enc = c
+        .post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"x", None))
+        .await;
     // Disabled key → 400 InvalidStateException (all APIs with a key).
-    let r = c.post(&key_url(&p, KEY_DISABLED, "encrypt"), &encrypt_body(b"x", None)).await;
+    let r = c
+        .post(
+            &key_url(&p, KEY_DISABLED, "encrypt"),
+            &encrypt_body(b"x", None),
+        )
+        .await;
     assert_eq!((r.status, r.error_name()), (400, "InvalidStateException"));
-    let r = c.post(&key_url(&p, KEY_DISABLED, "decrypt"), &decrypt_body(&enc.body, None)).await;
+    let r = c
+        .post(
+            &key_url(&p, KEY_DISABLED, "decrypt"),
+            &decrypt_body(&enc.body, None),
+        )
+        .await;
     assert_eq!((r.status, r.error_name()), (400, "InvalidStateException"));
     // Usage not allowed → 400 InvalidKeyUsageException.
-    let r = c.post(&key_url(&p, KEY_DECRYPT_ONLY, "encrypt"), &encrypt_body(b"x", None)).await;
-    assert_eq!((r.status, r.error_name()), (400, "InvalidKeyUsageException"));
-    let r = c.post(&key_url(&p, KEY_ENCRYPT_ONLY, "decrypt"), &decrypt_body(&enc.body, None)).await;
-    assert_eq!((r.status, r.error_name()), (400, "InvalidKeyUsageException"));
+    let r = c
+        .post(
+            &key_url(&p, KEY_DECRYPT_ONLY, "encrypt"),
+            &encrypt_body(b"x", None),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_name()),
+        (400, "InvalidKeyUsageException")
+    );
+    let r = c
+        .post(
+            &key_url(&p, KEY_ENCRYPT_ONLY, "decrypt"),
+            &decrypt_body(&enc.body, None),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_name()),
+        (400, "InvalidKeyUsageException")
+    );
     // An encrypt-only key can still encrypt with a CDIV (the self-check is skipped).
-    let r = c.post(&key_url(&p, KEY_ENCRYPT_ONLY, "encrypt"), &encrypt_body(b"x", None)).await;
+    let r = c
+        .post(
+            &key_url(&p, KEY_ENCRYPT_ONLY, "encrypt"),
+            &encrypt_body(b"x", None),
+        )
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     // Unknown key → 404 KeyNotFoundException.
     for op in ["metadata", "encrypt", "decrypt"] {
@@ -165,7 +272,11 @@ async fn key_state_and_usage_errors() {
             _ => json!({"requestMetadata": metadata("CreateKey")}),
         };
         let r = c.post(&key_url(&p, "no-such-key", op), &body).await;
-        assert_eq!((r.status, r.error_name()), (404, "KeyNotFoundException"), "{op}");
+        assert_eq!(
+            (r.status, r.error_name()),
+            (404, "KeyNotFoundException"),
+            "{op}"
+        );
     }
 }
 
@@ -186,7 +297,10 @@ async fn validation_errors() {
     b["plaintext"] = json!("aGVsbG8_-w"); // URL-safe alphabet
     cases.push(("encrypt", b, "Base64"));
     let mut b = encrypt_body(b"x", None);
-    b["requestMetadata"].as_object_mut().expect("obj").remove("kmsKeyArn");
+    b["requestMetadata"]
+        .as_object_mut()
+        .expect("obj")
+        .remove("kmsKeyArn");
     cases.push(("encrypt", b, "kmsKeyArn"));
     let mut b = encrypt_body(b"x", None);
     b.as_object_mut().expect("obj").remove("plaintext");
@@ -200,12 +314,19 @@ async fn validation_errors() {
     cases.push(("encrypt", json!("not an object"), "invalid request body"));
     for (op, body, needle) in cases {
         let r = c.post(&key_url(&p, KEY, op), &body).await;
-        assert_eq!((r.status, r.error_name()), (400, "ValidationException"), "{needle}: {:?}", r.body);
+        assert_eq!(
+            (r.status, r.error_name()),
+            (400, "ValidationException"),
+            "{needle}: {:?}",
+            r.body
+        );
         let msg = r.body["errorMessage"].as_str().expect("message");
         assert!(msg.contains(needle), "{msg:?} should mention {needle}");
         assert!(msg.len() < 512 && msg.bytes().all(|b| (0x20..=0x7e).contains(&b)));
     }
-    let r = c.post_raw(&url, Bytes::from_static(b"{not json"), |_| {}).await;
+    let r = c
+        .post_raw(&url, Bytes::from_static(b"{not json"), |_| {})
+        .await;
     assert_eq!(r.error_name(), "ValidationException");
 }
 
@@ -217,7 +338,10 @@ async fn unknown_fields_and_kms_operations_are_accepted() {
     body["requestMetadata"]["kmsOperation"] = json!("SomeFutureOperation");
     body["requestMetadata"]["someNewField"] = json!({"nested": true});
     body["topLevelExtra"] = json!(42);
-    let r = p.client(false).post(&key_url(&p, KEY, "encrypt"), &body).await;
+    let r = p
+        .client(false)
+        .post(&key_url(&p, KEY, "encrypt"), &body)
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
@@ -238,10 +362,17 @@ async fn routing_404_405_and_key_id_rules() {
         "/".to_owned(),
     ] {
         let r = c.post(&p.url(&path), &health_body()).await;
-        assert_eq!((r.status, r.error_name()), (404, "InvalidUriPathException"), "{path}");
+        assert_eq!(
+            (r.status, r.error_name()),
+            (404, "InvalidUriPathException"),
+            "{path}"
+        );
     }
     // Spec: a non-POST on one of the four URIs MUST get 405.
-    for path in [format!("{PREFIX}/kms/xks/v1/health"), format!("{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt")] {
+    for path in [
+        format!("{PREFIX}/kms/xks/v1/health"),
+        format!("{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt"),
+    ] {
         let resp = c.http.get(p.url(&path)).send().await.expect("get");
         assert_eq!(resp.status().as_u16(), 405);
         assert_eq!(resp.headers()["allow"], "POST");
@@ -249,13 +380,26 @@ async fn routing_404_405_and_key_id_rules() {
     // Key ids outside [A-Za-z0-9._-]{1,128}: ValidationException (after authentication).
     let long = "k".repeat(129);
     for bad in ["bad%20id", long.as_str(), "bad:id"] {
-        let r = c.post(&key_url(&p, bad, "encrypt"), &encrypt_body(b"x", None)).await;
-        assert_eq!((r.status, r.error_name()), (400, "ValidationException"), "{bad}");
+        let r = c
+            .post(&key_url(&p, bad, "encrypt"), &encrypt_body(b"x", None))
+            .await;
+        assert_eq!(
+            (r.status, r.error_name()),
+            (400, "ValidationException"),
+            "{bad}"
+        );
     }
     // A key outside the prefix's allow-list is "not found" for this tenant.
-    let r = c.post(&key_url(&p, KEY_ENCRYPT_ONLY, "encrypt"), &encrypt_body(b"x", None)).await;
+    let r = c
+        .post(
+            &key_url(&p, KEY_ENCRYPT_ONLY, "encrypt"),
+            &encrypt_body(b"x", None),
+        )
+        .await;
     assert_eq!((r.status, r.error_name()), (404, "KeyNotFoundException"));
-    let r = c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"x", None)).await;
+    let r = c
+        .post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"x", None))
+        .await;
     assert_eq!(r.status, 200);
 }
 
@@ -276,24 +420,80 @@ async fn authentication_failures_are_401() {
     });
     let mut wrong_region = c.clone();
     wrong_region.region = "eu-west-1".into();
-    for (name, client) in [("wrong secret", &wrong_secret), ("unknown access key id", &unknown)] {
+    for (name, client) in [
+        ("wrong secret", &wrong_secret),
+        ("unknown access key id", &unknown),
+    ] {
         let r = client.post(&url, &health_body()).await;
-        assert_eq!((r.status, r.error_name()), (401, "AuthenticationFailedException"), "{name}");
+        assert_eq!(
+            (r.status, r.error_name()),
+            (401, "AuthenticationFailedException"),
+            "{name}"
+        );
     }
     // Any region in the scope is fine when the config does not restrict it.
     assert_eq!(wrong_region.post(&url, &health_body()).await.status, 200);
     type Tamper = Box<dyn FnOnce(&mut http::Request<Bytes>)>;
     let tampers: Vec<(&str, Tamper)> = vec![
-        ("no authorization", Box::new(|r| { r.headers_mut().remove("authorization"); })),
-        ("no x-amz-date", Box::new(|r| { r.headers_mut().remove("x-amz-date"); })),
-        ("tampered body", Box::new(|r| { *r.body_mut() = Bytes::from(r.body().to_vec().into_iter().map(|b| if b == b'h' { b'H' } else { b }).collect::<Vec<_>>()); })),
-        ("garbage authorization", Box::new(|r| { r.headers_mut().insert("authorization", http::HeaderValue::from_static("AWS4-HMAC-SHA256 nonsense")); })),
-        ("basic auth", Box::new(|r| { r.headers_mut().insert("authorization", http::HeaderValue::from_static("Basic dXNlcjpwYXNz")); })),
-        ("date changed", Box::new(|r| { r.headers_mut().insert("x-amz-date", http::HeaderValue::from_static("20200101T000000Z")); })),
+        (
+            "no authorization",
+            Box::new(|r| {
+                r.headers_mut().remove("authorization");
+            }),
+        ),
+        (
+            "no x-amz-date",
+            Box::new(|r| {
+                r.headers_mut().remove("x-amz-date");
+            }),
+        ),
+        (
+            "tampered body",
+            Box::new(|r| {
+                *r.body_mut() = Bytes::from(
+                    r.body()
+                        .to_vec()
+                        .into_iter()
+                        .map(|b| if b == b'h' { b'H' } else { b })
+                        .collect::<Vec<_>>(),
+                );
+            }),
+        ),
+        (
+            "garbage authorization",
+            Box::new(|r| {
+                r.headers_mut().insert(
+                    "authorization",
+                    http::HeaderValue::from_static("AWS4-HMAC-SHA256 nonsense"),
+                );
+            }),
+        ),
+        (
+            "basic auth",
+            Box::new(|r| {
+                r.headers_mut().insert(
+                    "authorization",
+                    http::HeaderValue::from_static("Basic dXNlcjpwYXNz"),
+                );
+            }),
+        ),
+        (
+            "date changed",
+            Box::new(|r| {
+                r.headers_mut().insert(
+                    "x-amz-date",
+                    http::HeaderValue::from_static("20200101T000000Z"),
+                );
+            }),
+        ),
     ];
     for (name, tamper) in tampers {
         let r = c.post_raw(&url, body.clone(), tamper).await;
-        assert_eq!((r.status, r.error_name()), (401, "AuthenticationFailedException"), "{name}");
+        assert_eq!(
+            (r.status, r.error_name()),
+            (401, "AuthenticationFailedException"),
+            "{name}"
+        );
         let msg = r.body["errorMessage"].as_str().unwrap_or("");
         assert!(!msg.contains(p.creds[0].secret.expose()));
     }
@@ -304,7 +504,11 @@ async fn two_credentials_are_live_at_once() {
     // Spec: SHOULD accept at least two credential sets per path prefix (rotation).
     let p = TestProxy::start(Options::default()).await;
     for cred in &p.creds {
-        let r = p.client(false).with_cred(cred.clone()).post(&health_url(&p), &health_body()).await;
+        let r = p
+            .client(false)
+            .with_cred(cred.clone())
+            .post(&health_url(&p), &health_body())
+            .await;
         assert_eq!(r.status, 200);
     }
 }
@@ -326,14 +530,22 @@ async fn empty_prefix_and_second_tenant() {
     })
     .await;
     let other = p.client(false).with_cred(Cred { akid, secret });
-    let r = other.post(&p.url("/kms/xks/v1/health"), &health_body()).await;
+    let r = other
+        .post(&p.url("/kms/xks/v1/health"), &health_body())
+        .await;
     assert_eq!(r.status, 200);
     let r = other
-        .post(&p.url(&format!("/kms/xks/v1/keys/{KEY}/encrypt")), &encrypt_body(b"x", None))
+        .post(
+            &p.url(&format!("/kms/xks/v1/keys/{KEY}/encrypt")),
+            &encrypt_body(b"x", None),
+        )
         .await;
     assert_eq!(r.status, 200);
     // Tenant A's credentials do not open the empty prefix, and vice versa.
-    let r = p.client(false).post(&p.url("/kms/xks/v1/health"), &health_body()).await;
+    let r = p
+        .client(false)
+        .post(&p.url("/kms/xks/v1/health"), &health_body())
+        .await;
     assert_eq!(r.status, 401);
     let r = other.post(&health_url(&p), &health_body()).await;
     assert_eq!(r.status, 401);
@@ -350,9 +562,13 @@ async fn ping_on_the_main_and_the_plain_listener() {
     let resp = c.http.get(p.url("/ping")).send().await.expect("ping");
     assert_eq!(resp.status().as_u16(), 200);
     let plain = p.running.ping_addr.expect("ping listener");
-    let resp = reqwest::get(format!("http://{plain}/ping")).await.expect("plain ping");
+    let resp = reqwest::get(format!("http://{plain}/ping"))
+        .await
+        .expect("plain ping");
     assert_eq!(resp.status().as_u16(), 200);
-    let resp = reqwest::get(format!("http://{plain}/kms/xks/v1/health")).await.expect("other");
+    let resp = reqwest::get(format!("http://{plain}/kms/xks/v1/health"))
+        .await
+        .expect("other");
     assert_eq!(resp.status().as_u16(), 404);
 }
 
@@ -367,7 +583,8 @@ async fn oversize_bodies_get_a_spec_error_not_a_hang() {
     let started = std::time::Instant::now();
     let resp = c.http.post(&url).body(big).send().await.expect("send");
     assert_eq!(resp.status().as_u16(), 501);
-    let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
     assert_eq!(body["errorName"], "UnsupportedOperationException");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // The server is still fine.
@@ -377,7 +594,11 @@ async fn oversize_bodies_get_a_spec_error_not_a_hang() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rsa_server_key_works() {
     // The spec's TLS 1.2 suites include ECDHE_RSA and ECDHE_ECDSA: both key types serve.
-    let p = TestProxy::start(Options { rsa: true, ..Options::default() }).await;
+    let p = TestProxy::start(Options {
+        rsa: true,
+        ..Options::default()
+    })
+    .await;
     let r = p.client(false).post(&health_url(&p), &health_body()).await;
     assert_eq!(r.status, 200);
 }
@@ -388,17 +609,34 @@ async fn only_the_spec_cipher_suites_are_offered() {
     let p = TestProxy::start(Options::default()).await;
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
     // Each of the spec's suites for an ECDSA key negotiates.
-    for suite in [cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_CHACHA20_POLY1305_SHA256, cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384] {
+    for suite in [
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    ] {
         let connector = tokio_rustls::TlsConnector::from(rustls_client(Some(vec![suite])));
         let tcp = tokio::net::TcpStream::connect(p.addr()).await.expect("tcp");
-        let tls = connector.connect(name.clone(), tcp).await.expect("handshake");
-        assert_eq!(tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()), Some(suite.suite()));
+        let tls = connector
+            .connect(name.clone(), tcp)
+            .await
+            .expect("handshake");
+        assert_eq!(
+            tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(suite.suite())
+        );
     }
     // Suites outside the spec's list are refused.
-    for suite in [cs::TLS13_AES_128_GCM_SHA256, cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256] {
+    for suite in [
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ] {
         let connector = tokio_rustls::TlsConnector::from(rustls_client(Some(vec![suite])));
         let tcp = tokio::net::TcpStream::connect(p.addr()).await.expect("tcp");
-        assert!(connector.connect(name.clone(), tcp).await.is_err(), "{suite:?} must be refused");
+        assert!(
+            connector.connect(name.clone(), tcp).await.is_err(),
+            "{suite:?} must be refused"
+        );
     }
 }
 
@@ -436,10 +674,17 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     p.running.shutdown();
     let r = inflight.await.expect("join");
-    assert_eq!(r.status, 200, "the in-flight request completes: {:?}", r.body);
+    assert_eq!(
+        r.status, 200,
+        "the in-flight request completes: {:?}",
+        r.body
+    );
     let addr = p.addr();
     tokio::time::timeout(std::time::Duration::from_secs(5), p.running.wait())
         .await
         .expect("drains promptly");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
 }

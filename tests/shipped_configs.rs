@@ -19,8 +19,14 @@ fn every_shipped_config_passes_config_check() {
             .args(["config", "check", "--config"])
             .arg(&path)
             // The secrets the shipped files name, as an operator would provide them.
-            .env("XKS_MASTER_KEY", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
-            .env("XKS_SECRET_EXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY4242")
+            .env(
+                "XKS_MASTER_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            )
+            .env(
+                "XKS_SECRET_EXAMPLE",
+                "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY4242",
+            )
             .env("XKS_HSM_PIN", "1234")
             .output()
             .expect("run");

@@ -227,10 +227,9 @@ impl Api {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
+            && len > self.max_body
         {
-            if len > self.max_body {
-                return Err(ApiError::BodyTooLarge(self.max_body).into());
-            }
+            return Err(ApiError::BodyTooLarge(self.max_body).into());
         }
         let collected = tokio::time::timeout(
             self.body_timeout,
@@ -272,10 +271,10 @@ impl Api {
                     )
                     .into());
                 }
-                if let Some(allowed) = &tenant.allowed_keys {
-                    if !allowed.contains(&k) {
-                        return Err(ApiError::KeyNotAllowed.into());
-                    }
+                if let Some(allowed) = &tenant.allowed_keys
+                    && !allowed.contains(&k)
+                {
+                    return Err(ApiError::KeyNotAllowed.into());
                 }
                 Some(k)
             }
@@ -343,7 +342,10 @@ impl From<ApiError> for Outcomed {
 
 /// Parses a request body, recording its metadata for the log line. serde's messages
 /// can quote input values (which may be plaintext), so only quote-free ones pass.
-fn decode<T: DeserializeOwned + HasMetadata>(body: &[u8], log: &mut RequestLog) -> Result<T, ApiError> {
+fn decode<T: DeserializeOwned + HasMetadata>(
+    body: &[u8],
+    log: &mut RequestLog,
+) -> Result<T, ApiError> {
     let req: T = serde_json::from_slice(body).map_err(|e| {
         let text = e.to_string();
         let detail = if text.contains('"') {

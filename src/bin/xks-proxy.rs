@@ -3,16 +3,20 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
 #[cfg(feature = "pkcs11")]
 use anyhow::bail;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use xks_proxy::backend::KeyUsage;
 use xks_proxy::config::{BackendConfig, Config, TlsConfig};
 
 #[derive(Parser)]
-#[command(name = "xks-proxy", version, about = "AWS KMS External Key Store (XKS) proxy")]
+#[command(
+    name = "xks-proxy",
+    version,
+    about = "AWS KMS External Key Store (XKS) proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -217,7 +221,10 @@ fn reload(running: &xks_proxy::server::Running, current: &Config, config_path: O
             Ok(new) => match xks_proxy::api::Tenants::from_config(&new.keystores) {
                 Ok(t) => {
                     running.api.replace_tenants(t);
-                    tracing::info!("reloaded credentials and allow-lists from {}", path.display());
+                    tracing::info!(
+                        "reloaded credentials and allow-lists from {}",
+                        path.display()
+                    );
                 }
                 Err(e) => tracing::error!(error = %e, "reload refused; keeping the old config"),
             },
@@ -249,7 +256,12 @@ fn demo(listen: &str, prefix: &str) -> Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("xks-proxy-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).context("creating the demo directory")?;
     let _cleanup = RemoveOnDrop(dir.clone());
-    write_private(&dir.join("master.key"), xks_proxy::backend::software::MasterKey::generate().to_base64().expose())?;
+    write_private(
+        &dir.join("master.key"),
+        xks_proxy::backend::software::MasterKey::generate()
+            .to_base64()
+            .expose(),
+    )?;
     let (akid, secret) = xks_proxy::config::generate_credential();
     write_private(&dir.join("secret"), secret.expose())?;
     std::fs::write(dir.join("ca.pem"), DEV_CA).context("writing the dev CA")?;
@@ -286,7 +298,7 @@ secret_file = "secret"
     let banner: Banner = Box::new(move |addr| {
         let host = demo_host(addr);
         format!(
-        r#"
+            r#"
 xks-proxy demo — software keystore, dev certificate, throw-away credentials. NOT for production.
 
   base URL        https://{host}
@@ -342,7 +354,9 @@ fn write_private(path: &Path, content: &str) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(content.as_bytes())?;
     Ok(())
 }
@@ -350,21 +364,43 @@ fn write_private(path: &Path, content: &str) -> Result<()> {
 fn parse_usages(s: &str) -> Result<Vec<KeyUsage>> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
-        .map(|p| KeyUsage::parse(p).with_context(|| format!("unknown usage '{p}' (encrypt, decrypt, wrap, unwrap, sign, verify, derive)")))
+        .map(|p| {
+            KeyUsage::parse(p).with_context(|| {
+                format!(
+                    "unknown usage '{p}' (encrypt, decrypt, wrap, unwrap, sign, verify, derive)"
+                )
+            })
+        })
         .collect()
 }
 
 fn keys(command: KeysCommand) -> Result<ExitCode> {
     match command {
         KeysCommand::GenerateMasterKey => {
-            println!("{}", xks_proxy::backend::software::MasterKey::generate().to_base64().expose());
+            println!(
+                "{}",
+                xks_proxy::backend::software::MasterKey::generate()
+                    .to_base64()
+                    .expose()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        KeysCommand::Create { config, label, usage } => {
+        KeysCommand::Create {
+            config,
+            label,
+            usage,
+        } => {
             let cfg = load(&config)?;
             let usages = parse_usages(&usage)?;
             create_key(&cfg, &label, &usages)?;
-            println!("created key {label} ({})", usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","));
+            println!(
+                "created key {label} ({})",
+                usages
+                    .iter()
+                    .map(|u| u.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::List { config } => {
@@ -392,7 +428,11 @@ fn load(path: &Path) -> Result<Config> {
 fn open_keystore(cfg: &Config) -> Result<(xks_proxy::backend::software::Keystore, PathBuf)> {
     use xks_proxy::backend::software::Keystore;
     match &cfg.backend {
-        BackendConfig::Software { keystore, master_key, .. } => {
+        BackendConfig::Software {
+            keystore,
+            master_key,
+            ..
+        } => {
             let master = xks_proxy::backend::master_key_from(master_key)?;
             let ks = if keystore.exists() {
                 Keystore::open(keystore, &master)?
@@ -434,7 +474,11 @@ fn list_keys(cfg: &Config) -> Result<()> {
                     "{:<40} {:<10} {:<30} {} (version {})",
                     k.id,
                     "AES_256",
-                    k.usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
+                    k.usages
+                        .iter()
+                        .map(|u| u.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
                     if k.enabled { "ENABLED" } else { "DISABLED" },
                     k.current_version,
                 );
@@ -448,7 +492,11 @@ fn list_keys(cfg: &Config) -> Result<()> {
                     "{:<40} {:<10} {:<30} {:?}",
                     k.id,
                     format!("{:?}", k.spec),
-                    k.usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
+                    k.usages
+                        .iter()
+                        .map(|u| u.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
                     k.status,
                 );
             }

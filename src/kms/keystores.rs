@@ -410,7 +410,10 @@ impl Emulator {
         let mut vs = Violations::new();
         let hsm_members = [
             ("cloudHsmClusterId", req.cloud_hsm_cluster_id.is_some()),
-            ("trustAnchorCertificate", req.trust_anchor_certificate.is_some()),
+            (
+                "trustAnchorCertificate",
+                req.trust_anchor_certificate.is_some(),
+            ),
             ("keyStorePassword", req.key_store_password.is_some()),
         ];
         let xks_members = [
@@ -668,15 +671,21 @@ impl Emulator {
             Ok(true)
         });
         match (applied, &result) {
-            (Ok(true), Ok(_)) => tracing::info!(custom_key_store_id = %id, "custom key store connected"),
+            (Ok(true), Ok(_)) => {
+                tracing::info!(custom_key_store_id = %id, "custom key store connected")
+            }
             (Ok(true), Err(f)) => tracing::info!(
                 custom_key_store_id = %id,
                 failure = ?f,
                 code = ?f.connection_error_code(),
                 "custom key store connection failed"
             ),
-            (Ok(false), _) => tracing::debug!(custom_key_store_id = %id, "stale connect result dropped"),
-            (Err(e), _) => tracing::error!(custom_key_store_id = %id, error = %e, "cannot record the connect result"),
+            (Ok(false), _) => {
+                tracing::debug!(custom_key_store_id = %id, "stale connect result dropped")
+            }
+            (Err(e), _) => {
+                tracing::error!(custom_key_store_id = %id, error = %e, "cannot record the connect result")
+            }
         }
     }
 
@@ -687,7 +696,11 @@ impl Emulator {
             let s = st.stores.get_mut(&id).ok_or_else(|| not_found(&id))?;
             match s.connection_state {
                 ConnectionState::Disconnected | ConnectionState::Disconnecting => {
-                    return Err(invalid_state(&id, s.connection_state, "it is not connected."));
+                    return Err(invalid_state(
+                        &id,
+                        s.connection_state,
+                        "it is not connected.",
+                    ));
                 }
                 ConnectionState::Connected
                 | ConnectionState::Connecting
@@ -835,8 +848,8 @@ impl Emulator {
         vs.finish()?;
 
         let renames = req.new_custom_key_store_name.is_some();
-        let live_fields = req.xks_proxy_authentication_credential.is_some()
-            || req.xks_proxy_uri_path.is_some();
+        let live_fields =
+            req.xks_proxy_authentication_credential.is_some() || req.xks_proxy_uri_path.is_some();
         let offline_fields = req.xks_proxy_uri_endpoint.is_some()
             || req.xks_proxy_connectivity.is_some()
             || req.xks_proxy_vpc_endpoint_service_name.is_some()
@@ -1130,7 +1143,10 @@ fn warn_if_ip(endpoint: &str) {
     if let Some(host) = endpoint.strip_prefix("https://")
         && host.parse::<std::net::IpAddr>().is_ok()
     {
-        tracing::warn!(endpoint, "XKS proxy endpoint is an IP address; the spec asks for a DNS name");
+        tracing::warn!(
+            endpoint,
+            "XKS proxy endpoint is an IP address; the spec asks for a DNS name"
+        );
     }
 }
 

@@ -275,7 +275,11 @@ fn finish(
 
 /// The access key ID in a SigV4 `Authorization` header, if any.
 fn access_key_id(parts: &http::request::Parts) -> Option<&str> {
-    let auth = parts.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let auth = parts
+        .headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let cred = auth.split("Credential=").nth(1)?;
     cred.split('/').next().filter(|s| !s.is_empty())
 }
@@ -391,9 +395,10 @@ async fn dispatch(emu: &Emulator, op: Op, ctx: &Ctx, body: &[u8]) -> Result<Vec<
         Op::Encrypt => json(&emu.encrypt(ctx, parse(body)?).await?),
         Op::Decrypt => json(&emu.decrypt(ctx, parse(body)?).await?),
         Op::GenerateDataKey => json(&emu.generate_data_key(ctx, parse(body)?).await?),
-        Op::GenerateDataKeyWithoutPlaintext => {
-            json(&emu.generate_data_key_without_plaintext(ctx, parse(body)?).await?)
-        }
+        Op::GenerateDataKeyWithoutPlaintext => json(
+            &emu.generate_data_key_without_plaintext(ctx, parse(body)?)
+                .await?,
+        ),
         Op::ReEncrypt => json(&emu.re_encrypt(ctx, parse(body)?).await?),
         Op::GenerateRandom => json(&emu.generate_random(parse(body)?)?),
     }
@@ -406,14 +411,32 @@ mod tests {
     /// Pins the model's status codes (brief §1) for the exceptions that matter most.
     #[test]
     fn statuses_follow_the_model() {
-        assert_eq!(wire(Exception::KmsInvalidState), ("KMSInvalidStateException", StatusCode::CONFLICT));
+        assert_eq!(
+            wire(Exception::KmsInvalidState),
+            ("KMSInvalidStateException", StatusCode::CONFLICT)
+        );
         assert_eq!(wire(Exception::Disabled).1, StatusCode::CONFLICT);
         assert_eq!(wire(Exception::NotFound).1, StatusCode::NOT_FOUND);
-        assert_eq!(wire(Exception::DryRunOperation).1, StatusCode::PRECONDITION_FAILED);
-        assert_eq!(wire(Exception::KmsInternal).1, StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(wire(Exception::Throttling), ("ThrottlingException", StatusCode::BAD_REQUEST));
-        assert_eq!(wire(Exception::CustomKeyStoreHasCmks).0, "CustomKeyStoreHasCMKsException");
-        assert_eq!(wire(Exception::XksKeyInvalidResponse).1, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            wire(Exception::DryRunOperation).1,
+            StatusCode::PRECONDITION_FAILED
+        );
+        assert_eq!(
+            wire(Exception::KmsInternal).1,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            wire(Exception::Throttling),
+            ("ThrottlingException", StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            wire(Exception::CustomKeyStoreHasCmks).0,
+            "CustomKeyStoreHasCMKsException"
+        );
+        assert_eq!(
+            wire(Exception::XksKeyInvalidResponse).1,
+            StatusCode::BAD_REQUEST
+        );
     }
 
     #[test]

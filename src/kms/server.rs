@@ -83,7 +83,10 @@ pub async fn serve(
     while loops.join_next().await.is_some() {}
     match Arc::try_unwrap(graceful) {
         Ok(g) => {
-            if tokio::time::timeout(DRAIN_TIMEOUT, g.shutdown()).await.is_err() {
+            if tokio::time::timeout(DRAIN_TIMEOUT, g.shutdown())
+                .await
+                .is_err()
+            {
                 tracing::warn!("drain timeout: closing remaining connections");
             }
         }
@@ -136,15 +139,19 @@ async fn accept_loop(
                 // hold the handle and `serve` can take it back once they stop.
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let tls_stream =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
+                    let tls_stream = match tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
                     let conn = Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls_stream), service)
                         .into_owned();

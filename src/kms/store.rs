@@ -343,7 +343,9 @@ fn persist(db: &redb::Database, state: &State, changes: &Changes) -> Result<(), 
             match state.stores.get(id) {
                 Some(s) => {
                     let mut bytes = encode_store(s)?;
-                    stores.insert(id.as_str(), bytes.as_slice()).map_err(db_err)?;
+                    stores
+                        .insert(id.as_str(), bytes.as_slice())
+                        .map_err(db_err)?;
                     bytes.zeroize();
                 }
                 None => {
@@ -569,7 +571,10 @@ mod tests {
         let s = store
             .read(|st| st.stores.get("cks-0123456789abcdef0").cloned())
             .expect("store persisted");
-        assert_eq!(s.xks.secret.expose(), "very-secret-value-that-must-not-leak-000000");
+        assert_eq!(
+            s.xks.secret.expose(),
+            "very-secret-value-that-must-not-leak-000000"
+        );
         assert_eq!(s.connection_state, ConnectionState::Disconnected);
     }
 

@@ -145,7 +145,10 @@ impl Violations {
                 member,
                 Some(v),
                 Shown::Yes,
-                &format!("Member must satisfy enum value set: [{}]", allowed.join(", ")),
+                &format!(
+                    "Member must satisfy enum value set: [{}]",
+                    allowed.join(", ")
+                ),
             );
         }
     }
@@ -351,12 +354,16 @@ mod tests {
         assert!(is_vpc_service_name(
             "com.amazonaws.vpce.us-gov-west-1.vpce-svc-abc"
         ));
-        assert!(is_vpc_service_name("eu.amazonaws.vpce.eu-west-1.vpce-svc-1"));
+        assert!(is_vpc_service_name(
+            "eu.amazonaws.vpce.eu-west-1.vpce-svc-1"
+        ));
         assert!(!is_vpc_service_name("com.amazonaws.vpce.us1.vpce-svc-1"));
         assert!(!is_vpc_service_name(
             "com.amazonaws.vpce.us-east-1.vpce-svc-ABC"
         ));
-        assert!(!is_vpc_service_name("org.amazonaws.vpce.us-east-1.vpce-svc-1"));
+        assert!(!is_vpc_service_name(
+            "org.amazonaws.vpce.us-east-1.vpce-svc-1"
+        ));
         assert!(!is_vpc_service_name(
             "com.amazonaws.vpce.a-b-c-d-1.vpce-svc-1"
         ));
@@ -399,7 +406,10 @@ mod tests {
         v.length("customKeyStoreName", Some(""), 1, 256, Shown::Yes);
         v.required("customKeyStoreId", &None::<String>);
         let err = v.finish().expect_err("violations");
-        assert!(err.message.starts_with("2 validation errors detected: Value '' at"));
+        assert!(
+            err.message
+                .starts_with("2 validation errors detected: Value '' at")
+        );
         assert!(err.message.contains("; Value null at 'customKeyStoreId'"));
     }
 }

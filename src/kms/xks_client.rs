@@ -377,7 +377,10 @@ impl XksClient {
             .unwrap_or(Err(XksFailure::Malformed("unknown errorName")))
     }
 
-    async fn send(&self, request: reqwest::Request) -> Result<(http::StatusCode, Bytes), XksFailure> {
+    async fn send(
+        &self,
+        request: reqwest::Request,
+    ) -> Result<(http::StatusCode, Bytes), XksFailure> {
         let mut resp = self.http.execute(request).await.map_err(|e| classify(&e))?;
         let status = resp.status();
         let mut body = Vec::new();
@@ -430,12 +433,18 @@ fn check_health(resp: &HealthResponse) -> Result<(), XksFailure> {
     if resp.xks_proxy_fleet_size == 0 {
         return Err(XksFailure::Malformed("xksProxyFleetSize must be > 0"));
     }
-    if resp.xks_proxy_vendor.is_empty() || resp.xks_proxy_model.is_empty() || resp.ekm_vendor.is_empty()
+    if resp.xks_proxy_vendor.is_empty()
+        || resp.xks_proxy_model.is_empty()
+        || resp.ekm_vendor.is_empty()
     {
-        return Err(XksFailure::Malformed("health vendor/model fields must be present"));
+        return Err(XksFailure::Malformed(
+            "health vendor/model fields must be present",
+        ));
     }
     if !(1..=10).contains(&resp.ekm_fleet_details.len()) {
-        return Err(XksFailure::Malformed("ekmFleetDetails must have 1-10 entries"));
+        return Err(XksFailure::Malformed(
+            "ekmFleetDetails must have 1-10 entries",
+        ));
     }
     let mut serving = false;
     for d in &resp.ekm_fleet_details {
@@ -476,7 +485,9 @@ fn check_encrypt(
         ));
     }
     if !matches!(resp.initialization_vector.0.len(), 12 | 16) {
-        return Err(XksFailure::Malformed("initializationVector must be 12 or 16 bytes"));
+        return Err(XksFailure::Malformed(
+            "initializationVector must be 12 or 16 bytes",
+        ));
     }
     if resp.authentication_tag.0.len() != 16 {
         return Err(XksFailure::Malformed("authenticationTag must be 16 bytes"));
@@ -487,7 +498,9 @@ fn check_encrypt(
         .map(|m| m.0.as_slice())
         .unwrap_or_default();
     if metadata.len() > 20 {
-        return Err(XksFailure::Malformed("ciphertextMetadata longer than 20 bytes"));
+        return Err(XksFailure::Malformed(
+            "ciphertextMetadata longer than 20 bytes",
+        ));
     }
     if cdiv_requested {
         let Some(got) = &resp.ciphertext_data_integrity_value else {
@@ -727,7 +740,13 @@ impl XksFailure {
 }
 
 /// Decodes a standard-Base64 CDIV for tests and tools.
-pub fn cdiv_base64(aad: &[u8], metadata: &[u8], iv: &[u8], ciphertext: &[u8], tag: &[u8]) -> String {
+pub fn cdiv_base64(
+    aad: &[u8],
+    metadata: &[u8],
+    iv: &[u8],
+    ciphertext: &[u8],
+    tag: &[u8],
+) -> String {
     STANDARD.encode(cdiv(aad, metadata, iv, ciphertext, tag))
 }
 
@@ -800,20 +819,31 @@ mod tests {
             Exception::XksProxyIncorrectAuthenticationCredential
         );
         assert_eq!(auth.connection_error_code(), C::InvalidCredentials);
-        assert_eq!(auth.for_create_key().exception, Exception::CustomKeyStoreInvalidState);
+        assert_eq!(
+            auth.for_create_key().exception,
+            Exception::CustomKeyStoreInvalidState
+        );
         assert_eq!(auth.for_crypto().exception, Exception::KmsInvalidState);
         assert_eq!(
             XksFailure::Proxy(ProxyError::InvalidUriPath).connection_error_code(),
             C::XksProxyInvalidConfiguration
         );
-        assert_eq!(XksFailure::TimedOut.connection_error_code(), C::XksProxyTimedOut);
+        assert_eq!(
+            XksFailure::TimedOut.connection_error_code(),
+            C::XksProxyTimedOut
+        );
         assert_eq!(
             XksFailure::AllUnavailable.for_store_admin().exception,
             Exception::XksProxyUriUnreachable
         );
-        assert_eq!(XksFailure::Tls.connection_error_code(), C::XksProxyInvalidTlsConfiguration);
         assert_eq!(
-            XksFailure::Proxy(ProxyError::KeyNotFound).for_create_key().exception,
+            XksFailure::Tls.connection_error_code(),
+            C::XksProxyInvalidTlsConfiguration
+        );
+        assert_eq!(
+            XksFailure::Proxy(ProxyError::KeyNotFound)
+                .for_create_key()
+                .exception,
             Exception::XksKeyNotFound
         );
         assert_eq!(

@@ -19,7 +19,8 @@ pub const REGION: &str = "us-east-1";
 pub const SERVICE: &str = "kms-xks-proxy";
 pub const PREFIX: &str = "/tenant-a";
 pub const PRINCIPAL: &str = "arn:aws:iam::111122223333:role/app";
-pub const KEY_ARN: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+pub const KEY_ARN: &str =
+    "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -37,7 +38,7 @@ pub struct Cred {
 }
 
 /// Knobs for one test proxy.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
     pub extra_server: String,
     pub extra_keystores: String,
@@ -45,19 +46,6 @@ pub struct Options {
     pub simulated_latency_ms: u64,
     pub rsa: bool,
     pub ping_listener: bool,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            extra_server: String::new(),
-            extra_keystores: String::new(),
-            allowed_keys: None,
-            simulated_latency_ms: 0,
-            rsa: false,
-            ping_listener: false,
-        }
-    }
 }
 
 /// A running proxy and everything a test needs to talk to it.
@@ -78,10 +66,14 @@ pub fn write_keystore(dir: &Path) -> MasterKey {
     let master = MasterKey::generate();
     std::fs::write(dir.join("master.key"), master.to_base64().expose()).expect("master");
     let mut ks = Keystore::create(&dir.join("keystore.json"), &master).expect("keystore");
-    ks.create_key(KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt]).expect("key");
-    ks.create_key(KEY_ENCRYPT_ONLY, &[KeyUsage::Encrypt]).expect("key");
-    ks.create_key(KEY_DECRYPT_ONLY, &[KeyUsage::Decrypt]).expect("key");
-    ks.create_key(KEY_DISABLED, &[KeyUsage::Encrypt, KeyUsage::Decrypt]).expect("key");
+    ks.create_key(KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt])
+        .expect("key");
+    ks.create_key(KEY_ENCRYPT_ONLY, &[KeyUsage::Encrypt])
+        .expect("key");
+    ks.create_key(KEY_DECRYPT_ONLY, &[KeyUsage::Decrypt])
+        .expect("key");
+    ks.create_key(KEY_DISABLED, &[KeyUsage::Encrypt, KeyUsage::Decrypt])
+        .expect("key");
     ks.set_enabled(KEY_DISABLED, false).expect("disable");
     ks.save().expect("save");
     master
@@ -114,7 +106,12 @@ pub fn prepare(opts: &Options) -> (tempfile::TempDir, String, Vec<Cred>) {
     let allowed = opts
         .allowed_keys
         .as_ref()
-        .map(|k| format!("allowed_keys = {}\n", serde_json::to_string(k).expect("json")))
+        .map(|k| {
+            format!(
+                "allowed_keys = {}\n",
+                serde_json::to_string(k).expect("json")
+            )
+        })
         .unwrap_or_default();
     let ping = if opts.ping_listener {
         "ping_listen = \"127.0.0.1:0\"\n"
@@ -156,7 +153,9 @@ impl TestProxy {
         let (dir, text, creds) = prepare(&opts);
         let config = Config::from_toml(&text, dir.path()).expect("valid config");
         let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-        let running = xks_proxy::server::start(&config, backend).await.expect("start");
+        let running = xks_proxy::server::start(&config, backend)
+            .await
+            .expect("start");
         TestProxy {
             running,
             dir,
@@ -229,8 +228,12 @@ impl Client {
 
     /// Signs and sends a POST like KMS.
     pub async fn post(&self, url: &str, body: &Value) -> Reply {
-        self.post_raw(url, Bytes::from(serde_json::to_vec(body).expect("json")), |_| {})
-            .await
+        self.post_raw(
+            url,
+            Bytes::from(serde_json::to_vec(body).expect("json")),
+            |_| {},
+        )
+        .await
     }
 
     /// Signs, lets `tamper` modify the signed request, then sends it.
@@ -240,9 +243,7 @@ impl Client {
         body: Bytes,
         tamper: impl FnOnce(&mut http::Request<Bytes>),
     ) -> Reply {
-        let mut req = http::Request::post(url)
-            .body(body)
-            .expect("request");
+        let mut req = http::Request::post(url).body(body).expect("request");
         xks_proxy::sigv4::sign_request(
             &mut req,
             &self.cred.akid,
@@ -252,14 +253,17 @@ impl Client {
             SystemTime::now(),
         )
         .expect("sign");
-        req.headers_mut()
-            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
         tamper(&mut req);
         self.send(req).await
     }
 
     pub async fn send(&self, req: http::Request<Bytes>) -> Reply {
-        let req = reqwest::Request::try_from(req.map(reqwest::Body::from)).expect("reqwest request");
+        let req =
+            reqwest::Request::try_from(req.map(reqwest::Body::from)).expect("reqwest request");
         let resp = self.http.execute(req).await.expect("send");
         let status = resp.status().as_u16();
         let version = resp.version();
@@ -338,7 +342,9 @@ pub fn health_body() -> Value {
 }
 
 /// A rustls client config trusting the dev CA (for raw TLS tests).
-pub fn rustls_client(suites: Option<Vec<rustls::SupportedCipherSuite>>) -> Arc<rustls::ClientConfig> {
+pub fn rustls_client(
+    suites: Option<Vec<rustls::SupportedCipherSuite>>,
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem()) {
         roots.add(c.expect("pem")).expect("root");

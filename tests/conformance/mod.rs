@@ -80,6 +80,7 @@ fn plaintext(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+#[track_caller]
 fn encrypt_ok(
     check: &str,
     backend: &dyn CryptoBackend,
@@ -102,6 +103,7 @@ fn opening<'a>(sealed: &'a Sealed, aad: &'a [u8]) -> Opening<'a> {
     }
 }
 
+#[track_caller]
 fn assert_invalid_ciphertext(check: &str, what: &str, result: Result<impl Sized, BackendError>) {
     match result {
         Err(BackendError::InvalidCiphertext) => {}

@@ -149,7 +149,7 @@ pub(crate) fn classify(err: &CkError, op: Op) -> Fault {
             Fault::Final(BackendError::InvalidCiphertext)
         }
         RvError::GeneralError | RvError::FunctionFailed
-            if in_decrypt && function == Function::Decrypt =>
+            if in_decrypt && matches!(function, Function::Decrypt) =>
         {
             Fault::Final(BackendError::InvalidCiphertext)
         }
@@ -275,46 +275,211 @@ mod tests {
         type Row = (R, F, Op, Fault);
         let table: Vec<Row> = vec![
             // Decrypt authentication failures, per vendor.
-            (R::GeneralError, F::Decrypt, Op::Decrypt, Fault::Final(B::InvalidCiphertext)), // SoftHSM
-            (R::FunctionFailed, F::Decrypt, Op::Decrypt, Fault::Final(B::InvalidCiphertext)), // nShield
-            (R::EncryptedDataInvalid, F::Decrypt, Op::Decrypt, Fault::Final(B::InvalidCiphertext)),
-            (R::EncryptedDataLenRange, F::Decrypt, Op::Decrypt, Fault::Final(B::InvalidCiphertext)),
-            (R::MechanismParamInvalid, F::DecryptInit, Op::Decrypt, Fault::Final(B::InvalidCiphertext)),
+            (
+                R::GeneralError,
+                F::Decrypt,
+                Op::Decrypt,
+                Fault::Final(B::InvalidCiphertext),
+            ), // SoftHSM
+            (
+                R::FunctionFailed,
+                F::Decrypt,
+                Op::Decrypt,
+                Fault::Final(B::InvalidCiphertext),
+            ), // nShield
+            (
+                R::EncryptedDataInvalid,
+                F::Decrypt,
+                Op::Decrypt,
+                Fault::Final(B::InvalidCiphertext),
+            ),
+            (
+                R::EncryptedDataLenRange,
+                F::Decrypt,
+                Op::Decrypt,
+                Fault::Final(B::InvalidCiphertext),
+            ),
+            (
+                R::MechanismParamInvalid,
+                F::DecryptInit,
+                Op::Decrypt,
+                Fault::Final(B::InvalidCiphertext),
+            ),
             // ... but the same codes elsewhere are not ciphertext problems.
-            (R::GeneralError, F::Encrypt, Op::Encrypt, Fault::TokenLost("CKR_GENERAL_ERROR".into())),
-            (R::GeneralError, F::DecryptInit, Op::Decrypt, Fault::TokenLost("CKR_GENERAL_ERROR".into())),
-            (R::GeneralError, F::GetTokenInfo, Op::Session, Fault::TokenLost("CKR_GENERAL_ERROR".into())),
-            (R::FunctionFailed, F::Encrypt, Op::Encrypt, Fault::Final(B::Failed("CKR_FUNCTION_FAILED".into()))),
-            (R::EncryptedDataInvalid, F::Encrypt, Op::Encrypt, Fault::Final(B::Failed("CKR_ENCRYPTED_DATA_INVALID".into()))),
-            (R::MechanismParamInvalid, F::EncryptInit, Op::Encrypt, Fault::Final(B::Failed("CKR_MECHANISM_PARAM_INVALID".into()))),
+            (
+                R::GeneralError,
+                F::Encrypt,
+                Op::Encrypt,
+                Fault::TokenLost("CKR_GENERAL_ERROR".into()),
+            ),
+            (
+                R::GeneralError,
+                F::DecryptInit,
+                Op::Decrypt,
+                Fault::TokenLost("CKR_GENERAL_ERROR".into()),
+            ),
+            (
+                R::GeneralError,
+                F::GetTokenInfo,
+                Op::Session,
+                Fault::TokenLost("CKR_GENERAL_ERROR".into()),
+            ),
+            (
+                R::FunctionFailed,
+                F::Encrypt,
+                Op::Encrypt,
+                Fault::Final(B::Failed("CKR_FUNCTION_FAILED".into())),
+            ),
+            (
+                R::EncryptedDataInvalid,
+                F::Encrypt,
+                Op::Encrypt,
+                Fault::Final(B::Failed("CKR_ENCRYPTED_DATA_INVALID".into())),
+            ),
+            (
+                R::MechanismParamInvalid,
+                F::EncryptInit,
+                Op::Encrypt,
+                Fault::Final(B::Failed("CKR_MECHANISM_PARAM_INVALID".into())),
+            ),
             // Stale handles.
-            (R::ObjectHandleInvalid, F::EncryptInit, Op::Encrypt, Fault::StaleHandle),
-            (R::KeyHandleInvalid, F::DecryptInit, Op::Decrypt, Fault::StaleHandle),
-            (R::ObjectHandleInvalid, F::GetAttributeValue, Op::Lookup, Fault::StaleHandle),
+            (
+                R::ObjectHandleInvalid,
+                F::EncryptInit,
+                Op::Encrypt,
+                Fault::StaleHandle,
+            ),
+            (
+                R::KeyHandleInvalid,
+                F::DecryptInit,
+                Op::Decrypt,
+                Fault::StaleHandle,
+            ),
+            (
+                R::ObjectHandleInvalid,
+                F::GetAttributeValue,
+                Op::Lookup,
+                Fault::StaleHandle,
+            ),
             // Usage refused by the HSM itself.
-            (R::KeyFunctionNotPermitted, F::EncryptInit, Op::Encrypt, Fault::Final(B::UsageNotAllowed(KeyUsage::Encrypt))),
-            (R::KeyFunctionNotPermitted, F::DecryptInit, Op::Decrypt, Fault::Final(B::UsageNotAllowed(KeyUsage::Decrypt))),
-            (R::KeyTypeInconsistent, F::EncryptInit, Op::Encrypt, Fault::Final(B::UsageNotAllowed(KeyUsage::Encrypt))),
+            (
+                R::KeyFunctionNotPermitted,
+                F::EncryptInit,
+                Op::Encrypt,
+                Fault::Final(B::UsageNotAllowed(KeyUsage::Encrypt)),
+            ),
+            (
+                R::KeyFunctionNotPermitted,
+                F::DecryptInit,
+                Op::Decrypt,
+                Fault::Final(B::UsageNotAllowed(KeyUsage::Decrypt)),
+            ),
+            (
+                R::KeyTypeInconsistent,
+                F::EncryptInit,
+                Op::Encrypt,
+                Fault::Final(B::UsageNotAllowed(KeyUsage::Encrypt)),
+            ),
             // Session loss.
-            (R::SessionHandleInvalid, F::Encrypt, Op::Encrypt, Fault::SessionLost("CKR_SESSION_HANDLE_INVALID".into())),
-            (R::SessionClosed, F::Decrypt, Op::Decrypt, Fault::SessionLost("CKR_SESSION_CLOSED".into())),
-            (R::UserNotLoggedIn, F::EncryptInit, Op::Encrypt, Fault::SessionLost("CKR_USER_NOT_LOGGED_IN".into())),
-            (R::OperationActive, F::EncryptInit, Op::Encrypt, Fault::SessionLost("CKR_OPERATION_ACTIVE".into())),
+            (
+                R::SessionHandleInvalid,
+                F::Encrypt,
+                Op::Encrypt,
+                Fault::SessionLost("CKR_SESSION_HANDLE_INVALID".into()),
+            ),
+            (
+                R::SessionClosed,
+                F::Decrypt,
+                Op::Decrypt,
+                Fault::SessionLost("CKR_SESSION_CLOSED".into()),
+            ),
+            (
+                R::UserNotLoggedIn,
+                F::EncryptInit,
+                Op::Encrypt,
+                Fault::SessionLost("CKR_USER_NOT_LOGGED_IN".into()),
+            ),
+            (
+                R::OperationActive,
+                F::EncryptInit,
+                Op::Encrypt,
+                Fault::SessionLost("CKR_OPERATION_ACTIVE".into()),
+            ),
             // Token / device / module loss.
-            (R::DeviceRemoved, F::Encrypt, Op::Encrypt, Fault::TokenLost("CKR_DEVICE_REMOVED".into())),
-            (R::DeviceRemoved, F::Decrypt, Op::Decrypt, Fault::TokenLost("CKR_DEVICE_REMOVED".into())),
-            (R::TokenNotPresent, F::FindObjectsInit, Op::Lookup, Fault::TokenLost("CKR_TOKEN_NOT_PRESENT".into())),
-            (R::DeviceError, F::Decrypt, Op::Decrypt, Fault::TokenLost("CKR_DEVICE_ERROR".into())),
-            (R::CryptokiNotInitialized, F::Encrypt, Op::Encrypt, Fault::TokenLost("CKR_CRYPTOKI_NOT_INITIALIZED".into())),
-            (R::SlotIdInvalid, F::OpenSession, Op::Session, Fault::TokenLost("CKR_SLOT_ID_INVALID".into())),
-            (R::PinIncorrect, F::Login, Op::Session, Fault::TokenLost("CKR_PIN_INCORRECT".into())),
+            (
+                R::DeviceRemoved,
+                F::Encrypt,
+                Op::Encrypt,
+                Fault::TokenLost("CKR_DEVICE_REMOVED".into()),
+            ),
+            (
+                R::DeviceRemoved,
+                F::Decrypt,
+                Op::Decrypt,
+                Fault::TokenLost("CKR_DEVICE_REMOVED".into()),
+            ),
+            (
+                R::TokenNotPresent,
+                F::FindObjectsInit,
+                Op::Lookup,
+                Fault::TokenLost("CKR_TOKEN_NOT_PRESENT".into()),
+            ),
+            (
+                R::DeviceError,
+                F::Decrypt,
+                Op::Decrypt,
+                Fault::TokenLost("CKR_DEVICE_ERROR".into()),
+            ),
+            (
+                R::CryptokiNotInitialized,
+                F::Encrypt,
+                Op::Encrypt,
+                Fault::TokenLost("CKR_CRYPTOKI_NOT_INITIALIZED".into()),
+            ),
+            (
+                R::SlotIdInvalid,
+                F::OpenSession,
+                Op::Session,
+                Fault::TokenLost("CKR_SLOT_ID_INVALID".into()),
+            ),
+            (
+                R::PinIncorrect,
+                F::Login,
+                Op::Session,
+                Fault::TokenLost("CKR_PIN_INCORRECT".into()),
+            ),
             // Resource exhaustion.
-            (R::SessionCount, F::OpenSession, Op::Session, Fault::Final(B::Busy)),
-            (R::DeviceMemory, F::Encrypt, Op::Encrypt, Fault::Final(B::Busy)),
+            (
+                R::SessionCount,
+                F::OpenSession,
+                Op::Session,
+                Fault::Final(B::Busy),
+            ),
+            (
+                R::DeviceMemory,
+                F::Encrypt,
+                Op::Encrypt,
+                Fault::Final(B::Busy),
+            ),
             // Anything else.
-            (R::DataLenRange, F::Encrypt, Op::Encrypt, Fault::Final(B::Failed("CKR_DATA_LEN_RANGE".into()))),
-            (R::MechanismInvalid, F::EncryptInit, Op::Encrypt, Fault::Final(B::Failed("CKR_MECHANISM_INVALID".into()))),
-            (R::VendorDefined(0x8000_0001), F::Encrypt, Op::Encrypt, Fault::Final(B::Failed("CKR_VENDOR_DEFINED(0x80000001)".into()))),
+            (
+                R::DataLenRange,
+                F::Encrypt,
+                Op::Encrypt,
+                Fault::Final(B::Failed("CKR_DATA_LEN_RANGE".into())),
+            ),
+            (
+                R::MechanismInvalid,
+                F::EncryptInit,
+                Op::Encrypt,
+                Fault::Final(B::Failed("CKR_MECHANISM_INVALID".into())),
+            ),
+            (
+                R::VendorDefined(0x8000_0001),
+                F::Encrypt,
+                Op::Encrypt,
+                Fault::Final(B::Failed("CKR_VENDOR_DEFINED(0x80000001)".into())),
+            ),
         ];
         for (rv, f, op, want) in table {
             let got = classify(&err(rv, f), op);
@@ -324,7 +489,10 @@ mod tests {
 
     #[test]
     fn faults_become_named_backend_errors() {
-        assert_eq!(Fault::StaleHandle.into_backend_error(), BackendError::KeyNotFound);
+        assert_eq!(
+            Fault::StaleHandle.into_backend_error(),
+            BackendError::KeyNotFound
+        );
         assert_eq!(
             Fault::TokenLost("CKR_DEVICE_REMOVED".into()).into_backend_error(),
             unavailable("CKR_DEVICE_REMOVED")
@@ -341,11 +509,23 @@ mod tests {
     fn ckr_names_follow_the_spec() {
         assert_eq!(ckr_name(RvError::DeviceRemoved), "CKR_DEVICE_REMOVED");
         assert_eq!(ckr_name(RvError::GeneralError), "CKR_GENERAL_ERROR");
-        assert_eq!(ckr_name(RvError::CryptokiNotInitialized), "CKR_CRYPTOKI_NOT_INITIALIZED");
-        assert_eq!(ckr_name(RvError::SessionHandleInvalid), "CKR_SESSION_HANDLE_INVALID");
-        assert_eq!(ckr_name(RvError::EncryptedDataLenRange), "CKR_ENCRYPTED_DATA_LEN_RANGE");
+        assert_eq!(
+            ckr_name(RvError::CryptokiNotInitialized),
+            "CKR_CRYPTOKI_NOT_INITIALIZED"
+        );
+        assert_eq!(
+            ckr_name(RvError::SessionHandleInvalid),
+            "CKR_SESSION_HANDLE_INVALID"
+        );
+        assert_eq!(
+            ckr_name(RvError::EncryptedDataLenRange),
+            "CKR_ENCRYPTED_DATA_LEN_RANGE"
+        );
         assert_eq!(ckr_name(RvError::PinIncorrect), "CKR_PIN_INCORRECT");
-        assert_eq!(ckr_name(RvError::UnknownErrorCode(0x1234)), "CKR_UNKNOWN(0x00001234)");
+        assert_eq!(
+            ckr_name(RvError::UnknownErrorCode(0x1234)),
+            "CKR_UNKNOWN(0x00001234)"
+        );
         assert_eq!(function_name(Function::DecryptInit), "C_DecryptInit");
     }
 

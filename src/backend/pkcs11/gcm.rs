@@ -36,8 +36,8 @@ pub(crate) fn encrypt(
     // HsmGenerated / ZeroFilledReturned: the buffer goes in zero-filled and the HSM
     // writes its IV into it (CloudHSM requires the zeros; Luna ignores them).
     let output = {
-        let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())
-            .map_err(|e| classify(&e, Op::Encrypt))?;
+        let params =
+            GcmParams::new(&mut iv, aad, TAG_BITS.into()).map_err(|e| classify(&e, Op::Encrypt))?;
         let mechanism = Mechanism::AesGcm(params);
         session
             .encrypt(&mechanism, key, plaintext)
@@ -192,13 +192,16 @@ mod tests {
 
     #[test]
     fn zero_filled_returned_reads_the_buffer_and_refuses_zero() {
-        let s = split_output(IvPolicy::ZeroFilledReturned, [3; IV_LEN], 0, out(0, false))
-            .expect("ok");
+        let s =
+            split_output(IvPolicy::ZeroFilledReturned, [3; IV_LEN], 0, out(0, false)).expect("ok");
         assert_eq!(s.iv, vec![3; IV_LEN]);
         assert!(s.ciphertext.is_empty());
         for policy in [IvPolicy::ZeroFilledReturned, IvPolicy::HsmGenerated] {
             let err = split_output(policy, [0; IV_LEN], 4, out(4, false)).unwrap_err();
-            assert!(matches!(err, Fault::Final(BackendError::Failed(_))), "{err:?}");
+            assert!(
+                matches!(err, Fault::Final(BackendError::Failed(_))),
+                "{err:?}"
+            );
         }
     }
 }

@@ -47,7 +47,9 @@ use cryptoki::session::Session;
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub use errors::{Pkcs11Error, ckr_name};
-pub use settings::{IvPolicy, KeyIdAttribute, MAX_TOKENS, Pkcs11Settings, TokenSettings};
+pub use settings::{
+    IvPolicy, KeyIdAttribute, MAX_TOKENS, Pkcs11Settings, SettingsError, TokenSettings,
+};
 
 use self::errors::{Fault, Op};
 use self::keys::{INFO_ATTRIBUTES, KeyInfo, aes256_template, id_attribute_type, id_template};
@@ -55,8 +57,8 @@ use self::module::Module;
 use self::settings::check_key_id;
 use self::token::{Counters, OpCtx, Shared, Token, Wake, find_slot};
 use crate::backend::{
-    BackendError, CryptoBackend, EkmHealth, KeyMetadata, KeySpec, KeyStatus, KeyUsage,
-    KeyVersion, Opening, Sealed, TAG_LEN,
+    BackendError, CryptoBackend, EkmHealth, KeyMetadata, KeySpec, KeyStatus, KeyUsage, KeyVersion,
+    Opening, Sealed, TAG_LEN,
 };
 use crate::secret::SecretBytes;
 
@@ -301,7 +303,9 @@ impl Pkcs11Backend {
             for h in handles {
                 let mut types = INFO_ATTRIBUTES.to_vec();
                 types.push(id_attr);
-                let attrs = s.get_attributes(h, &types).map_err(|e| Pkcs11Error::call(&e))?;
+                let attrs = s
+                    .get_attributes(h, &types)
+                    .map_err(|e| Pkcs11Error::call(&e))?;
                 let id = attrs.iter().find_map(|a| match a {
                     Attribute::Label(v) | Attribute::Id(v) if a.attribute_type() == id_attr => {
                         Some(String::from_utf8_lossy(v).into_owned())
@@ -355,9 +359,11 @@ impl Pkcs11Backend {
         })?;
         let (key_type, bytes, mechanism) = match key.kind {
             TestKeyKind::Aes { bytes } => (KeyType::AES, bytes, Mechanism::AesKeyGen),
-            TestKeyKind::GenericSecret { bytes } => {
-                (KeyType::GENERIC_SECRET, bytes, Mechanism::GenericSecretKeyGen)
-            }
+            TestKeyKind::GenericSecret { bytes } => (
+                KeyType::GENERIC_SECRET,
+                bytes,
+                Mechanism::GenericSecretKeyGen,
+            ),
         };
         let mut template: Vec<Attribute> = aes256_template(key.id, key.usages)
             .into_iter()
@@ -384,7 +390,8 @@ impl Pkcs11Backend {
                 for t in &self.inner.tokens {
                     t.with_rw_session(|s| {
                         refuse_duplicate(s, key.id)?;
-                        s.create_object(&template).map_err(|e| Pkcs11Error::call(&e))
+                        s.create_object(&template)
+                            .map_err(|e| Pkcs11Error::call(&e))
                     })?;
                 }
             }
@@ -511,10 +518,7 @@ impl Pkcs11Backend {
     fn deep_check(&self, t: &Token) -> Result<(), Fault> {
         let deadline = Instant::now() + self.inner.shared.call_deadline.max(Duration::from_secs(1));
         let Some(label) = self.inner.shared.health_key.as_deref() else {
-            return t.with_key("", deadline, |_, _| Ok(())).or_else(|f| match f {
-                Fault::Final(BackendError::KeyNotFound) => Ok(()),
-                other => Err(other),
-            });
+            return t.shallow_check();
         };
         let mut probe = [0u8; 32];
         self.inner
@@ -527,7 +531,9 @@ impl Pkcs11Backend {
                 || !key.info.allows(KeyUsage::Encrypt)
                 || !key.info.allows(KeyUsage::Decrypt)
             {
-                return Err(Fault::Final(BackendError::UsageNotAllowed(KeyUsage::Encrypt)));
+                return Err(Fault::Final(BackendError::UsageNotAllowed(
+                    KeyUsage::Encrypt,
+                )));
             }
             let sealed = gcm::encrypt(
                 ctx.session(),

@@ -75,7 +75,11 @@ fn run<T: Tokens>(owner: Weak<T>, shared: Arc<Shared>, stop: Arc<std::sync::atom
             }
             next
         };
-        let flag = shared.wake.flag.lock().unwrap_or_else(PoisonError::into_inner);
+        let flag = shared
+            .wake
+            .flag
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut flag = if *flag {
             flag
         } else {
@@ -105,7 +109,8 @@ fn attend(t: &Token) -> Option<Duration> {
         Ok(()) => None,
         Err(code) => {
             t.backoff(&code);
-            t.down().map(|d| d.next_attempt.saturating_duration_since(Instant::now()))
+            t.down()
+                .map(|d| d.next_attempt.saturating_duration_since(Instant::now()))
         }
     }
 }

@@ -137,6 +137,30 @@ fn default_key_attributes_refresh_secs() -> u64 {
     60
 }
 
+/// A settings problem: which key (as written under `[backend]`, e.g. `pool_size`,
+/// `failover[1].token_label`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid PKCS#11 setting `{key}`: {problem}")]
+pub struct SettingsError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl From<Pkcs11Error> for SettingsError {
+    fn from(e: Pkcs11Error) -> Self {
+        match e {
+            Pkcs11Error::InvalidSetting { key, reason } => SettingsError {
+                key,
+                problem: reason,
+            },
+            other => SettingsError {
+                key: String::new(),
+                problem: other.to_string(),
+            },
+        }
+    }
+}
+
 /// A token selector after validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Selector {
@@ -192,9 +216,35 @@ impl Pkcs11Settings {
     }
 
     /// Checks every setting without touching the file system or the HSM; the error names
-    /// the offending key.
-    pub fn validate(&self) -> Result<(), Pkcs11Error> {
-        self.plan().map(|_| ())
+    /// the offending key. Relative paths are judged as resolved against `base` (the
+    /// config file's directory; see [`Pkcs11Settings::resolve_paths`]).
+    pub fn validate(&self, base: &Path) -> Result<(), SettingsError> {
+        let mut resolved = self.clone();
+        resolved.resolve_paths(base);
+        resolved.plan().map(|_| ()).map_err(SettingsError::from)
+    }
+
+    /// Makes relative paths (`module`, `user_pin_file`, and the same in `failover`)
+    /// relative to `base`, the config file's directory, so a relative module path never
+    /// reaches dlopen's library search.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.module);
+        if let Some(p) = &mut self.user_pin_file {
+            fix(p);
+        }
+        for t in &mut self.failover {
+            if let Some(p) = &mut t.module {
+                fix(p);
+            }
+            if let Some(p) = &mut t.user_pin_file {
+                fix(p);
+            }
+        }
     }
 
     /// The budget of one call (see `call_deadline_ms`).
@@ -205,7 +255,7 @@ impl Pkcs11Settings {
     /// Validates and resolves the tokens to open, primary first.
     pub(crate) fn plan(&self) -> Result<Vec<TokenPlan>, Pkcs11Error> {
         check_module("module", &self.module)?;
-        let selector = selector("", &self.token_label, &self.token_serial)?;
+        let selector = token_selector("", &self.token_label, &self.token_serial)?;
         let pin = match (&self.user_pin_env, &self.user_pin_file) {
             (Some(_), Some(_)) => {
                 return Err(Pkcs11Error::setting(
@@ -245,13 +295,19 @@ impl Pkcs11Settings {
         if !(100..=60_000).contains(&self.recovery_backoff_max_ms) {
             return Err(Pkcs11Error::setting(
                 "recovery_backoff_max_ms",
-                format!("must be 100 to 60000 ms, got {}", self.recovery_backoff_max_ms),
+                format!(
+                    "must be 100 to 60000 ms, got {}",
+                    self.recovery_backoff_max_ms
+                ),
             ));
         }
         if self.key_attributes_refresh_secs > 86_400 {
             return Err(Pkcs11Error::setting(
                 "key_attributes_refresh_secs",
-                format!("must be at most 86400, got {}", self.key_attributes_refresh_secs),
+                format!(
+                    "must be at most 86400, got {}",
+                    self.key_attributes_refresh_secs
+                ),
             ));
         }
         for (i, id) in self.disabled_keys.iter().enumerate() {
@@ -285,7 +341,7 @@ impl Pkcs11Settings {
                 }
                 None => self.module.clone(),
             };
-            let selector = selector(&prefix, &t.token_label, &t.token_serial)?;
+            let selector = token_selector(&prefix, &t.token_label, &t.token_serial)?;
             let pin = match (&t.user_pin_env, &t.user_pin_file) {
                 (Some(_), Some(_)) => {
                     return Err(Pkcs11Error::setting(
@@ -400,7 +456,7 @@ fn check_module(key: &str, path: &Path) -> Result<(), Pkcs11Error> {
     Ok(())
 }
 
-fn selector(
+fn token_selector(
     prefix: &str,
     label: &Option<String>,
     serial: &Option<String>,
@@ -483,10 +539,13 @@ mod tests {
     #[test]
     fn minimal_settings_take_the_defaults() {
         let s = parse(MINIMAL).expect("parses");
-        s.validate().expect("valid");
+        s.validate(Path::new("/etc/xks")).expect("valid");
         assert_eq!(s.pool_size, 8);
         assert_eq!(s.call_deadline_ms, 200);
-        assert_eq!(s.health_check_key_label.as_deref(), Some("xks-health-check"));
+        assert_eq!(
+            s.health_check_key_label.as_deref(),
+            Some("xks-health-check")
+        );
         assert_eq!(s.key_id_attribute, KeyIdAttribute::Label);
         assert_eq!(s.iv_policy, IvPolicy::ProxyRandom);
         assert!(s.disabled_keys.is_empty() && s.failover.is_empty());
@@ -525,7 +584,10 @@ mod tests {
         let plans = s.plan().expect("valid");
         assert_eq!(plans.len(), 3);
         assert_eq!(plans[1].pin, PinSource::File("/run/secrets/pin".into()));
-        assert_eq!(plans[1].module, PathBuf::from("/opt/luna/libCryptoki2_64.so"));
+        assert_eq!(
+            plans[1].module,
+            PathBuf::from("/opt/luna/libCryptoki2_64.so")
+        );
         assert_eq!(plans[2].pin, PinSource::Env("OTHER_PIN".into()));
         assert_eq!(s.iv_policy, IvPolicy::HsmGenerated);
         assert_eq!(
@@ -547,7 +609,7 @@ mod tests {
     fn invalid(edit: impl FnOnce(&mut Pkcs11Settings)) -> String {
         let mut s = parse(MINIMAL).expect("parses");
         edit(&mut s);
-        match s.validate() {
+        match s.plan() {
             Err(Pkcs11Error::InvalidSetting { key, .. }) => key,
             other => panic!("expected InvalidSetting, got {other:?}"),
         }
@@ -555,7 +617,10 @@ mod tests {
 
     #[test]
     fn validation_names_the_key() {
-        assert_eq!(invalid(|s| s.token_serial = Some("1".into())), "token_label");
+        assert_eq!(
+            invalid(|s| s.token_serial = Some("1".into())),
+            "token_label"
+        );
         assert_eq!(invalid(|s| s.token_label = None), "token_label");
         assert_eq!(
             invalid(|s| s.user_pin_file = Some("/p".into())),
@@ -607,12 +672,43 @@ mod tests {
             "failover[0].token_label"
         );
         assert_eq!(
-            invalid(|s| s.failover = vec![backup.clone(), TokenSettings {
-                module: Some("rel.so".into()),
-                ..backup.clone()
-            }]),
+            invalid(|s| s.failover = vec![
+                backup.clone(),
+                TokenSettings {
+                    module: Some("rel.so".into()),
+                    ..backup.clone()
+                }
+            ]),
             "failover[1].module"
         );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let mut s = parse(MINIMAL).expect("parses");
+        s.module = "lib/softhsm2.so".into();
+        s.user_pin_env = None;
+        s.user_pin_file = Some("pin.txt".into());
+        s.failover = vec![TokenSettings {
+            module: Some("other.so".into()),
+            token_label: Some("b".into()),
+            token_serial: None,
+            user_pin_env: None,
+            user_pin_file: Some("/abs/pin".into()),
+        }];
+        s.validate(Path::new("/etc/xks")).expect("valid once resolved");
+        let err = s.plan().unwrap_err();
+        assert!(matches!(err, Pkcs11Error::InvalidSetting { ref key, .. } if key == "module"));
+        s.resolve_paths(Path::new("/etc/xks"));
+        assert_eq!(s.module, PathBuf::from("/etc/xks/lib/softhsm2.so"));
+        assert_eq!(s.user_pin_file, Some(PathBuf::from("/etc/xks/pin.txt")));
+        assert_eq!(s.failover[0].module, Some(PathBuf::from("/etc/xks/other.so")));
+        assert_eq!(s.failover[0].user_pin_file, Some(PathBuf::from("/abs/pin")));
+        let mut bad = parse(MINIMAL).expect("parses");
+        bad.pool_size = 0;
+        let e = bad.validate(Path::new("/")).unwrap_err();
+        assert_eq!(e.key, "pool_size");
+        assert!(e.to_string().contains("pool_size"), "{e}");
     }
 
     #[test]

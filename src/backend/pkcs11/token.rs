@@ -31,7 +31,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::{Slot, TokenInfo};
 use cryptoki::types::AuthPin;
 
-use super::errors::{Fault, Op, classify, ckr_name, error_code};
+use super::errors::{Fault, Op, ckr_name, classify, error_code};
 use super::keys::{INFO_ATTRIBUTES, KeyInfo, choose, id_template};
 use super::module::{Exclusive, Module, ModuleGuard};
 use super::settings::{IvPolicy, KeyIdAttribute, Selector};
@@ -202,7 +202,11 @@ impl Lease<'_> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         let Some(s) = self.s.take() else { return };
-        let mut pool = self.token.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pool = self
+            .token
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let current_epoch = s.epoch == pool.epoch;
         let same_generation = s.generation == self.guard.generation();
         if !self.broken && current_epoch && same_generation {
@@ -299,7 +303,10 @@ impl Token {
                 code,
                 "PKCS#11 token lost; failing over / recovering"
             );
-            self.shared.stats.token_losses.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .token_losses
+                .fetch_add(1, Ordering::Relaxed);
             st.down = Some(Down {
                 code: code.to_owned(),
                 since: now,
@@ -369,7 +376,8 @@ impl Token {
         if let Some(code) = self.login_refused() {
             return Err(code);
         }
-        self.build(ex.ctx, ex.generation).inspect_err(|code| self.note_down(code))
+        self.build(ex.ctx, ex.generation)
+            .inspect_err(|code| self.note_down(code))
     }
 
     /// Records the token as down with `code` without counting a new loss (used when a
@@ -404,7 +412,11 @@ impl Token {
     pub(crate) fn build(&self, ctx: &Pkcs11, generation: u64) -> Result<(), String> {
         let (slot, ident) = find_slot(ctx, &self.selector).map_err(|e| e.code())?;
         let mut sessions = Vec::with_capacity(self.shared.pool_size);
-        let epoch = self.pool.lock().unwrap_or_else(PoisonError::into_inner).epoch;
+        let epoch = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .epoch;
         let close_all = |sessions: Vec<PooledSession>| {
             for s in sessions {
                 let _ = s.session.close();
@@ -456,7 +468,9 @@ impl Token {
     fn open_session(&self, ctx: &Pkcs11, slot: Slot) -> Result<Session, String> {
         // Read-only sessions: the request path never writes, and some HSMs cap
         // read/write sessions far lower than read-only ones.
-        let session = ctx.open_ro_session_no_drop(slot).map_err(|e| error_code(&e))?;
+        let session = ctx
+            .open_ro_session_no_drop(slot)
+            .map_err(|e| error_code(&e))?;
         self.shared
             .stats
             .sessions_opened
@@ -504,25 +518,23 @@ impl Token {
         let mut stale_retry = true;
         let mut session_retry = true;
         loop {
-            let step = self
-                .key(&guard, &lease, key_id)
-                .and_then(|key| match key {
-                    Some(key) => {
-                        let ctx = OpCtx {
-                            token: self,
-                            guard: &guard,
-                            lease: &lease,
-                        };
-                        f(&ctx, &key)
-                    }
-                    None => {
-                        // FindObjects found nothing. On a vanished SoftHSM token that is
-                        // also what a search says: make sure the token is really there
-                        // before telling KMS the key does not exist.
-                        self.confirm_alive(&guard)?;
-                        Err(Fault::Final(BackendError::KeyNotFound))
-                    }
-                });
+            let step = self.key(&guard, &lease, key_id).and_then(|key| match key {
+                Some(key) => {
+                    let ctx = OpCtx {
+                        token: self,
+                        guard: &guard,
+                        lease: &lease,
+                    };
+                    f(&ctx, &key)
+                }
+                None => {
+                    // FindObjects found nothing. On a vanished SoftHSM token that is
+                    // also what a search says: make sure the token is really there
+                    // before telling KMS the key does not exist.
+                    self.confirm_alive(&guard)?;
+                    Err(Fault::Final(BackendError::KeyNotFound))
+                }
+            });
             match step {
                 Ok(v) => return Ok(v),
                 Err(Fault::StaleHandle) if stale_retry => {
@@ -663,7 +675,10 @@ impl Token {
             return Ok(Some(fresh));
         }
         let template = id_template(self.shared.key_id_attribute, key_id);
-        self.shared.stats.find_objects.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .find_objects
+            .fetch_add(1, Ordering::Relaxed);
         let handles = lease
             .session()
             .find_objects(&template)
@@ -728,6 +743,17 @@ impl Token {
         Ok(())
     }
 
+    /// C_GetTokenInfo only: the health check when no health-check key is configured.
+    pub(crate) fn shallow_check(&self) -> Result<(), Fault> {
+        let guard = self.enter()?;
+        let result = self.confirm_alive(&guard);
+        drop(guard);
+        if let Err(Fault::TokenLost(code)) = &result {
+            self.mark_down(code);
+        }
+        result
+    }
+
     /// The liveness probe the recovery thread runs on serving tokens, so a lost token
     /// is noticed even without traffic.
     pub(crate) fn probe(&self) {
@@ -781,10 +807,7 @@ impl Token {
     // ---------------------------------------------------------------- health
 
     /// This token's `ekmFleetDetails` entry, from its own deep check.
-    pub(crate) fn health(
-        &self,
-        deep: impl FnOnce(&Token) -> Result<(), Fault>,
-    ) -> EkmHealth {
+    pub(crate) fn health(&self, deep: impl FnOnce(&Token) -> Result<(), Fault>) -> EkmHealth {
         use crate::backend::HealthState;
         let state = if !self.is_up() {
             HealthState::Unavailable
@@ -866,7 +889,10 @@ impl SlotError {
 }
 
 /// The one slot whose token matches `selector`. Never "the first slot".
-pub(crate) fn find_slot(ctx: &Pkcs11, selector: &Selector) -> Result<(Slot, TokenIdent), SlotError> {
+pub(crate) fn find_slot(
+    ctx: &Pkcs11,
+    selector: &Selector,
+) -> Result<(Slot, TokenIdent), SlotError> {
     let slots = ctx.get_slots_with_token().map_err(SlotError::Call)?;
     let mut found = Vec::new();
     for slot in slots {

@@ -63,7 +63,7 @@ pub enum KeystoreError {
 
     /// The key check value does not verify: almost always the wrong master key.
     #[error(
-        "the master key does not open the keystore {} (wrong master key, or the file's key check was modified)",
+        "the master key does not open the keystore {} (wrong master key, or the file's kdf_salt or key_check was modified)",
         .path.display()
     )]
     WrongMasterKey { path: PathBuf },
