@@ -52,6 +52,14 @@ pub struct RawConfig {
     #[serde(default)]
     pub limits: RawLimits,
     pub backend: RawBackend,
+    /// The admin listener (Prometheus metrics). Off unless `[admin] listen` is set.
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Secondary authorization (Cedar). Off unless `[policy] file` is set.
+    pub policy: Option<RawPolicy>,
+    /// Automatic reload when the config, secret or keystore files change.
+    #[serde(default)]
+    pub reload: RawReload,
     /// One entry per path prefix (logical keystore / tenant).
     #[serde(default)]
     pub keystores: Vec<RawKeystore>,
@@ -84,6 +92,34 @@ pub struct RawServer {
     /// Open connections above this are refused (closed right after accept).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Requests being processed at once, all prefixes together; the excess gets 429
+    /// ThrottlingException at once (load shedding) instead of queueing into KMS's timeout.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Address of the admin listener serving `GET /metrics` (Prometheus text) and
+    /// `GET /ping`. Keep it on loopback or a private network.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// A Cedar policy file (see config/policies/). GetHealthStatus is always exempt.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReload {
+    /// If set, check the config, secret, policy, TLS and keystore files this often and
+    /// reload when one changed (as SIGHUP does). 0 or absent: reload on SIGHUP only.
+    #[serde(default)]
+    pub watch_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +129,12 @@ pub struct RawTls {
     pub certificate: PathBuf,
     /// PEM private key (PKCS#8, SEC1 or PKCS#1).
     pub private_key: PathBuf,
+    /// mTLS: PEM bundle of CAs trusted to issue client certificates. When set, every
+    /// client must present a certificate chaining to it, or the handshake is refused.
+    pub client_ca: Option<PathBuf>,
+    /// mTLS: names one of which the client certificate must carry (CN or DNS SAN), e.g.
+    /// "cks.kms.us-east-1.amazonaws.com". Required when client_ca is set.
+    pub client_subjects: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +241,11 @@ pub struct RawKeystore {
     pub credentials: Vec<RawCredential>,
     /// If set, only these external key ids are served under this prefix.
     pub allowed_keys: Option<Vec<String>>,
+    /// Requests per second this prefix may send (token bucket); the excess gets 429
+    /// ThrottlingException. Absent: unlimited. KMS's default quota is 1800.
+    pub quota_rps: Option<u32>,
+    /// Burst size of the bucket (default: one second's worth, `quota_rps`).
+    pub quota_burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +273,9 @@ fn default_grace() -> u64 {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_max_in_flight() -> usize {
+    4096
 }
 fn default_fleet_size() -> u32 {
     1
@@ -263,6 +313,19 @@ pub struct Config {
     pub limits: crate::backend::CallLimits,
     pub backend: BackendConfig,
     pub keystores: Vec<KeystoreConfig>,
+    pub admin_listen: Option<SocketAddr>,
+    pub policy_file: Option<PathBuf>,
+    pub reload_watch: Option<Duration>,
+    /// Files whose change triggers a reload when watching (config, secrets, TLS, policy,
+    /// keystore). The config file itself is added by [`Config::load`].
+    pub watched_files: Vec<PathBuf>,
+}
+
+/// mTLS: which client certificates may connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuthConfig {
+    pub ca: PathBuf,
+    pub subjects: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -270,12 +333,15 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// None only when the operator asked for plain HTTP.
     pub tls: Option<TlsConfig>,
+    /// mTLS, enforced inside the TLS handshake.
+    pub client_auth: Option<ClientAuthConfig>,
     pub ping_listen: Option<SocketAddr>,
     pub max_body_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    pub max_in_flight: usize,
 }
 
 /// Where the TLS certificate and key come from.
@@ -376,6 +442,8 @@ pub struct KeystoreConfig {
     pub path_prefix: String,
     pub credentials: Vec<CredentialConfig>,
     pub allowed_keys: Option<Vec<String>>,
+    /// (requests per second, burst) when a quota is configured.
+    pub quota: Option<(u32, u32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -393,7 +461,9 @@ impl Config {
             ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
         })?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        Self::from_toml(&text, &base)
+        let mut config = Self::from_toml(&text, &base)?;
+        config.watched_files.insert(0, path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; relative paths resolve against `base`.
@@ -493,11 +563,45 @@ impl RawConfig {
             .as_deref()
             .map(|p| parse_addr("server.ping_listen", p))
             .transpose()?;
+        let mut watched_files = Vec::new();
+        let mut client_auth = None;
         let tls = match (&s.tls, s.insecure_plain_http) {
-            (Some(t), false) => Some(TlsConfig::Files {
-                certificate: base.join(&t.certificate),
-                private_key: base.join(&t.private_key),
-            }),
+            (Some(t), false) => {
+                client_auth = match (&t.client_ca, &t.client_subjects) {
+                    (None, None) => None,
+                    (Some(ca), Some(subjects)) if !subjects.is_empty() => {
+                        if subjects.iter().any(|n| n.is_empty()) {
+                            return Err(ConfigError::new(
+                                "server.tls.client_subjects",
+                                "names must not be empty",
+                            ));
+                        }
+                        watched_files.push(base.join(ca));
+                        Some(ClientAuthConfig {
+                            ca: base.join(ca),
+                            subjects: subjects.clone(),
+                        })
+                    }
+                    (Some(_), _) => {
+                        return Err(ConfigError::new(
+                            "server.tls.client_subjects",
+                            "required with client_ca: the spec requires configuring the client certificate's subject name (KMS: cks.kms.<region>.amazonaws.com)",
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err(ConfigError::new(
+                            "server.tls.client_ca",
+                            "required with client_subjects: the CA bundle that issues client certificates",
+                        ));
+                    }
+                };
+                watched_files.push(base.join(&t.certificate));
+                watched_files.push(base.join(&t.private_key));
+                Some(TlsConfig::Files {
+                    certificate: base.join(&t.certificate),
+                    private_key: base.join(&t.private_key),
+                })
+            }
             (None, true) => None,
             (Some(_), true) => {
                 return Err(ConfigError::new(
@@ -532,9 +636,31 @@ impl RawConfig {
                 "must be greater than 0",
             ));
         }
+        if s.max_in_flight == 0 {
+            return Err(ConfigError::new(
+                "server.max_in_flight",
+                "must be greater than 0",
+            ));
+        }
+        let admin_listen = self
+            .admin
+            .listen
+            .as_deref()
+            .map(|a| parse_addr("admin.listen", a))
+            .transpose()?;
 
         let h = &self.health;
-        if h.fleet_size == 0 {
+        // Kubernetes sets the fleet size from the replica count through the environment.
+        let fleet_size = match std::env::var("XKS_PROXY_FLEET_SIZE") {
+            Ok(v) => v.trim().parse::<u32>().map_err(|_| {
+                ConfigError::new(
+                    "health.fleet_size",
+                    "environment variable XKS_PROXY_FLEET_SIZE is not a positive integer",
+                )
+            })?,
+            Err(_) => h.fleet_size,
+        };
+        if fleet_size == 0 {
             return Err(ConfigError::new(
                 "health.fleet_size",
                 "must be greater than 0 (spec)",
@@ -604,16 +730,22 @@ impl RawConfig {
                 master_key_env,
                 master_key_file,
                 simulated_latency_ms,
-            } => BackendConfig::Software {
-                keystore: base.join(keystore),
-                master_key: SecretSource::from_pair(
-                    "backend.master_key_env",
-                    master_key_env.as_ref(),
-                    master_key_file.as_ref(),
-                    base,
-                )?,
-                simulated_latency: Duration::from_millis(simulated_latency_ms),
-            },
+            } => {
+                watched_files.push(base.join(&keystore));
+                if let Some(f) = &master_key_file {
+                    watched_files.push(base.join(f));
+                }
+                BackendConfig::Software {
+                    keystore: base.join(keystore),
+                    master_key: SecretSource::from_pair(
+                        "backend.master_key_env",
+                        master_key_env.as_ref(),
+                        master_key_file.as_ref(),
+                        base,
+                    )?,
+                    simulated_latency: Duration::from_millis(simulated_latency_ms),
+                }
+            }
             #[cfg(feature = "pkcs11")]
             RawBackend::Pkcs11(mut settings) => {
                 settings
@@ -675,6 +807,9 @@ impl RawConfig {
                     base,
                 )?;
                 let secret = source.read(&format!("{ckey}.secret"))?;
+                if let SecretSource::File(f) = &source {
+                    watched_files.push(f.clone());
+                }
                 if !valid_secret(secret.expose()) {
                     return Err(ConfigError::new(
                         format!("{ckey}.secret"),
@@ -695,26 +830,57 @@ impl RawConfig {
                     format!("'{bad}' is not a valid external key id (1-128 of A-Z a-z 0-9 . _ -)"),
                 ));
             }
+            let quota = match (ks.quota_rps, ks.quota_burst) {
+                (None, None) => None,
+                (Some(0), _) => {
+                    return Err(ConfigError::new(
+                        format!("{key}.quota_rps"),
+                        "must be greater than 0 (leave it out for no quota)",
+                    ));
+                }
+                (Some(rps), burst) => Some((rps, burst.unwrap_or(rps).max(1))),
+                (None, Some(_)) => {
+                    return Err(ConfigError::new(
+                        format!("{key}.quota_burst"),
+                        "needs quota_rps",
+                    ));
+                }
+            };
             keystores.push(KeystoreConfig {
                 path_prefix: ks.path_prefix,
                 credentials,
                 allowed_keys: ks.allowed_keys,
+                quota,
             });
         }
 
+        let policy_file = self.policy.map(|p| base.join(p.file));
+        if let Some(p) = &policy_file {
+            watched_files.push(p.clone());
+        }
+        let reload_watch = match self.reload.watch_interval_secs {
+            0 => None,
+            n => Some(Duration::from_secs(n)),
+        };
         Ok(Config {
+            admin_listen,
+            policy_file,
+            reload_watch,
+            watched_files,
             server: ServerConfig {
                 listen,
                 tls,
+                client_auth,
                 ping_listen,
                 max_body_bytes: s.max_body_bytes,
                 header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
                 idle_timeout: Duration::from_millis(s.idle_timeout_ms),
                 shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
                 max_connections: s.max_connections,
+                max_in_flight: s.max_in_flight,
             },
             health: HealthConfig {
-                fleet_size: h.fleet_size,
+                fleet_size,
                 vendor: h.vendor.clone(),
                 check_interval: Duration::from_secs(h.check_interval_secs),
             },

@@ -35,7 +35,9 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod doctor;
 pub mod kms;
+pub mod policy;
 pub mod secret;
 pub mod server;
 pub mod sigv4;

@@ -23,3 +23,60 @@ pub fn init(config: &LoggingConfig) -> Result<(), String> {
     }
     .map_err(|e| e.to_string())
 }
+
+/// The Prometheus recorder: installed once per process (the `metrics` facade is global
+/// by design), the first time an admin listener starts.
+pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            // Dense below KMS's 250 ms timeout, where the decisions are made.
+            const LATENCY: &[f64] = &[
+                0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 1.0, 2.5,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "xks_requests_total",
+        "XKS requests by operation, path prefix and outcome (ok or the spec errorName); mirrors KMS's XksProxyErrors"
+    );
+    describe_histogram!(
+        "xks_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request head to response, by operation and prefix; mirrors KMS's XksProxyLatency"
+    );
+    describe_histogram!(
+        "xks_backend_call_duration_seconds",
+        Unit::Seconds,
+        "One key-manager call through the backend boundary, waiting included"
+    );
+    describe_gauge!("xks_backend_calls_in_flight", "Key-manager calls running (sessions in use)");
+    describe_gauge!("xks_backend_calls_waiting", "Key-manager calls waiting for a free session");
+    describe_gauge!(
+        "xks_ekm_health_status",
+        "1 for the current health status of each key-manager instance (ACTIVE, DEGRADED, UNAVAILABLE)"
+    );
+    describe_gauge!(
+        "xks_tls_certificate_days_to_expiry",
+        "Days until the server certificate expires; mirrors KMS's XksProxyCertificateDaysToExpire"
+    );
+    describe_gauge!(
+        "xks_credential_age_days",
+        "Days since each access key id's secret was set (secret file mtime, or proxy start for env secrets); mirrors KMS's XksProxyCredentialAge"
+    );
+}

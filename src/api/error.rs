@@ -112,6 +112,16 @@ pub enum ApiError {
     InvalidCiphertext(&'static str),
     #[error("{0}")]
     Backend(#[from] BackendError),
+    /// The global in-flight limit is reached (load shedding).
+    #[error("the proxy is at its in-flight request limit; retry")]
+    Overloaded,
+    /// This path prefix's request quota is spent.
+    #[error("request quota for this path prefix exceeded; retry")]
+    QuotaExceeded,
+    /// Secondary authorization denied the request. The message names no policy: the
+    /// operator's log line does.
+    #[error("denied by the proxy's authorization policy")]
+    AccessDenied,
     /// The encrypt self-check (CDIV order of work) did not give back the plaintext.
     #[error("encrypt self-check failed; nothing was returned")]
     SelfCheckFailed,
@@ -132,6 +142,9 @@ impl ApiError {
             ApiError::KeyNotAllowed => ErrorName::KeyNotFoundException,
             ApiError::InvalidCiphertext(_) => ErrorName::InvalidCiphertextException,
             ApiError::SelfCheckFailed => ErrorName::InternalException,
+            ApiError::Overloaded => ErrorName::ThrottlingException,
+            ApiError::QuotaExceeded => ErrorName::ThrottlingException,
+            ApiError::AccessDenied => ErrorName::AccessDeniedException,
             ApiError::Backend(b) => match b {
                 BackendError::KeyNotFound => ErrorName::KeyNotFoundException,
                 BackendError::KeyDisabled => ErrorName::InvalidStateException,
@@ -217,6 +230,9 @@ mod tests {
                 400,
             ),
             (ApiError::SelfCheckFailed, "InternalException", 500),
+            (ApiError::Overloaded, "ThrottlingException", 429),
+            (ApiError::QuotaExceeded, "ThrottlingException", 429),
+            (ApiError::AccessDenied, "AccessDeniedException", 403),
             (
                 BackendError::KeyNotFound.into(),
                 "KeyNotFoundException",

@@ -26,7 +26,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::backend::Handle;
-use crate::config::{Config, KeystoreConfig, valid_key_id};
+use crate::policy::{AuthzRequest, KeyOperation, Policy};
+use crate::config::{Config, KeystoreConfig, SecretSource, valid_key_id};
 use crate::sigv4::{Credential, CredentialSet, DuplicateAccessKeyId, VerifyPolicy};
 use error::ApiError;
 use health::HealthMonitor;
@@ -45,6 +46,47 @@ pub struct Tenant {
     pub prefix: String,
     pub credentials: CredentialSet,
     pub allowed_keys: Option<HashSet<String>>,
+    /// The prefix's request quota, if configured.
+    pub quota: Option<TokenBucket>,
+    /// When each credential's secret was set (for the credential-age metric).
+    pub credential_since: Vec<(String, SystemTime)>,
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` banked. One short lock per
+/// request; contention is negligible next to the TLS and SigV4 work around it.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            state: std::sync::Mutex::new((f64::from(burst.max(1)), Instant::now())),
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&self) -> bool {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let (tokens, last) = &mut *guard;
+        let now = Instant::now();
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Every configured prefix, swapped as a whole on reload.
@@ -63,10 +105,25 @@ impl Tenants {
                     .iter()
                     .map(|c| Credential::new(c.access_key_id.clone(), c.secret.clone()))
                     .collect();
+                let credential_since = k
+                    .credentials
+                    .iter()
+                    .map(|c| {
+                        let since = match &c.source {
+                            SecretSource::File(f) => std::fs::metadata(f)
+                                .and_then(|m| m.modified())
+                                .unwrap_or_else(|_| SystemTime::now()),
+                            SecretSource::Env(_) => SystemTime::now(),
+                        };
+                        (c.access_key_id.clone(), since)
+                    })
+                    .collect();
                 let tenant = Tenant {
+                    credential_since,
                     prefix: k.path_prefix.clone(),
                     credentials: CredentialSet::new(creds)?,
                     allowed_keys: k.allowed_keys.as_ref().map(|v| v.iter().cloned().collect()),
+                    quota: k.quota.map(|(rate, burst)| TokenBucket::new(rate, burst)),
                 };
                 Ok((k.path_prefix.clone(), Arc::new(tenant)))
             })
@@ -81,6 +138,10 @@ impl Tenants {
     pub fn prefixes(&self) -> impl Iterator<Item = &str> {
         self.by_prefix.keys().map(String::as_str)
     }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.by_prefix.values()
+    }
 }
 
 /// The XKS API service: shared by every connection.
@@ -92,6 +153,10 @@ pub struct Api {
     health: Arc<HealthMonitor>,
     max_body: usize,
     body_timeout: std::time::Duration,
+    /// Global load-shedding limit: requests being processed at once.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Secondary authorization, when configured; swapped on reload.
+    policy: ArcSwap<Option<Arc<Policy>>>,
 }
 
 /// What a handler needs about the current request.
@@ -126,13 +191,25 @@ impl Api {
             health,
             max_body: config.server.max_body_bytes,
             body_timeout: config.server.header_read_timeout,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.server.max_in_flight)),
+            policy: ArcSwap::from_pointee(None),
         })
+    }
+
+    /// Installs (or removes) the secondary-authorization policy.
+    pub fn replace_policy(&self, policy: Option<Arc<Policy>>) {
+        self.policy.store(Arc::new(policy));
     }
 
     /// Replaces every prefix's credentials and allow-list at once; requests in flight
     /// keep the tenants they started with.
     pub fn replace_tenants(&self, tenants: Tenants) {
         self.tenants.store(Arc::new(tenants));
+    }
+
+    /// The current tenants (a snapshot).
+    pub fn tenants(&self) -> Arc<Tenants> {
+        self.tenants.load_full()
     }
 
     pub fn health(&self) -> &Arc<HealthMonitor> {
@@ -169,6 +246,23 @@ impl Api {
                 .map(|o| o.0)
                 .unwrap_or("error")
         };
+        let elapsed = started.elapsed();
+        let operation = log.operation.unwrap_or("-");
+        let prefix_label = log.prefix.clone().unwrap_or_else(|| "-".to_owned());
+        metrics::counter!(
+            "xks_requests_total",
+            "operation" => operation,
+            "prefix" => prefix_label.clone(),
+            "outcome" => outcome
+        )
+        .increment(1);
+        metrics::histogram!(
+            "xks_request_duration_seconds",
+            "operation" => operation,
+            "prefix" => prefix_label,
+            "outcome" => outcome
+        )
+        .record(elapsed.as_secs_f64());
         tracing::info!(
             target: "xks_proxy::request",
             kms_request_id = log.kms_request_id.as_deref().unwrap_or("-"),
@@ -180,7 +274,7 @@ impl Api {
             key_id = log.key_id.as_deref().unwrap_or("-"),
             status = response.status().as_u16(),
             outcome,
-            elapsed_us = started.elapsed().as_micros() as u64,
+            elapsed_us = elapsed.as_micros() as u64,
             "xks request"
         );
         response
@@ -209,13 +303,19 @@ impl Api {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path();
         let route = route::parse(path).ok_or(ApiError::UnknownPath)?;
-        log.operation = Some(route.operation.as_str());
-        log.prefix = Some(route.prefix.to_owned());
         let tenants = self.tenants.load();
         let tenant = tenants.get(route.prefix).ok_or(ApiError::UnknownPath)?;
+        // Only configured prefixes reach logs and metric labels (bounded cardinality).
+        log.operation = Some(route.operation.as_str());
+        log.prefix = Some(route.prefix.to_owned());
         if parts.method != Method::POST {
             return Err(ApiError::MethodNotAllowed.into());
         }
+        // Load shedding before any real work: over the global limit, answer 429 now
+        // rather than queue towards KMS's 250 ms timeout.
+        let _in_flight = Arc::clone(&self.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)?;
         let operation = route.operation;
         let key_id = route.key_id.map(str::to_owned);
         log.key_id.clone_from(&key_id);
@@ -258,6 +358,13 @@ impl Api {
         )
         .map_err(ApiError::Auth)?;
         log.access_key_id = Some(verified.access_key_id);
+        // The per-prefix quota counts authenticated requests only, so an unauthenticated
+        // flood cannot spend a tenant's quota.
+        if let Some(q) = &tenant.quota
+            && !q.try_take()
+        {
+            return Err(ApiError::QuotaExceeded.into());
+        }
 
         // Only now, authenticated, does the caller learn anything about key ids.
         let key_id = match key_id {
@@ -291,17 +398,56 @@ impl Api {
             }
             Operation::GetKeyMetadata => {
                 let req: wire::MetadataRequest = decode(&body, log)?;
+                self.authorize(KeyOperation::GetKeyMetadata, tenant, &call, &req.request_metadata)?;
                 Ok(json_ok(&metadata::handle(&call, req).await?))
             }
             Operation::Encrypt => {
                 let req: wire::EncryptRequest = decode(&body, log)?;
+                self.authorize(KeyOperation::Encrypt, tenant, &call, &req.request_metadata)?;
                 Ok(json_ok(&encrypt::handle(&call, req).await?))
             }
             Operation::Decrypt => {
                 let req: wire::DecryptRequest = decode(&body, log)?;
+                self.authorize(KeyOperation::Decrypt, tenant, &call, &req.request_metadata)?;
                 Ok(json_ok(&decrypt::handle(&call, req).await?))
             }
         }
+    }
+}
+
+impl Api {
+    /// Secondary authorization for the key operations. GetHealthStatus never comes here
+    /// (spec: it is exempt), and `KeyOperation` has no variant for it.
+    fn authorize(
+        &self,
+        operation: KeyOperation,
+        tenant: &Tenant,
+        call: &Call<'_>,
+        metadata: &RequestMetadata,
+    ) -> Result<(), ApiError> {
+        let guard = self.policy.load();
+        let Some(policy) = guard.as_ref() else {
+            return Ok(());
+        };
+        let decision = policy.authorize(&AuthzRequest {
+            operation,
+            prefix: &tenant.prefix,
+            key_id: call.key_id,
+            metadata,
+        });
+        if decision.allowed {
+            return Ok(());
+        }
+        tracing::warn!(
+            kms_request_id = %metadata.kms_request_id,
+            kms_operation = %metadata.kms_operation,
+            principal = metadata.aws_principal_arn.as_deref().unwrap_or("-"),
+            prefix = %tenant.prefix,
+            key_id = call.key_id,
+            decided_by = %decision.reason,
+            "secondary authorization denied the request"
+        );
+        Err(ApiError::AccessDenied)
     }
 }
 

@@ -296,6 +296,18 @@ impl Handle {
         T: Send + 'static,
         F: FnOnce(&dyn CryptoBackend) -> Result<T, BackendError> + Send + 'static,
     {
+        let started = std::time::Instant::now();
+        let result = self.call_inner(f).await;
+        metrics::histogram!("xks_backend_call_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn call_inner<T, F>(&self, f: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn CryptoBackend) -> Result<T, BackendError> + Send + 'static,
+    {
         if !self.backend.may_block() {
             return f(&*self.backend);
         }

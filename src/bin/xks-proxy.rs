@@ -48,6 +48,41 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// SigV4 credentials for KMS.
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
+    /// Print the proxy configuration file the KMS console imports for one path prefix
+    /// (XksProxyUriPath + XksProxyAuthenticationCredential).
+    KmsConfig {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+        /// The path prefix ("" for none).
+        #[arg(long)]
+        prefix: String,
+        /// Which credential of the prefix (default: the last listed, i.e. the newest).
+        #[arg(long)]
+        access_key_id: Option<String>,
+    },
+    /// Check a config end to end and print a report; exit code 0 only if all pass.
+    Doctor {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+        /// The DNS name KMS will use (checked against the certificate).
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CredentialsCommand {
+    /// Make a new access key id (20 chars of A-Z2-7) and secret (44 chars, 256 bits).
+    New {
+        /// Print JSON instead of two lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -149,6 +184,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
         Command::Keys { command } => keys(command),
+        Command::Credentials {
+            command: CredentialsCommand::New { json },
+        } => {
+            let (akid, secret) = xks_proxy::config::generate_credential();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"AccessKeyId": akid, "RawSecretAccessKey": secret.expose()})
+                );
+            } else {
+                println!("access key id: {akid}\nsecret:        {}", secret.expose());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::KmsConfig {
+            config,
+            prefix,
+            access_key_id,
+        } => {
+            let cfg = load(&config)?;
+            let ks = cfg
+                .keystores
+                .iter()
+                .find(|k| k.path_prefix == prefix)
+                .with_context(|| format!("no [[keystores]] with path_prefix = \"{prefix}\" in {}", config.display()))?;
+            let cred = match &access_key_id {
+                Some(id) => ks.credentials.iter().find(|c| &c.access_key_id == id),
+                None => ks.credentials.last(),
+            }
+            .context("no such credential in that keystore")?;
+            let doc = serde_json::json!({
+                "XksProxyUriPath": format!("{prefix}{}", xks_proxy::config::XKS_BASE),
+                "XksProxyAuthenticationCredential": {
+                    "AccessKeyId": cred.access_key_id,
+                    "RawSecretAccessKey": cred.secret.expose(),
+                }
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { config, endpoint } => Ok(xks_proxy::doctor::run(&config, endpoint.as_deref())),
     }
 }
 
@@ -204,41 +280,70 @@ async fn wait_for_signals(
         std::future::pending::<()>().await;
         return;
     };
+    let reloader = running.reloader();
+    // Optional file watch: poll modification times (no inotify dependency; works on
+    // Kubernetes ConfigMap/Secret symlink swaps too, since metadata() follows links).
+    let watch = cfg.reload_watch.zip(config_path.map(Path::to_path_buf));
+    let mut stamps = watched_stamps(&cfg.watched_files);
+    let mut watched = cfg.watched_files.clone();
+    let mut tick = tokio::time::interval(watch.as_ref().map(|w| w.0).unwrap_or(std::time::Duration::from_secs(3600)));
+    tick.tick().await;
     loop {
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
-            _ = hup.recv() => reload(running, cfg, config_path),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                if let Some(new) = reload(&reloader, config_path).await {
+                    stamps = watched_stamps(&new);
+                    watched = new;
+                }
+            }
+            _ = tick.tick(), if watch.is_some() => {
+                let now = watched_stamps(&watched);
+                if now != stamps {
+                    tracing::info!("a watched file changed: reloading");
+                    stamps = now;
+                    if let Some(new) = reload(&reloader, config_path).await {
+                        stamps = watched_stamps(&new);
+                        watched = new;
+                    }
+                }
+            }
         }
     }
 }
 
-/// SIGHUP: re-read the config's credentials and allow-lists, and the backend's keys.
-/// A config that fails validation changes nothing.
-fn reload(running: &xks_proxy::server::Running, current: &Config, config_path: Option<&Path>) {
-    if let Some(path) = config_path {
-        match Config::load(path) {
-            Ok(new) => match xks_proxy::api::Tenants::from_config(&new.keystores) {
-                Ok(t) => {
-                    running.api.replace_tenants(t);
-                    tracing::info!(
-                        "reloaded credentials and allow-lists from {}",
-                        path.display()
-                    );
-                }
-                Err(e) => tracing::error!(error = %e, "reload refused; keeping the old config"),
-            },
-            Err(e) => tracing::error!(error = %e, "reload refused; keeping the old config"),
+fn watched_stamps(files: &[PathBuf]) -> Vec<Option<std::time::SystemTime>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Re-reads the config and applies it; a config that fails validation changes nothing.
+/// Returns the new list of watched files on success.
+async fn reload(
+    reloader: &xks_proxy::server::Reloader,
+    config_path: Option<&Path>,
+) -> Option<Vec<PathBuf>> {
+    let Some(path) = config_path else {
+        // The demo has no file: only the backend's keys can change.
+        return None;
+    };
+    match Config::load(path) {
+        Ok(new) => match reloader.reload(&new).await {
+            Ok(()) => Some(new.watched_files),
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; keeping the old config");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused; keeping the old config");
+            None
         }
     }
-    let _ = current;
-    let backend = running.api.backend().clone();
-    tokio::spawn(async move {
-        match backend.call(|b| b.reload()).await {
-            Ok(()) => tracing::info!("backend reloaded"),
-            Err(e) => tracing::error!(error = %e, "backend reload failed; keeping the old keys"),
-        }
-    });
 }
 
 #[cfg(not(unix))]

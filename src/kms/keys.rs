@@ -614,8 +614,8 @@ impl Emulator {
                 )));
             }
             key.origin = Origin::ExternalKeyStore;
-            key.custom_key_store_id = Some(store_id);
-            key.xks_key_id = Some(xks_key_id);
+            key.custom_key_store_id = Some(store_id.clone());
+            key.xks_key_id = Some(xks_key_id.clone());
             self.store().transact(|st, ch| {
                 check(st)?;
                 st.keys.insert(id.clone(), key);

@@ -167,7 +167,7 @@ const KNOWN_UNIMPLEMENTED: &[&str] = &[
 pub async fn handle<B>(emulator: &Emulator, req: Request<B>) -> Response<Full<Bytes>>
 where
     B: hyper::body::Body + Send,
-    B::Error: std::fmt::Display,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
@@ -234,7 +234,14 @@ where
         }
         Err(e) => {
             let (name, status) = wire(e.exception);
-            tracing::info!(request_id = %request_id, op = op_name, outcome = name, elapsed_ms, "request");
+            tracing::info!(
+                request_id = %request_id,
+                op = op_name,
+                outcome = name,
+                status = status.as_u16(),
+                elapsed_ms,
+                "request"
+            );
             error_response(&request_id, &e)
         }
     }

@@ -377,7 +377,7 @@ mod tests {
         assert!(!is_secret("a-b"));
         assert!(is_xks_key_id("key-1_a.b"));
         assert!(!is_xks_key_id("key/1"));
-        assert!(is_cluster_id("cluster-1a23b4cdefg"));
+        assert!(is_cluster_id("cluster-2a23b4cdefg"));
         assert!(!is_cluster_id("cluster-1a23b"));
         assert!(is_account_id("111122223333"));
         assert!(!is_account_id("11112222333"));

@@ -408,19 +408,16 @@ fn classify(e: &reqwest::Error) -> XksFailure {
         if err.downcast_ref::<rustls::Error>().is_some() {
             return XksFailure::Tls;
         }
-        // `io::Error::source` skips the wrapped error itself, so look inside.
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-            {
-                return XksFailure::Tls;
-            }
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return XksFailure::TimedOut;
-            }
-        }
-        source = err.source();
+        source = match err.downcast_ref::<std::io::Error>() {
+            Some(io) if io.kind() == std::io::ErrorKind::TimedOut => return XksFailure::TimedOut,
+            // `io::Error::source` skips the error it wraps (hyper-util wraps
+            // tokio-rustls's io::Error in another one), so step into it explicitly.
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => None,
+            },
+            None => err.source(),
+        };
     }
     if e.is_connect() {
         XksFailure::Unreachable
@@ -513,7 +510,8 @@ fn check_encrypt(
             &resp.ciphertext.0,
             &resp.authentication_tag.0,
         );
-        if !ring::constant_time::verify_slices_are_equal(&got.0, &want).is_ok() {
+        // The CDIV is an integrity check, not a secret: a plain comparison is fine.
+        if got.0 != want {
             return Err(XksFailure::Malformed("CDIV mismatch"));
         }
     }

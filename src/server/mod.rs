@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::Api;
@@ -39,6 +40,8 @@ pub enum ServeError {
     Tls(#[from] tls::TlsError),
     #[error("invalid credentials: {0}")]
     Credentials(#[from] crate::sigv4::DuplicateAccessKeyId),
+    #[error("authorization policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
 }
 
 /// A started proxy: its addresses and the way to stop it.
@@ -50,9 +53,62 @@ pub struct Running {
     pub ping_addr: Option<SocketAddr>,
     /// `https` or `http`.
     pub scheme: &'static str,
+    /// Where the admin (metrics) listener is bound, if configured.
+    pub admin_addr: Option<SocketAddr>,
     pub api: Arc<Api>,
+    reloader: Reloader,
     shutdown: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
+}
+
+/// Applies a new config to a running proxy without dropping a connection: everything is
+/// built first, then swapped in at once; on any error nothing changes.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    api: Arc<Api>,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    cert_days: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Reloader {
+    /// Reloads credentials, allow-lists, quotas, the policy, the TLS certificate and
+    /// client CA, and the backend's keys. Listen addresses, limits and the backend kind
+    /// need a restart (they are not reloaded).
+    pub async fn reload(&self, config: &Config) -> Result<(), ServeError> {
+        let tenants = crate::api::Tenants::from_config(&config.keystores)?;
+        let policy = load_policy(config)?;
+        let tls = match (&self.tls, &config.server.tls) {
+            (Some(_), Some(t)) => Some((
+                tls::server_config(t, config.server.client_auth.as_ref())?,
+                tls::days_to_expiry(t).unwrap_or(i64::MIN),
+            )),
+            _ => None,
+        };
+        // Everything built: swap. In-flight requests keep what they started with; new
+        // handshakes get the new certificate.
+        self.api.replace_tenants(tenants);
+        self.api.replace_policy(policy);
+        if let (Some(slot), Some((cfg, days))) = (&self.tls, tls) {
+            slot.store(cfg);
+            self.cert_days.store(days, Ordering::Release);
+        }
+        if let Err(e) = self.api.backend().call(|b| b.reload()).await {
+            tracing::error!(error = %e, "backend reload failed; keeping its old keys");
+        }
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+}
+
+fn load_policy(config: &Config) -> Result<Option<Arc<crate::policy::Policy>>, ServeError> {
+    match &config.policy_file {
+        None => Ok(None),
+        Some(path) => {
+            let policy = crate::policy::Policy::from_file(path)?;
+            tracing::info!(file = %path.display(), policies = ?policy.policy_ids(), "secondary authorization policy loaded");
+            Ok(Some(Arc::new(policy)))
+        }
+    }
 }
 
 impl Running {
@@ -64,6 +120,11 @@ impl Running {
     /// Waits until every listener has drained (or the grace period ran out).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// The handle that applies a new config (SIGHUP, file watch).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// The base URL of the XKS listener.
@@ -83,15 +144,20 @@ pub async fn start(
             addr: config.server.listen,
             source,
         })?;
-    let ping_listener = match config.server.ping_listen {
-        Some(addr) => Some(
+    let ping_listener = bind_optional(config.server.ping_listen).await?;
+    let admin_listener = bind_optional(config.admin_listen).await?;
+    start_on(config, backend, listener, ping_listener, admin_listener).await
+}
+
+async fn bind_optional(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ServeError> {
+    match addr {
+        Some(addr) => Ok(Some(
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::Bind { addr, source })?,
-        ),
-        None => None,
-    };
-    start_on(config, backend, listener, ping_listener).await
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Like [`start`], on listeners the caller bound (tests, socket activation).
@@ -100,9 +166,18 @@ pub async fn start_on(
     backend: Arc<dyn CryptoBackend>,
     listener: TcpListener,
     ping_listener: Option<TcpListener>,
+    admin_listener: Option<TcpListener>,
 ) -> Result<Running, ServeError> {
+    let cert_days = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
     let tls = match &config.server.tls {
-        Some(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+        Some(t) => {
+            let cfg = tls::server_config(t, config.server.client_auth.as_ref())?;
+            cert_days.store(tls::days_to_expiry(t).unwrap_or(i64::MIN), Ordering::Release);
+            if config.server.client_auth.is_some() {
+                tracing::info!("mTLS on: clients must present a certificate with a configured subject name");
+            }
+            Some(Arc::new(ArcSwap::new(cfg)))
+        }
         None => {
             tracing::warn!(
                 "serving PLAIN HTTP (server.insecure_plain_http = true): only safe behind a TLS-terminating load balancer on a private network"
@@ -116,6 +191,12 @@ pub async fn start_on(
     let handle = Handle::new(backend, limits);
     let health = HealthMonitor::start(&handle, config.health.clone(), ekm_vendor).await;
     let api = Arc::new(Api::new(config, handle.clone(), Arc::clone(&health))?);
+    api.replace_policy(load_policy(config)?);
+    let reloader = Reloader {
+        api: Arc::clone(&api),
+        tls: tls.clone(),
+        cert_days: Arc::clone(&cert_days),
+    };
 
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: config.server.listen,
@@ -135,7 +216,18 @@ pub async fn start_on(
     let ping_addr = match ping_listener {
         Some(l) => {
             let addr = l.local_addr().ok();
-            tasks.spawn(ping_loop(l, health, shutdown_rx));
+            tasks.spawn(side_loop(l, Side::Ping, Arc::clone(&api), Arc::clone(&cert_days), shutdown_rx.clone()));
+            addr
+        }
+        None => None,
+    };
+    let admin_addr = match admin_listener {
+        Some(l) => {
+            let addr = l.local_addr().ok();
+            if crate::telemetry::prometheus().is_none() {
+                tracing::warn!("another metrics recorder is installed; /metrics will be empty");
+            }
+            tasks.spawn(side_loop(l, Side::Admin, Arc::clone(&api), Arc::clone(&cert_days), shutdown_rx));
             addr
         }
         None => None,
@@ -144,7 +236,9 @@ pub async fn start_on(
         local_addr,
         ping_addr,
         scheme,
+        admin_addr,
         api,
+        reloader,
         shutdown,
         tasks,
     })
@@ -152,7 +246,7 @@ pub async fn start_on(
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     api: Arc<Api>,
     settings: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
@@ -181,7 +275,8 @@ async fn accept_loop(
         };
         // Nagle would add up to 40 ms to small responses (measured: p99.9 26 ms on c=1).
         let _ = tcp.set_nodelay(true);
-        let tls = tls.clone();
+        // The config current at accept time: a reload changes it for new connections.
+        let tls = tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
         let api = Arc::clone(&api);
         let settings = Arc::clone(&settings);
         let shutdown = shutdown.clone();
@@ -311,10 +406,20 @@ async fn serve_connection<S>(
     }
 }
 
-/// The plain-HTTP listener for load-balancer health checks: `GET /ping` only.
-async fn ping_loop(
+/// What a side listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Plain HTTP for load-balancer health checks: `GET /ping` only.
+    Ping,
+    /// The admin listener: `GET /metrics` (Prometheus text) and `GET /ping`.
+    Admin,
+}
+
+async fn side_loop(
     listener: TcpListener,
-    health: Arc<HealthMonitor>,
+    side: Side,
+    api: Arc<Api>,
+    cert_days: Arc<std::sync::atomic::AtomicI64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -329,19 +434,22 @@ async fn ping_loop(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let health = Arc::clone(&health);
+        let api = Arc::clone(&api);
+        let cert_days = Arc::clone(&cert_days);
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let health = Arc::clone(&health);
+                let api = Arc::clone(&api);
+                let cert_days = Arc::clone(&cert_days);
                 async move {
-                    let resp = if req.uri().path() == "/ping"
-                        && (req.method() == http::Method::GET || req.method() == http::Method::HEAD)
-                    {
-                        crate::api::ping_response(health.serving())
-                    } else {
-                        let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
-                        *r.status_mut() = http::StatusCode::NOT_FOUND;
-                        r
+                    let get = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
+                    let resp = match (side, req.uri().path(), get) {
+                        (_, "/ping", true) => crate::api::ping_response(api.health().serving()),
+                        (Side::Admin, "/metrics", true) => metrics_response(&api, &cert_days),
+                        _ => {
+                            let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+                            *r.status_mut() = http::StatusCode::NOT_FOUND;
+                            r
+                        }
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -353,4 +461,53 @@ async fn ping_loop(
                 .await;
         });
     }
+}
+
+/// Refreshes the gauges that are read, not counted, then renders the registry.
+fn metrics_response(api: &Api, cert_days: &std::sync::atomic::AtomicI64) -> Response<Full<Bytes>> {
+    let Some(handle) = crate::telemetry::prometheus() else {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"metrics recorder unavailable\n")));
+        *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        return r;
+    };
+    let backend = api.backend();
+    metrics::gauge!("xks_backend_calls_in_flight").set(backend.in_flight() as f64);
+    metrics::gauge!("xks_backend_calls_waiting").set(backend.waiting() as f64);
+    for e in api.health().current() {
+        for state in [
+            crate::backend::HealthState::Active,
+            crate::backend::HealthState::Degraded,
+            crate::backend::HealthState::Unavailable,
+        ] {
+            metrics::gauge!(
+                "xks_ekm_health_status",
+                "id" => e.id.clone(),
+                "model" => e.model.clone(),
+                "status" => state.as_str()
+            )
+            .set(if e.state == state { 1.0 } else { 0.0 });
+        }
+    }
+    let days = cert_days.load(Ordering::Acquire);
+    if days != i64::MIN {
+        metrics::gauge!("xks_tls_certificate_days_to_expiry").set(days as f64);
+    }
+    let now = std::time::SystemTime::now();
+    for tenant in api.tenants().iter() {
+        for (akid, since) in &tenant.credential_since {
+            let age = now.duration_since(*since).unwrap_or_default().as_secs_f64() / 86_400.0;
+            metrics::gauge!(
+                "xks_credential_age_days",
+                "prefix" => tenant.prefix.clone(),
+                "access_key_id" => akid.clone()
+            )
+            .set(age.floor());
+        }
+    }
+    let mut r = Response::new(Full::new(Bytes::from(handle.render())));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
 }

@@ -1,5 +1,7 @@
 //! The rustls `ServerConfig`: TLS 1.2 and 1.3 restricted to the four cipher suites the
-//! spec names, ALPN `h2` + `http/1.1`, ECDSA or RSA server keys.
+//! spec names, ALPN `h2` + `http/1.1`, ECDSA or RSA server keys, and optional mTLS whose
+//! subject-name rule is enforced *inside* the handshake (spec: the handshake MUST be
+//! refused for any other subject or chain).
 
 use std::sync::Arc;
 
@@ -7,7 +9,13 @@ use rustls::crypto::{CryptoProvider, ring};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::TlsConfig;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::pki_types::UnixTime;
+
+use crate::config::{ClientAuthConfig, TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -17,6 +25,8 @@ pub enum TlsError {
     PrivateKey { path: String, reason: String },
     #[error("the certificate and private key are not usable together: {0}")]
     Mismatch(String),
+    #[error("cannot use the client CA bundle {path}: {reason}")]
+    ClientCa { path: String, reason: String },
 }
 
 /// The spec's suites (xks-api.md §Transport): two for TLS 1.3, two for TLS 1.2.
@@ -91,16 +101,164 @@ fn pem_error_kind(e: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
-/// The server's TLS configuration.
-pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The server's TLS configuration, with mTLS when `client_auth` is set.
+pub fn server_config(
+    tls: &TlsConfig,
+    client_auth: Option<&ClientAuthConfig>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let (certs, key) = load_identity(tls)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+    let provider = Arc::new(provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Mismatch(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| TlsError::Mismatch(e.to_string()))?;
+    let builder = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => builder.with_client_cert_verifier(client_verifier(auth, provider)?),
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Mismatch(e.to_string()))?;
     // The spec requires HTTP/1.1 fallback; KMS may use either.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The mTLS verifier: the chain must verify to `auth.ca` (validity dates included), and
+/// the leaf must carry one of `auth.subjects` as its CN or a DNS SAN.
+fn client_verifier(
+    auth: &ClientAuthConfig,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let path = auth.ca.display().to_string();
+    let err = |reason: String| TlsError::ClientCa {
+        path: path.clone(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&auth.ca)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| err(e.to_string()))?;
+    for cert in certs {
+        roots.add(cert).map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no CERTIFICATE block found".into()));
+    }
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    Ok(Arc::new(SubjectVerifier {
+        inner,
+        subjects: auth.subjects.clone(),
+    }))
+}
+
+/// Wraps the WebPKI client verifier with the spec's subject-name rule.
+#[derive(Debug)]
+struct SubjectVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    subjects: Vec<String>,
+}
+
+/// The CN values and DNS SANs of a certificate (lower-cased).
+pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    Ok(names)
+}
+
+impl ClientCertVerifier for SubjectVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Chain and validity first: a wrong CA or an expired certificate fails here.
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let names = certificate_names(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if self
+            .subjects
+            .iter()
+            .any(|want| names.iter().any(|n| n.eq_ignore_ascii_case(want)))
+        {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            tracing::warn!(
+                presented = ?names,
+                "mTLS: client certificate does not carry a required subject name; handshake refused"
+            );
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Days until the leaf certificate expires (negative once expired).
+pub fn days_to_expiry(tls: &TlsConfig) -> Result<i64, TlsError> {
+    let (certs, _key) = load_identity(tls)?;
+    let leaf = certs.first().ok_or_else(|| TlsError::Certificate {
+        path: "(leaf)".into(),
+        reason: "empty chain".into(),
+    })?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| TlsError::Certificate {
+        path: "(leaf)".into(),
+        reason: e.to_string(),
+    })?;
+    let not_after = cert.validity().not_after.timestamp();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Ok((not_after - now).div_euclid(86_400))
 }

@@ -84,8 +84,6 @@ pub(crate) enum Op {
     Lookup,
     Encrypt,
     Decrypt,
-    /// Session/token housekeeping (open, login, token info, health round trip).
-    Session,
 }
 
 /// A classified PKCS#11 failure: the error a caller sees and what the backend does.
@@ -168,7 +166,7 @@ pub(crate) fn classify(err: &CkError, op: Op) -> Fault {
         RvError::KeyFunctionNotPermitted | RvError::KeyTypeInconsistent => match op {
             Op::Decrypt => Fault::Final(BackendError::UsageNotAllowed(KeyUsage::Decrypt)),
             Op::Encrypt => Fault::Final(BackendError::UsageNotAllowed(KeyUsage::Encrypt)),
-            Op::Lookup | Op::Session => Fault::Final(BackendError::Failed(name)),
+            Op::Lookup => Fault::Final(BackendError::Failed(name)),
         },
 
         // --- this session is unusable; a fresh one may work ---
@@ -321,7 +319,7 @@ mod tests {
             (
                 R::GeneralError,
                 F::GetTokenInfo,
-                Op::Session,
+                Op::Lookup,
                 Fault::TokenLost("CKR_GENERAL_ERROR".into()),
             ),
             (
@@ -439,20 +437,20 @@ mod tests {
             (
                 R::SlotIdInvalid,
                 F::OpenSession,
-                Op::Session,
+                Op::Lookup,
                 Fault::TokenLost("CKR_SLOT_ID_INVALID".into()),
             ),
             (
                 R::PinIncorrect,
                 F::Login,
-                Op::Session,
+                Op::Lookup,
                 Fault::TokenLost("CKR_PIN_INCORRECT".into()),
             ),
             // Resource exhaustion.
             (
                 R::SessionCount,
                 F::OpenSession,
-                Op::Session,
+                Op::Lookup,
                 Fault::Final(B::Busy),
             ),
             (
@@ -531,7 +529,7 @@ mod tests {
 
     #[test]
     fn non_return_code_errors_never_leak_details() {
-        let f = classify(&CkError::PinNotSet, Op::Session);
+        let f = classify(&CkError::PinNotSet, Op::Lookup);
         assert_eq!(f, Fault::Final(BackendError::Failed("PIN not set".into())));
         let e = Pkcs11Error::call(&err(RvError::PinIncorrect, Function::Login));
         assert_eq!(e.to_string(), "PKCS#11 C_Login failed: CKR_PIN_INCORRECT");

@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(s.iv, vec![3; IV_LEN]);
         assert!(s.ciphertext.is_empty());
         for policy in [IvPolicy::ZeroFilledReturned, IvPolicy::HsmGenerated] {
-            let err = split_output(policy, [0; IV_LEN], 4, out(4, false)).unwrap_err();
+            let err = split_output(policy, [0; IV_LEN], 4, out(4, false)).expect_err("must fail");
             assert!(
                 matches!(err, Fault::Final(BackendError::Failed(_))),
                 "{err:?}"

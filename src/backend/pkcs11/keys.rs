@@ -8,7 +8,9 @@
 //! AES-256. Usages come from the `CKA_*` flags, which we check ourselves before any
 //! crypto (some HSMs do not enforce them, and their error codes differ).
 
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
 use time::{Date, Month};
 
 use super::settings::KeyIdAttribute;
@@ -28,6 +30,35 @@ pub(crate) const INFO_ATTRIBUTES: [AttributeType; 11] = [
     AttributeType::Derive,
     AttributeType::EndDate,
 ];
+
+/// Reads a key's [`KeyInfo`] in one C_GetAttributeValue round.
+///
+/// SoftHSM 2.6 cannot read back `CKA_START_DATE`/`CKA_END_DATE` of a private object
+/// (it stores them in clear and tries to decrypt them: CKR_GENERAL_ERROR; SoftHSMv2
+/// issues #655/#804). So on CKR_GENERAL_ERROR the attributes are read again without the
+/// date, and the date counts as unreadable, which disables the key (fail closed). A
+/// second failure is returned as is (the token may be gone; the caller checks).
+pub(crate) fn read_key_info(session: &Session, handle: ObjectHandle) -> Result<KeyInfo, CkError> {
+    match session.get_attributes(handle, &INFO_ATTRIBUTES) {
+        Ok(attrs) => Ok(KeyInfo::from_attributes(&attrs)),
+        Err(first @ CkError::Pkcs11(RvError::GeneralError, _)) => {
+            let without_date: Vec<AttributeType> = INFO_ATTRIBUTES
+                .iter()
+                .copied()
+                .filter(|t| *t != AttributeType::EndDate)
+                .collect();
+            match session.get_attributes(handle, &without_date) {
+                Ok(attrs) => {
+                    let mut info = KeyInfo::from_attributes(&attrs);
+                    info.end_date = EndDate::Unreadable;
+                    Ok(info)
+                }
+                Err(_) => Err(first),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// `CKA_END_DATE` as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

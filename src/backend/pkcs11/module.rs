@@ -136,6 +136,16 @@ impl Module {
         tokens.push(Arc::downgrade(token));
     }
 
+    /// Whether a token on this module other than `me` is serving (a re-initialisation
+    /// would interrupt it).
+    pub(crate) fn others_up(&self, me: &Token) -> bool {
+        let tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        tokens
+            .iter()
+            .filter_map(Weak::upgrade)
+            .any(|t| !std::ptr::eq(Arc::as_ptr(&t), me) && t.is_up())
+    }
+
     /// A read guard, waiting at most `wait` for a re-initialisation to finish. Fails
     /// with a named `Unavailable` rather than queueing requests behind recovery.
     pub(crate) fn enter(&self, wait: Duration) -> Result<ModuleGuard<'_>, Fault> {
@@ -182,6 +192,7 @@ impl Module {
     /// C_Initialize as a code name on failure.
     pub(crate) fn reinitialize(&self, seen_generation: u64) -> Result<(), String> {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let started = Instant::now();
         if state.generation != seen_generation && state.initialized {
             return Ok(());
         }
@@ -217,7 +228,6 @@ impl Module {
                 return Err(code);
             }
         }
-        tracing::info!(module = %self.path.display(), generation = state.generation, "PKCS#11 module re-initialised");
         let now = Exclusive {
             ctx: &self.ctx,
             generation: state.generation,
@@ -227,6 +237,12 @@ impl Module {
                 tracing::warn!(token = %t.selector, %code, "PKCS#11 token not back after re-initialisation");
             }
         }
+        tracing::info!(
+            module = %self.path.display(),
+            generation = state.generation,
+            took_ms = started.elapsed().as_millis() as u64,
+            "PKCS#11 module re-initialised"
+        );
         Ok(())
     }
 

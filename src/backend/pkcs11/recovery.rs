@@ -15,7 +15,9 @@
 //!      its token directory disappears, the in-memory token stays invalid
 //!      (CKR_GENERAL_ERROR from C_GetTokenInfo, empty searches) even after the
 //!      directory returns, until the library is re-initialised.
-//!    - a refused PIN is never retried (it would lock the token).
+//!    - a refused PIN is never retried (it would lock the token);
+//!    - a token never found since start does not get full attempts while other tokens
+//!      on its module serve (a label typo must not disrupt them every few seconds).
 //! 3. Sleep until the next probe or attempt is due, or until a request reports a loss.
 //!
 //! Backoff: 100 ms doubling to `recovery_backoff_max_ms` (default 2 s), so a returning
@@ -127,6 +129,13 @@ fn recover(t: &Token) -> Result<(), String> {
     };
     if let Some(code) = t.login_refused() {
         return Err(code);
+    }
+    // A token never seen since start (absent, or a typo in its label) must not make us
+    // re-initialise a module that is serving other tokens every few seconds: only
+    // light attempts for it. A token that was serving and got lost may re-initialise
+    // (that is what brings a SoftHSM token back).
+    if t.ident().is_none() && t.module.others_up(t) {
+        return Err(light_code);
     }
     tracing::debug!(token = %t.selector, code = %light_code, "light PKCS#11 recovery failed; re-initialising the module");
     t.module.reinitialize(seen_generation)?;

@@ -600,9 +600,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused() {
-        let err = parse(&format!("{MINIMAL}\nuser_pin = \"1234\"")).unwrap_err();
+        let err = parse(&format!("{MINIMAL}\nuser_pin = \"1234\"")).expect_err("must fail");
         assert!(err.contains("user_pin"), "{err}");
-        let err = parse(&format!("{MINIMAL}\n[[failover]]\nlabel = \"x\"")).unwrap_err();
+        let err = parse(&format!("{MINIMAL}\n[[failover]]\nlabel = \"x\"")).expect_err("must fail");
         assert!(err.contains("label"), "{err}");
     }
 
@@ -696,17 +696,21 @@ mod tests {
             user_pin_env: None,
             user_pin_file: Some("/abs/pin".into()),
         }];
-        s.validate(Path::new("/etc/xks")).expect("valid once resolved");
-        let err = s.plan().unwrap_err();
+        s.validate(Path::new("/etc/xks"))
+            .expect("valid once resolved");
+        let err = s.plan().expect_err("must fail");
         assert!(matches!(err, Pkcs11Error::InvalidSetting { ref key, .. } if key == "module"));
         s.resolve_paths(Path::new("/etc/xks"));
         assert_eq!(s.module, PathBuf::from("/etc/xks/lib/softhsm2.so"));
         assert_eq!(s.user_pin_file, Some(PathBuf::from("/etc/xks/pin.txt")));
-        assert_eq!(s.failover[0].module, Some(PathBuf::from("/etc/xks/other.so")));
+        assert_eq!(
+            s.failover[0].module,
+            Some(PathBuf::from("/etc/xks/other.so"))
+        );
         assert_eq!(s.failover[0].user_pin_file, Some(PathBuf::from("/abs/pin")));
         let mut bad = parse(MINIMAL).expect("parses");
         bad.pool_size = 0;
-        let e = bad.validate(Path::new("/")).unwrap_err();
+        let e = bad.validate(Path::new("/")).expect_err("must fail");
         assert_eq!(e.key, "pool_size");
         assert!(e.to_string().contains("pool_size"), "{e}");
     }
@@ -719,14 +723,17 @@ mod tests {
         let pin = PinSource::File(path.clone()).resolve("").expect("reads");
         assert_eq!(pin.expose(), "98765");
         std::fs::write(&path, "\n").expect("write");
-        let err = PinSource::File(path).resolve("").unwrap_err().to_string();
+        let err = PinSource::File(path)
+            .resolve("")
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("empty"), "{err}");
         let missing = PinSource::File(dir.path().join("nope")).resolve("failover[0].");
-        let err = missing.unwrap_err().to_string();
+        let err = missing.expect_err("must fail").to_string();
         assert!(err.contains("failover[0].user_pin_file"), "{err}");
         let err = PinSource::Env("XKS_TEST_SURELY_UNSET_PIN_VAR".into())
             .resolve("")
-            .unwrap_err()
+            .expect_err("must fail")
             .to_string();
         assert!(err.contains("XKS_TEST_SURELY_UNSET_PIN_VAR"), "{err}");
     }

@@ -32,7 +32,7 @@ use cryptoki::slot::{Slot, TokenInfo};
 use cryptoki::types::AuthPin;
 
 use super::errors::{Fault, Op, ckr_name, classify, error_code};
-use super::keys::{INFO_ATTRIBUTES, KeyInfo, choose, id_template};
+use super::keys::{KeyInfo, choose, id_template, read_key_info};
 use super::module::{Exclusive, Module, ModuleGuard};
 use super::settings::{IvPolicy, KeyIdAttribute, Selector};
 use crate::backend::{BackendError, EkmHealth};
@@ -365,8 +365,11 @@ impl Token {
     ///
     /// Healthy tokens sharing the module are only paused here (no "lost" record): they
     /// are rebuilt before the write lock is released.
+    ///
+    /// `up` is left as it is: requests already wait on the module lock (briefly), and
+    /// a token rebuilt before the lock is released never looks down to them. A token
+    /// that fails to rebuild is marked down then.
     pub(crate) fn teardown(&self, ex: &Exclusive<'_>) {
-        self.up.store(false, Ordering::Release);
         self.teardown_with(ex.ctx, ex.generation);
     }
 
@@ -552,6 +555,19 @@ impl Token {
                     lease.discard();
                     lease = self.checkout(&guard, deadline)?;
                 }
+                Err(Fault::TokenLost(code)) if code == ckr_name(RvError::GeneralError) => {
+                    // CKR_GENERAL_ERROR is what SoftHSM answers once its token is gone,
+                    // but also what some HSMs answer for one odd object or request:
+                    // only a token that fails C_GetTokenInfo too is lost.
+                    return match self.confirm_alive(&guard) {
+                        Ok(()) => Err(Fault::Final(BackendError::Failed(code))),
+                        Err(lost) => {
+                            lease.discard();
+                            self.mark_down(&lost.clone().code());
+                            Err(lost)
+                        }
+                    };
+                }
                 Err(Fault::SessionLost(code)) | Err(Fault::TokenLost(code)) => {
                     lease.discard();
                     self.mark_down(&code);
@@ -661,13 +677,11 @@ impl Token {
             if k.fetched.elapsed() < self.shared.attributes_refresh {
                 return Ok(Some(k));
             }
-            let attrs = lease
-                .session()
-                .get_attributes(k.handle, &INFO_ATTRIBUTES)
-                .map_err(|e| classify(&e, Op::Lookup))?;
+            let info =
+                read_key_info(lease.session(), k.handle).map_err(|e| classify(&e, Op::Lookup))?;
             let fresh = Arc::new(CachedKey {
                 handle: k.handle,
-                info: KeyInfo::from_attributes(&attrs),
+                info,
                 generation: k.generation,
                 fetched: Instant::now(),
             });
@@ -685,11 +699,7 @@ impl Token {
             .map_err(|e| classify(&e, Op::Lookup))?;
         let mut infos = Vec::with_capacity(handles.len());
         for h in &handles {
-            let attrs = lease
-                .session()
-                .get_attributes(*h, &INFO_ATTRIBUTES)
-                .map_err(|e| classify(&e, Op::Lookup))?;
-            infos.push(KeyInfo::from_attributes(&attrs));
+            infos.push(read_key_info(lease.session(), *h).map_err(|e| classify(&e, Op::Lookup))?);
         }
         match choose(&infos) {
             Ok(None) => Ok(None),

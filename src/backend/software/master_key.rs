@@ -26,7 +26,10 @@ impl MasterKey {
     /// Reads the key from environment variable `var`: standard base64 of 32 bytes,
     /// surrounding whitespace ignored. Errors name `var`, never its value.
     pub fn from_env(var: &str) -> Result<Self, KeystoreError> {
-        let Some(value) = std::env::var_os(var) else {
+        // Names no environment can hold are "unset", never handed to the OS (std
+        // documents that it may panic on them).
+        let nameable = !var.is_empty() && !var.contains(['=', '\0']);
+        let Some(value) = nameable.then(|| std::env::var_os(var)).flatten() else {
             return Err(KeystoreError::MasterKeyEnvUnset {
                 var: var.to_owned(),
             });
@@ -153,6 +156,16 @@ mod tests {
         // Base64 of 16 bytes: valid base64, wrong length.
         assert!(decode_base64(STANDARD.encode([1u8; 16]).as_bytes()).is_none());
         assert!(decode_base64(b"not base64 at all!").is_none());
+    }
+
+    #[test]
+    fn impossible_env_var_names_are_unset_not_a_panic() {
+        for var in ["", "A=B", "A\0B"] {
+            assert!(matches!(
+                MasterKey::from_env(var),
+                Err(KeystoreError::MasterKeyEnvUnset { .. })
+            ));
+        }
     }
 
     #[test]

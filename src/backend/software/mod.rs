@@ -194,6 +194,12 @@ fn usable<'k>(
 }
 
 impl CryptoBackend for SoftwareBackend {
+    fn reload(&self) -> Result<(), BackendError> {
+        // Inherent reload keeps the old keystore on error; the reason goes to the log
+        // (it names the file, never key material).
+        SoftwareBackend::reload(self).map_err(|e| BackendError::Failed(e.to_string()))
+    }
+
     fn key_metadata(&self, key: &str) -> Result<KeyMetadata, BackendError> {
         self.simulate_latency();
         let keystore = self.keystore.load();

@@ -1,0 +1,316 @@
+//! The command line of `xks-bench` (clap derive): one subcommand per role — the load
+//! generator (`run`), the servers it measures against (`null-server`, `proxy-server`),
+//! the figure suite behind benches/README.md (`figures`) and the plain PKCS#11 loop
+//! (`softhsm-loop`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xks-bench",
+    version,
+    about = "KMS-like load generator for XKS proxies, plus the servers and figure suite it is measured with"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Drive an XKS endpoint like KMS does and report throughput, errors and latency.
+    Run(Box<RunArgs>),
+    /// Bare hyper + rustls on the proxy's exact TLS config, answering a fixed JSON 200:
+    /// the ceiling of our stack on this machine.
+    NullServer(NullServerArgs),
+    /// Our proxy in-process with a fresh software keystore (or a config you give).
+    ProxyServer(ProxyServerArgs),
+    /// The benches/README.md figure suite: every proxy figure next to the null server,
+    /// measured in the same run.
+    Figures(Box<FiguresArgs>),
+    /// A plain PKCS#11 AES-GCM loop in-process (cached key handle): what a SoftHSM-backed
+    /// proxy is compared with.
+    SofthsmLoop(SofthsmLoopArgs),
+}
+
+/// Which XKS call to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpArg {
+    /// Encrypt: 32-byte plaintext, ~100-byte AAD, CDIV requested (the GenerateDataKey case).
+    Encrypt,
+    /// Decrypt of ciphertexts this run encrypted, checking the plaintext.
+    Decrypt,
+    /// GetKeyMetadata.
+    Metadata,
+    /// GetHealthStatus.
+    Health,
+    /// A weighted mix (see --mix).
+    Mix,
+}
+
+/// How much of each response is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    /// Status, JSON shape, lengths, CDIV and decrypted plaintext (a real XKS proxy).
+    Full,
+    /// HTTP status only (the null server answers the same body to everything).
+    Status,
+}
+
+/// Where to send and how to authenticate: any XKS endpoint, ours or anyone's.
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// Base URL: scheme, host and port (https://localhost:8443). The XKS path is
+    /// PREFIX/kms/xks/v1/...
+    #[arg(long, default_value = "https://localhost:8443")]
+    pub url: String,
+    /// The path prefix (XksProxyUriPath without /kms/xks/v1), e.g. /tenant-a.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// The external key id for Encrypt/Decrypt/GetKeyMetadata.
+    #[arg(long, default_value = "bench-key-1")]
+    pub key_id: String,
+    /// SigV4 access key id.
+    #[arg(long, env = "XKS_BENCH_ACCESS_KEY_ID", default_value = "")]
+    pub access_key_id: String,
+    /// SigV4 secret (prefer --secret-file or the environment variable).
+    #[arg(long, env = "XKS_BENCH_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// File holding the SigV4 secret.
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Region in the credential scope (KMS signs with its own region).
+    #[arg(long, default_value = "us-east-1")]
+    pub region: String,
+    /// SigV4 service name.
+    #[arg(long, default_value = "kms-xks-proxy")]
+    pub service: String,
+    /// CA bundle (PEM) that signed the server certificate.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Do not verify the server certificate (never against a production proxy).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Client certificate chain (PEM) for mTLS.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Connect here instead of resolving the URL's host (like curl --resolve); the
+    /// host is still what is sent, signed and verified in the certificate.
+    #[arg(long)]
+    pub connect_to: Option<SocketAddr>,
+    /// Allow a non-loopback target. Off by default: this tool sends load, and load
+    /// belongs on your own machine unless you mean it.
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+/// How the load is shaped and bounded.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Which call to make.
+    #[arg(long, value_enum, default_value = "encrypt")]
+    pub op: OpArg,
+    /// Weights for --op mix: encrypt=N,decrypt=N,metadata=N,health=N.
+    #[arg(long, default_value = "encrypt=45,decrypt=45,metadata=5,health=5")]
+    pub mix: String,
+    /// Closed loop: workers, each with one request outstanding. Open loop: the most
+    /// requests in flight at once.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    pub concurrency: usize,
+    /// Open loop: a fixed arrival rate (requests/s). Latency is measured from each
+    /// request's intended send time, so a stall is charged to every request it delays.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Measured duration, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Stop after this many measured requests (whichever bound comes first).
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Unmeasured warm-up before the measured duration, seconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Use HTTP/2 (ALPN h2); default HTTP/1.1.
+    #[arg(long)]
+    pub http2: bool,
+    /// TLS connections (keep-alive). Default: one per worker; with HTTP/2 several
+    /// workers may share one.
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// Open a new TCP + TLS connection for every request (measures handshakes).
+    #[arg(long)]
+    pub new_connection: bool,
+    /// With --new-connection, allow TLS session resumption (default: full handshakes).
+    #[arg(long)]
+    pub tls_resumption: bool,
+    /// Per-request timeout, milliseconds (KMS gives a proxy 250 ms).
+    #[arg(long, default_value_t = 250)]
+    pub timeout_ms: u64,
+    /// Encrypt plaintext size, bytes.
+    #[arg(long, default_value_t = 32)]
+    pub plaintext_bytes: usize,
+    /// Encrypt AAD size, bytes (KMS's encryption-context AAD; 0 for none).
+    #[arg(long, default_value_t = 100)]
+    pub aad_bytes: usize,
+    /// Do not ask for a CDIV on Encrypt.
+    #[arg(long)]
+    pub no_cdiv: bool,
+    /// How much of each response to check.
+    #[arg(long, value_enum, default_value = "full")]
+    pub verify: Verify,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// A name for this run in reports.
+    #[arg(long, default_value = "run")]
+    pub label: String,
+    /// Print the report as JSON on stdout (default: a markdown table).
+    #[arg(long)]
+    pub json: bool,
+    /// Write a latency plot (SVG) here, with KMS's 250 ms timeout marked.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// The server's process id: report its CPU per request and its RSS (loopback only).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// What every server subcommand shares.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Where to listen (loopback; port 0 picks one, printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Server certificate chain (default: the dev ECDSA certificate in certs/).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Server private key (default: the dev ECDSA key in certs/).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Exit after this many seconds whatever happens (servers are bounded too).
+    #[arg(long, default_value_t = 3600)]
+    pub max_secs: u64,
+    /// Exit when standard input closes (so a parent that dies takes its servers along).
+    #[arg(long)]
+    pub exit_on_stdin_eof: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NullServerArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProxyServerArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Run with this proxy config instead of a generated software keystore (e.g. a
+    /// `kind = "pkcs11"` backend). Its credentials are yours to pass to `run`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Path prefix of the generated keystore.
+    #[arg(long, default_value = "/bench")]
+    pub prefix: String,
+    /// Log level of the proxy's request log (info is what production runs with; off
+    /// shows what logging costs).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Log as JSON lines instead of human text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FiguresArgs {
+    /// Seconds per measured run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of warm-up before each measured run.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// CPU list the servers are pinned to (taskset -c); empty for no pinning.
+    #[arg(long, default_value = "1")]
+    pub server_cpus: String,
+    /// Steady-state open-loop rate (KMS's default quota per key store).
+    #[arg(long, default_value_t = 1800.0)]
+    pub rate: f64,
+    /// Closed-loop concurrencies to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    pub concurrency: Vec<usize>,
+    /// Also measure a proxy with this config (a SoftHSM `kind = "pkcs11"` profile) —
+    /// its credentials/key come from --hsm-* below.
+    #[arg(long)]
+    pub hsm_config: Option<PathBuf>,
+    /// Prefix, key id, access key id and secret file of --hsm-config.
+    #[arg(long, default_value = "/bench")]
+    pub hsm_prefix: String,
+    #[arg(long, default_value = "bench-key-1")]
+    pub hsm_key_id: String,
+    #[arg(long, default_value = "")]
+    pub hsm_access_key_id: String,
+    #[arg(long)]
+    pub hsm_secret_file: Option<PathBuf>,
+    /// Also run the proxy with logging off (shows the request log's cost).
+    #[arg(long)]
+    pub with_log_off: bool,
+    /// Write every report (JSON), the markdown table and the plots here.
+    #[arg(long, default_value = "target/xks-bench-figures")]
+    pub out: PathBuf,
+    /// Only the quick subset (the smoke of the suite itself).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SofthsmLoopArgs {
+    /// The PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so).
+    #[arg(long, env = "XKS_TEST_PKCS11_MODULE")]
+    pub module: PathBuf,
+    /// Token label.
+    #[arg(long, env = "XKS_TEST_SOFTHSM_TOKEN_LABEL", default_value = "xks-test")]
+    pub token_label: String,
+    /// User PIN (a test token's).
+    #[arg(
+        long,
+        env = "XKS_TEST_SOFTHSM_USER_PIN",
+        default_value = "1234",
+        hide_env_values = true
+    )]
+    pub pin: String,
+    /// CKA_LABEL of an AES-256 key (created if missing).
+    #[arg(long, default_value = "bench-key-1")]
+    pub key_label: String,
+    /// Plaintext size, bytes.
+    #[arg(long, default_value_t = 32)]
+    pub plaintext_bytes: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Threads, each with its own session.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Look the key up by label on every call (the anti-pattern) instead of caching
+    /// the handle.
+    #[arg(long)]
+    pub lookup_each_call: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

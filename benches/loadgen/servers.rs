@@ -1,0 +1,331 @@
+//! The servers `xks-bench` measures against, each a process of its own so its CPU and
+//! RSS can be read from /proc and it can be pinned to its own core:
+//!
+//! - `null-server`: bare hyper + rustls with the proxy's exact TLS config
+//!   (`xks_proxy::server::tls::server_config`) and the proxy's HTTP settings, reading
+//!   the body and answering a fixed Encrypt-shaped JSON 200. No routing, SigV4, JSON or
+//!   crypto: the ceiling of our stack on this machine.
+//! - `proxy-server`: our proxy (`xks_proxy::server::start`) with a fresh software
+//!   keystore in a temp dir, or any config given (e.g. a SoftHSM profile).
+//!
+//! Both print one JSON line on stdout once listening (`url`, `pid`, and for the proxy
+//! the prefix, key id, access key id and secret file), and stop on SIGINT/SIGTERM, on
+//! stdin EOF (`--exit-on-stdin-eof`, so a parent's death takes them along) or after
+//! `--max-secs`.
+
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use xks_proxy::backend::KeyUsage;
+use xks_proxy::config::{Config, SecretSource, TlsConfig};
+
+use crate::cli::{NullServerArgs, ProxyServerArgs, ServeArgs};
+
+
+/// What the null server answers: an Encrypt response for a 32-byte plaintext, so the
+/// bytes on the wire match the proxy's.
+const NULL_BODY: &[u8] = br#"{"authenticationTag":"vBxN2ncH1oEkR8WVXpmyYQ==","ciphertext":"ghxkK1txeDNn3q8YghxkK1txeDNn3q8YghxkK1txeDM=","ciphertextDataIntegrityValue":"qHA/ImC9h5HsLRXqCyPmWgYx7tzyoTplzILbP0fPXsc=","ciphertextMetadata":"AQAAAAE=","initializationVector":"HMrlRw85cAJUd5Ax"}"#;
+
+/// The same as the proxy's header/handshake timeout default.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The proxy's default body cap.
+const MAX_BODY: usize = 64 * 1024;
+
+pub fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn tls_files(args: &ServeArgs) -> TlsConfig {
+    TlsConfig::Files {
+        certificate: args
+            .cert
+            .clone()
+            .unwrap_or_else(|| repo_file("certs/server-ecdsa.pem")),
+        private_key: args
+            .key
+            .clone()
+            .unwrap_or_else(|| repo_file("certs/server-ecdsa.key")),
+    }
+}
+
+/// The runtime every server here uses: the proxy's (multi-threaded, one worker per
+/// CPU it may run on — so `taskset -c 1` gives one worker, as for the proxy).
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The line a parent reads to find the server.
+fn announce(fields: serde_json::Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{fields}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Resolves when the server should stop (signal, stdin EOF, or its lifetime).
+async fn stop_signal(args: &ServeArgs) {
+    let lifetime = tokio::time::sleep(Duration::from_secs(args.max_secs));
+    let stdin_eof = async {
+        if args.exit_on_stdin_eof {
+            // A plain thread: tokio's stdin needs a feature the proxy does not use.
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                use std::io::Read as _;
+                let mut stdin = std::io::stdin();
+                let mut buf = [0u8; 256];
+                // Bounded: a parent never writes much; EOF or an error ends it.
+                for _ in 0..1_000_000 {
+                    match stdin.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                let _ = tx.send(());
+            });
+            let _ = rx.await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let signals = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = lifetime => {}
+        _ = stdin_eof => {}
+        _ = signals => {}
+    }
+}
+
+/// `xks-bench null-server`.
+pub fn null_server(args: &NullServerArgs) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let config = xks_proxy::server::tls::server_config(&tls_files(&args.serve), None)?;
+        let acceptor = TlsAcceptor::from(config);
+        let listener = TcpListener::bind(args.serve.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.serve.listen))?;
+        let addr = listener.local_addr()?;
+        announce(serde_json::json!({
+            "server": "null",
+            "url": format!("https://localhost:{}", addr.port()),
+            "addr": addr.to_string(),
+            "pid": std::process::id(),
+        }))?;
+        let stop = stop_signal(&args.serve);
+        tokio::pin!(stop);
+        // Bounded by the stop signal (which includes --max-secs).
+        loop {
+            let tcp = tokio::select! {
+                _ = &mut stop => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            // As the proxy: Nagle off on every accepted socket.
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(tls)) =
+                    tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    let _ = http_builder()
+                        .serve_connection(TokioIo::new(tls), service_fn(null_answer))
+                        .await;
+                }
+            });
+        }
+        Ok(())
+    })
+}
+
+/// The proxy's hyper settings (src/server/mod.rs `http_builder`), repeated here
+/// because that function is private: the comparison is only fair if they match.
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+async fn null_answer(req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    // Read the body like the proxy must (SigV4 covers it), under the same cap.
+    let ok = Limited::new(req.into_body(), MAX_BODY).collect().await.is_ok();
+    let mut resp = http::Response::new(Full::new(Bytes::from_static(if ok {
+        NULL_BODY
+    } else {
+        b"{\"errorName\":\"ValidationException\"}"
+    })));
+    if !ok {
+        *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+    }
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+/// A temp dir removed when the server exits.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The key the generated keystore holds.
+pub const BENCH_KEY: &str = "bench-key-1";
+
+/// A proxy config with a fresh software keystore, written into `dir`: master key,
+/// keystore holding [`BENCH_KEY`], one SigV4 credential (its secret in `dir/secret`),
+/// TLS from the given files. Returns the config and the access key id.
+pub fn software_proxy_config(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+    prefix: &str,
+    tls: &TlsConfig,
+) -> Result<(Config, String)> {
+    use xks_proxy::backend::software::{Keystore, MasterKey};
+    let master = MasterKey::generate();
+    write_private(&dir.join("master.key"), master.to_base64().expose())?;
+    let mut ks = Keystore::create(&dir.join("keystore.json"), &master)?;
+    ks.create_key(BENCH_KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt])?;
+    ks.save()?;
+    let (akid, secret) = xks_proxy::config::generate_credential();
+    write_private(&dir.join("secret"), secret.expose())?;
+    let TlsConfig::Files {
+        certificate,
+        private_key,
+    } = tls
+    else {
+        anyhow::bail!("the bench proxy takes certificate files");
+    };
+    let text = format!(
+        r#"
+[server]
+listen = "{listen}"
+[server.tls]
+certificate = "{cert}"
+private_key = "{key}"
+
+[backend]
+kind = "software"
+keystore = "keystore.json"
+master_key_file = "master.key"
+
+[[keystores]]
+path_prefix = "{prefix}"
+[[keystores.credentials]]
+access_key_id = "{akid}"
+secret_file = "secret"
+"#,
+        cert = certificate.display(),
+        key = private_key.display(),
+    );
+    std::fs::write(dir.join("proxy.toml"), &text)?;
+    let config =
+        Config::from_toml(&text, dir).map_err(|e| anyhow::anyhow!("generated config: {e}"))?;
+    Ok((config, akid))
+}
+
+fn write_private(path: &Path, content: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(content.as_bytes())?;
+    Ok(())
+}
+
+/// `xks-bench proxy-server`.
+pub fn proxy_server(args: &ProxyServerArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("xks-bench-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = TempDir(dir.clone());
+    let mut config = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        None => {
+            software_proxy_config(&dir, args.serve.listen, &args.prefix, &tls_files(&args.serve))?.0
+        }
+    };
+    config.server.listen = args.serve.listen;
+    config.logging.level.clone_from(&args.log_level);
+    config.logging.format = if args.log_json {
+        xks_proxy::config::LogFormat::Json
+    } else {
+        xks_proxy::config::LogFormat::Human
+    };
+    xks_proxy::telemetry::init(&config.logging).map_err(anyhow::Error::msg)?;
+
+    let rt = runtime()?;
+    rt.block_on(async {
+        let backend = xks_proxy::backend::open(&config.backend).context("opening the backend")?;
+        let running = xks_proxy::server::start(&config, backend).await?;
+        let first = config.keystores.first();
+        let cred = first.and_then(|k| k.credentials.first());
+        announce(serde_json::json!({
+            "server": "proxy",
+            "url": format!("{}://localhost:{}", running.scheme, running.local_addr.port()),
+            "addr": running.local_addr.to_string(),
+            "pid": std::process::id(),
+            "prefix": first.map(|k| k.path_prefix.clone()),
+            "key_id": if args.config.is_none() { Some(BENCH_KEY) } else { None },
+            "access_key_id": cred.map(|c| c.access_key_id.clone()),
+            "secret_file": cred.and_then(|c| match &c.source {
+                SecretSource::File(p) => Some(p.display().to_string()),
+                SecretSource::Env(_) => None,
+            }),
+        }))?;
+        stop_signal(&args.serve).await;
+        running.shutdown();
+        // Bounded by the proxy's own shutdown grace.
+        running.wait().await;
+        Ok::<_, anyhow::Error>(())
+    })
+}

@@ -1,0 +1,277 @@
+//! `xks-proxy doctor`: checks a configuration end to end, the way KMS will exercise it,
+//! and prints a report an operator can act on. Exit code 0 only if nothing failed.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::backend::{HealthState, KeySpec, KeyStatus, KeyUsage};
+use crate::config::{Config, TlsConfig, XKS_BASE};
+use crate::server::tls;
+
+/// One check's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    lines: Vec<(Level, String)>,
+}
+
+impl Report {
+    fn add(&mut self, level: Level, msg: impl Into<String>) {
+        self.lines.push((level, msg.into()));
+    }
+    fn pass(&mut self, msg: impl Into<String>) {
+        self.add(Level::Pass, msg);
+    }
+    fn warn(&mut self, msg: impl Into<String>) {
+        self.add(Level::Warn, msg);
+    }
+    fn fail(&mut self, msg: impl Into<String>) {
+        self.add(Level::Fail, msg);
+    }
+    fn failed(&self) -> bool {
+        self.lines.iter().any(|(l, _)| *l == Level::Fail)
+    }
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for (level, msg) in &self.lines {
+            let tag = match level {
+                Level::Pass => "PASS",
+                Level::Warn => "WARN",
+                Level::Fail => "FAIL",
+            };
+            let _ = writeln!(out, "[{tag}] {msg}");
+        }
+        let (p, w, f) = self.lines.iter().fold((0, 0, 0), |(p, w, f), (l, _)| match l {
+            Level::Pass => (p + 1, w, f),
+            Level::Warn => (p, w + 1, f),
+            Level::Fail => (p, w, f + 1),
+        });
+        let _ = writeln!(out, "\n{p} passed, {w} warnings, {f} failed");
+        out
+    }
+}
+
+/// Runs every check and prints the report.
+pub fn run(config_path: &Path, endpoint: Option<&str>) -> ExitCode {
+    let report = check(config_path, endpoint);
+    print!("{}", report.render());
+    if report.failed() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn check(config_path: &Path, endpoint: Option<&str>) -> Report {
+    let mut r = Report::default();
+    let cfg = match Config::load(config_path) {
+        Ok(c) => {
+            r.pass(format!(
+                "config {} is valid and every secret it names is readable",
+                config_path.display()
+            ));
+            c
+        }
+        Err(e) => {
+            r.fail(format!("config: {e}"));
+            return r;
+        }
+    };
+    check_clock(&mut r);
+    for ks in &cfg.keystores {
+        r.pass(format!(
+            "path prefix '{}': XksProxyUriPath {}{XKS_BASE} ({} characters, spec limit 128), {} credential(s)",
+            ks.path_prefix,
+            ks.path_prefix,
+            ks.path_prefix.len() + XKS_BASE.len(),
+            ks.credentials.len()
+        ));
+    }
+    check_tls(&mut r, &cfg, endpoint);
+    check_backend(&mut r, &cfg);
+    r
+}
+
+fn check_clock(r: &mut Report) {
+    // Without network access the best evidence is: not before this build, and (when
+    // systemd is there) NTP says it is synchronised. SigV4 fails beyond 5 minutes skew.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    const BUILD_YEAR_FLOOR: Duration = Duration::from_secs(1_767_225_600); // 2026-01-01
+    if now < BUILD_YEAR_FLOOR {
+        r.fail("system clock is before 2026: SigV4 requests from KMS will all fail (5-minute window)");
+        return;
+    }
+    match std::process::Command::new("timedatectl")
+        .args(["show", "-p", "NTPSynchronized", "--value"])
+        .output()
+    {
+        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "yes" => {
+            r.pass("clock: NTP synchronised");
+        }
+        Ok(o) if o.status.success() => r.warn(
+            "clock: NTP not synchronised (timedatectl); SigV4 rejects requests more than 5 minutes off",
+        ),
+        _ => r.warn("clock: cannot tell whether NTP is synchronised (no timedatectl); keep it synced: SigV4 allows 5 minutes"),
+    }
+}
+
+fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>) {
+    let Some(t) = &cfg.server.tls else {
+        r.warn("TLS is off (insecure_plain_http): only correct behind a TLS-terminating load balancer");
+        return;
+    };
+    let (certs, _key) = match tls::load_identity(t) {
+        Ok(x) => x,
+        Err(e) => {
+            r.fail(format!("TLS: {e}"));
+            return;
+        }
+    };
+    match tls::server_config(t, cfg.server.client_auth.as_ref()) {
+        Ok(_) => r.pass(format!(
+            "TLS: certificate chain ({} certificate(s)) and private key load and match",
+            certs.len()
+        )),
+        Err(e) => r.fail(format!("TLS: {e}")),
+    }
+    match tls::days_to_expiry(t) {
+        Ok(d) if d < 0 => r.fail(format!("TLS: the certificate expired {} day(s) ago", -d)),
+        Ok(d) if d < 30 => r.warn(format!("TLS: the certificate expires in {d} day(s); renew it")),
+        Ok(d) => r.pass(format!("TLS: the certificate is valid for {d} more day(s)")),
+        Err(e) => r.fail(format!("TLS: {e}")),
+    }
+    if let Some(leaf) = certs.first() {
+        match tls::certificate_names(leaf) {
+            Ok(names) => match endpoint {
+                Some(host) => {
+                    let host = host.trim_start_matches("https://").to_ascii_lowercase();
+                    if names.iter().any(|n| name_matches(n, &host)) {
+                        r.pass(format!("TLS: the certificate names {host}"));
+                    } else {
+                        r.fail(format!(
+                            "TLS: the certificate does not name {host} (it names: {})",
+                            names.join(", ")
+                        ));
+                    }
+                }
+                None => r.warn(format!(
+                    "TLS: names in the certificate: {} (pass --endpoint HOST to check KMS's name)",
+                    names.join(", ")
+                )),
+            },
+            Err(e) => r.fail(format!("TLS: cannot parse the leaf certificate: {e}")),
+        }
+        if certs.len() == 1 {
+            r.warn("TLS: the chain has only the leaf; public CAs need their intermediate(s) sent too");
+        }
+    }
+    if matches!(t, TlsConfig::Embedded { .. }) {
+        r.warn("TLS: the embedded dev certificate is in use: never in production");
+    }
+    match &cfg.server.client_auth {
+        Some(a) if a.ca.exists() => r.pass(format!(
+            "mTLS: client CA {} present; required subjects: {}",
+            a.ca.display(),
+            a.subjects.join(", ")
+        )),
+        Some(a) => r.fail(format!("mTLS: client CA {} is missing", a.ca.display())),
+        None => r.warn("mTLS: off (the spec recommends it: client_ca + client_subjects)"),
+    }
+}
+
+/// DNS name matching with one leading wildcard label, as public CAs issue them.
+fn name_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => pattern == host,
+    }
+}
+
+fn check_backend(r: &mut Report, cfg: &Config) {
+    let backend = match crate::backend::open(&cfg.backend) {
+        Ok(b) => {
+            r.pass("backend: opened");
+            b
+        }
+        Err(e) => {
+            r.fail(format!("backend: {e}"));
+            return;
+        }
+    };
+    let health = backend.health();
+    for e in &health {
+        match e.state {
+            HealthState::Active => r.pass(format!("backend: {} ({}) passed a real AES-GCM round trip", e.id, e.model)),
+            HealthState::Degraded => r.warn(format!("backend: {} ({}) is DEGRADED", e.id, e.model)),
+            HealthState::Unavailable => r.fail(format!("backend: {} ({}) is UNAVAILABLE", e.id, e.model)),
+        }
+    }
+    for ks in &cfg.keystores {
+        let Some(keys) = &ks.allowed_keys else {
+            r.warn(format!(
+                "prefix '{}': no allowed_keys list, so no key can be checked here (every key in the backend is served)",
+                ks.path_prefix
+            ));
+            continue;
+        };
+        for key in keys {
+            match backend.key_metadata(key) {
+                Ok(md) => {
+                    let mut problems = Vec::new();
+                    if md.spec != (KeySpec::Aes { bits: 256 }) {
+                        problems.push(format!("spec is {:?}, KMS needs AES_256", md.spec));
+                    }
+                    for u in [KeyUsage::Encrypt, KeyUsage::Decrypt] {
+                        if !md.usages.contains(&u) {
+                            problems.push(format!("lacks {}", u.as_str()));
+                        }
+                    }
+                    if md.status != KeyStatus::Enabled {
+                        problems.push("is DISABLED".into());
+                    }
+                    if problems.is_empty() {
+                        r.pass(format!("key '{key}' (prefix '{}'): AES_256, ENCRYPT+DECRYPT, ENABLED", ks.path_prefix));
+                    } else {
+                        r.fail(format!("key '{key}' (prefix '{}'): {}", ks.path_prefix, problems.join("; ")));
+                    }
+                }
+                Err(e) => r.fail(format!("key '{key}' (prefix '{}'): {e}", ks.path_prefix)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_names_match_one_label() {
+        assert!(name_matches("xks.example.com", "xks.example.com"));
+        assert!(name_matches("*.example.com", "xks.example.com"));
+        assert!(!name_matches("*.example.com", "a.b.example.com"));
+        assert!(!name_matches("*.example.com", "example.com"));
+        assert!(!name_matches("xks.example.com", "other.example.com"));
+    }
+
+    #[test]
+    fn a_report_with_a_failure_fails() {
+        let mut r = Report::default();
+        r.pass("a");
+        r.warn("b");
+        assert!(!r.failed());
+        r.fail("c");
+        assert!(r.failed());
+        assert!(r.render().contains("1 passed, 1 warnings, 1 failed"));
+    }
+}

@@ -1,0 +1,180 @@
+//! Shared helpers of the deploy tests (`tests/deploy_*.rs`): where the repository and the
+//! linters are, running a command with a deadline, and child processes that die with
+//! the test.
+//!
+//! The linters live in `target/deploy-venv` (made by `tests/deploy/install-tools.sh`
+//! from `tests/deploy/requirements.txt`). A missing linter FAILS the test that needs it,
+//! with the command that installs it: a deploy file that was never checked must not
+//! look checked.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn deploy() -> PathBuf {
+    repo().join("deploy")
+}
+
+pub const INSTALL_HINT: &str = "run tests/deploy/install-tools.sh (./tests/run-all.sh does), \
+     or set XKS_DEPLOY_TOOLS to a directory holding the tool";
+
+/// Directories searched for a tool, in order: `$XKS_DEPLOY_TOOLS`, the deploy venv,
+/// then `$PATH`.
+fn tool_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("XKS_DEPLOY_TOOLS") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(repo().join("target/deploy-venv/bin"));
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs
+}
+
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    tool_dirs()
+        .into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The tool's path, or a test failure naming how to install it.
+pub fn require_tool(name: &str) -> PathBuf {
+    match find_tool(name) {
+        Some(p) => p,
+        None => panic!("`{name}` is not installed, so this deploy check cannot run: {INSTALL_HINT}"),
+    }
+}
+
+/// Runs `cmd` to completion, killing it after `limit`; returns its output.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let desc = format!("{cmd:?}");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{desc}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{desc} did not finish within {limit:?}");
+        }
+    }
+}
+
+/// Runs `cmd` and fails the test, showing its output, unless it exits 0.
+pub fn run_ok(cmd: &mut Command, limit: Duration) -> String {
+    let desc = format!("{cmd:?}");
+    let out = run(cmd, limit);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{desc} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// YAML (one or more documents) to JSON values, with the deploy venv's PyYAML (the
+/// crate has no YAML parser, and Cargo.toml is not ours to change).
+pub fn yaml_docs(path: &Path) -> Vec<serde_json::Value> {
+    let python = require_tool("python");
+    let out = run_ok(
+        Command::new(python)
+            .arg("-c")
+            .arg(
+                "import json, sys, yaml\n\
+                 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
+                 print(json.dumps(docs))",
+            )
+            .arg(path),
+        Duration::from_secs(60),
+    );
+    serde_json::from_str(&out).expect("JSON from PyYAML")
+}
+
+/// A child process killed (SIGKILL) when dropped, unless it already exited.
+pub struct Guard(pub Child);
+
+impl Guard {
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status();
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A free TCP port on `ip` (bound, then released: another process could take it in
+/// between, which on a loopback address of our own is unlikely enough for a test).
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One plain-HTTP GET (HTTP/1.0, no keep-alive): status code and body, or None if the
+/// connection fails.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}

@@ -1,0 +1,454 @@
+//! End to end with the real binaries and the real Rust SDK: `xks-proxy` (software
+//! keystore; SoftHSM with `KMS_E2E_SOFTHSM=1`) and `kms-emulator` on loopback, driven
+//! by `aws-sdk-kms` through the whole external-key-store lifecycle, plus the failure
+//! paths asserted by exception name and ConnectionErrorCode.
+
+mod kms_support;
+
+use std::time::Duration;
+
+use aws_sdk_kms::Client;
+use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_kms::error::ProvideErrorMetadata;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{
+    ConnectionErrorCodeType, ConnectionStateType, CustomKeyStoreType, KeyState, OriginType,
+    XksProxyAuthenticationCredentialType, XksProxyConnectivityType,
+};
+use kms_support::procs::{Backend, Proc, ProxySetup, start_emulator};
+use kms_support::{AKID, AKID2, ENDPOINT, SECRET, SECRET2};
+
+const PREFIX: &str = "/tenant-a";
+const PATH: &str = "/tenant-a/kms/xks/v1";
+
+fn sdk(emulator: &Proc) -> Client {
+    let conf = aws_sdk_kms::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(format!("http://{}", emulator.addr))
+        .credentials_provider(Credentials::new(
+            "AKIDSDKCALLER",
+            "sdk-caller-secret",
+            None,
+            None,
+            "test",
+        ))
+        .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
+        .build();
+    Client::from_conf(conf)
+}
+
+fn cred(akid: &str, secret: &str) -> XksProxyAuthenticationCredentialType {
+    XksProxyAuthenticationCredentialType::builder()
+        .access_key_id(akid)
+        .raw_secret_access_key(secret)
+        .build()
+        .expect("credential")
+}
+
+/// The error code of a failed SDK call.
+fn code<E: ProvideErrorMetadata, R>(r: Result<R, aws_sdk_kms::error::SdkError<E>>) -> String {
+    match r {
+        Ok(_) => panic!("call unexpectedly succeeded"),
+        Err(e) => e
+            .as_service_error()
+            .and_then(|s| s.code())
+            .unwrap_or_else(|| panic!("not a service error"))
+            .to_owned(),
+    }
+}
+
+async fn create_store(kms: &Client, name: &str, path: &str, akid: &str, secret: &str) -> Result<String, String> {
+    kms.create_custom_key_store()
+        .custom_key_store_name(name)
+        .custom_key_store_type(CustomKeyStoreType::ExternalKeyStore)
+        .xks_proxy_uri_endpoint(ENDPOINT)
+        .xks_proxy_uri_path(path)
+        .xks_proxy_connectivity(XksProxyConnectivityType::PublicEndpoint)
+        .xks_proxy_authentication_credential(cred(akid, secret))
+        .send()
+        .await
+        .map(|o| o.custom_key_store_id().expect("id").to_owned())
+        .map_err(|e| {
+            e.as_service_error()
+                .and_then(|s| s.code())
+                .unwrap_or("not a service error")
+                .to_owned()
+        })
+}
+
+/// Connects and waits (bounded) for the attempt to end; returns the entry.
+async fn connect(kms: &Client, id: &str) -> aws_sdk_kms::types::CustomKeyStoresListEntry {
+    kms.connect_custom_key_store()
+        .custom_key_store_id(id)
+        .send()
+        .await
+        .expect("connect accepted");
+    for _ in 0..200 {
+        let d = kms
+            .describe_custom_key_stores()
+            .custom_key_store_id(id)
+            .send()
+            .await
+            .expect("describe");
+        let s = d.custom_key_stores()[0].clone();
+        if s.connection_state() != Some(&ConnectionStateType::Connecting) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("store stayed CONNECTING");
+}
+
+async fn disconnect(kms: &Client, id: &str) {
+    kms.disconnect_custom_key_store()
+        .custom_key_store_id(id)
+        .send()
+        .await
+        .expect("disconnect");
+}
+
+async fn encrypt(kms: &Client, key: &str, data: &[u8]) -> Result<Blob, String> {
+    kms.encrypt()
+        .key_id(key)
+        .plaintext(Blob::new(data))
+        .encryption_context("purpose", "e2e")
+        .send()
+        .await
+        .map(|o| o.ciphertext_blob().expect("blob").clone())
+        .map_err(|e| {
+            format!(
+                "{}: {}",
+                e.as_service_error().and_then(|s| s.code()).unwrap_or("?"),
+                e.as_service_error().and_then(|s| s.message()).unwrap_or("")
+            )
+        })
+}
+
+async fn decrypt(kms: &Client, blob: &Blob) -> Vec<u8> {
+    kms.decrypt()
+        .ciphertext_blob(blob.clone())
+        .encryption_context("purpose", "e2e")
+        .send()
+        .await
+        .expect("decrypt")
+        .plaintext()
+        .expect("plaintext")
+        .as_ref()
+        .to_vec()
+}
+
+/// The whole lifecycle against one proxy backend.
+async fn lifecycle(backend: Backend) {
+    let proxy_setup = ProxySetup::new(backend.clone(), PREFIX, 0);
+    proxy_setup.create_key("key-1", "encrypt,decrypt");
+    proxy_setup.create_key("key-enc", "encrypt");
+    let proxy = proxy_setup.start();
+    let emulator = start_emulator(proxy.addr, &["--deletion-day-length", "100ms"], None);
+    let kms = sdk(&emulator);
+
+    // Create → DISCONNECTED → connect → CONNECTED.
+    let store = create_store(&kms, "e2e-store", PATH, AKID, SECRET)
+        .await
+        .expect("create store");
+    let d = kms
+        .describe_custom_key_stores()
+        .custom_key_store_name("e2e-store")
+        .send()
+        .await
+        .expect("describe");
+    let entry = &d.custom_key_stores()[0];
+    assert_eq!(entry.connection_state(), Some(&ConnectionStateType::Disconnected));
+    assert_eq!(entry.custom_key_store_id(), Some(store.as_str()));
+    let cfg = entry.xks_proxy_configuration().expect("xks config");
+    assert_eq!(cfg.access_key_id(), Some(AKID));
+    assert!(entry.creation_date().is_some());
+    let s = connect(&kms, &store).await;
+    assert_eq!(s.connection_state(), Some(&ConnectionStateType::Connected), "{s:?}");
+    assert!(s.connection_error_code().is_none());
+
+    // Keys: one in the store, one ordinary.
+    let key = kms
+        .create_key()
+        .origin(OriginType::ExternalKeyStore)
+        .custom_key_store_id(&store)
+        .xks_key_id("key-1")
+        .description("e2e")
+        .send()
+        .await
+        .expect("create key");
+    let md = key.key_metadata().expect("metadata");
+    assert_eq!(md.origin(), Some(&OriginType::ExternalKeyStore));
+    assert_eq!(md.key_state(), Some(&KeyState::Enabled));
+    assert_eq!(md.xks_key_configuration().and_then(|x| x.id()), Some("key-1"));
+    let arn = md.arn().expect("arn").to_owned();
+    let local = kms.create_key().send().await.expect("local key");
+    let local = local.key_metadata().expect("md").arn().expect("arn").to_owned();
+
+    // Encrypt / Decrypt / GenerateDataKey* / ReEncrypt.
+    let blob = encrypt(&kms, &arn, b"end to end").await.expect("encrypt");
+    assert_eq!(decrypt(&kms, &blob).await, b"end to end");
+    let dk = kms
+        .generate_data_key()
+        .key_id(&arn)
+        .key_spec(aws_sdk_kms::types::DataKeySpec::Aes256)
+        .send()
+        .await
+        .expect("gdk");
+    assert_eq!(dk.plaintext().expect("pt").as_ref().len(), 32);
+    let back = kms
+        .decrypt()
+        .ciphertext_blob(dk.ciphertext_blob().expect("blob").clone())
+        .send()
+        .await
+        .expect("decrypt data key");
+    assert_eq!(back.plaintext(), dk.plaintext());
+    let wp = kms
+        .generate_data_key_without_plaintext()
+        .key_id(&arn)
+        .number_of_bytes(24)
+        .send()
+        .await
+        .expect("gdkwp");
+    let back = kms
+        .decrypt()
+        .ciphertext_blob(wp.ciphertext_blob().expect("blob").clone())
+        .send()
+        .await
+        .expect("decrypt");
+    assert_eq!(back.plaintext().expect("pt").as_ref().len(), 24);
+    let moved = kms
+        .re_encrypt()
+        .ciphertext_blob(blob.clone())
+        .source_encryption_context("purpose", "e2e")
+        .destination_key_id(&local)
+        .send()
+        .await
+        .expect("re-encrypt to local");
+    assert_eq!(moved.source_key_id(), Some(arn.as_str()));
+    let home = kms
+        .re_encrypt()
+        .ciphertext_blob(moved.ciphertext_blob().expect("blob").clone())
+        .destination_key_id(&arn)
+        .destination_encryption_context("purpose", "e2e")
+        .send()
+        .await
+        .expect("re-encrypt to xks");
+    assert_eq!(
+        decrypt(&kms, home.ciphertext_blob().expect("blob")).await,
+        b"end to end"
+    );
+
+    // External-key checks at CreateKey.
+    let r = kms
+        .create_key()
+        .origin(OriginType::ExternalKeyStore)
+        .custom_key_store_id(&store)
+        .xks_key_id("key-enc")
+        .send()
+        .await;
+    assert_eq!(code(r), "XksKeyInvalidConfigurationException");
+    let r = kms
+        .create_key()
+        .origin(OriginType::ExternalKeyStore)
+        .custom_key_store_id(&store)
+        .xks_key_id("no-such-key")
+        .send()
+        .await;
+    match r {
+        Err(e) => assert!(
+            matches!(
+                e.into_service_error(),
+                aws_sdk_kms::operation::create_key::CreateKeyError::XksKeyNotFoundException(_)
+            ),
+            "typed XksKeyNotFoundException"
+        ),
+        Ok(_) => panic!("unknown external key accepted"),
+    }
+
+    // Rotate the proxy credentials while connected (the proxy holds both).
+    kms.update_custom_key_store()
+        .custom_key_store_id(&store)
+        .xks_proxy_authentication_credential(cred(AKID2, SECRET2))
+        .send()
+        .await
+        .expect("rotate");
+    let d = kms
+        .describe_custom_key_stores()
+        .custom_key_store_id(&store)
+        .send()
+        .await
+        .expect("describe");
+    assert_eq!(
+        d.custom_key_stores()[0]
+            .xks_proxy_configuration()
+            .and_then(|c| c.access_key_id()),
+        Some(AKID2)
+    );
+    assert_eq!(decrypt(&kms, &blob).await, b"end to end");
+
+    // Disable the external key in the proxy → the exact KMS error.
+    if matches!(backend, Backend::Software) {
+        proxy_setup.disable_key("key-1");
+        proxy.hup();
+        let mut last = String::new();
+        for _ in 0..100 {
+            match encrypt(&kms, &arn, b"x").await {
+                Err(e) => {
+                    last = e;
+                    break;
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        assert!(
+            last.starts_with("KMSInvalidStateException: The external key associated with this KMS key in an external key store is not enabled in the external key manager."),
+            "{last}"
+        );
+        proxy_setup.enable_key("key-1");
+        proxy.hup();
+        let mut ok = false;
+        for _ in 0..100 {
+            if encrypt(&kms, &arn, b"x").await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ok, "key works again after enable + SIGHUP");
+    }
+
+    // Disconnect → Unavailable → reconnect → works.
+    disconnect(&kms, &store).await;
+    let d = kms.describe_key().key_id(&arn).send().await.expect("describe key");
+    assert_eq!(
+        d.key_metadata().and_then(|m| m.key_state()),
+        Some(&KeyState::Unavailable)
+    );
+    let e = encrypt(&kms, &arn, b"x").await.expect_err("unavailable");
+    assert!(e.starts_with("KMSInvalidStateException"), "{e}");
+    let s = connect(&kms, &store).await;
+    assert_eq!(s.connection_state(), Some(&ConnectionStateType::Connected));
+    assert_eq!(decrypt(&kms, &blob).await, b"end to end");
+
+    // Schedule deletion; the store cannot go until the key is gone.
+    let sched = kms
+        .schedule_key_deletion()
+        .key_id(&arn)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .expect("schedule");
+    assert_eq!(sched.key_state(), Some(&KeyState::PendingDeletion));
+    disconnect(&kms, &store).await;
+    let r = kms
+        .delete_custom_key_store()
+        .custom_key_store_id(&store)
+        .send()
+        .await;
+    assert_eq!(code(r), "CustomKeyStoreHasCMKsException");
+    // 7 days of 100 ms each.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let r = kms.describe_key().key_id(&arn).send().await;
+    assert_eq!(code(r), "NotFoundException");
+    kms.delete_custom_key_store()
+        .custom_key_store_id(&store)
+        .send()
+        .await
+        .expect("delete store");
+
+    // Nothing secret reached the emulator's log (it ran at debug level).
+    let log = emulator.output();
+    assert!(!log.contains(SECRET) && !log.contains(SECRET2), "secret in the log");
+    assert!(!log.contains("end to end"), "plaintext in the log");
+}
+
+#[tokio::test]
+async fn sdk_lifecycle_against_the_software_keystore() {
+    lifecycle(Backend::Software).await;
+}
+
+#[tokio::test]
+async fn sdk_lifecycle_against_softhsm_when_enabled() {
+    match Backend::softhsm_from_env() {
+        Some(b) => lifecycle(b).await,
+        None => eprintln!("skipped: set KMS_E2E_SOFTHSM=1 with tests/softhsm/setup.sh's variables"),
+    }
+}
+
+#[tokio::test]
+async fn sdk_failure_paths() {
+    let proxy_setup = ProxySetup::new(Backend::Software, PREFIX, 0);
+    proxy_setup.create_key("key-1", "encrypt,decrypt");
+    let proxy = proxy_setup.start();
+    let emulator = start_emulator(proxy.addr, &[], None);
+    let kms = sdk(&emulator);
+
+    // Wrong credentials: an exception on create, INVALID_CREDENTIALS on connect.
+    assert_eq!(
+        create_store(&kms, "bad-cred", PATH, "AKIAWRONGCREDENTIAL2345", SECRET).await,
+        Err("XksProxyIncorrectAuthenticationCredentialException".to_owned())
+    );
+    let store = create_store(&kms, "good", PATH, AKID, SECRET)
+        .await
+        .expect("create");
+    let r = kms
+        .update_custom_key_store()
+        .custom_key_store_id(&store)
+        .xks_proxy_authentication_credential(cred(AKID, SECRET2))
+        .send()
+        .await;
+    assert_eq!(code(r), "XksProxyIncorrectAuthenticationCredentialException");
+    // Wrong path.
+    assert_eq!(
+        create_store(&kms, "bad-path", "/nobody/kms/xks/v1", AKID, SECRET).await,
+        Err("XksProxyInvalidConfigurationException".to_owned())
+    );
+
+    // Proxy down: UriUnreachable on create, XKS_PROXY_NOT_REACHABLE on connect.
+    drop(proxy);
+    assert_eq!(
+        create_store(&kms, "down", "/tenant-a/other/kms/xks/v1", AKID, SECRET).await,
+        Err("XksProxyUriUnreachableException".to_owned())
+    );
+    let s = connect(&kms, &store).await;
+    assert_eq!(s.connection_state(), Some(&ConnectionStateType::Failed));
+    assert_eq!(
+        s.connection_error_code(),
+        Some(&ConnectionErrorCodeType::XksProxyNotReachable)
+    );
+    disconnect(&kms, &store).await;
+
+    // A proxy whose key manager answers too slowly: XKS_PROXY_TIMED_OUT.
+    let slow_setup = ProxySetup::new(Backend::Software, PREFIX, 400);
+    slow_setup.create_key("key-1", "encrypt,decrypt");
+    let slow = slow_setup.start();
+    let emulator2 = start_emulator(slow.addr, &[], None);
+    let kms2 = sdk(&emulator2);
+    assert_eq!(
+        create_store(&kms2, "slow", PATH, AKID, SECRET).await,
+        Err("XksProxyUriUnreachableException".to_owned())
+    );
+    // Connect times out too (a VPC store: not checked at create time).
+    let vpc = kms2
+        .create_custom_key_store()
+        .custom_key_store_name("slow-vpc")
+        .custom_key_store_type(CustomKeyStoreType::ExternalKeyStore)
+        .xks_proxy_uri_endpoint(ENDPOINT)
+        .xks_proxy_uri_path(PATH)
+        .xks_proxy_connectivity(XksProxyConnectivityType::VpcEndpointService)
+        .xks_proxy_vpc_endpoint_service_name("com.amazonaws.vpce.us-east-1.vpce-svc-0123456789abcdef0")
+        .xks_proxy_authentication_credential(cred(AKID, SECRET))
+        .send()
+        .await
+        .expect("VPC stores are not checked at create")
+        .custom_key_store_id()
+        .expect("id")
+        .to_owned();
+    let s = connect(&kms2, &vpc).await;
+    assert_eq!(
+        s.connection_error_code(),
+        Some(&ConnectionErrorCodeType::XksProxyTimedOut),
+        "{s:?}"
+    );
+}
