@@ -681,7 +681,8 @@ fn a_policy_that_does_not_fit_the_model_is_refused_with_its_line() {
 
 #[test]
 fn other_load_errors_name_the_file() {
-    let cases: [(&str, fn(&PolicyError) -> bool); 5] = [
+    type IsExpected = fn(&PolicyError) -> bool;
+    let cases: [(&str, IsExpected); 5] = [
         ("// nothing here\n", |e| {
             matches!(e, PolicyError::Empty { .. })
         }),
