@@ -419,36 +419,51 @@ async fn sdk_failure_paths() {
     );
     disconnect(&kms, &store).await;
 
-    // A proxy whose key manager answers too slowly: XKS_PROXY_TIMED_OUT.
+    // A proxy whose key manager is too slow. Its health answer comes from a cache
+    // (as the spec asks), so the store connects; the first key operation times out.
     let slow_setup = ProxySetup::new(Backend::Software, PREFIX, 400);
     slow_setup.create_key("key-1", "encrypt,decrypt");
     let slow = slow_setup.start();
     let emulator2 = start_emulator(slow.addr, &[], None);
     let kms2 = sdk(&emulator2);
-    assert_eq!(
-        create_store(&kms2, "slow", PATH, AKID, SECRET).await,
-        Err("XksProxyUriUnreachableException".to_owned())
-    );
-    // Connect times out too (a VPC store: not checked at create time).
-    let vpc = kms2
-        .create_custom_key_store()
-        .custom_key_store_name("slow-vpc")
-        .custom_key_store_type(CustomKeyStoreType::ExternalKeyStore)
-        .xks_proxy_uri_endpoint(ENDPOINT)
-        .xks_proxy_uri_path(PATH)
-        .xks_proxy_connectivity(XksProxyConnectivityType::VpcEndpointService)
-        .xks_proxy_vpc_endpoint_service_name("com.amazonaws.vpce.us-east-1.vpce-svc-0123456789abcdef0")
-        .xks_proxy_authentication_credential(cred(AKID, SECRET))
-        .send()
+    let store2 = create_store(&kms2, "slow", PATH, AKID, SECRET)
         .await
-        .expect("VPC stores are not checked at create")
-        .custom_key_store_id()
-        .expect("id")
-        .to_owned();
-    let s = connect(&kms2, &vpc).await;
+        .expect("create");
+    let s = connect(&kms2, &store2).await;
+    assert_eq!(s.connection_state(), Some(&ConnectionStateType::Connected));
+    let r = kms2
+        .create_key()
+        .origin(OriginType::ExternalKeyStore)
+        .custom_key_store_id(&store2)
+        .xks_key_id("key-1")
+        .send()
+        .await;
+    match r {
+        Err(e) => {
+            let svc = e.as_service_error().expect("service error");
+            assert_eq!(svc.code(), Some("CustomKeyStoreInvalidStateException"));
+            assert!(
+                svc.message().unwrap_or("").contains("did not respond"),
+                "{:?}",
+                svc.message()
+            );
+        }
+        Ok(_) => panic!("a 400 ms key manager must time out"),
+    }
+
+    // A proxy that accepts connections but never answers: XKS_PROXY_TIMED_OUT.
+    disconnect(&kms2, &store2).await;
+    slow.freeze();
+    let s = connect(&kms2, &store2).await;
+    assert_eq!(s.connection_state(), Some(&ConnectionStateType::Failed));
     assert_eq!(
         s.connection_error_code(),
         Some(&ConnectionErrorCodeType::XksProxyTimedOut),
         "{s:?}"
     );
+    assert_eq!(
+        create_store(&kms2, "frozen", "/tenant-a/frozen/kms/xks/v1", AKID, SECRET).await,
+        Err("XksProxyUriUnreachableException".to_owned())
+    );
+    slow.thaw();
 }

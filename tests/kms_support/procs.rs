@@ -80,8 +80,23 @@ impl Proc {
 
     /// Sends SIGHUP (the proxy reloads its credentials and keystore).
     pub fn hup(&self) {
+        self.signal("-HUP");
+    }
+
+    /// SIGSTOP: the process keeps its socket (connections are accepted by the
+    /// kernel) but never answers — a proxy that is up yet far too slow.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Proc::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
         let status = Command::new("kill")
-            .args(["-HUP", &self.pid().to_string()])
+            .args([sig, &self.pid().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
