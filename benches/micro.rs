@@ -114,8 +114,14 @@ fn sigv4(c: &mut Criterion) {
         b.iter_batched(
             credentials,
             |cold| {
-                xks_proxy::sigv4::verify(black_box(&parts), &body, &cold, &policy, SystemTime::now())
-                    .expect("verifies")
+                xks_proxy::sigv4::verify(
+                    black_box(&parts),
+                    &body,
+                    &cold,
+                    &policy,
+                    SystemTime::now(),
+                )
+                .expect("verifies")
             },
             BatchSize::SmallInput,
         )
@@ -124,9 +130,11 @@ fn sigv4(c: &mut Criterion) {
     g.bench_function("sign_request_encrypt", |b| {
         b.iter_batched(
             || {
-                http::Request::post("https://xks.example.com/bench/kms/xks/v1/keys/bench-key-1/encrypt")
-                    .body(body.clone())
-                    .expect("request")
+                http::Request::post(
+                    "https://xks.example.com/bench/kms/xks/v1/keys/bench-key-1/encrypt",
+                )
+                .body(body.clone())
+                .expect("request")
             },
             |mut req| {
                 xks_proxy::sigv4::sign_request(
@@ -149,7 +157,9 @@ fn sigv4(c: &mut Criterion) {
 fn aad_and_cdiv(c: &mut Criterion) {
     let mut g = c.benchmark_group("aad");
     let md = Metadata::v1(1).encode();
-    g.bench_function("encode_100B_aad", |b| b.iter(|| aad::encode(black_box(AAD), &md)));
+    g.bench_function("encode_100B_aad", |b| {
+        b.iter(|| aad::encode(black_box(AAD), &md))
+    });
     let iv = [7u8; 12];
     let tag = [9u8; 16];
     g.bench_function("cdiv_32B", |b| {
@@ -163,7 +173,8 @@ fn software_keystore(c: &mut Criterion) {
     let path = dir.path().join("keystore.json");
     let master = MasterKey::generate();
     let mut ks = Keystore::create(&path, &master).expect("keystore");
-    ks.create_key("k", &[KeyUsage::Encrypt, KeyUsage::Decrypt]).expect("key");
+    ks.create_key("k", &[KeyUsage::Encrypt, KeyUsage::Decrypt])
+        .expect("key");
     ks.save().expect("save");
     let backend: Arc<dyn CryptoBackend> =
         Arc::new(SoftwareBackend::open(&path, master).expect("open"));
@@ -171,7 +182,11 @@ fn software_keystore(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("software_keystore");
     g.bench_function("encrypt_32B", |b| {
-        b.iter(|| backend.encrypt("k", black_box(&PLAINTEXT), &aad_for).expect("encrypt"))
+        b.iter(|| {
+            backend
+                .encrypt("k", black_box(&PLAINTEXT), &aad_for)
+                .expect("encrypt")
+        })
     });
     let sealed = backend.encrypt("k", &PLAINTEXT, &aad_for).expect("encrypt");
     let full_aad = aad_for(sealed.key_version);
@@ -223,7 +238,9 @@ fn json(c: &mut Criterion) {
         b.iter(|| serde_json::from_slice::<HealthRequest>(black_box(&health)).expect("decode"))
     });
     g.bench_function("decode_metadata_request", |b| {
-        b.iter(|| serde_json::from_slice::<MetadataRequest>(black_box(&metadata_req)).expect("decode"))
+        b.iter(|| {
+            serde_json::from_slice::<MetadataRequest>(black_box(&metadata_req)).expect("decode")
+        })
     });
     g.bench_function("decode_encrypt_request", |b| {
         b.iter(|| serde_json::from_slice::<EncryptRequest>(black_box(&encrypt)).expect("decode"))
@@ -315,7 +332,10 @@ fn e2e(c: &mut Criterion) {
         connect_to: None,
         allow_remote: false,
     };
-    let target = Arc::new(rt.block_on(target::Target::from_args(&args)).expect("target"));
+    let target = Arc::new(
+        rt.block_on(target::Target::from_args(&args))
+            .expect("target"),
+    );
     let connector = conn::Connector::new(target, false, true).expect("connector");
     let load = Defaults::parse_from(["micro"]).load;
     let workload = workload::Workload::new(&load).expect("workload");
@@ -331,14 +351,15 @@ fn e2e(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    let (req, expect) = workload
-                        .request(&connector, op, &mut rng)
-                        .expect("request");
+                    let (req, expect) =
+                        workload.request(&connector, op, &mut rng).expect("request");
                     let (status, body) = connection
                         .send(req, Duration::from_secs(5))
                         .await
                         .expect("response");
-                    workload.check(&expect, status, &body).expect("valid response");
+                    workload
+                        .check(&expect, status, &body)
+                        .expect("valid response");
                 })
             })
         });

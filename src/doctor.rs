@@ -49,11 +49,14 @@ impl Report {
             };
             let _ = writeln!(out, "[{tag}] {msg}");
         }
-        let (p, w, f) = self.lines.iter().fold((0, 0, 0), |(p, w, f), (l, _)| match l {
-            Level::Pass => (p + 1, w, f),
-            Level::Warn => (p, w + 1, f),
-            Level::Fail => (p, w, f + 1),
-        });
+        let (p, w, f) = self
+            .lines
+            .iter()
+            .fold((0, 0, 0), |(p, w, f), (l, _)| match l {
+                Level::Pass => (p + 1, w, f),
+                Level::Warn => (p, w + 1, f),
+                Level::Fail => (p, w, f + 1),
+            });
         let _ = writeln!(out, "\n{p} passed, {w} warnings, {f} failed");
         out
     }
@@ -103,10 +106,14 @@ fn check(config_path: &Path, endpoint: Option<&str>) -> Report {
 fn check_clock(r: &mut Report) {
     // Without network access the best evidence is: not before this build, and (when
     // systemd is there) NTP says it is synchronised. SigV4 fails beyond 5 minutes skew.
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     const BUILD_YEAR_FLOOR: Duration = Duration::from_secs(1_767_225_600); // 2026-01-01
     if now < BUILD_YEAR_FLOOR {
-        r.fail("system clock is before 2026: SigV4 requests from KMS will all fail (5-minute window)");
+        r.fail(
+            "system clock is before 2026: SigV4 requests from KMS will all fail (5-minute window)",
+        );
         return;
     }
     match std::process::Command::new("timedatectl")
@@ -125,7 +132,9 @@ fn check_clock(r: &mut Report) {
 
 fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>) {
     let Some(t) = &cfg.server.tls else {
-        r.warn("TLS is off (insecure_plain_http): only correct behind a TLS-terminating load balancer");
+        r.warn(
+            "TLS is off (insecure_plain_http): only correct behind a TLS-terminating load balancer",
+        );
         return;
     };
     let (certs, _key) = match tls::load_identity(t) {
@@ -144,7 +153,9 @@ fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>) {
     }
     match tls::days_to_expiry(t) {
         Ok(d) if d < 0 => r.fail(format!("TLS: the certificate expired {} day(s) ago", -d)),
-        Ok(d) if d < 30 => r.warn(format!("TLS: the certificate expires in {d} day(s); renew it")),
+        Ok(d) if d < 30 => r.warn(format!(
+            "TLS: the certificate expires in {d} day(s); renew it"
+        )),
         Ok(d) => r.pass(format!("TLS: the certificate is valid for {d} more day(s)")),
         Err(e) => r.fail(format!("TLS: {e}")),
     }
@@ -170,7 +181,9 @@ fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>) {
             Err(e) => r.fail(format!("TLS: cannot parse the leaf certificate: {e}")),
         }
         if certs.len() == 1 {
-            r.warn("TLS: the chain has only the leaf; public CAs need their intermediate(s) sent too");
+            r.warn(
+                "TLS: the chain has only the leaf; public CAs need their intermediate(s) sent too",
+            );
         }
     }
     if matches!(t, TlsConfig::Embedded { .. }) {
@@ -211,9 +224,14 @@ fn check_backend(r: &mut Report, cfg: &Config) {
     let health = backend.health();
     for e in &health {
         match e.state {
-            HealthState::Active => r.pass(format!("backend: {} ({}) passed a real AES-GCM round trip", e.id, e.model)),
+            HealthState::Active => r.pass(format!(
+                "backend: {} ({}) passed a real AES-GCM round trip",
+                e.id, e.model
+            )),
             HealthState::Degraded => r.warn(format!("backend: {} ({}) is DEGRADED", e.id, e.model)),
-            HealthState::Unavailable => r.fail(format!("backend: {} ({}) is UNAVAILABLE", e.id, e.model)),
+            HealthState::Unavailable => {
+                r.fail(format!("backend: {} ({}) is UNAVAILABLE", e.id, e.model))
+            }
         }
     }
     for ks in &cfg.keystores {
@@ -240,9 +258,16 @@ fn check_backend(r: &mut Report, cfg: &Config) {
                         problems.push("is DISABLED".into());
                     }
                     if problems.is_empty() {
-                        r.pass(format!("key '{key}' (prefix '{}'): AES_256, ENCRYPT+DECRYPT, ENABLED", ks.path_prefix));
+                        r.pass(format!(
+                            "key '{key}' (prefix '{}'): AES_256, ENCRYPT+DECRYPT, ENABLED",
+                            ks.path_prefix
+                        ));
                     } else {
-                        r.fail(format!("key '{key}' (prefix '{}'): {}", ks.path_prefix, problems.join("; ")));
+                        r.fail(format!(
+                            "key '{key}' (prefix '{}'): {}",
+                            ks.path_prefix,
+                            problems.join("; ")
+                        ));
                     }
                 }
                 Err(e) => r.fail(format!("key '{key}' (prefix '{}'): {e}", ks.path_prefix)),

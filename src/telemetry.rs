@@ -65,8 +65,14 @@ fn describe() {
         Unit::Seconds,
         "One key-manager call through the backend boundary, waiting included"
     );
-    describe_gauge!("xks_backend_calls_in_flight", "Key-manager calls running (sessions in use)");
-    describe_gauge!("xks_backend_calls_waiting", "Key-manager calls waiting for a free session");
+    describe_gauge!(
+        "xks_backend_calls_in_flight",
+        "Key-manager calls running (sessions in use)"
+    );
+    describe_gauge!(
+        "xks_backend_calls_waiting",
+        "Key-manager calls waiting for a free session"
+    );
     describe_gauge!(
         "xks_ekm_health_status",
         "1 for the current health status of each key-manager instance (ACTIVE, DEGRADED, UNAVAILABLE)"

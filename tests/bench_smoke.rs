@@ -47,8 +47,8 @@ fn xks_bench(args: &[&str], limit: Duration) -> String {
 /// The report's invariants: zero errors, some successes, consistent counts and
 /// ordered percentiles.
 fn check_report(text: &str, expect_op: &str) -> Value {
-    let r: Value = serde_json::from_str(text)
-        .unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{text}"));
+    let r: Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{text}"));
     assert_eq!(r["errors"], 0, "errors in {text}");
     assert_eq!(r["errors_by_name"], serde_json::json!({}), "{text}");
     let ok = r["requests_ok"].as_u64().expect("requests_ok");
@@ -57,7 +57,10 @@ fn check_report(text: &str, expect_op: &str) -> Value {
     assert!(r["throughput_rps"].as_f64().expect("rps") > 0.0);
     assert!(r["elapsed_s"].as_f64().expect("elapsed") > 0.0);
     let l = &r["latency"];
-    let p = |k: &str| l[k].as_f64().unwrap_or_else(|| panic!("latency.{k} in {text}"));
+    let p = |k: &str| {
+        l[k].as_f64()
+            .unwrap_or_else(|| panic!("latency.{k} in {text}"))
+    };
     assert!(p("p50_ms") > 0.0);
     assert!(p("p50_ms") <= p("p90_ms") && p("p90_ms") <= p("p99_ms"));
     assert!(p("p99_ms") <= p("p99_9_ms") && p("p99_9_ms") <= p("max_ms"));
@@ -105,21 +108,64 @@ async fn xks_bench_drives_a_proxy_with_zero_errors_and_reports_json() {
         // Closed loop, every operation mixed (Decrypt checks plaintexts it encrypted),
         // with a plot and the server's CPU/RSS (the proxy runs in this process).
         (
-            vec!["--op", "mix", "-c", "4", "--duration", "1", "--plot", &plot_arg, "--server-pid", &pid],
+            vec![
+                "--op",
+                "mix",
+                "-c",
+                "4",
+                "--duration",
+                "1",
+                "--plot",
+                &plot_arg,
+                "--server-pid",
+                &pid,
+            ],
             "mix",
         ),
         // Open loop at a fixed rate over HTTP/2 with shared connections.
         (
-            vec!["--op", "encrypt", "--rate", "100", "-c", "8", "--duration", "1", "--http2", "--connections", "2"],
+            vec![
+                "--op",
+                "encrypt",
+                "--rate",
+                "100",
+                "-c",
+                "8",
+                "--duration",
+                "1",
+                "--http2",
+                "--connections",
+                "2",
+            ],
             "encrypt",
         ),
         // A new TLS connection for every request.
         (
-            vec!["--op", "health", "-c", "2", "--duration", "0.5", "--new-connection"],
+            vec![
+                "--op",
+                "health",
+                "-c",
+                "2",
+                "--duration",
+                "0.5",
+                "--new-connection",
+            ],
             "health",
         ),
         // A request-count bound.
-        (vec!["--op", "decrypt", "-c", "2", "--requests", "20", "--duration", "30"], "decrypt"),
+        (
+            vec![
+                "--op",
+                "decrypt",
+                "-c",
+                "2",
+                "--requests",
+                "20",
+                "--duration",
+                "30",
+            ],
+            "decrypt",
+        ),
     ];
     for (extra, op) in runs {
         let mut args: Vec<String> = target_args(&url, &akid, &secret_file, &ca)
@@ -148,7 +194,10 @@ async fn xks_bench_drives_a_proxy_with_zero_errors_and_reports_json() {
         }
     }
     let svg = std::fs::read_to_string(&plot).expect("plot written");
-    assert!(svg.starts_with("<svg") && svg.contains("KMS timeout"), "an SVG with the timeout marked");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("KMS timeout"),
+        "an SVG with the timeout marked"
+    );
     proxy.running.shutdown();
 }
 

@@ -283,3 +283,69 @@ async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
     let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(15)));
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_line_per_request() {
+    let (dir, text, creds) = prepare(&Options::default());
+    let text = text + "\n[logging]\nformat = \"json\"\n";
+    std::fs::write(dir.path().join("proxy.toml"), text).expect("write");
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(dir.path().join("proxy.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let msg = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a log line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("every line is JSON");
+        let m = v["message"].as_str().expect("message").to_owned();
+        if m.contains("listening on https://") {
+            break m;
+        }
+    };
+    let addr: std::net::SocketAddr = msg
+        .split("https://")
+        .nth(1)
+        .expect("addr")
+        .parse()
+        .expect("addr");
+    let c = Client::new(addr, false, creds[0].clone());
+    let url = format!(
+        "https://localhost:{}{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt",
+        addr.port()
+    );
+    let mut body = encrypt_body(b"x", None);
+    body["requestMetadata"]["kmsRequestId"] = serde_json::json!("json-log-test-1");
+    assert_eq!(c.post(&url, &body).await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("request line");
+        if l.contains("json-log-test-1") {
+            break l;
+        }
+        assert!(Instant::now() < deadline);
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(v["kms_request_id"], "json-log-test-1");
+    assert_eq!(v["kms_operation"], "Encrypt");
+    assert_eq!(v["principal"], PRINCIPAL);
+    assert_eq!(v["prefix"], PREFIX);
+    assert_eq!(v["key_id"], KEY);
+    assert_eq!(v["outcome"], "ok");
+    assert!(v["elapsed_us"].as_u64().is_some());
+    signal(&child, "-TERM");
+    let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(15)));
+    assert!(status.success());
+}

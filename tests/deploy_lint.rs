@@ -39,7 +39,11 @@ fn parse_unit(text: &str) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
         let (k, v) = line
             .split_once('=')
             .unwrap_or_else(|| panic!("unit line {}: not KEY=VALUE: {line}", n + 1));
-        assert!(!section.is_empty(), "unit line {}: key outside a section", n + 1);
+        assert!(
+            !section.is_empty(),
+            "unit line {}: key outside a section",
+            n + 1
+        );
         out.entry(section.clone())
             .or_default()
             .entry(k.trim().to_owned())
@@ -79,7 +83,10 @@ fn systemd_unit_is_hardened() {
         assert_eq!(one(k), v, "[Service] {k}");
     }
     let nofile: u64 = one("LimitNOFILE").parse().expect("LimitNOFILE is a number");
-    assert!(nofile >= 65536, "LimitNOFILE={nofile}: raise it for many KMS connections");
+    assert!(
+        nofile >= 65536,
+        "LimitNOFILE={nofile}: raise it for many KMS connections"
+    );
     // Reload = SIGHUP to the main process; start = serve with the config; refuse a bad
     // config before starting.
     assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
@@ -87,10 +94,19 @@ fn systemd_unit_is_hardened() {
     assert!(one("ExecStartPre").contains("xks-proxy config check --config"));
     assert!(one("EnvironmentFile").starts_with("/etc/xks-proxy/"));
     // The drain (shutdown_grace_ms = 10 s) must fit in the stop timeout.
-    let stop: u64 = one("TimeoutStopSec").trim_end_matches('s').parse().expect("seconds");
-    assert!(stop > 10, "TimeoutStopSec={stop}s must exceed the 10 s drain");
+    let stop: u64 = one("TimeoutStopSec")
+        .trim_end_matches('s')
+        .parse()
+        .expect("seconds");
+    assert!(
+        stop > 10,
+        "TimeoutStopSec={stop}s must exceed the 10 s drain"
+    );
     assert_eq!(one("StateDirectory"), "xks-proxy");
-    assert_eq!(unit["Install"]["WantedBy"], vec!["multi-user.target".to_owned()]);
+    assert_eq!(
+        unit["Install"]["WantedBy"],
+        vec!["multi-user.target".to_owned()]
+    );
 }
 
 /// The unit with ExecStart pointing at the binary this test built, so `verify` can
@@ -210,7 +226,10 @@ impl Scratch {
     fn rewrite(&self, text: &str) -> String {
         let root = self.dir.path().display().to_string();
         text.replace("\"/etc/xks-proxy/", &format!("\"{root}/etc/xks-proxy/"))
-            .replace("\"/var/lib/xks-proxy/", &format!("\"{root}/var/lib/xks-proxy/"))
+            .replace(
+                "\"/var/lib/xks-proxy/",
+                &format!("\"{root}/var/lib/xks-proxy/"),
+            )
     }
 
     fn proxy(&self) -> Command {
@@ -233,7 +252,12 @@ impl Scratch {
                 .arg(&path),
             MIN,
         );
-        run_ok(self.proxy().args(["config", "check", "--config"]).arg(&path), MIN)
+        run_ok(
+            self.proxy()
+                .args(["config", "check", "--config"])
+                .arg(&path),
+            MIN,
+        )
     }
 }
 
@@ -264,7 +288,10 @@ fn every_deploy_config_passes_config_check() {
         for e in std::fs::read_dir(deploy().join(dir)).expect("dir") {
             let p = e.expect("entry").path();
             if p.extension().is_some_and(|x| x == "toml") {
-                all.push(format!("{dir}/{}", p.file_name().expect("name").to_string_lossy()));
+                all.push(format!(
+                    "{dir}/{}",
+                    p.file_name().expect("name").to_string_lossy()
+                ));
             }
         }
     }
@@ -287,7 +314,11 @@ fn systemd_env_example_names_every_secret_and_its_placeholders_are_refused() {
             && k.trim().ends_with("_env")
         {
             let var = v.trim().trim_matches('"');
-            assert!(assigned.contains_key(var), "env example lacks {var} ({})", k.trim());
+            assert!(
+                assigned.contains_key(var),
+                "env example lacks {var} ({})",
+                k.trim()
+            );
             names += 1;
         }
     }
@@ -337,8 +368,15 @@ fn dockerfile_is_multi_stage_non_root_with_a_ping_healthcheck() {
         .filter(|(_, l)| l.starts_with("FROM "))
         .map(|(i, l)| (i, *l))
         .collect();
-    assert!(stages.len() >= 3, "multi-stage: build, softhsm-demo, runtime");
-    assert!(stages[0].1.contains(" AS build"), "first stage builds: {}", stages[0].1);
+    assert!(
+        stages.len() >= 3,
+        "multi-stage: build, softhsm-demo, runtime"
+    );
+    assert!(
+        stages[0].1.contains(" AS build"),
+        "first stage builds: {}",
+        stages[0].1
+    );
     // The default target is the last stage: the minimal runtime.
     let (last_i, last) = stages[stages.len() - 1];
     assert!(
@@ -364,7 +402,10 @@ fn dockerfile_is_multi_stage_non_root_with_a_ping_healthcheck() {
             .iter()
             .find(|l| l.starts_with("HEALTHCHECK "))
             .unwrap_or_else(|| panic!("{from}: no HEALTHCHECK"));
-        assert!(hc.contains("127.0.0.1/8080") || hc.contains("127.0.0.1:8080/ping"), "{hc}");
+        assert!(
+            hc.contains("127.0.0.1/8080") || hc.contains("127.0.0.1:8080/ping"),
+            "{hc}"
+        );
         assert!(hc.contains("/ping") || hc.contains("GET /ping"), "{hc}");
     }
     assert!(last_i > 0);
@@ -374,21 +415,33 @@ fn dockerfile_is_multi_stage_non_root_with_a_ping_healthcheck() {
             if rest.contains("--from=") {
                 continue;
             }
-            let words: Vec<&str> = rest.split_whitespace().filter(|w| !w.starts_with("--")).collect();
+            let words: Vec<&str> = rest
+                .split_whitespace()
+                .filter(|w| !w.starts_with("--"))
+                .collect();
             for src in &words[..words.len() - 1] {
                 if *src == "." {
                     continue;
                 }
-                assert!(repo().join(src).exists(), "COPY source {src} does not exist");
+                assert!(
+                    repo().join(src).exists(),
+                    "COPY source {src} does not exist"
+                );
             }
         }
     }
     // The baked-in default config is the one tested by every_deploy_config_passes_config_check.
     assert!(joined.contains("COPY deploy/container/xks-proxy.toml /etc/xks-proxy/xks-proxy.toml"));
     // The .dockerignore must not hide what the build needs.
-    let ignore =
-        std::fs::read_to_string(deploy().join("container/Dockerfile.dockerignore")).expect("ignore");
-    for needed in ["src", "Cargo.toml", "Cargo.lock", "certs", "deploy/container"] {
+    let ignore = std::fs::read_to_string(deploy().join("container/Dockerfile.dockerignore"))
+        .expect("ignore");
+    for needed in [
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        "certs",
+        "deploy/container",
+    ] {
         assert!(
             !ignore.lines().any(|l| l.trim() == needed),
             "Dockerfile.dockerignore excludes {needed}"
@@ -442,9 +495,17 @@ fn kustomization_lists_every_manifest() {
         let files = yaml_files(&dir);
         let mut missing: Vec<&String> = files.iter().filter(|f| !listed.contains(f)).collect();
         missing.sort();
-        assert!(missing.is_empty(), "{}: not listed in kustomization.yaml: {missing:?}", dir.display());
+        assert!(
+            missing.is_empty(),
+            "{}: not listed in kustomization.yaml: {missing:?}",
+            dir.display()
+        );
         for l in &listed {
-            assert!(dir.join(l).is_file(), "{}: lists missing file {l}", dir.display());
+            assert!(
+                dir.join(l).is_file(),
+                "{}: lists missing file {l}",
+                dir.display()
+            );
         }
     }
     // Every file a generator reads is either shipped or an operator secret (secrets/).
@@ -475,7 +536,8 @@ fn kubernetes_manifests_pass_kubernetes_validate() {
     for f in &files {
         let name = f.file_name().expect("name").to_string_lossy().into_owned();
         assert!(
-            out.lines().any(|l| l.contains(&name) && l.contains("passed")),
+            out.lines()
+                .any(|l| l.contains(&name) && l.contains("passed")),
             "{name} was not validated:\n{out}"
         );
     }
@@ -487,7 +549,10 @@ fn kubernetes_manifests_pass_kubernetes_validate() {
     assert_eq!(sm["kind"], "ServiceMonitor");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
-    assert_eq!(sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"], "metrics");
+    assert_eq!(
+        sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        "metrics"
+    );
 }
 
 #[test]
@@ -495,7 +560,16 @@ fn kubernetes_manifests_pass_checkov() {
     let checkov = require_tool("checkov");
     let out = run(
         Command::new(checkov)
-            .args(["--framework", "kubernetes", "--compact", "--quiet", "--skip-download", "-o", "cli", "-d"])
+            .args([
+                "--framework",
+                "kubernetes",
+                "--compact",
+                "--quiet",
+                "--skip-download",
+                "-o",
+                "cli",
+                "-d",
+            ])
             .arg(k8s())
             .env("BC_SKIP_MAPPING", "TRUE"),
         Duration::from_secs(300),
@@ -507,7 +581,10 @@ fn kubernetes_manifests_pass_checkov() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("Passed checks:"), "checkov scanned nothing:\n{stdout}");
+    assert!(
+        stdout.contains("Passed checks:"),
+        "checkov scanned nothing:\n{stdout}"
+    );
 }
 
 /// `kubectl kustomize` of a copy of deploy/kubernetes with throw-away secrets.
@@ -520,8 +597,11 @@ fn render(replicas: Option<u32>) -> (tempfile::TempDir, PathBuf, Vec<Value>) {
         let path = dir.join("deployment.yaml");
         let text = std::fs::read_to_string(&path).expect("deployment");
         assert!(text.contains("\n  replicas: 3\n"));
-        std::fs::write(&path, text.replace("\n  replicas: 3\n", &format!("\n  replicas: {n}\n")))
-            .expect("write");
+        std::fs::write(
+            &path,
+            text.replace("\n  replicas: 3\n", &format!("\n  replicas: {n}\n")),
+        )
+        .expect("write");
     }
     let secrets = dir.join("secrets");
     let certs = repo().join("certs");
@@ -552,7 +632,12 @@ fn copy_dir(from: &Path, to: &Path) {
 
 fn find<'a>(docs: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value {
     docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"].as_str().is_some_and(|n| n.starts_with(name_prefix)))
+        .find(|d| {
+            d["kind"] == kind
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(name_prefix))
+        })
         .unwrap_or_else(|| panic!("no {kind} {name_prefix}* in the rendered output"))
 }
 
@@ -561,7 +646,10 @@ fn kustomization_renders_a_valid_fleet() {
     let (_tmp, rendered, docs) = render(None);
     // The rendered whole (with the generated ConfigMap and Secrets) is valid too.
     let kv = require_tool("kubernetes-validate");
-    run_ok(Command::new(kv).arg("--strict").arg(&rendered), Duration::from_secs(120));
+    run_ok(
+        Command::new(kv).arg("--strict").arg(&rendered),
+        Duration::from_secs(120),
+    );
     for d in &docs {
         assert_eq!(
             d["metadata"]["namespace"].as_str().unwrap_or("xks-proxy"),
@@ -579,7 +667,10 @@ fn kustomization_renders_a_valid_fleet() {
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ping");
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], "ping");
     assert!(c["livenessProbe"].is_object());
-    assert!(c["resources"]["requests"]["cpu"].is_string() && c["resources"]["limits"]["memory"].is_string());
+    assert!(
+        c["resources"]["requests"]["cpu"].is_string()
+            && c["resources"]["limits"]["memory"].is_string()
+    );
     // Security context.
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
@@ -587,15 +678,31 @@ fn kustomization_renders_a_valid_fleet() {
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert_eq!(pod["automountServiceAccountToken"], false);
     // Rolling updates never drop below the fleet; the drain fits the grace period.
-    assert_eq!(dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
-    let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("grace");
-    let pause = c["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().expect("preStop");
-    assert!(grace > pause + 10, "grace {grace}s < preStop {pause}s + 10 s drain");
+    assert_eq!(
+        dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        0
+    );
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace");
+    let pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .expect("preStop");
+    assert!(
+        grace > pause + 10,
+        "grace {grace}s < preStop {pause}s + 10 s drain"
+    );
     // Prometheus scraping of the metrics port.
     let ann = &dep["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(ann["prometheus.io/scrape"], "true");
     assert_eq!(ann["prometheus.io/port"], "9100");
-    assert!(c["ports"].as_array().expect("ports").iter().any(|p| p["name"] == "metrics" && p["containerPort"] == 9100));
+    assert!(
+        c["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .any(|p| p["name"] == "metrics" && p["containerPort"] == 9100)
+    );
     let metrics = find(&docs, "Service", "xks-proxy-metrics");
     assert_eq!(metrics["spec"]["ports"][0]["port"], 9100);
 
@@ -605,7 +712,11 @@ fn kustomization_renders_a_valid_fleet() {
     let toml = cm["data"]["xks-proxy.toml"].as_str().expect("toml");
     assert!(toml.contains("[admin]") && toml.contains("ping_listen = \"0.0.0.0:8080\""));
     let vols = pod["volumes"].as_array().expect("volumes");
-    let vol = |n: &str| vols.iter().find(|v| v["name"] == n).unwrap_or_else(|| panic!("volume {n}"));
+    let vol = |n: &str| {
+        vols.iter()
+            .find(|v| v["name"] == n)
+            .unwrap_or_else(|| panic!("volume {n}"))
+    };
     assert_eq!(vol("config")["configMap"]["name"], cm["metadata"]["name"]);
     for (v, secret) in [
         ("keystore", "xks-proxy-keystore-"),
@@ -613,11 +724,21 @@ fn kustomization_renders_a_valid_fleet() {
         ("tls", "xks-proxy-tls-"),
     ] {
         let s = find(&docs, "Secret", secret);
-        assert_eq!(vol(v)["secret"]["secretName"], s["metadata"]["name"], "volume {v}");
+        assert_eq!(
+            vol(v)["secret"]["secretName"],
+            s["metadata"]["name"],
+            "volume {v}"
+        );
     }
-    assert_eq!(find(&docs, "Secret", "xks-proxy-tls-")["type"], "kubernetes.io/tls");
+    assert_eq!(
+        find(&docs, "Secret", "xks-proxy-tls-")["type"],
+        "kubernetes.io/tls"
+    );
     let mounts = c["volumeMounts"].as_array().expect("mounts");
-    assert!(mounts.iter().all(|m| m["readOnly"] == true), "every mount read-only");
+    assert!(
+        mounts.iter().all(|m| m["readOnly"] == true),
+        "every mount read-only"
+    );
 
     // The NLB Service: TCP 443 passed through to the TLS port, health on /ping.
     let svc = find(&docs, "Service", "xks-proxy");
@@ -626,15 +747,31 @@ fn kustomization_renders_a_valid_fleet() {
     assert_eq!(svc["spec"]["ports"][0]["protocol"], "TCP");
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], "xks");
     let a = &svc["metadata"]["annotations"];
-    assert_eq!(a["service.beta.kubernetes.io/aws-load-balancer-healthcheck-path"], "/ping");
-    assert_eq!(a["service.beta.kubernetes.io/aws-load-balancer-healthcheck-port"], "8080");
-    assert!(a.get("service.beta.kubernetes.io/aws-load-balancer-ssl-cert").is_none(), "TLS must pass through");
+    assert_eq!(
+        a["service.beta.kubernetes.io/aws-load-balancer-healthcheck-path"],
+        "/ping"
+    );
+    assert_eq!(
+        a["service.beta.kubernetes.io/aws-load-balancer-healthcheck-port"],
+        "8080"
+    );
+    assert!(
+        a.get("service.beta.kubernetes.io/aws-load-balancer-ssl-cert")
+            .is_none(),
+        "TLS must pass through"
+    );
 
     // PDB and HPA target the same pods / Deployment.
     let pdb = find(&docs, "PodDisruptionBudget", "xks-proxy");
-    assert_eq!(pdb["spec"]["selector"]["matchLabels"], dep["spec"]["selector"]["matchLabels"]);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        dep["spec"]["selector"]["matchLabels"]
+    );
     let hpa = find(&docs, "HorizontalPodAutoscaler", "xks-proxy");
-    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], dep["metadata"]["name"]);
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        dep["metadata"]["name"]
+    );
 }
 
 #[test]
@@ -652,7 +789,10 @@ fn fleet_size_follows_the_replica_count() {
             .expect("XKS_PROXY_FLEET_SIZE");
         assert_eq!(fleet["value"], replicas.to_string(), "env follows replicas");
         let hpa = find(&docs, "HorizontalPodAutoscaler", "xks-proxy");
-        assert_eq!(hpa["spec"]["minReplicas"], replicas, "HPA floor follows replicas");
+        assert_eq!(
+            hpa["spec"]["minReplicas"], replicas,
+            "HPA floor follows replicas"
+        );
     }
 }
 
@@ -667,7 +807,13 @@ fn cloudformation_template_passes_cfn_lint() {
     let cfn_lint = require_tool("cfn-lint");
     run_ok(
         Command::new(cfn_lint)
-            .args(["--regions", "us-east-1", "eu-west-1", "ap-southeast-2", "--"])
+            .args([
+                "--regions",
+                "us-east-1",
+                "eu-west-1",
+                "ap-southeast-2",
+                "--",
+            ])
             .arg(template()),
         Duration::from_secs(180),
     );
@@ -678,7 +824,16 @@ fn cloudformation_template_passes_checkov() {
     let checkov = require_tool("checkov");
     let out = run(
         Command::new(checkov)
-            .args(["--framework", "cloudformation", "--compact", "--quiet", "--skip-download", "-o", "cli", "-f"])
+            .args([
+                "--framework",
+                "cloudformation",
+                "--compact",
+                "--quiet",
+                "--skip-download",
+                "-o",
+                "cli",
+                "-f",
+            ])
             .arg(template())
             .env("BC_SKIP_MAPPING", "TRUE"),
         Duration::from_secs(300),
@@ -734,19 +889,28 @@ fn cloudformation_template_builds_what_kms_requires() {
     let listener = &r["Listener"]["Properties"];
     assert_eq!(listener["Port"], 443);
     assert_eq!(listener["Protocol"], "TCP");
-    assert!(listener.get("Certificates").is_none(), "TLS must pass through the NLB");
+    assert!(
+        listener.get("Certificates").is_none(),
+        "TLS must pass through the NLB"
+    );
     // Target health on /ping over HTTP.
     let tg = &r["TargetGroup"]["Properties"];
     assert_eq!(tg["Protocol"], "TCP");
     assert_eq!(tg["HealthCheckProtocol"], "HTTP");
     assert_eq!(tg["HealthCheckPath"], "/ping");
-    assert_eq!(tg["HealthCheckPort"], serde_json::json!({"Ref": "PingPort"}));
+    assert_eq!(
+        tg["HealthCheckPort"],
+        serde_json::json!({"Ref": "PingPort"})
+    );
     assert_eq!(p["PingPort"]["Default"], 8080);
     // The endpoint service: acceptance off, private DNS name, only KMS as principal.
     let es = &r["EndpointService"];
     assert_eq!(es["Type"], "AWS::EC2::VPCEndpointService");
     assert_eq!(es["Properties"]["AcceptanceRequired"], false);
-    assert_eq!(es["Properties"]["PrivateDnsName"], serde_json::json!({"Ref": "EndpointDnsName"}));
+    assert_eq!(
+        es["Properties"]["PrivateDnsName"],
+        serde_json::json!({"Ref": "EndpointDnsName"})
+    );
     let perms = &r["EndpointServicePermissions"]["Properties"];
     assert_eq!(
         perms["AllowedPrincipals"],

@@ -66,8 +66,14 @@ async fn every_response_has_a_request_id_and_errors_have_the_aws_shape() {
     // The same ID went to the proxy as kmsRequestId.
     let seen = r.seen();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].body["requestMetadata"]["kmsRequestId"], request_id.as_str());
-    assert_eq!(seen[0].body["requestMetadata"]["kmsOperation"], "CreateCustomKeyStore");
+    assert_eq!(
+        seen[0].body["requestMetadata"]["kmsRequestId"],
+        request_id.as_str()
+    );
+    assert_eq!(
+        seen[0].body["requestMetadata"]["kmsOperation"],
+        "CreateCustomKeyStore"
+    );
 
     let (status, headers, body) = e.raw("NoSuchOperation", &json!({})).await;
     assert_eq!(status, 400);
@@ -105,16 +111,25 @@ async fn the_full_lifecycle_of_a_store_and_its_key() {
     assert_eq!(s["XksProxyConfiguration"]["AccessKeyId"], AKID);
     assert_eq!(s["XksProxyConfiguration"]["UriEndpoint"], ENDPOINT);
     assert_eq!(s["XksProxyConfiguration"]["UriPath"], PATH);
-    assert_eq!(s["XksProxyConfiguration"]["Connectivity"], "PUBLIC_ENDPOINT");
+    assert_eq!(
+        s["XksProxyConfiguration"]["Connectivity"],
+        "PUBLIC_ENDPOINT"
+    );
     assert!(s["CreationDate"].is_f64() || s["CreationDate"].is_u64());
     // The secret is never returned.
     let all = e.ok("DescribeCustomKeyStores", json!({})).await;
     assert!(!all.to_string().contains(SECRET));
     assert_eq!(all["Truncated"], false);
     let by_name = e
-        .ok("DescribeCustomKeyStores", json!({"CustomKeyStoreName": "lifecycle"}))
+        .ok(
+            "DescribeCustomKeyStores",
+            json!({"CustomKeyStoreName": "lifecycle"}),
+        )
         .await;
-    assert_eq!(by_name["CustomKeyStores"][0]["CustomKeyStoreId"], store.as_str());
+    assert_eq!(
+        by_name["CustomKeyStores"][0]["CustomKeyStoreId"],
+        store.as_str()
+    );
 
     // A key cannot be created while disconnected.
     let (ty, _, _) = e
@@ -158,8 +173,11 @@ async fn the_full_lifecycle_of_a_store_and_its_key() {
     assert_eq!(ty, "CustomKeyStoreInvalidStateException");
 
     // Disconnect: the key reports Unavailable and cannot be used.
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     assert_eq!(e.store(&store).await["ConnectionState"], "DISCONNECTED");
     let d = e.ok("DescribeKey", json!({"KeyId": arn})).await;
     assert_eq!(d["KeyMetadata"]["KeyState"], "Unavailable");
@@ -186,10 +204,16 @@ async fn the_full_lifecycle_of_a_store_and_its_key() {
     assert_eq!(unb64(&pt["Plaintext"]), b"hello");
 
     // Schedule deletion; the store cannot be deleted until the key is gone.
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     let sched = e
-        .ok("ScheduleKeyDeletion", json!({"KeyId": arn, "PendingWindowInDays": 7}))
+        .ok(
+            "ScheduleKeyDeletion",
+            json!({"KeyId": arn, "PendingWindowInDays": 7}),
+        )
         .await;
     assert_eq!(sched["KeyState"], "PendingDeletion");
     assert_eq!(sched["PendingWindowInDays"], 7);
@@ -212,7 +236,10 @@ async fn the_full_lifecycle_of_a_store_and_its_key() {
     e.ok("DeleteCustomKeyStore", json!({"CustomKeyStoreId": store}))
         .await;
     let (ty, _, _) = e
-        .err("DescribeCustomKeyStores", json!({"CustomKeyStoreId": store}))
+        .err(
+            "DescribeCustomKeyStores",
+            json!({"CustomKeyStoreId": store}),
+        )
         .await;
     assert_eq!(ty, "CustomKeyStoreNotFoundException");
 }
@@ -238,13 +265,19 @@ async fn proxy_requests_carry_kms_request_metadata_and_sigv4() {
     assert_eq!(seen.len(), 1);
     let s = &seen[0];
     assert_eq!(s.path, "/tenant-a/kms/xks/v1/keys/key-1/encrypt");
-    assert_eq!(s.host, XKS_HOST, "Host is the endpoint host, never the dialled port");
+    assert_eq!(
+        s.host, XKS_HOST,
+        "Host is the endpoint host, never the dialled port"
+    );
     assert_eq!(s.signed_headers, "host;x-amz-date");
     let md = &s.body["requestMetadata"];
     assert_eq!(md["kmsOperation"], "Encrypt");
     assert_eq!(md["kmsKeyArn"], arn.as_str());
     assert_eq!(md["awsPrincipalArn"], "arn:aws:iam::111122223333:role/app");
-    assert_eq!(md["kmsRequestId"], headers["x-amzn-requestid"].to_str().expect("id"));
+    assert_eq!(
+        md["kmsRequestId"],
+        headers["x-amzn-requestid"].to_str().expect("id")
+    );
     assert_eq!(s.body["encryptionAlgorithm"], "AES_GCM");
     assert_eq!(s.body["ciphertextDataIntegrityValueAlgorithm"], "SHA_256");
     // The proxy never sees the plaintext: it gets the inner layer (28 bytes more).
@@ -266,7 +299,10 @@ async fn proxy_requests_carry_kms_request_metadata_and_sigv4() {
     let store2 = e.create_store("second", "/tenant-a/x/kms/xks/v1").await;
     let _ = store2;
     let seen = r.seen();
-    assert_eq!(seen[0].body["requestMetadata"]["kmsOperation"], "CreateCustomKeyStore");
+    assert_eq!(
+        seen[0].body["requestMetadata"]["kmsOperation"],
+        "CreateCustomKeyStore"
+    );
 }
 
 #[tokio::test]
@@ -289,8 +325,7 @@ async fn create_key_sends_metadata_without_a_key_arn() {
 async fn cryptographic_operations_round_trip_and_check_inputs() {
     let (_r, e) = setup().await;
     let (_store, xks) = connected_key(&e).await;
-    let local = e.ok("CreateKey", json!({"Description": "ordinary"})).await["KeyMetadata"]
-        .clone();
+    let local = e.ok("CreateKey", json!({"Description": "ordinary"})).await["KeyMetadata"].clone();
     assert_eq!(local["Origin"], "AWS_KMS");
     let local = local["Arn"].as_str().expect("arn").to_owned();
     let ec = json!({"purpose": "test", "tenant": "a"});
@@ -326,7 +361,10 @@ async fn cryptographic_operations_round_trip_and_check_inputs() {
         assert_eq!(ty, want);
 
         let dk = e
-            .ok("GenerateDataKey", json!({"KeyId": key, "KeySpec": "AES_256"}))
+            .ok(
+                "GenerateDataKey",
+                json!({"KeyId": key, "KeySpec": "AES_256"}),
+            )
             .await;
         assert_eq!(unb64(&dk["Plaintext"]).len(), 32);
         let back = e
@@ -355,7 +393,10 @@ async fn cryptographic_operations_round_trip_and_check_inputs() {
 
     // ReEncrypt both ways between an ordinary key and an XKS key.
     let ct = e
-        .ok("Encrypt", json!({"KeyId": local, "Plaintext": b64(b"move me")}))
+        .ok(
+            "Encrypt",
+            json!({"KeyId": local, "Plaintext": b64(b"move me")}),
+        )
         .await;
     let moved = e
         .ok(
@@ -378,18 +419,28 @@ async fn cryptographic_operations_round_trip_and_check_inputs() {
 
     // Input checks.
     let (ty, _, _) = e
-        .err("Decrypt", json!({"CiphertextBlob": ct["CiphertextBlob"], "KeyId": xks}))
+        .err(
+            "Decrypt",
+            json!({"CiphertextBlob": ct["CiphertextBlob"], "KeyId": xks}),
+        )
         .await;
     assert_eq!(ty, "IncorrectKeyException");
     let mut blob = unb64(&ct["CiphertextBlob"]);
     let last = blob.len() - 1;
     blob[last] ^= 1;
-    let (ty, _, _) = e.err("Decrypt", json!({"CiphertextBlob": b64(&blob)})).await;
+    let (ty, _, _) = e
+        .err("Decrypt", json!({"CiphertextBlob": b64(&blob)}))
+        .await;
     assert_eq!(ty, "InvalidCiphertextException");
-    let (ty, _, _) = e.err("Decrypt", json!({"CiphertextBlob": b64(b"junk")})).await;
+    let (ty, _, _) = e
+        .err("Decrypt", json!({"CiphertextBlob": b64(b"junk")}))
+        .await;
     assert_eq!(ty, "InvalidCiphertextException");
     let (ty, _, status) = e
-        .err("Encrypt", json!({"KeyId": xks, "Plaintext": b64(b"x"), "DryRun": true}))
+        .err(
+            "Encrypt",
+            json!({"KeyId": xks, "Plaintext": b64(b"x"), "DryRun": true}),
+        )
         .await;
     assert_eq!((ty.as_str(), status), ("DryRunOperationException", 412));
     let (ty, _, _) = e
@@ -400,12 +451,18 @@ async fn cryptographic_operations_round_trip_and_check_inputs() {
         .await;
     assert_eq!(ty, "InvalidKeyUsageException");
     let (ty, msg, _) = e
-        .err("Encrypt", json!({"KeyId": xks, "Plaintext": b64(&[0u8; 4097])}))
+        .err(
+            "Encrypt",
+            json!({"KeyId": xks, "Plaintext": b64(&[0u8; 4097])}),
+        )
         .await;
     assert_eq!(ty, "ValidationException");
     assert!(msg.contains("'plaintext'") && msg.contains("4096"), "{msg}");
     let (ty, _, _) = e
-        .err("GenerateDataKey", json!({"KeyId": xks, "NumberOfBytes": 8, "KeySpec": "AES_256"}))
+        .err(
+            "GenerateDataKey",
+            json!({"KeyId": xks, "NumberOfBytes": 8, "KeySpec": "AES_256"}),
+        )
         .await;
     assert_eq!(ty, "ValidationException");
     let (ty, _, _) = e.err("GenerateDataKey", json!({"KeyId": xks})).await;
@@ -418,15 +475,24 @@ async fn cryptographic_operations_round_trip_and_check_inputs() {
         .await;
     assert_eq!((ty.as_str(), status), ("NotFoundException", 404));
     let (ty, _, _) = e
-        .err("Encrypt", json!({"KeyId": "arn:aws:kms:broken", "Plaintext": b64(b"x")}))
+        .err(
+            "Encrypt",
+            json!({"KeyId": "arn:aws:kms:broken", "Plaintext": b64(b"x")}),
+        )
         .await;
     assert_eq!(ty, "InvalidArnException");
     let (ty, _, _) = e
-        .err("Encrypt", json!({"KeyId": "alias/none", "Plaintext": b64(b"x")}))
+        .err(
+            "Encrypt",
+            json!({"KeyId": "alias/none", "Plaintext": b64(b"x")}),
+        )
         .await;
     assert_eq!(ty, "NotFoundException");
     let (ty, _, _) = e
-        .err("GenerateRandom", json!({"NumberOfBytes": 8, "CustomKeyStoreId": _store}))
+        .err(
+            "GenerateRandom",
+            json!({"NumberOfBytes": 8, "CustomKeyStoreId": _store}),
+        )
         .await;
     assert_eq!(ty, "UnsupportedOperationException");
     let rnd = e.ok("GenerateRandom", json!({"NumberOfBytes": 8})).await;
@@ -443,7 +509,11 @@ async fn invalid_proxy_answers_are_never_accepted() {
         let (ty, msg, status) = e
             .err("Encrypt", json!({"KeyId": arn, "Plaintext": b64(b"abc")}))
             .await;
-        assert_eq!((ty.as_str(), status), ("KMSInvalidStateException", 409), "{mode:?}");
+        assert_eq!(
+            (ty.as_str(), status),
+            ("KMSInvalidStateException", 409),
+            "{mode:?}"
+        );
         assert!(msg.starts_with(interpret), "{mode:?}: {msg}");
     }
     r.set(|s| s.mode = Mode::Good);
@@ -465,16 +535,44 @@ async fn invalid_proxy_answers_are_never_accepted() {
     // Every proxy error name becomes KMSInvalidStateException with its own message.
     for (status, name, gist) in [
         (400, "ValidationException", "cannot interpret"),
-        (400, "InvalidStateException", "is not enabled in the external key manager"),
-        (400, "InvalidKeyUsageException", "does not support the requested operation"),
-        (401, "AuthenticationFailedException", "could not authenticate AWS KMS"),
+        (
+            400,
+            "InvalidStateException",
+            "is not enabled in the external key manager",
+        ),
+        (
+            400,
+            "InvalidKeyUsageException",
+            "does not support the requested operation",
+        ),
+        (
+            401,
+            "AuthenticationFailedException",
+            "could not authenticate AWS KMS",
+        ),
         (403, "AccessDeniedException", "denied access"),
-        (404, "KeyNotFoundException", "was not found in its external key manager"),
+        (
+            404,
+            "KeyNotFoundException",
+            "was not found in its external key manager",
+        ),
         (404, "InvalidUriPathException", "invalid URI path"),
         (429, "ThrottlingException", "very high request rate"),
-        (501, "UnsupportedOperationException", "does not support the requested operation"),
-        (503, "DependencyTimeoutException", "did not respond to the request in the time allotted"),
-        (500, "InternalException", "cannot communicate with the external key manager"),
+        (
+            501,
+            "UnsupportedOperationException",
+            "does not support the requested operation",
+        ),
+        (
+            503,
+            "DependencyTimeoutException",
+            "did not respond to the request in the time allotted",
+        ),
+        (
+            500,
+            "InternalException",
+            "cannot communicate with the external key manager",
+        ),
     ] {
         r.set(|s| s.mode = Mode::Error(status, name));
         let (ty, msg, _) = e
@@ -482,14 +580,20 @@ async fn invalid_proxy_answers_are_never_accepted() {
             .await;
         assert_eq!(ty, "KMSInvalidStateException", "{name}");
         assert!(msg.contains(gist), "{name}: {msg}");
-        assert!(!msg.contains("canned"), "the proxy's errorMessage is never passed on");
+        assert!(
+            !msg.contains("canned"),
+            "the proxy's errorMessage is never passed on"
+        );
     }
     r.set(|s| s.mode = Mode::Error(400, "InvalidCiphertextException"));
     let (ty, msg, _) = e
         .err("Decrypt", json!({"CiphertextBlob": ct["CiphertextBlob"]}))
         .await;
     assert_eq!(ty, "KMSInvalidStateException");
-    assert!(msg.contains("ciphertext or encryption context is corrupted"), "{msg}");
+    assert!(
+        msg.contains("ciphertext or encryption context is corrupted"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -514,8 +618,11 @@ async fn create_and_connect_failures_map_like_kms() {
         .err("ConnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
         .await;
     assert_eq!(ty, "CustomKeyStoreInvalidStateException");
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     let s = e.store(&store).await;
     assert_eq!(s["ConnectionState"], "DISCONNECTED");
     assert!(s.get("ConnectionErrorCode").is_none());
@@ -533,8 +640,11 @@ async fn create_and_connect_failures_map_like_kms() {
         e.wait_connection(&store).await["ConnectionErrorCode"],
         "XKS_PROXY_INVALID_CONFIGURATION"
     );
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     r.set(|s| s.prefix = "/tenant-a".to_owned());
 
     // All external key managers UNAVAILABLE.
@@ -548,13 +658,19 @@ async fn create_and_connect_failures_map_like_kms() {
         e.wait_connection(&store).await["ConnectionErrorCode"],
         "XKS_PROXY_NOT_REACHABLE"
     );
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     // DEGRADED still serves.
     r.set(|s| s.health_statuses = vec!["UNAVAILABLE", "DEGRADED"]);
     e.connect(&store).await;
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     r.set(|s| s.health_statuses = vec!["ACTIVE"]);
 
     // Malformed health answers.
@@ -567,8 +683,11 @@ async fn create_and_connect_failures_map_like_kms() {
         e.wait_connection(&store).await["ConnectionErrorCode"],
         "XKS_PROXY_INVALID_RESPONSE"
     );
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     r.set(|s| s.mode = Mode::Error(403, "AccessDeniedException"));
     e.ok("ConnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
         .await;
@@ -576,8 +695,11 @@ async fn create_and_connect_failures_map_like_kms() {
         e.wait_connection(&store).await["ConnectionErrorCode"],
         "XKS_PROXY_ACCESS_DENIED"
     );
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     r.set(|s| s.mode = Mode::Good);
 
     // Too slow: 250 ms per attempt, retried once, then TIMED_OUT.
@@ -588,7 +710,10 @@ async fn create_and_connect_failures_map_like_kms() {
     assert_eq!(ty, "XksProxyUriUnreachableException");
     assert!(msg.contains("did not respond in time"), "{msg}");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(480) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(480) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(r.seen().len(), 2, "exactly one retry after a timeout");
     e.ok("ConnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
@@ -597,8 +722,11 @@ async fn create_and_connect_failures_map_like_kms() {
         e.wait_connection(&store).await["ConnectionErrorCode"],
         "XKS_PROXY_TIMED_OUT"
     );
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     r.set(|s| s.delay = Duration::ZERO);
 }
 
@@ -617,7 +745,9 @@ async fn unreachable_and_untrusted_proxies() {
     // A store created while the proxy was up, connected after it went down.
     let r = Responder::start("/tenant-a").await;
     let mut cfg = config_for(r.addr);
-    cfg.xks.resolve.push(("down.test.example".to_owned(), closed));
+    cfg.xks
+        .resolve
+        .push(("down.test.example".to_owned(), closed));
     let e = Emu::start(cfg).await;
     let store = e.create_store("up", PATH).await;
     let mut req = xks_create("down");
@@ -669,7 +799,10 @@ async fn unreachable_and_untrusted_proxies() {
         s["XksProxyConfiguration"]["VpcEndpointServiceName"],
         "com.amazonaws.vpce.us-east-1.vpce-svc-0123456789abcdef0"
     );
-    assert_eq!(s["XksProxyConfiguration"]["VpcEndpointServiceOwner"], "111122223333");
+    assert_eq!(
+        s["XksProxyConfiguration"]["VpcEndpointServiceOwner"],
+        "111122223333"
+    );
     e2.ok("ConnectCustomKeyStore", json!({"CustomKeyStoreId": vpc}))
         .await;
     assert_eq!(
@@ -694,9 +827,7 @@ async fn create_key_checks_the_external_key() {
         k.status = "DISABLED";
         s.keys.insert("disabled".into(), k);
     });
-    let create = |id: &str| {
-        json!({"Origin": "EXTERNAL_KEY_STORE", "CustomKeyStoreId": store, "XksKeyId": id})
-    };
+    let create = |id: &str| json!({"Origin": "EXTERNAL_KEY_STORE", "CustomKeyStoreId": store, "XksKeyId": id});
     let (ty, _, _) = e.err("CreateKey", create("missing")).await;
     assert_eq!(ty, "XksKeyNotFoundException");
     for id in ["aes128", "encrypt-only", "disabled"] {
@@ -715,11 +846,31 @@ async fn create_key_checks_the_external_key() {
         .await;
     assert_eq!(ty, "CustomKeyStoreNotFoundException");
     for (status, name, want) in [
-        (501, "UnsupportedOperationException", "XksKeyInvalidResponseException"),
-        (400, "InvalidStateException", "XksKeyInvalidConfigurationException"),
-        (401, "AuthenticationFailedException", "CustomKeyStoreInvalidStateException"),
-        (403, "AccessDeniedException", "CustomKeyStoreInvalidStateException"),
-        (500, "InternalException", "CustomKeyStoreInvalidStateException"),
+        (
+            501,
+            "UnsupportedOperationException",
+            "XksKeyInvalidResponseException",
+        ),
+        (
+            400,
+            "InvalidStateException",
+            "XksKeyInvalidConfigurationException",
+        ),
+        (
+            401,
+            "AuthenticationFailedException",
+            "CustomKeyStoreInvalidStateException",
+        ),
+        (
+            403,
+            "AccessDeniedException",
+            "CustomKeyStoreInvalidStateException",
+        ),
+        (
+            500,
+            "InternalException",
+            "CustomKeyStoreInvalidStateException",
+        ),
     ] {
         r.set(|s| s.mode = Mode::Error(status, name));
         let (ty, _, _) = e.err("CreateKey", create("other")).await;
@@ -728,7 +879,10 @@ async fn create_key_checks_the_external_key() {
     r.set(|s| s.mode = Mode::Good);
     // Parameter rules.
     let (ty, _, _) = e
-        .err("CreateKey", json!({"Origin": "EXTERNAL_KEY_STORE", "CustomKeyStoreId": store}))
+        .err(
+            "CreateKey",
+            json!({"Origin": "EXTERNAL_KEY_STORE", "CustomKeyStoreId": store}),
+        )
         .await;
     assert_eq!(ty, "ValidationException");
     let (ty, _, _) = e.err("CreateKey", json!({"XksKeyId": "k"})).await;
@@ -755,12 +909,30 @@ async fn store_validation_and_uniqueness_rules() {
     let bad: Vec<(Value, &str)> = vec![
         (json!({"CustomKeyStoreName": ""}), "customKeyStoreName"),
         (json!({}), "customKeyStoreName"),
-        (json!({"XksProxyUriEndpoint": "https://xks.test.example:8443"}), "xksProxyUriEndpoint"),
-        (json!({"XksProxyUriEndpoint": "http://xks.test.example"}), "xksProxyUriEndpoint"),
-        (json!({"XksProxyUriEndpoint": "https://a"}), "xksProxyUriEndpoint"),
-        (json!({"XksProxyUriPath": "/kms/xks/v1/extra"}), "xksProxyUriPath"),
-        (json!({"XksProxyUriPath": "/tenant/kms/xks"}), "xksProxyUriPath"),
-        (json!({"XksProxyConnectivity": "PRIVATE"}), "xksProxyConnectivity"),
+        (
+            json!({"XksProxyUriEndpoint": "https://xks.test.example:8443"}),
+            "xksProxyUriEndpoint",
+        ),
+        (
+            json!({"XksProxyUriEndpoint": "http://xks.test.example"}),
+            "xksProxyUriEndpoint",
+        ),
+        (
+            json!({"XksProxyUriEndpoint": "https://a"}),
+            "xksProxyUriEndpoint",
+        ),
+        (
+            json!({"XksProxyUriPath": "/kms/xks/v1/extra"}),
+            "xksProxyUriPath",
+        ),
+        (
+            json!({"XksProxyUriPath": "/tenant/kms/xks"}),
+            "xksProxyUriPath",
+        ),
+        (
+            json!({"XksProxyConnectivity": "PRIVATE"}),
+            "xksProxyConnectivity",
+        ),
         (json!({"CustomKeyStoreType": "OTHER"}), "customKeyStoreType"),
         (
             json!({"XksProxyAuthenticationCredential": {"AccessKeyId": "SHORT", "RawSecretAccessKey": SECRET}}),
@@ -778,13 +950,22 @@ async fn store_validation_and_uniqueness_rules() {
             json!({"XksProxyAuthenticationCredential": {"AccessKeyId": AKID}}),
             "rawSecretAccessKey",
         ),
-        (json!({"XksProxyUriPath": null, "XksProxyUriEndpoint": null}), "xksProxyUriEndpoint"),
+        (
+            json!({"XksProxyUriPath": null, "XksProxyUriEndpoint": null}),
+            "xksProxyUriEndpoint",
+        ),
         (
             json!({"XksProxyVpcEndpointServiceName": "com.amazonaws.vpce.us-east-1.vpce-svc-0123"}),
             "xksProxyVpcEndpointServiceName",
         ),
-        (json!({"XksProxyConnectivity": "VPC_ENDPOINT_SERVICE"}), "xksProxyVpcEndpointServiceName"),
-        (json!({"CloudHsmClusterId": "cluster-234567abcdefg"}), "cloudHsmClusterId"),
+        (
+            json!({"XksProxyConnectivity": "VPC_ENDPOINT_SERVICE"}),
+            "xksProxyVpcEndpointServiceName",
+        ),
+        (
+            json!({"CloudHsmClusterId": "cluster-234567abcdefg"}),
+            "cloudHsmClusterId",
+        ),
     ];
     for (patch, member) in bad {
         let mut req = xks_create("v");
@@ -801,9 +982,16 @@ async fn store_validation_and_uniqueness_rules() {
                 .remove("CustomKeyStoreName");
         }
         let (ty, msg, status) = e.err("CreateCustomKeyStore", req.clone()).await;
-        assert_eq!((ty.as_str(), status), ("ValidationException", 400), "{req}: {msg}");
+        assert_eq!(
+            (ty.as_str(), status),
+            ("ValidationException", 400),
+            "{req}: {msg}"
+        );
         assert!(msg.contains(member), "{member}: {msg}");
-        assert!(!msg.contains(SECRET) && !msg.contains(AKID), "sensitive value echoed: {msg}");
+        assert!(
+            !msg.contains(SECRET) && !msg.contains(AKID),
+            "sensitive value echoed: {msg}"
+        );
     }
 
     // CloudHSM (the default type) fails in KMS's terms, not with a crash.
@@ -839,22 +1027,35 @@ async fn store_validation_and_uniqueness_rules() {
         .err("CreateCustomKeyStore", vpc("v1", ENDPOINT, "aaaa"))
         .await;
     assert_eq!(ty, "XksProxyUriEndpointInUseException");
-    e.ok("CreateCustomKeyStore", vpc("v1", "https://vpc1.example.com", "aaaa"))
-        .await;
+    e.ok(
+        "CreateCustomKeyStore",
+        vpc("v1", "https://vpc1.example.com", "aaaa"),
+    )
+    .await;
     let (ty, _, _) = e
-        .err("CreateCustomKeyStore", vpc("v2", "https://vpc2.example.com", "aaaa"))
+        .err(
+            "CreateCustomKeyStore",
+            vpc("v2", "https://vpc2.example.com", "aaaa"),
+        )
         .await;
     assert_eq!(ty, "XksProxyVpcEndpointServiceInUseException");
     // 10 stores at most.
     for i in 3..10 {
         e.ok(
             "CreateCustomKeyStore",
-            vpc(&format!("v{i}"), &format!("https://vpc{i}.example.com"), &format!("b{i}")),
+            vpc(
+                &format!("v{i}"),
+                &format!("https://vpc{i}.example.com"),
+                &format!("b{i}"),
+            ),
         )
         .await;
     }
     let (ty, _, _) = e
-        .err("CreateCustomKeyStore", vpc("v11", "https://vpc11.example.com", "c11"))
+        .err(
+            "CreateCustomKeyStore",
+            vpc("v11", "https://vpc11.example.com", "c11"),
+        )
         .await;
     assert_eq!(ty, "LimitExceededException");
 
@@ -866,7 +1067,10 @@ async fn store_validation_and_uniqueness_rules() {
     let mut marker = page["NextMarker"].clone();
     for _ in 0..10 {
         let p = e
-            .ok("DescribeCustomKeyStores", json!({"Limit": 4, "Marker": marker}))
+            .ok(
+                "DescribeCustomKeyStores",
+                json!({"Limit": 4, "Marker": marker}),
+            )
             .await;
         seen += p["CustomKeyStores"].as_array().expect("list").len();
         if p["Truncated"] == false {
@@ -881,17 +1085,26 @@ async fn store_validation_and_uniqueness_rules() {
         .await;
     assert_eq!(ty, "InvalidMarkerException");
     let (ty, _, _) = e
-        .err("DescribeCustomKeyStores", json!({"CustomKeyStoreId": a, "CustomKeyStoreName": "unique"}))
+        .err(
+            "DescribeCustomKeyStores",
+            json!({"CustomKeyStoreId": a, "CustomKeyStoreName": "unique"}),
+        )
         .await;
     assert_eq!(ty, "ValidationException");
     let (ty, _, _) = e
-        .err("DescribeCustomKeyStores", json!({"CustomKeyStoreName": "nope"}))
+        .err(
+            "DescribeCustomKeyStores",
+            json!({"CustomKeyStoreName": "nope"}),
+        )
         .await;
     assert_eq!(ty, "CustomKeyStoreNotFoundException");
     let (ty, _, _) = e.err("DescribeCustomKeyStores", json!({"Limit": 0})).await;
     assert_eq!(ty, "ValidationException");
     let (ty, _, _) = e
-        .err("DeleteCustomKeyStore", json!({"CustomKeyStoreId": "cks-nope"}))
+        .err(
+            "DeleteCustomKeyStore",
+            json!({"CustomKeyStoreId": "cks-nope"}),
+        )
         .await;
     assert_eq!(ty, "CustomKeyStoreNotFoundException");
     let (ty, _, _) = e
@@ -940,17 +1153,29 @@ async fn update_rules_per_state_and_credential_rotation() {
         "XksProxyAuthenticationCredential": {"AccessKeyId": AKID2, "RawSecretAccessKey": SECRET2}});
     let (ty, _, _) = e.err("UpdateCustomKeyStore", rotate.clone()).await;
     assert_eq!(ty, "XksProxyIncorrectAuthenticationCredentialException");
-    assert_eq!(e.store(&store).await["XksProxyConfiguration"]["AccessKeyId"], AKID);
+    assert_eq!(
+        e.store(&store).await["XksProxyConfiguration"]["AccessKeyId"],
+        AKID
+    );
     // The proxy holds both; rotate; then the proxy drops the old one.
     r.set(|s| s.credentials.push((AKID2.to_owned(), SECRET2.to_owned())));
     r.clear_seen();
     e.ok("UpdateCustomKeyStore", rotate).await;
     let seen = r.seen();
-    assert_eq!(seen[0].body["requestMetadata"]["kmsOperation"], "UpdateCustomKeyStore");
-    assert_eq!(e.store(&store).await["XksProxyConfiguration"]["AccessKeyId"], AKID2);
+    assert_eq!(
+        seen[0].body["requestMetadata"]["kmsOperation"],
+        "UpdateCustomKeyStore"
+    );
+    assert_eq!(
+        e.store(&store).await["XksProxyConfiguration"]["AccessKeyId"],
+        AKID2
+    );
     r.set(|s| s.credentials = vec![(AKID2.to_owned(), SECRET2.to_owned())]);
-    e.ok("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"after rotation")}))
-        .await;
+    e.ok(
+        "Encrypt",
+        json!({"KeyId": key, "Plaintext": b64(b"after rotation")}),
+    )
+    .await;
     // Path change while connected, checked with the new value.
     let (ty, _, _) = e
         .err(
@@ -960,8 +1185,11 @@ async fn update_rules_per_state_and_credential_rotation() {
         .await;
     assert_eq!(ty, "XksProxyInvalidConfigurationException");
     // Connectivity switch to VPC needs a new endpoint and a service name.
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     let (ty, _, _) = e
         .err(
             "UpdateCustomKeyStore",
@@ -984,8 +1212,15 @@ async fn update_rules_per_state_and_credential_rotation() {
     )
     .await;
     let s = e.store(&store).await;
-    assert_eq!(s["XksProxyConfiguration"]["Connectivity"], "PUBLIC_ENDPOINT");
-    assert!(s["XksProxyConfiguration"].get("VpcEndpointServiceName").is_none());
+    assert_eq!(
+        s["XksProxyConfiguration"]["Connectivity"],
+        "PUBLIC_ENDPOINT"
+    );
+    assert!(
+        s["XksProxyConfiguration"]
+            .get("VpcEndpointServiceName")
+            .is_none()
+    );
     // FAILED stores cannot be updated.
     r.set(|s| s.mode = Mode::Error(500, "InternalException"));
     e.ok("ConnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
@@ -1019,8 +1254,11 @@ async fn connecting_is_asynchronous_and_disconnect_cancels_it() {
         .await;
     assert_eq!(ty, "CustomKeyStoreInvalidStateException");
     // Disconnect during the attempt: its result is dropped.
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     assert_eq!(e.store(&store).await["ConnectionState"], "DISCONNECTING");
     let (ty, _, _) = e
         .err("ConnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
@@ -1069,17 +1307,26 @@ async fn state_survives_a_restart_with_a_data_dir() {
     let (store, arn) = connected_key(&e).await;
     let local = e.ok("CreateKey", json!({})).await["KeyMetadata"]["Arn"].clone();
     let ct = e
-        .ok("Encrypt", json!({"KeyId": arn, "Plaintext": b64(b"durable"), "EncryptionContext": {"k": "v"}}))
+        .ok(
+            "Encrypt",
+            json!({"KeyId": arn, "Plaintext": b64(b"durable"), "EncryptionContext": {"k": "v"}}),
+        )
         .await;
     let ct2 = e
-        .ok("Encrypt", json!({"KeyId": local, "Plaintext": b64(b"durable too")}))
+        .ok(
+            "Encrypt",
+            json!({"KeyId": local, "Plaintext": b64(b"durable too")}),
+        )
         .await;
     e.stop().await;
 
     let e = Emu::start(cfg).await;
     assert_eq!(e.store(&store).await["ConnectionState"], "CONNECTED");
     let pt = e
-        .ok("Decrypt", json!({"CiphertextBlob": ct["CiphertextBlob"], "EncryptionContext": {"k": "v"}}))
+        .ok(
+            "Decrypt",
+            json!({"CiphertextBlob": ct["CiphertextBlob"], "EncryptionContext": {"k": "v"}}),
+        )
         .await;
     assert_eq!(unb64(&pt["Plaintext"]), b"durable");
     let pt = e
@@ -1106,12 +1353,18 @@ async fn periodic_health_checks_never_change_the_state() {
                 .to_owned()
         })
         .collect();
-    assert!(ops.iter().filter(|o| *o == "KmsHealthCheck").count() >= 2, "{ops:?}");
+    assert!(
+        ops.iter().filter(|o| *o == "KmsHealthCheck").count() >= 2,
+        "{ops:?}"
+    );
     r.set(|s| s.mode = Mode::Error(500, "InternalException"));
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(e.store(&store).await["ConnectionState"], "CONNECTED");
     let stats = e.emulator.health_stats();
-    assert!(stats[&store].ok >= 2 && stats[&store].failed >= 1, "{stats:?}");
+    assert!(
+        stats[&store].ok >= 2 && stats[&store].failed >= 1,
+        "{stats:?}"
+    );
     // The emulator-only status route.
     let resp = reqwest::get(format!("{}/_emulator/health-checks", e.url))
         .await
@@ -1119,8 +1372,11 @@ async fn periodic_health_checks_never_change_the_state() {
     let body: Value = serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
     assert!(body[&store]["failed"].as_u64().expect("count") >= 1);
     // Disconnected stores are not checked.
-    e.ok("DisconnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
-        .await;
+    e.ok(
+        "DisconnectCustomKeyStore",
+        json!({"CustomKeyStoreId": store}),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     r.clear_seen();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1168,7 +1424,8 @@ async fn caller_signatures_are_checked_when_asked() {
                 .await
                 .expect("send");
             let status = resp.status();
-            let body: Value = serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
+            let body: Value =
+                serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
             (status, body)
         }
     };

@@ -58,7 +58,13 @@ fn code<E: ProvideErrorMetadata, R>(r: Result<R, aws_sdk_kms::error::SdkError<E>
     }
 }
 
-async fn create_store(kms: &Client, name: &str, path: &str, akid: &str, secret: &str) -> Result<String, String> {
+async fn create_store(
+    kms: &Client,
+    name: &str,
+    path: &str,
+    akid: &str,
+    secret: &str,
+) -> Result<String, String> {
     kms.create_custom_key_store()
         .custom_key_store_name(name)
         .custom_key_store_type(CustomKeyStoreType::ExternalKeyStore)
@@ -158,13 +164,20 @@ async fn lifecycle(backend: Backend) {
         .await
         .expect("describe");
     let entry = &d.custom_key_stores()[0];
-    assert_eq!(entry.connection_state(), Some(&ConnectionStateType::Disconnected));
+    assert_eq!(
+        entry.connection_state(),
+        Some(&ConnectionStateType::Disconnected)
+    );
     assert_eq!(entry.custom_key_store_id(), Some(store.as_str()));
     let cfg = entry.xks_proxy_configuration().expect("xks config");
     assert_eq!(cfg.access_key_id(), Some(AKID));
     assert!(entry.creation_date().is_some());
     let s = connect(&kms, &store).await;
-    assert_eq!(s.connection_state(), Some(&ConnectionStateType::Connected), "{s:?}");
+    assert_eq!(
+        s.connection_state(),
+        Some(&ConnectionStateType::Connected),
+        "{s:?}"
+    );
     assert!(s.connection_error_code().is_none());
 
     // Keys: one in the store, one ordinary.
@@ -180,10 +193,18 @@ async fn lifecycle(backend: Backend) {
     let md = key.key_metadata().expect("metadata");
     assert_eq!(md.origin(), Some(&OriginType::ExternalKeyStore));
     assert_eq!(md.key_state(), Some(&KeyState::Enabled));
-    assert_eq!(md.xks_key_configuration().and_then(|x| x.id()), Some("key-1"));
+    assert_eq!(
+        md.xks_key_configuration().and_then(|x| x.id()),
+        Some("key-1")
+    );
     let arn = md.arn().expect("arn").to_owned();
     let local = kms.create_key().send().await.expect("local key");
-    let local = local.key_metadata().expect("md").arn().expect("arn").to_owned();
+    let local = local
+        .key_metadata()
+        .expect("md")
+        .arn()
+        .expect("arn")
+        .to_owned();
 
     // Encrypt / Decrypt / GenerateDataKey* / ReEncrypt.
     let blob = encrypt(&kms, &arn, b"end to end").await.expect("encrypt");
@@ -320,7 +341,12 @@ async fn lifecycle(backend: Backend) {
 
     // Disconnect → Unavailable → reconnect → works.
     disconnect(&kms, &store).await;
-    let d = kms.describe_key().key_id(&arn).send().await.expect("describe key");
+    let d = kms
+        .describe_key()
+        .key_id(&arn)
+        .send()
+        .await
+        .expect("describe key");
     assert_eq!(
         d.key_metadata().and_then(|m| m.key_state()),
         Some(&KeyState::Unavailable)
@@ -359,7 +385,10 @@ async fn lifecycle(backend: Backend) {
 
     // Nothing secret reached the emulator's log (it ran at debug level).
     let log = emulator.output();
-    assert!(!log.contains(SECRET) && !log.contains(SECRET2), "secret in the log");
+    assert!(
+        !log.contains(SECRET) && !log.contains(SECRET2),
+        "secret in the log"
+    );
     assert!(!log.contains("end to end"), "plaintext in the log");
 }
 
@@ -398,7 +427,10 @@ async fn sdk_failure_paths() {
         .xks_proxy_authentication_credential(cred(AKID, SECRET2))
         .send()
         .await;
-    assert_eq!(code(r), "XksProxyIncorrectAuthenticationCredentialException");
+    assert_eq!(
+        code(r),
+        "XksProxyIncorrectAuthenticationCredentialException"
+    );
     // Wrong path.
     assert_eq!(
         create_store(&kms, "bad-path", "/nobody/kms/xks/v1", AKID, SECRET).await,

@@ -42,10 +42,17 @@ async fn the_spec_rotation_procedure_with_requests_flowing_loses_nothing() {
     let full = original_config(&p);
     let path = write_config(&p, &config_with_only(&p, 0));
     let reloader = p.running.reloader();
-    reloader.reload(&Config::load(&path).expect("config")).await.expect("reload");
+    reloader
+        .reload(&Config::load(&path).expect("config"))
+        .await
+        .expect("reload");
     let old = p.client(false);
     let new = old.with_cred(p.creds[1].clone());
-    assert_eq!(new.post(&health_url(&p), &health_body()).await.status, 401, "new not live yet");
+    assert_eq!(
+        new.post(&health_url(&p), &health_body()).await.status,
+        401,
+        "new not live yet"
+    );
 
     let current = Arc::new(AtomicUsize::new(0)); // which credential clients use
     let failures = Arc::new(AtomicUsize::new(0));
@@ -59,8 +66,14 @@ async fn the_spec_rotation_procedure_with_requests_flowing_loses_nothing() {
         workers.push(tokio::spawn(async move {
             let mut n = 0u32;
             while Instant::now() < stop && n < 5_000 {
-                let c = if current.load(Ordering::Acquire) == 0 { &old } else { &new };
-                let r = c.post(&url, &encrypt_body(format!("w{w}-{n}").as_bytes(), None)).await;
+                let c = if current.load(Ordering::Acquire) == 0 {
+                    &old
+                } else {
+                    &new
+                };
+                let r = c
+                    .post(&url, &encrypt_body(format!("w{w}-{n}").as_bytes(), None))
+                    .await;
                 if r.status != 200 {
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
@@ -72,20 +85,34 @@ async fn the_spec_rotation_procedure_with_requests_flowing_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // 1. add the new set (both live)
     std::fs::write(&path, &full).expect("write");
-    reloader.reload(&Config::load(&path).expect("config")).await.expect("reload");
+    reloader
+        .reload(&Config::load(&path).expect("config"))
+        .await
+        .expect("reload");
     tokio::time::sleep(Duration::from_millis(500)).await;
     // 2. KMS switches (UpdateCustomKeyStore)
     current.store(1, Ordering::Release);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // 3. remove the old set
     std::fs::write(&path, config_with_only(&p, 1)).expect("write");
-    reloader.reload(&Config::load(&path).expect("config")).await.expect("reload");
+    reloader
+        .reload(&Config::load(&path).expect("config"))
+        .await
+        .expect("reload");
     for w in workers {
         w.await.expect("worker");
     }
     assert!(done.load(Ordering::Relaxed) > 50, "requests kept flowing");
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "zero failed requests during rotation");
-    assert_eq!(old.post(&health_url(&p), &health_body()).await.status, 401, "old set removed");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "zero failed requests during rotation"
+    );
+    assert_eq!(
+        old.post(&health_url(&p), &health_body()).await.status,
+        401,
+        "old set removed"
+    );
     assert_eq!(new.post(&health_url(&p), &health_body()).await.status, 200);
 }
 
@@ -101,7 +128,13 @@ async fn a_reload_that_fails_validation_changes_nothing() {
     std::fs::write(&path, text).expect("write");
     let cfg = Config::load(&path).expect("syntactically fine");
     assert!(p.running.reloader().reload(&cfg).await.is_err());
-    assert_eq!(p.client(false).post(&health_url(&p), &health_body()).await.status, 200);
+    assert_eq!(
+        p.client(false)
+            .post(&health_url(&p), &health_body())
+            .await
+            .status,
+        200
+    );
 }
 
 fn mtls_extra() -> String {
@@ -120,8 +153,15 @@ async fn start_with_mtls() -> TestProxy {
     let config = Config::from_toml(&text, dir.path()).expect("config");
     assert!(config.server.client_auth.is_some());
     let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-    let running = xks_proxy::server::start(&config, backend).await.expect("start");
-    TestProxy { running, dir, creds, config }
+    let running = xks_proxy::server::start(&config, backend)
+        .await
+        .expect("start");
+    TestProxy {
+        running,
+        dir,
+        creds,
+        config,
+    }
 }
 
 fn client_with_cert(p: &TestProxy, name: Option<&str>) -> Client {
@@ -136,7 +176,11 @@ fn client_with_cert(p: &TestProxy, name: Option<&str>) -> Client {
         pem.extend(std::fs::read(repo().join(format!("certs/{name}.key"))).expect("key"));
         b = b.identity(reqwest::Identity::from_pem(&pem).expect("identity"));
     }
-    Client { http: b.build().expect("client"), cred: p.creds[0].clone(), region: REGION.into() }
+    Client {
+        http: b.build().expect("client"),
+        cred: p.creds[0].clone(),
+        region: REGION.into(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,11 +189,20 @@ async fn mtls_is_enforced_inside_the_handshake() {
     let p = start_with_mtls().await;
     let ok = client_with_cert(&p, Some("kms-client"));
     assert_eq!(ok.post(&health_url(&p), &health_body()).await.status, 200);
-    for name in [None, Some("wrong-name-client"), Some("expired-client"), Some("self-signed-client")] {
+    for name in [
+        None,
+        Some("wrong-name-client"),
+        Some("expired-client"),
+        Some("self-signed-client"),
+    ] {
         let c = client_with_cert(&p, name);
         let body = serde_json::to_vec(&health_body()).expect("json");
         let result = c.http.post(health_url(&p)).body(body).send().await;
-        assert!(result.is_err(), "{name:?}: no HTTP exchange may happen, got {:?}", result.map(|r| r.status()));
+        assert!(
+            result.is_err(),
+            "{name:?}: no HTTP exchange may happen, got {:?}",
+            result.map(|r| r.status())
+        );
     }
 }
 
@@ -160,7 +213,10 @@ async fn the_certificate_reloads_for_new_connections() {
     let peer_key_is_rsa = || async {
         let connector = tokio_rustls::TlsConnector::from(rustls_client(None));
         let tcp = tokio::net::TcpStream::connect(p.addr()).await.expect("tcp");
-        let tls = connector.connect(name.clone(), tcp).await.expect("handshake");
+        let tls = connector
+            .connect(name.clone(), tcp)
+            .await
+            .expect("handshake");
         let cert = tls.get_ref().1.peer_certificates().expect("certs")[0].clone();
         let (_, x) = x509_parser::parse_x509_certificate(&cert).expect("x509");
         x.public_key().algorithm.algorithm.to_id_string() == "1.2.840.113549.1.1.1"
@@ -168,8 +224,15 @@ async fn the_certificate_reloads_for_new_connections() {
     assert!(!peer_key_is_rsa().await);
     let text = original_config(&p).replace("server-ecdsa", "server-rsa");
     let path = write_config(&p, &text);
-    p.running.reloader().reload(&Config::load(&path).expect("config")).await.expect("reload");
-    assert!(peer_key_is_rsa().await, "new handshakes use the reloaded certificate");
+    p.running
+        .reloader()
+        .reload(&Config::load(&path).expect("config"))
+        .await
+        .expect("reload");
+    assert!(
+        peer_key_is_rsa().await,
+        "new handshakes use the reloaded certificate"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +246,9 @@ async fn the_global_in_flight_limit_sheds_load_with_429() {
     let c = p.client(true);
     let url = key_url(&p, KEY, "encrypt");
     let mut body = encrypt_body(b"x", None);
-    body.as_object_mut().expect("obj").remove("ciphertextDataIntegrityValueAlgorithm");
+    body.as_object_mut()
+        .expect("obj")
+        .remove("ciphertextDataIntegrityValueAlgorithm");
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let (c, url, body) = (c.clone(), url.clone(), body.clone());
@@ -195,9 +260,18 @@ async fn the_global_in_flight_limit_sheds_load_with_429() {
         let r = t.await.expect("task");
         statuses.push(r.status);
     }
-    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
-    assert!(statuses.contains(&429), "over the limit is shed: {statuses:?}");
-    assert!(statuses.contains(&200), "within the limit is served: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429),
+        "over the limit is shed: {statuses:?}"
+    );
+    assert!(
+        statuses.contains(&200),
+        "within the limit is served: {statuses:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,17 +284,43 @@ async fn metrics_on_the_admin_listener() {
     // The admin listener is off by default.
     assert!(p.running.admin_addr.is_none());
     let (dir, text, creds) = prepare(&Options::default());
-    let text = text.replacen("[server]\n", "[admin]\nlisten = \"127.0.0.1:0\"\n\n[server]\n", 1);
+    let text = text.replacen(
+        "[server]\n",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[server]\n",
+        1,
+    );
     let config = Config::from_toml(&text, dir.path()).expect("config");
     let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-    let running = xks_proxy::server::start(&config, backend).await.expect("start");
-    let p2 = TestProxy { running, dir, creds, config };
+    let running = xks_proxy::server::start(&config, backend)
+        .await
+        .expect("start");
+    let p2 = TestProxy {
+        running,
+        dir,
+        creds,
+        config,
+    };
     let admin = p2.running.admin_addr.expect("admin listener");
     assert!(admin.ip().is_loopback());
     let c = p2.client(false);
-    assert_eq!(c.post(&key_url(&p2, KEY, "encrypt"), &encrypt_body(b"m", None)).await.status, 200);
-    assert_eq!(c.post(&key_url(&p2, "nope", "encrypt"), &encrypt_body(b"m", None)).await.status, 404);
-    let text = reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape").text().await.expect("text");
+    assert_eq!(
+        c.post(&key_url(&p2, KEY, "encrypt"), &encrypt_body(b"m", None))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        c.post(&key_url(&p2, "nope", "encrypt"), &encrypt_body(b"m", None))
+            .await
+            .status,
+        404
+    );
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
     for needle in [
         "xks_requests_total{",
         "outcome=\"ok\"",
@@ -233,7 +333,10 @@ async fn metrics_on_the_admin_listener() {
         "xks_tls_certificate_days_to_expiry",
         "xks_credential_age_days{",
     ] {
-        assert!(text.contains(needle), "{needle} missing from /metrics:\n{text}");
+        assert!(
+            text.contains(needle),
+            "{needle} missing from /metrics:\n{text}"
+        );
     }
     drop(p);
 }
@@ -243,25 +346,42 @@ async fn key_rotation_keeps_old_ciphertexts_and_binds_the_version() {
     use xks_proxy::backend::software::{Keystore, MasterKey};
     let p = TestProxy::start(Options::default()).await;
     let c = p.client(false);
-    let old = c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"before", None)).await;
+    let old = c
+        .post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"before", None))
+        .await;
     assert_eq!(unb64(&old.body["ciphertextMetadata"]), vec![1, 0, 0, 0, 1]);
     let master = MasterKey::from_file(&p.dir.path().join("master.key")).expect("master");
     let mut ks = Keystore::open(&p.dir.path().join("keystore.json"), &master).expect("open");
     assert_eq!(ks.rotate(KEY).expect("rotate"), 2);
     ks.save().expect("save");
     let path = p.dir.path().join("proxy.toml");
-    p.running.reloader().reload(&Config::load(&path).expect("config")).await.expect("reload");
-    let new = c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"after", None)).await;
-    assert_eq!(unb64(&new.body["ciphertextMetadata"]), vec![1, 0, 0, 0, 2], "new encryptions use v2");
+    p.running
+        .reloader()
+        .reload(&Config::load(&path).expect("config"))
+        .await
+        .expect("reload");
+    let new = c
+        .post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"after", None))
+        .await;
+    assert_eq!(
+        unb64(&new.body["ciphertextMetadata"]),
+        vec![1, 0, 0, 0, 2],
+        "new encryptions use v2"
+    );
     for (enc, pt) in [(&old, &b"before"[..]), (&new, &b"after"[..])] {
-        let d = c.post(&key_url(&p, KEY, "decrypt"), &decrypt_body(&enc.body, None)).await;
+        let d = c
+            .post(&key_url(&p, KEY, "decrypt"), &decrypt_body(&enc.body, None))
+            .await;
         assert_eq!(unb64(&d.body["plaintext"]), pt);
     }
     // A tampered version byte: v2's ciphertext claimed as v1 fails authentication.
     let mut body = decrypt_body(&new.body, None);
     body["ciphertextMetadata"] = json!(b64(&[1, 0, 0, 0, 1]));
     let r = c.post(&key_url(&p, KEY, "decrypt"), &body).await;
-    assert_eq!((r.status, r.error_name()), (400, "InvalidCiphertextException"));
+    assert_eq!(
+        (r.status, r.error_name()),
+        (400, "InvalidCiphertextException")
+    );
 }
 
 fn bin() -> std::process::Command {
@@ -270,7 +390,10 @@ fn bin() -> std::process::Command {
 
 #[test]
 fn credentials_new_makes_what_kms_accepts() {
-    let out = bin().args(["credentials", "new", "--json"]).output().expect("run");
+    let out = bin()
+        .args(["credentials", "new", "--json"])
+        .output()
+        .expect("run");
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let akid = v["AccessKeyId"].as_str().expect("akid");
@@ -287,12 +410,26 @@ fn kms_config_prints_the_console_import_file() {
         .arg(dir.path().join("proxy.toml"))
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["XksProxyUriPath"], format!("{PREFIX}/kms/xks/v1"));
-    assert_eq!(v["XksProxyAuthenticationCredential"]["AccessKeyId"], creds[1].akid.as_str());
-    assert_eq!(v["XksProxyAuthenticationCredential"]["RawSecretAccessKey"], creds[1].secret.expose());
-    let out = bin().args(["kms-config", "--prefix", "/nope", "--config"]).arg(dir.path().join("proxy.toml")).output().expect("run");
+    assert_eq!(
+        v["XksProxyAuthenticationCredential"]["AccessKeyId"],
+        creds[1].akid.as_str()
+    );
+    assert_eq!(
+        v["XksProxyAuthenticationCredential"]["RawSecretAccessKey"],
+        creds[1].secret.expose()
+    );
+    let out = bin()
+        .args(["kms-config", "--prefix", "/nope", "--config"])
+        .arg(dir.path().join("proxy.toml"))
+        .output()
+        .expect("run");
     assert!(!out.status.success());
 }
 
@@ -303,19 +440,39 @@ fn doctor_passes_a_good_config_and_fails_a_bad_key() {
         ..Options::default()
     });
     let cfg = dir.path().join("proxy.toml");
-    let out = bin().args(["doctor", "--endpoint", "localhost", "--config"]).arg(&cfg).output().expect("run");
+    let out = bin()
+        .args(["doctor", "--endpoint", "localhost", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{report}");
-    for needle in ["[PASS] config", "certificate chain", "names localhost", "round trip", "key 'key-1'"] {
+    for needle in [
+        "[PASS] config",
+        "certificate chain",
+        "names localhost",
+        "round trip",
+        "key 'key-1'",
+    ] {
         assert!(report.contains(needle), "{needle} missing:\n{report}");
     }
     // A disabled / encrypt-only key on the allow-list, and a wrong endpoint name, fail.
-    let bad = text.replace(&format!("allowed_keys = [\"{KEY}\"]"), &format!("allowed_keys = [\"{KEY_DISABLED}\", \"{KEY_ENCRYPT_ONLY}\"]"));
+    let bad = text.replace(
+        &format!("allowed_keys = [\"{KEY}\"]"),
+        &format!("allowed_keys = [\"{KEY_DISABLED}\", \"{KEY_ENCRYPT_ONLY}\"]"),
+    );
     std::fs::write(&cfg, bad).expect("write");
-    let out = bin().args(["doctor", "--endpoint", "xks.other.example", "--config"]).arg(&cfg).output().expect("run");
+    let out = bin()
+        .args(["doctor", "--endpoint", "xks.other.example", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
     let report = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(report.contains("is DISABLED"), "{report}");
     assert!(report.contains("lacks DECRYPT"), "{report}");
-    assert!(report.contains("does not name xks.other.example"), "{report}");
+    assert!(
+        report.contains("does not name xks.other.example"),
+        "{report}"
+    );
 }

@@ -51,8 +51,15 @@ async fn policy_denials_are_403_logged_with_the_policy_and_health_is_exempt() {
     let text = text + "\n[policy]\nfile = \"policy.cedar\"\n";
     let config = Config::from_toml(&text, dir.path()).expect("config");
     let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-    let running = xks_proxy::server::start(&config, backend).await.expect("start");
-    let p = TestProxy { running, dir, creds, config };
+    let running = xks_proxy::server::start(&config, backend)
+        .await
+        .expect("start");
+    let p = TestProxy {
+        running,
+        dir,
+        creds,
+        config,
+    };
     let c = p.client(false);
 
     // The account's principal may encrypt, with any kmsOperation, even one never seen.
@@ -80,6 +87,12 @@ async fn policy_denials_are_403_logged_with_the_policy_and_health_is_exempt() {
 
     let logs = String::from_utf8_lossy(&capture.0.lock().expect("lock")).into_owned();
     assert!(logs.contains("secondary authorization denied"), "{logs}");
-    assert!(logs.contains("no-reencrypt-on-key-1"), "the deciding forbid is named:\n{logs}");
-    assert!(logs.contains("no permit matched"), "a default deny says so:\n{logs}");
+    assert!(
+        logs.contains("no-reencrypt-on-key-1"),
+        "the deciding forbid is named:\n{logs}"
+    );
+    assert!(
+        logs.contains("no permit matched"),
+        "a default deny says so:\n{logs}"
+    );
 }

@@ -688,3 +688,96 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         "no longer accepting"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = TestProxy::start(Options {
+        extra_server: "idle_timeout_ms = 300\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let connector = tokio_rustls::TlsConnector::from(rustls_client(None));
+    let tcp = tokio::net::TcpStream::connect(p.addr()).await.expect("tcp");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    tls.write_all(b"GET /ping HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tls.read(&mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Keep-alive, then silence: the server closes the connection after the idle timeout.
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection not closed");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_is_503_and_health_unavailable_when_the_key_manager_is_down() {
+    // A key manager slower than the call deadline fails its deep check: health reports
+    // UNAVAILABLE (answered from the cache, fast) and /ping tells the load balancer.
+    let p = TestProxy::start(Options {
+        simulated_latency_ms: 400,
+        ..Options::default()
+    })
+    .await;
+    let c = p.client(false);
+    let resp = c.http.get(p.url("/ping")).send().await.expect("ping");
+    assert_eq!(resp.status().as_u16(), 503);
+    let started = std::time::Instant::now();
+    let r = c.post(&health_url(&p), &health_body()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["ekmFleetDetails"][0]["healthStatus"], "UNAVAILABLE");
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(300),
+        "health answers from its cache"
+    );
+    // And a request that needs the key manager: 503 DependencyTimeoutException.
+    let r = c
+        .post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"x", None))
+        .await;
+    assert_eq!(
+        (r.status, r.error_name()),
+        (503, "DependencyTimeoutException")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_only_when_configured() {
+    let (dir, text, creds) = prepare(&Options::default());
+    let start = text.find("[server.tls]").expect("tls");
+    let end = text[start..].find("\n\n").map(|e| start + e).expect("end");
+    let plain = format!("{}{}", &text[..start], &text[end..]).replacen(
+        "[server]\n",
+        "[server]\ninsecure_plain_http = true\n",
+        1,
+    );
+    let config = xks_proxy::config::Config::from_toml(&plain, dir.path()).expect("config");
+    assert!(config.server.tls.is_none());
+    let backend = xks_proxy::backend::open(&config.backend).expect("backend");
+    let running = xks_proxy::server::start(&config, backend)
+        .await
+        .expect("start");
+    assert_eq!(running.scheme, "http");
+    let url = format!("http://{}{PREFIX}/kms/xks/v1/health", running.local_addr);
+    let c = Client {
+        http: reqwest::Client::new(),
+        cred: creds[0].clone(),
+        region: REGION.into(),
+    };
+    assert_eq!(c.post(&url, &health_body()).await.status, 200);
+    // Without the flag, a missing [server.tls] is a config error.
+    let no_flag = plain.replace("insecure_plain_http = true\n", "");
+    let e = xks_proxy::config::Config::from_toml(&no_flag, dir.path()).expect_err("needs TLS");
+    assert_eq!(e.key, "server.tls");
+}

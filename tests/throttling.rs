@@ -15,7 +15,9 @@ fn bucket(metrics: &str, outcome: &str, le: &str) -> f64 {
     metrics
         .lines()
         .filter(|l| l.starts_with("xks_request_duration_seconds_bucket{"))
-        .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")) && l.contains(&format!("le=\"{le}\"")))
+        .filter(|l| {
+            l.contains(&format!("outcome=\"{outcome}\"")) && l.contains(&format!("le=\"{le}\""))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -24,13 +26,27 @@ fn bucket(metrics: &str, outcome: &str, le: &str) -> f64 {
 async fn ten_times_the_quota_is_throttled_at_once_and_admitted_requests_keep_their_latency() {
     let (dir, text, creds) = prepare(&Options::default());
     let text = text
-        .replacen("[server]\n", "[admin]\nlisten = \"127.0.0.1:0\"\n\n[server]\n", 1)
-        .replace("path_prefix = \"/tenant-a\"", "path_prefix = \"/tenant-a\"\nquota_rps = 50");
+        .replacen(
+            "[server]\n",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n[server]\n",
+            1,
+        )
+        .replace(
+            "path_prefix = \"/tenant-a\"",
+            "path_prefix = \"/tenant-a\"\nquota_rps = 50",
+        );
     let config = Config::from_toml(&text, dir.path()).expect("config");
     let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-    let running = xks_proxy::server::start(&config, backend).await.expect("start");
+    let running = xks_proxy::server::start(&config, backend)
+        .await
+        .expect("start");
     let admin = running.admin_addr.expect("admin");
-    let p = TestProxy { running, dir, creds, config };
+    let p = TestProxy {
+        running,
+        dir,
+        creds,
+        config,
+    };
     let c = p.client(true);
     let url = key_url(&p, KEY, "encrypt");
     let started = Instant::now();
@@ -58,11 +74,19 @@ async fn ten_times_the_quota_is_throttled_at_once_and_admitted_requests_keep_the
     }
     let secs = started.elapsed().as_secs_f64();
     let allowed = 50.0 + 50.0 * secs; // burst + rate over the run
-    assert!(f64::from(ok) <= allowed + 5.0, "{ok} admitted > {allowed:.0}");
+    assert!(
+        f64::from(ok) <= allowed + 5.0,
+        "{ok} admitted > {allowed:.0}"
+    );
     assert!(ok >= 50, "the quota's worth is admitted ({ok})");
     assert!(throttled >= 300, "the excess is throttled ({throttled})");
 
-    let metrics = reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape").text().await.expect("text");
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
     let all_429 = bucket(&metrics, "ThrottlingException", "+Inf");
     assert_eq!(all_429 as u32, throttled, "every 429 is in the histogram");
     // Server-side medians (robust on a shared 2-core machine running a debug build; the
@@ -70,8 +94,14 @@ async fn ten_times_the_quota_is_throttled_at_once_and_admitted_requests_keep_the
     // is under 1 ms, i.e. it never waits for capacity — and admitted requests keep a
     // median far below KMS's 250 ms budget.
     let fast_429 = bucket(&metrics, "ThrottlingException", "0.001");
-    assert!(fast_429 >= 0.5 * all_429, "median 429 over 1 ms: {fast_429} of {all_429} under");
+    assert!(
+        fast_429 >= 0.5 * all_429,
+        "median 429 over 1 ms: {fast_429} of {all_429} under"
+    );
     let all_ok = bucket(&metrics, "ok", "+Inf");
     let ok_10ms = bucket(&metrics, "ok", "0.01");
-    assert!(ok_10ms >= 0.5 * all_ok, "median admitted request over 10 ms: {ok_10ms} of {all_ok} under");
+    assert!(
+        ok_10ms >= 0.5 * all_ok,
+        "median admitted request over 10 ms: {ok_10ms} of {all_ok} under"
+    );
 }

@@ -138,11 +138,15 @@ impl Conn {
         let work = async {
             let resp = match self {
                 Conn::H1(s) => {
-                    s.ready().await.map_err(|_| TransportError("ConnectionClosed"))?;
+                    s.ready()
+                        .await
+                        .map_err(|_| TransportError("ConnectionClosed"))?;
                     s.send_request(req).await
                 }
                 Conn::H2(s) => {
-                    s.ready().await.map_err(|_| TransportError("ConnectionClosed"))?;
+                    s.ready()
+                        .await
+                        .map_err(|_| TransportError("ConnectionClosed"))?;
                     s.send_request(req).await
                 }
             }

@@ -229,7 +229,10 @@ fn machine() -> String {
     let allowed = std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:").map(|v| v.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("Cpus_allowed_list:")
+                .map(|v| v.trim().to_owned())
+        })
         .unwrap_or_default();
     format!(
         "{model}, {total} logical CPUs (generator allowed CPUs {allowed}, {cores} runtime worker(s)), Linux {}",
@@ -240,7 +243,10 @@ fn machine() -> String {
 pub fn figures(a: &FiguresArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let dummy_secret = a.out.join("null-server.secret");
-    std::fs::write(&dummy_secret, "bm90LWEtc2VjcmV0LWZvci1hbnl0aGluZy1udWxsLXNlcnZlcg")?;
+    std::fs::write(
+        &dummy_secret,
+        "bm90LWEtc2VjcmV0LWZvci1hbnl0aGluZy1udWxsLXNlcnZlcg",
+    )?;
 
     let machine = machine();
     eprintln!("machine: {machine}");
@@ -273,7 +279,10 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
         servers.push(s);
     }
     for s in &servers {
-        eprintln!("{} at {} (pid {}), idle RSS {} KiB", s.name, s.url, s.pid, s.idle_rss_kib);
+        eprintln!(
+            "{} at {} (pid {}), idle RSS {} KiB",
+            s.name, s.url, s.pid, s.idle_rss_kib
+        );
     }
 
     let rt = crate::client_runtime()?;
@@ -287,12 +296,17 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
     for sc in scenarios(a) {
         let mut row = Vec::new();
         for (server, target) in servers.iter().zip(&targets) {
-            let verify = if server.name == "null" { Verify::Status } else { Verify::Full };
+            let verify = if server.name == "null" {
+                Verify::Status
+            } else {
+                Verify::Full
+            };
             let load = load_args(&sc, a, verify);
             let plan = Plan::from_args(&load, true, Some(server.pid))?;
             let label = format!("{} — {}", server.name, sc.key);
             eprintln!("running: {label}");
-            let (rep, hist) = rt.block_on(crate::execute(Arc::clone(target), &load, plan, &label))?;
+            let (rep, hist) =
+                rt.block_on(crate::execute(Arc::clone(target), &load, plan, &label))?;
             eprint!("{}", report::markdown_row(&rep));
             row.push((rep, hist));
         }
@@ -300,7 +314,10 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
     }
 
     // Files: every report, the tables, the plots.
-    let all: Vec<&Report> = results.iter().flat_map(|(_, r)| r.iter().map(|x| &x.0)).collect();
+    let all: Vec<&Report> = results
+        .iter()
+        .flat_map(|(_, r)| r.iter().map(|x| &x.0))
+        .collect();
     std::fs::write(
         a.out.join("runs.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -341,7 +358,11 @@ fn summary(
     results: &[(Scenario, Vec<(Report, Histogram<u64>)>)],
 ) -> String {
     let mut md = String::new();
-    let _ = writeln!(md, "Machine: {machine}. Runs of {:.0} s after {:.0} s warm-up; servers pinned to CPU(s) `{}`.\n", a.duration, a.warmup, a.server_cpus);
+    let _ = writeln!(
+        md,
+        "Machine: {machine}. Runs of {:.0} s after {:.0} s warm-up; servers pinned to CPU(s) `{}`.\n",
+        a.duration, a.warmup, a.server_cpus
+    );
     let _ = write!(md, "| figure |");
     for s in servers {
         let _ = write!(md, " {} |", s.name);
@@ -358,9 +379,12 @@ fn summary(
 
     let cpu = |r: &Report| r.server.as_ref().map_or(f64::NAN, |s| s.cpu_us_per_request);
     for (sc, row) in results {
-        let Some((null, _)) = row.first() else { continue };
+        let Some((null, _)) = row.first() else {
+            continue;
+        };
         if sc.rate.is_some() {
-            let lat = |r: &Report, f: fn(&report::Latency) -> f64| r.latency.as_ref().map_or(f64::NAN, f);
+            let lat =
+                |r: &Report, f: fn(&report::Latency) -> f64| r.latency.as_ref().map_or(f64::NAN, f);
             let _ = write!(md, "| {} p50 / p99 / p99.9 ms (server µs/req) |", sc.key);
             for (r, _) in row {
                 let _ = write!(
@@ -374,12 +398,22 @@ fn summary(
                 );
             }
             for (r, _) in row.iter().skip(1) {
-                let _ = write!(md, " p99 {:.1}× |", lat(r, |l| l.p99_ms) / lat(null, |l| l.p99_ms));
+                let _ = write!(
+                    md,
+                    " p99 {:.1}× |",
+                    lat(r, |l| l.p99_ms) / lat(null, |l| l.p99_ms)
+                );
             }
         } else {
             let _ = write!(md, "| {} rps (server µs CPU/req) |", sc.key);
             for (r, _) in row {
-                let _ = write!(md, " {:.0} ({:.1}){} |", r.throughput_rps, cpu(r), errors_note(r));
+                let _ = write!(
+                    md,
+                    " {:.0} ({:.1}){} |",
+                    r.throughput_rps,
+                    cpu(r),
+                    errors_note(r)
+                );
             }
             for (r, _) in row.iter().skip(1) {
                 let _ = write!(

@@ -34,7 +34,9 @@ fn read_cpu(path: &str) -> Option<Duration> {
     // rest starts at field 3 (state); utime and stime are fields 14 and 15.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 1000 / TICKS_PER_SEC))
+    Some(Duration::from_millis(
+        (utime + stime) * 1000 / TICKS_PER_SEC,
+    ))
 }
 
 fn status_field_kib(pid: u32, field: &str) -> Option<u64> {

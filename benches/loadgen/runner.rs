@@ -290,7 +290,9 @@ async fn one_request(
 }
 
 fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).clamp(1, HIST_MAX_US)
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .clamp(1, HIST_MAX_US)
 }
 
 impl Shared {
@@ -318,7 +320,11 @@ impl Shared {
 async fn closed_worker(shared: &Shared, mut conn: Option<Conn>, mut rng: Rng) -> Stats {
     let mut stats = Stats::new();
     // A hard cap on iterations besides the clock: no loop here is unbounded.
-    let cap = shared.plan.requests.unwrap_or(u64::MAX / 2).saturating_add(10_000_000);
+    let cap = shared
+        .plan
+        .requests
+        .unwrap_or(u64::MAX / 2)
+        .saturating_add(10_000_000);
     for _ in 0..cap {
         let now = Instant::now();
         if now >= shared.deadline {
@@ -403,7 +409,8 @@ async fn monitor(shared: Arc<Shared>) -> (Duration, Option<ServerUsage>) {
     let mut last = (Instant::now(), 0u64);
     let tick = Duration::from_millis(250);
     // Bounded: the run's hard stop plus slack, at 4 ticks a second.
-    let max_ticks = ((shared.hard_stop - shared.start).as_secs_f64() / tick.as_secs_f64()) as u64 + 200;
+    let max_ticks =
+        ((shared.hard_stop - shared.start).as_secs_f64() / tick.as_secs_f64()) as u64 + 200;
     let mut next_print = shared.start + Duration::from_secs(1);
     for _ in 0..max_ticks {
         if shared.done.load(Ordering::Acquire) {
@@ -427,7 +434,11 @@ async fn monitor(shared: Arc<Shared>) -> (Duration, Option<ServerUsage>) {
             let rate = (done - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-3);
             last = (now, done);
             if !shared.plan.quiet {
-                let phase = if now < shared.measure_start { "warm-up" } else { "measure" };
+                let phase = if now < shared.measure_start {
+                    "warm-up"
+                } else {
+                    "measure"
+                };
                 eprintln!(
                     "[{:6.1}s {phase}] ok {done:>9}  {rate:>9.0}/s  errors {failed}",
                     (now - shared.start).as_secs_f64()

@@ -32,7 +32,6 @@ use xks_proxy::config::{Config, SecretSource, TlsConfig};
 
 use crate::cli::{NullServerArgs, ProxyServerArgs, ServeArgs};
 
-
 /// What the null server answers: an Encrypt response for a 32-byte plaintext, so the
 /// bytes on the wire match the proxy's.
 const NULL_BODY: &[u8] = br#"{"authenticationTag":"vBxN2ncH1oEkR8WVXpmyYQ==","ciphertext":"ghxkK1txeDNn3q8YghxkK1txeDNn3q8YghxkK1txeDM=","ciphertextDataIntegrityValue":"qHA/ImC9h5HsLRXqCyPmWgYx7tzyoTplzILbP0fPXsc=","ciphertextMetadata":"AQAAAAE=","initializationVector":"HMrlRw85cAJUd5Ax"}"#;
@@ -188,9 +187,14 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn null_answer(req: http::Request<Incoming>) -> Result<http::Response<Full<Bytes>>, Infallible> {
+async fn null_answer(
+    req: http::Request<Incoming>,
+) -> Result<http::Response<Full<Bytes>>, Infallible> {
     // Read the body like the proxy must (SigV4 covers it), under the same cap.
-    let ok = Limited::new(req.into_body(), MAX_BODY).collect().await.is_ok();
+    let ok = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .is_ok();
     let mut resp = http::Response::new(Full::new(Bytes::from_static(if ok {
         NULL_BODY
     } else {
@@ -291,7 +295,13 @@ pub fn proxy_server(args: &ProxyServerArgs) -> Result<()> {
     let mut config = match &args.config {
         Some(path) => Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
         None => {
-            software_proxy_config(&dir, args.serve.listen, &args.prefix, &tls_files(&args.serve))?.0
+            software_proxy_config(
+                &dir,
+                args.serve.listen,
+                &args.prefix,
+                &tls_files(&args.serve),
+            )?
+            .0
         }
     };
     config.server.listen = args.serve.listen;

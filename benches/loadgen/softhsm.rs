@@ -33,13 +33,16 @@ pub fn softhsm_loop(args: &SofthsmLoopArgs) -> Result<()> {
         "--duration must be in (0, 600]"
     );
     anyhow::ensure!((1..=64).contains(&args.threads), "--threads must be 1..=64");
-    let ctx = Pkcs11::new(&args.module)
-        .with_context(|| format!("loading {}", args.module.display()))?;
+    let ctx =
+        Pkcs11::new(&args.module).with_context(|| format!("loading {}", args.module.display()))?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .context("C_Initialize")?;
     let mut slot = None;
     for s in ctx.get_slots_with_token().context("C_GetSlotList")? {
-        if ctx.get_token_info(s).is_ok_and(|i| i.label() == args.token_label) {
+        if ctx
+            .get_token_info(s)
+            .is_ok_and(|i| i.label() == args.token_label)
+        {
             slot = Some(s);
             break;
         }
@@ -61,27 +64,27 @@ pub fn softhsm_loop(args: &SofthsmLoopArgs) -> Result<()> {
     // and logged in for the whole loop: PKCS#11 logins are per application, and
     // closing the last session would log the loop's sessions out.
     let admin = ctx.open_rw_session(slot).context("C_OpenSession")?;
-        admin.login(UserType::User, Some(&pin)).context("C_Login")?;
-        if find(&admin).is_err() {
-            admin
-                .generate_key(
-                    &Mechanism::AesKeyGen,
-                    &[
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::AES),
-                        Attribute::ValueLen(32.into()),
-                        Attribute::Token(true),
-                        Attribute::Private(true),
-                        Attribute::Sensitive(true),
-                        Attribute::Extractable(false),
-                        Attribute::Encrypt(true),
-                        Attribute::Decrypt(true),
-                        label.clone(),
-                        Attribute::Id(args.key_label.as_bytes().to_vec()),
-                    ],
-                )
-                .context("C_GenerateKey")?;
-        }
+    admin.login(UserType::User, Some(&pin)).context("C_Login")?;
+    if find(&admin).is_err() {
+        admin
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    label.clone(),
+                    Attribute::Id(args.key_label.as_bytes().to_vec()),
+                ],
+            )
+            .context("C_GenerateKey")?;
+    }
 
     let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
     let plaintext = vec![0x5au8; args.plaintext_bytes];
@@ -117,7 +120,10 @@ pub fn softhsm_loop(args: &SofthsmLoopArgs) -> Result<()> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("thread panicked")))
+            })
             .collect::<Result<Vec<u64>>>()
     })?;
     let secs = started.elapsed().as_secs_f64();

@@ -156,7 +156,11 @@ impl Target {
     }
 
     /// A rustls client config for one kind of connection.
-    pub fn client_config(&self, http2: bool, resumption: bool) -> Result<Arc<rustls::ClientConfig>> {
+    pub fn client_config(
+        &self,
+        http2: bool,
+        resumption: bool,
+    ) -> Result<Arc<rustls::ClientConfig>> {
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
             .with_safe_default_protocol_versions()
             .context("TLS versions")?

@@ -23,8 +23,7 @@ use crate::target::Target;
 
 /// KMS's caller, as it appears in requestMetadata.
 const PRINCIPAL: &str = "arn:aws:iam::111122223333:role/xks-bench";
-const KEY_ARN: &str =
-    "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+const KEY_ARN: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
 
 /// One XKS call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -110,7 +109,12 @@ impl Workload {
         // An encryption context as KMS serialises it into the AAD: readable text of
         // the asked-for length.
         let context = b"aws:kms:xks:bench=1,app=payments,tenant=111122223333,purpose=data-key,region=us-east-1,";
-        let aad = context.iter().copied().cycle().take(load.aad_bytes).collect();
+        let aad = context
+            .iter()
+            .copied()
+            .cycle()
+            .take(load.aad_bytes)
+            .collect();
         Ok(Self {
             cumulative,
             plaintext_bytes: load.plaintext_bytes,
@@ -147,7 +151,9 @@ impl Workload {
         rng: &mut Rng,
     ) -> Result<(http::Request<Bytes>, Expect), ErrorLabel> {
         let target = &connector.target;
-        let (body, expect) = self.body(op, rng).map_err(|_| Cow::Borrowed("EncodeFailed"))?;
+        let (body, expect) = self
+            .body(op, rng)
+            .map_err(|_| Cow::Borrowed("EncodeFailed"))?;
         let mut req = connector.request(&target.path(op), body);
         xks_proxy::sigv4::sign_request(
             &mut req,
@@ -200,7 +206,12 @@ impl Workload {
                         .cdiv
                         .then(|| "SHA_256".to_owned()),
                 })?;
-                (body.into(), Expect::Encrypt { plaintext_len: plaintext.len() })
+                (
+                    body.into(),
+                    Expect::Encrypt {
+                        plaintext_len: plaintext.len(),
+                    },
+                )
             }
             Op::Decrypt => {
                 let n = self.samples.len().max(1);
@@ -240,7 +251,12 @@ impl Workload {
     }
 
     /// Checks one response. `Err` carries the label the report counts it under.
-    pub fn check(&self, expect: &Expect, status: http::StatusCode, body: &[u8]) -> Result<(), ErrorLabel> {
+    pub fn check(
+        &self,
+        expect: &Expect,
+        status: http::StatusCode,
+        body: &[u8],
+    ) -> Result<(), ErrorLabel> {
         if status != http::StatusCode::OK {
             return Err(error_label(status, body));
         }
@@ -289,9 +305,13 @@ pub enum Expect {
     Status,
     Health,
     Metadata,
-    Encrypt { plaintext_len: usize },
+    Encrypt {
+        plaintext_len: usize,
+    },
     /// Index into [`Workload::samples`].
-    Decrypt { sample: usize },
+    Decrypt {
+        sample: usize,
+    },
 }
 
 /// The spec's errorName from an error body, else the HTTP status.
@@ -303,7 +323,12 @@ fn error_label(status: http::StatusCode, body: &[u8]) -> ErrorLabel {
 }
 
 /// Shape of an Encrypt response, and its CDIV recomputed from what came back.
-fn check_sealed(e: &EncryptResponse, plaintext_len: usize, aad: &[u8], cdiv: bool) -> Result<(), ErrorLabel> {
+fn check_sealed(
+    e: &EncryptResponse,
+    plaintext_len: usize,
+    aad: &[u8],
+    cdiv: bool,
+) -> Result<(), ErrorLabel> {
     if e.ciphertext.0.len() != plaintext_len {
         return Err(Cow::Borrowed("CiphertextLengthWrong"));
     }
@@ -313,7 +338,10 @@ fn check_sealed(e: &EncryptResponse, plaintext_len: usize, aad: &[u8], cdiv: boo
     if !matches!(e.initialization_vector.0.len(), 12 | 16) {
         return Err(Cow::Borrowed("IvLengthWrong"));
     }
-    if e.ciphertext_metadata.as_ref().is_some_and(|m| m.0.len() > 20) {
+    if e.ciphertext_metadata
+        .as_ref()
+        .is_some_and(|m| m.0.len() > 20)
+    {
         return Err(Cow::Borrowed("CiphertextMetadataTooLong"));
     }
     match (&e.ciphertext_data_integrity_value, cdiv) {
@@ -323,7 +351,13 @@ fn check_sealed(e: &EncryptResponse, plaintext_len: usize, aad: &[u8], cdiv: boo
         (Some(got), true) => {
             let md = e.ciphertext_metadata.as_ref().map_or(&[][..], |m| &m.0);
             let mut ctx = digest::Context::new(&digest::SHA256);
-            for part in [aad, md, &e.initialization_vector.0, &e.ciphertext.0, &e.authentication_tag.0] {
+            for part in [
+                aad,
+                md,
+                &e.initialization_vector.0,
+                &e.ciphertext.0,
+                &e.authentication_tag.0,
+            ] {
                 ctx.update(part);
             }
             if ctx.finish().as_ref() == got.0.as_slice() {
@@ -350,7 +384,9 @@ fn parse_mix(text: &str) -> Result<[u32; 4]> {
             "decrypt" => 1,
             "metadata" => 2,
             "health" => 3,
-            other => bail!("--mix: unknown operation '{other}' (encrypt, decrypt, metadata, health)"),
+            other => {
+                bail!("--mix: unknown operation '{other}' (encrypt, decrypt, metadata, health)")
+            }
         };
         w[i] = value;
     }

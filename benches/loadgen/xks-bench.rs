@@ -82,7 +82,10 @@ fn run_command(args: &RunArgs) -> Result<()> {
     if let Some(path) = &args.plot {
         plot::latency_svg(
             path,
-            &format!("{} — {} latency by percentile", report.label, report.shape.op),
+            &format!(
+                "{} — {} latency by percentile",
+                report.label, report.shape.op
+            ),
             &[(report.label.clone(), &latency)],
         )?;
         if !args.quiet {
@@ -109,9 +112,17 @@ pub async fn execute(
     }
     let shape = Shape {
         op: format!("{:?}", load.op).to_lowercase(),
-        mode: if plan.rate.is_some() { "open" } else { "closed" },
+        mode: if plan.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        },
         concurrency: plan.concurrency,
-        connections: if plan.new_connection { 0 } else { plan.connections },
+        connections: if plan.new_connection {
+            0
+        } else {
+            plan.connections
+        },
         rate: plan.rate,
         http: if load.http2 { "2" } else { "1.1" },
         new_connection_per_request: plan.new_connection,

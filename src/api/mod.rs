@@ -26,8 +26,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::backend::Handle;
-use crate::policy::{AuthzRequest, KeyOperation, Policy};
 use crate::config::{Config, KeystoreConfig, SecretSource, valid_key_id};
+use crate::policy::{AuthzRequest, KeyOperation, Policy};
 use crate::sigv4::{Credential, CredentialSet, DuplicateAccessKeyId, VerifyPolicy};
 use error::ApiError;
 use health::HealthMonitor;
@@ -398,7 +398,12 @@ impl Api {
             }
             Operation::GetKeyMetadata => {
                 let req: wire::MetadataRequest = decode(&body, log)?;
-                self.authorize(KeyOperation::GetKeyMetadata, tenant, &call, &req.request_metadata)?;
+                self.authorize(
+                    KeyOperation::GetKeyMetadata,
+                    tenant,
+                    &call,
+                    &req.request_metadata,
+                )?;
                 Ok(json_ok(&metadata::handle(&call, req).await?))
             }
             Operation::Encrypt => {

@@ -208,7 +208,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .keystores
                 .iter()
                 .find(|k| k.path_prefix == prefix)
-                .with_context(|| format!("no [[keystores]] with path_prefix = \"{prefix}\" in {}", config.display()))?;
+                .with_context(|| {
+                    format!(
+                        "no [[keystores]] with path_prefix = \"{prefix}\" in {}",
+                        config.display()
+                    )
+                })?;
             let cred = match &access_key_id {
                 Some(id) => ks.credentials.iter().find(|c| &c.access_key_id == id),
                 None => ks.credentials.last(),
@@ -224,7 +229,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&doc)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Doctor { config, endpoint } => Ok(xks_proxy::doctor::run(&config, endpoint.as_deref())),
+        Command::Doctor { config, endpoint } => {
+            Ok(xks_proxy::doctor::run(&config, endpoint.as_deref()))
+        }
     }
 }
 
@@ -286,7 +293,12 @@ async fn wait_for_signals(
     let watch = cfg.reload_watch.zip(config_path.map(Path::to_path_buf));
     let mut stamps = watched_stamps(&cfg.watched_files);
     let mut watched = cfg.watched_files.clone();
-    let mut tick = tokio::time::interval(watch.as_ref().map(|w| w.0).unwrap_or(std::time::Duration::from_secs(3600)));
+    let mut tick = tokio::time::interval(
+        watch
+            .as_ref()
+            .map(|w| w.0)
+            .unwrap_or(std::time::Duration::from_secs(3600)),
+    );
     tick.tick().await;
     loop {
         tokio::select! {

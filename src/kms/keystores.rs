@@ -188,16 +188,24 @@ fn check_credential(vs: &mut Violations, c: &CredentialInput) {
 }
 
 /// The connection-related members shared by Create and Update.
-fn check_xks_members(
-    vs: &mut Violations,
-    endpoint: Option<&str>,
-    path: Option<&str>,
-    vpc_name: Option<&str>,
-    vpc_owner: Option<&str>,
-    connectivity: Option<&str>,
-    credential: Option<&CredentialInput>,
-    allow_empty_vpc_name: bool,
-) {
+struct XksMembers<'a> {
+    endpoint: Option<&'a str>,
+    path: Option<&'a str>,
+    vpc_name: Option<&'a str>,
+    vpc_owner: Option<&'a str>,
+    connectivity: Option<&'a str>,
+    credential: Option<&'a CredentialInput>,
+}
+
+fn check_xks_members(vs: &mut Violations, m: XksMembers<'_>, allow_empty_vpc_name: bool) {
+    let XksMembers {
+        endpoint,
+        path,
+        vpc_name,
+        vpc_owner,
+        connectivity,
+        credential,
+    } = m;
     vs.string(
         "xksProxyUriEndpoint",
         endpoint,
@@ -244,6 +252,17 @@ fn check_xks_members(
     );
     if let Some(c) = credential {
         check_credential(vs, c);
+    }
+}
+
+fn xks_members_of_create(req: &CreateCustomKeyStoreRequest) -> XksMembers<'_> {
+    XksMembers {
+        endpoint: req.xks_proxy_uri_endpoint.as_deref(),
+        path: req.xks_proxy_uri_path.as_deref(),
+        vpc_name: req.xks_proxy_vpc_endpoint_service_name.as_deref(),
+        vpc_owner: req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
+        connectivity: req.xks_proxy_connectivity.as_deref(),
+        credential: req.xks_proxy_authentication_credential.as_ref(),
     }
 }
 
@@ -392,16 +411,7 @@ impl Emulator {
             32,
             Shown::Redacted,
         );
-        check_xks_members(
-            &mut vs,
-            req.xks_proxy_uri_endpoint.as_deref(),
-            req.xks_proxy_uri_path.as_deref(),
-            req.xks_proxy_vpc_endpoint_service_name.as_deref(),
-            req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
-            req.xks_proxy_connectivity.as_deref(),
-            req.xks_proxy_authentication_credential.as_ref(),
-            false,
-        );
+        check_xks_members(&mut vs, xks_members_of_create(&req), false);
         vs.finish()?;
         let name = req.custom_key_store_name.clone().unwrap_or_default();
 
@@ -816,12 +826,14 @@ impl Emulator {
         );
         check_xks_members(
             &mut vs,
-            req.xks_proxy_uri_endpoint.as_deref(),
-            req.xks_proxy_uri_path.as_deref(),
-            req.xks_proxy_vpc_endpoint_service_name.as_deref(),
-            req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
-            req.xks_proxy_connectivity.as_deref(),
-            req.xks_proxy_authentication_credential.as_ref(),
+            XksMembers {
+                endpoint: req.xks_proxy_uri_endpoint.as_deref(),
+                path: req.xks_proxy_uri_path.as_deref(),
+                vpc_name: req.xks_proxy_vpc_endpoint_service_name.as_deref(),
+                vpc_owner: req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
+                connectivity: req.xks_proxy_connectivity.as_deref(),
+                credential: req.xks_proxy_authentication_credential.as_ref(),
+            },
             true,
         );
         vs.finish()?;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -21,7 +22,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::Api;
@@ -172,9 +172,14 @@ pub async fn start_on(
     let tls = match &config.server.tls {
         Some(t) => {
             let cfg = tls::server_config(t, config.server.client_auth.as_ref())?;
-            cert_days.store(tls::days_to_expiry(t).unwrap_or(i64::MIN), Ordering::Release);
+            cert_days.store(
+                tls::days_to_expiry(t).unwrap_or(i64::MIN),
+                Ordering::Release,
+            );
             if config.server.client_auth.is_some() {
-                tracing::info!("mTLS on: clients must present a certificate with a configured subject name");
+                tracing::info!(
+                    "mTLS on: clients must present a certificate with a configured subject name"
+                );
             }
             Some(Arc::new(ArcSwap::new(cfg)))
         }
@@ -216,7 +221,13 @@ pub async fn start_on(
     let ping_addr = match ping_listener {
         Some(l) => {
             let addr = l.local_addr().ok();
-            tasks.spawn(side_loop(l, Side::Ping, Arc::clone(&api), Arc::clone(&cert_days), shutdown_rx.clone()));
+            tasks.spawn(side_loop(
+                l,
+                Side::Ping,
+                Arc::clone(&api),
+                Arc::clone(&cert_days),
+                shutdown_rx.clone(),
+            ));
             addr
         }
         None => None,
@@ -227,7 +238,13 @@ pub async fn start_on(
             if crate::telemetry::prometheus().is_none() {
                 tracing::warn!("another metrics recorder is installed; /metrics will be empty");
             }
-            tasks.spawn(side_loop(l, Side::Admin, Arc::clone(&api), Arc::clone(&cert_days), shutdown_rx));
+            tasks.spawn(side_loop(
+                l,
+                Side::Admin,
+                Arc::clone(&api),
+                Arc::clone(&cert_days),
+                shutdown_rx,
+            ));
             addr
         }
         None => None,
@@ -441,12 +458,14 @@ async fn side_loop(
                 let api = Arc::clone(&api);
                 let cert_days = Arc::clone(&cert_days);
                 async move {
-                    let get = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
+                    let get =
+                        req.method() == http::Method::GET || req.method() == http::Method::HEAD;
                     let resp = match (side, req.uri().path(), get) {
                         (_, "/ping", true) => crate::api::ping_response(api.health().serving()),
                         (Side::Admin, "/metrics", true) => metrics_response(&api, &cert_days),
                         _ => {
-                            let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+                            let mut r =
+                                Response::new(Full::new(Bytes::from_static(b"not found\n")));
                             *r.status_mut() = http::StatusCode::NOT_FOUND;
                             r
                         }
@@ -466,7 +485,9 @@ async fn side_loop(
 /// Refreshes the gauges that are read, not counted, then renders the registry.
 fn metrics_response(api: &Api, cert_days: &std::sync::atomic::AtomicI64) -> Response<Full<Bytes>> {
     let Some(handle) = crate::telemetry::prometheus() else {
-        let mut r = Response::new(Full::new(Bytes::from_static(b"metrics recorder unavailable\n")));
+        let mut r = Response::new(Full::new(Bytes::from_static(
+            b"metrics recorder unavailable\n",
+        )));
         *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
         return r;
     };

@@ -10,10 +10,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls::pki_types::UnixTime;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::config::{ClientAuthConfig, TlsConfig};
 
@@ -251,10 +251,11 @@ pub fn days_to_expiry(tls: &TlsConfig) -> Result<i64, TlsError> {
         path: "(leaf)".into(),
         reason: "empty chain".into(),
     })?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| TlsError::Certificate {
-        path: "(leaf)".into(),
-        reason: e.to_string(),
-    })?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|e| TlsError::Certificate {
+            path: "(leaf)".into(),
+            reason: e.to_string(),
+        })?;
     let not_after = cert.validity().not_after.timestamp();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

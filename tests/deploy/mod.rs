@@ -48,7 +48,9 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
 pub fn require_tool(name: &str) -> PathBuf {
     match find_tool(name) {
         Some(p) => p,
-        None => panic!("`{name}` is not installed, so this deploy check cannot run: {INSTALL_HINT}"),
+        None => {
+            panic!("`{name}` is not installed, so this deploy check cannot run: {INSTALL_HINT}")
+        }
     }
 }
 
@@ -159,7 +161,10 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -175,6 +180,23 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    if !chunked {
+        return Some((status, body.to_owned()));
+    }
+    // HAProxy answers chunked even to HTTP/1.0: size line, data, CRLF, ..., 0.
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let n = usize::from_str_radix(size.trim(), 16).ok()?;
+        if n == 0 {
+            return Some((status, out));
+        }
+        out.push_str(after.get(..n)?);
+        rest = after.get(n..)?.strip_prefix("\r\n")?;
+    }
 }

@@ -141,7 +141,11 @@ impl Emu {
     /// Calls an operation that must fail; returns (`__type`, message, status).
     pub async fn err(&self, op: &str, body: Value) -> (String, String, u16) {
         let (status, headers, json) = self.raw(op, &body).await;
-        assert_ne!(status, StatusCode::OK, "{op} unexpectedly succeeded: {json}");
+        assert_ne!(
+            status,
+            StatusCode::OK,
+            "{op} unexpectedly succeeded: {json}"
+        );
         let ty = json["__type"].as_str().unwrap_or_default().to_owned();
         assert_eq!(
             headers
@@ -387,12 +391,17 @@ fn reply(status: u16, body: Value) -> Response<Full<Bytes>> {
 }
 
 fn error(status: u16, name: &str) -> Response<Full<Bytes>> {
-    reply(status, json!({"errorName": name, "errorMessage": "canned by the test responder"}))
+    reply(
+        status,
+        json!({"errorName": name, "errorMessage": "canned by the test responder"}),
+    )
 }
 
 /// The spec's AAD given to AES-GCM: u16 len ‖ aad ‖ u8 len ‖ metadata.
 fn spec_aad(aad: &[u8], md: &[u8]) -> Vec<u8> {
-    let mut out = (u16::try_from(aad.len()).expect("aad len")).to_be_bytes().to_vec();
+    let mut out = (u16::try_from(aad.len()).expect("aad len"))
+        .to_be_bytes()
+        .to_vec();
     out.extend_from_slice(aad);
     out.push(u8::try_from(md.len()).expect("md len"));
     out.extend_from_slice(md);

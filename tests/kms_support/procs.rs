@@ -171,7 +171,10 @@ impl ProxySetup {
                     .output()
                     .expect("generate-master-key");
                 assert!(out.status.success(), "{out:?}");
-                let master = String::from_utf8(out.stdout).expect("utf8").trim().to_owned();
+                let master = String::from_utf8(out.stdout)
+                    .expect("utf8")
+                    .trim()
+                    .to_owned();
                 env.push(("XKS_MASTER_KEY".to_owned(), master));
                 format!(
                     "kind = \"software\"\nkeystore = \"keystore.json\"\nmaster_key_env = \"XKS_MASTER_KEY\"\nsimulated_latency_ms = {latency_ms}\n"

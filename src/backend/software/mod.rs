@@ -162,6 +162,8 @@ impl SoftwareBackend {
     /// A real AES-GCM round trip on the health key: proves the RNG and the cipher
     /// work in this process right now.
     fn health_round_trip(&self) -> bool {
+        // A slow key manager is slow for its health check too (the knob simulates one).
+        self.simulate_latency();
         let Ok(out) = gcm::seal(&self.health_key, &self.rng, HEALTH_PROBE, HEALTH_AAD) else {
             return false;
         };
