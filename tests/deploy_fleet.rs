@@ -36,7 +36,7 @@ use serde_json::Value;
 const HOST: &str = "xks.test.example"; // a name the dev certificate carries
 const KEY: &str = "fleet-key-1";
 const PREFIX: &str = "/fleet";
-const WORKERS: usize = 4;
+const WORKERS: usize = 6;
 
 struct Proxy {
     name: String,
@@ -225,8 +225,8 @@ async fn round_trip(kms: &Client, key: &str, n: u64) -> Result<(), (String, Stri
     Ok(())
 }
 
-/// A signed GetHealthStatus straight through HAProxy on a fresh connection (so
-/// HAProxy's round robin picks a server for each); returns the body and the request id.
+/// A signed GetHealthStatus straight through HAProxy on a fresh connection (so HAProxy
+/// picks a server for each); returns the status, the body and the request id.
 async fn health_via_lb(front: u16, akid: &str, secret: &str) -> (u16, Value, String) {
     let ca =
         reqwest::Certificate::from_pem(&std::fs::read(repo().join("certs/ca.pem")).expect("ca"))
@@ -375,6 +375,9 @@ secret_file = "sigv4-secret"
     }
 
     // --- HAProxy in TCP mode, health-checking GET /ping ---------------------------------
+    // leastconn: KMS-like clients keep long-lived pooled connections, and each is pinned
+    // to one server in TCP mode; leastconn spreads them (and sends new ones to a server
+    // that just came back), so every proxy carries calls when one is stopped.
     let front = free_port("127.0.0.1");
     let stats_port = free_port("127.0.0.1");
     let stats = format!("127.0.0.1:{stats_port}");
@@ -383,7 +386,7 @@ secret_file = "sigv4-secret"
          defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n\
          \x20   retries 3\n    option redispatch 1\n\
          frontend xks\n    bind 127.0.0.1:{front}\n    default_backend proxies\n\
-         backend proxies\n    balance roundrobin\n    option httpchk\n\
+         backend proxies\n    balance leastconn\n    option httpchk\n\
          \x20   http-check send meth GET uri /ping\n    http-check expect status 200\n\
          \x20   default-server inter 250ms fastinter 100ms downinter 250ms fall 2 rise 2\n"
     );

@@ -458,9 +458,22 @@ async fn sdk_failure_paths() {
     let slow = slow_setup.start();
     let emulator2 = start_emulator(slow.addr, &[], None);
     let kms2 = sdk(&emulator2);
-    let store2 = create_store(&kms2, "slow", PATH, AKID, SECRET)
-        .await
-        .expect("create");
+    // Until the proxy's first deep health check (400 ms too) is done, it reports
+    // its key manager UNAVAILABLE: retry (bounded).
+    let mut store2 = None;
+    for _ in 0..100 {
+        match create_store(&kms2, "slow", PATH, AKID, SECRET).await {
+            Ok(id) => {
+                store2 = Some(id);
+                break;
+            }
+            Err(code) => {
+                assert_eq!(code, "XksProxyUriUnreachableException");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let store2 = store2.expect("the slow proxy never reported healthy");
     let s = connect(&kms2, &store2).await;
     assert_eq!(s.connection_state(), Some(&ConnectionStateType::Connected));
     let r = kms2

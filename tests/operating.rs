@@ -150,18 +150,9 @@ async fn start_with_mtls() -> TestProxy {
     let (dir, text, creds) = prepare(&Options::default());
     let text = text.replace("\n[backend]", &format!("{}\n[backend]", mtls_extra()));
     std::fs::write(dir.path().join("proxy.toml"), &text).expect("write");
-    let config = Config::from_toml(&text, dir.path()).expect("config");
-    assert!(config.server.client_auth.is_some());
-    let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-    let running = xks_proxy::server::start(&config, backend)
-        .await
-        .expect("start");
-    TestProxy {
-        running,
-        dir,
-        creds,
-        config,
-    }
+    let p = TestProxy::start_with(dir, &text, creds).await;
+    assert!(p.config.server.client_auth.is_some());
+    p
 }
 
 fn client_with_cert(p: &TestProxy, name: Option<&str>) -> Client {
@@ -289,17 +280,7 @@ async fn metrics_on_the_admin_listener() {
         "[admin]\nlisten = \"127.0.0.1:0\"\n\n[server]\n",
         1,
     );
-    let config = Config::from_toml(&text, dir.path()).expect("config");
-    let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-    let running = xks_proxy::server::start(&config, backend)
-        .await
-        .expect("start");
-    let p2 = TestProxy {
-        running,
-        dir,
-        creds,
-        config,
-    };
+    let p2 = TestProxy::start_with(dir, &text, creds).await;
     let admin = p2.running.admin_addr.expect("admin listener");
     assert!(admin.ip().is_loopback());
     let c = p2.client(false);

@@ -4,30 +4,8 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::*;
 use serde_json::json;
-use xks_proxy::config::Config;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
 
 const POLICY: &str = r#"
 @id("account-111122223333")
@@ -49,17 +27,7 @@ async fn policy_denials_are_403_logged_with_the_policy_and_health_is_exempt() {
     let (dir, text, creds) = prepare(&Options::default());
     std::fs::write(dir.path().join("policy.cedar"), POLICY).expect("policy");
     let text = text + "\n[policy]\nfile = \"policy.cedar\"\n";
-    let config = Config::from_toml(&text, dir.path()).expect("config");
-    let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-    let running = xks_proxy::server::start(&config, backend)
-        .await
-        .expect("start");
-    let p = TestProxy {
-        running,
-        dir,
-        creds,
-        config,
-    };
+    let p = TestProxy::start_with(dir, &text, creds).await;
     let c = p.client(false);
 
     // The account's principal may encrypt, with any kmsOperation, even one never seen.
@@ -85,7 +53,7 @@ async fn policy_denials_are_403_logged_with_the_policy_and_health_is_exempt() {
     // Health is exempt whatever the policy says (it has no principal at all).
     assert_eq!(c.post(&health_url(&p), &health_body()).await.status, 200);
 
-    let logs = String::from_utf8_lossy(&capture.0.lock().expect("lock")).into_owned();
+    let logs = capture.text();
     assert!(logs.contains("secondary authorization denied"), "{logs}");
     assert!(
         logs.contains("no-reencrypt-on-key-1"),

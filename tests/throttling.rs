@@ -8,7 +8,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use xks_proxy::config::Config;
 
 /// Sums a histogram's bucket counts for one outcome from Prometheus text.
 fn bucket(metrics: &str, outcome: &str, le: &str) -> f64 {
@@ -35,18 +34,8 @@ async fn ten_times_the_quota_is_throttled_at_once_and_admitted_requests_keep_the
             "path_prefix = \"/tenant-a\"",
             "path_prefix = \"/tenant-a\"\nquota_rps = 50",
         );
-    let config = Config::from_toml(&text, dir.path()).expect("config");
-    let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-    let running = xks_proxy::server::start(&config, backend)
-        .await
-        .expect("start");
-    let admin = running.admin_addr.expect("admin");
-    let p = TestProxy {
-        running,
-        dir,
-        creds,
-        config,
-    };
+    let p = TestProxy::start_with(dir, &text, creds).await;
+    let admin = p.running.admin_addr.expect("admin");
     let c = p.client(true);
     let url = key_url(&p, KEY, "encrypt");
     let started = Instant::now();

@@ -151,7 +151,12 @@ path_prefix = "{PREFIX}"
 impl TestProxy {
     pub async fn start(opts: Options) -> TestProxy {
         let (dir, text, creds) = prepare(&opts);
-        let config = Config::from_toml(&text, dir.path()).expect("valid config");
+        Self::start_with(dir, &text, creds).await
+    }
+
+    /// Starts a proxy from config text (typically `prepare`'s, edited by the test).
+    pub async fn start_with(dir: tempfile::TempDir, text: &str, creds: Vec<Cred>) -> TestProxy {
+        let config = Config::from_toml(text, dir.path()).expect("valid config");
         let backend = xks_proxy::backend::open(&config.backend).expect("backend");
         let running = xks_proxy::server::start(&config, backend)
             .await
@@ -363,3 +368,30 @@ pub fn rustls_client(
 }
 
 use rustls_pki_types::pem::PemObject as _;
+
+/// A `tracing` writer that keeps everything written, for tests that read the logs.
+#[derive(Clone, Default)]
+pub struct Capture(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+impl Capture {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
