@@ -89,6 +89,17 @@ fn check(config_path: &Path, endpoint: Option<&str>) -> Report {
         }
     };
     check_clock(&mut r);
+    if let Some(path) = &cfg.policy_file {
+        match crate::policy::Policy::from_file(path) {
+            Ok(p) => r.pass(format!(
+                "policy {}: loads and validates ({} policies: {})",
+                path.display(),
+                p.policy_ids().len(),
+                p.policy_ids().join(", ")
+            )),
+            Err(e) => r.fail(format!("policy: {e}")),
+        }
+    }
     for ks in &cfg.keystores {
         r.pass(format!(
             "path prefix '{}': XksProxyUriPath {}{XKS_BASE} ({} characters, spec limit 128), {} credential(s)",

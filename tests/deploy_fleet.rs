@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use aws_sdk_kms::Client;
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
@@ -228,38 +228,18 @@ async fn round_trip(kms: &Client, key: &str, n: u64) -> Result<(), (String, Stri
 /// A signed GetHealthStatus straight through HAProxy on a fresh connection (so HAProxy
 /// picks a server for each); returns the status, the body and the request id.
 async fn health_via_lb(front: u16, akid: &str, secret: &str) -> (u16, Value, String) {
-    let ca =
-        reqwest::Certificate::from_pem(&std::fs::read(repo().join("certs/ca.pem")).expect("ca"))
-            .expect("ca");
-    let http = reqwest::Client::builder()
-        .add_root_certificate(ca)
-        .resolve(HOST, format!("127.0.0.1:{front}").parse().expect("addr"))
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
     let id = format!("fleet-health-{}", uuid::Uuid::new_v4());
     let body = serde_json::json!({"requestMetadata": {"kmsRequestId": id, "kmsOperation": "KmsHealthCheck"}});
-    let mut req = http::Request::post(format!("https://{HOST}:{front}{PREFIX}/kms/xks/v1/health"))
-        .header("content-type", "application/json")
-        .body(bytes::Bytes::from(serde_json::to_vec(&body).expect("json")))
-        .expect("request");
-    xks_proxy::sigv4::sign_request(
-        &mut req,
+    let addr = format!("127.0.0.1:{front}").parse().expect("addr");
+    let (status, body) = signed_post(
+        addr,
+        HOST,
+        &format!("{PREFIX}/kms/xks/v1/health"),
+        &body,
         akid,
-        &xks_proxy::secret::SecretString::new(secret.to_owned()),
-        "us-east-1",
-        "kms-xks-proxy",
-        SystemTime::now(),
+        secret,
     )
-    .expect("sign");
-    let resp = http
-        .execute(reqwest::Request::try_from(req.map(reqwest::Body::from)).expect("req"))
-        .await
-        .expect("health through HAProxy");
-    let status = resp.status().as_u16();
-    let bytes = resp.bytes().await.unwrap_or_default();
-    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    .await;
     (status, body, id)
 }
 

@@ -451,15 +451,18 @@ async fn sdk_failure_paths() {
     );
     disconnect(&kms, &store).await;
 
-    // A proxy whose key manager is too slow. Its health answer comes from a cache
-    // (as the spec asks), so the store connects; the first key operation times out.
-    let slow_setup = ProxySetup::new(Backend::Software, PREFIX, 400);
+    // A key manager slower than KMS waits. The proxy's own backend deadline is
+    // 200 ms, so its key manager takes 180 ms and the emulator waits 150 ms (the same
+    // race as a 280 ms key manager against KMS's 250 ms). The store and key are made
+    // by a patient emulator; a hasty one shares its state directory.
+    let slow_setup = ProxySetup::new(Backend::Software, PREFIX, 180);
     slow_setup.create_key("key-1", "encrypt,decrypt");
+    slow_setup.create_key("key-2", "encrypt,decrypt");
     let slow = slow_setup.start();
-    let emulator2 = start_emulator(slow.addr, &[], None);
-    let kms2 = sdk(&emulator2);
-    // Until the proxy's first deep health check (400 ms too) is done, it reports
-    // its key manager UNAVAILABLE: retry (bounded).
+    let state = tempfile::tempdir().expect("tempdir");
+    let patient = start_emulator(slow.addr, &[], Some(state.path()));
+    let kms2 = sdk(&patient);
+    // Until the proxy's first deep health check is done it reports UNAVAILABLE.
     let mut store2 = None;
     for _ in 0..100 {
         match create_store(&kms2, "slow", PATH, AKID, SECRET).await {
@@ -476,11 +479,31 @@ async fn sdk_failure_paths() {
     let store2 = store2.expect("the slow proxy never reported healthy");
     let s = connect(&kms2, &store2).await;
     assert_eq!(s.connection_state(), Some(&ConnectionStateType::Connected));
-    let r = kms2
+    let key2 = kms2
         .create_key()
         .origin(OriginType::ExternalKeyStore)
         .custom_key_store_id(&store2)
         .xks_key_id("key-1")
+        .send()
+        .await
+        .expect("create key within 250 ms")
+        .key_metadata()
+        .and_then(|m| m.arn())
+        .expect("arn")
+        .to_owned();
+    drop(patient);
+    let hasty = start_emulator(slow.addr, &["--xks-timeout-ms", "150"], Some(state.path()));
+    let kms2 = sdk(&hasty);
+    let e = encrypt(&kms2, &key2, b"x").await.expect_err("times out");
+    assert!(
+        e.starts_with("KMSInvalidStateException") && e.contains("did not respond in time"),
+        "{e}"
+    );
+    let r = kms2
+        .create_key()
+        .origin(OriginType::ExternalKeyStore)
+        .custom_key_store_id(&store2)
+        .xks_key_id("key-2")
         .send()
         .await;
     match r {
@@ -488,12 +511,14 @@ async fn sdk_failure_paths() {
             let svc = e.as_service_error().expect("service error");
             assert_eq!(svc.code(), Some("CustomKeyStoreInvalidStateException"));
             assert!(
-                svc.message().unwrap_or("").contains("did not respond"),
+                svc.message()
+                    .unwrap_or("")
+                    .contains("did not respond in time"),
                 "{:?}",
                 svc.message()
             );
         }
-        Ok(_) => panic!("a 400 ms key manager must time out"),
+        Ok(_) => panic!("a 180 ms key manager must time out a 150 ms wait"),
     }
 
     // A proxy that accepts connections but never answers: XKS_PROXY_TIMED_OUT.

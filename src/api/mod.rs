@@ -40,6 +40,10 @@ pub const MAX_DATA: usize = 8192;
 /// Largest AAD we accept. The spec requires at least 8192 bytes.
 pub const MAX_AAD: usize = 16384;
 
+/// Oversized bodies up to this many times the cap are read and discarded before the
+/// 501, so HTTP/1.1 clients see the answer rather than a reset.
+const DRAIN_LIMIT_FACTOR: usize = 4;
+
 /// One path prefix's runtime state.
 #[derive(Debug)]
 pub struct Tenant {
@@ -321,7 +325,7 @@ impl Api {
         log.key_id.clone_from(&key_id);
 
         // Bound the body before reading it: a declared length over the cap is refused
-        // without reading a byte; an undeclared one is cut off at the cap.
+        // without buffering a byte; an undeclared one is cut off at the cap.
         if let Some(len) = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -329,6 +333,20 @@ impl Api {
             .and_then(|v| v.parse::<usize>().ok())
             && len > self.max_body
         {
+            // An HTTP/1.1 client still sending when we answer may see a reset instead
+            // of our 501. For moderately oversized bodies, discard (never buffer) the
+            // rest first so the client reads a clean error; beyond that, answer now.
+            if len <= DRAIN_LIMIT_FACTOR * self.max_body {
+                let drain = async {
+                    let mut body = std::pin::pin!(body);
+                    while let Some(frame) = body.frame().await {
+                        if frame.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(self.body_timeout, drain).await;
+            }
             return Err(ApiError::BodyTooLarge(self.max_body).into());
         }
         let collected = tokio::time::timeout(

@@ -166,6 +166,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => match Config::load(&config) {
             Ok(cfg) => {
+                if let Some(policy) = &cfg.policy_file
+                    && let Err(e) = xks_proxy::policy::Policy::from_file(policy)
+                {
+                    eprintln!("xks-proxy: {}: [policy] {e}", config.display());
+                    return Ok(ExitCode::from(2));
+                }
                 println!(
                     "{}: OK ({} keystore(s): {})",
                     config.display(),

@@ -342,8 +342,9 @@ mod tests {
         ] {
             assert!(!is_xks_path(bad), "{bad}");
         }
-        // `/` + `/kms/xks/v1`: the prefix group needs one char, and `/` is one.
-        assert!(is_xks_path("//kms/xks/v1"));
+        // The prefix group is `/` plus at least one character, which may be `/`.
+        assert!(!is_xks_path("//kms/xks/v1"));
+        assert!(is_xks_path("///kms/xks/v1"));
     }
 
     #[test]

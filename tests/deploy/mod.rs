@@ -200,3 +200,50 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         rest = after.get(n..)?.strip_prefix("\r\n")?;
     }
 }
+
+/// A POST signed like KMS signs (SigV4, service kms-xks-proxy, us-east-1), over TLS
+/// trusting the dev CA, to `https://{host}{path}` dialled at `addr`, on a fresh
+/// connection. Returns the status and the JSON body (Null if not JSON).
+pub async fn signed_post(
+    addr: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    body: &serde_json::Value,
+    akid: &str,
+    secret: &str,
+) -> (u16, serde_json::Value) {
+    let ca = reqwest::Certificate::from_pem(
+        &std::fs::read(repo().join("certs/ca.pem")).expect("dev CA"),
+    )
+    .expect("CA");
+    let http = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .resolve(host, addr)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let mut req = http::Request::post(format!("https://{host}:{}{path}", addr.port()))
+        .header("content-type", "application/json")
+        .body(bytes::Bytes::from(serde_json::to_vec(body).expect("json")))
+        .expect("request");
+    xks_proxy::sigv4::sign_request(
+        &mut req,
+        akid,
+        &xks_proxy::secret::SecretString::new(secret.to_owned()),
+        "us-east-1",
+        "kms-xks-proxy",
+        std::time::SystemTime::now(),
+    )
+    .expect("sign");
+    let resp = http
+        .execute(reqwest::Request::try_from(req.map(reqwest::Body::from)).expect("request"))
+        .await
+        .unwrap_or_else(|e| panic!("POST https://{host}{path} via {addr}: {e}"));
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}

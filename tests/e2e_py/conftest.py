@@ -198,6 +198,7 @@ class ProxySetup:
 
 
 def start_emulator(proxy_port, *extra, data_dir=None):
+    """kms-emulator on 127.0.0.1:0, dialling the proxy's port for xks.test.example."""
     args = [
         os.environ["KMS_EMULATOR_BIN"],
         "--listen",
@@ -228,7 +229,7 @@ def kms_client(emulator, validate=True):
         region_name=REGION,
         aws_access_key_id="AKIDPYTHONCALLER",
         aws_secret_access_key="python-caller-secret",
-        config=Config(parameter_validation=validate, retries={"max_attempts": 1, "mode": "standard"}),
+        config=Config(parameter_validation=validate, retries={"total_max_attempts": 1, "mode": "standard"}),
     )
 
 

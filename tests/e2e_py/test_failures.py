@@ -86,19 +86,21 @@ def test_proxy_down(kms, proxy):
 
 
 def test_proxy_too_slow(tmp_path):
-    """A 400 ms key manager: the proxy's health answer is cached (as the spec asks), so
-    the store connects, but key operations time out. A frozen proxy (accepts, never
-    answers) times out everything: XKS_PROXY_TIMED_OUT."""
-    setup = ProxySetup(tmp_path, latency_ms=400)
+    """A key manager slower than KMS waits. The proxy's own backend deadline is
+    200 ms, so its key manager takes 180 ms and this emulator waits 150 ms (the same
+    race as a 280 ms key manager against KMS's 250 ms): key operations time out after
+    one retry. A frozen proxy (accepts connections, never answers) times out the
+    health check too: XKS_PROXY_TIMED_OUT."""
+    setup = ProxySetup(tmp_path, latency_ms=180)
     setup.create_key("key-1")
+    setup.create_key("key-2")
     proxy = setup.start()
-    emulator = start_emulator(setup.port)
+    state = tmp_path / "emulator-state"
+    patient = start_emulator(setup.port, data_dir=state)
     try:
-        kms = kms_client(emulator)
-        # The proxy's first deep health check takes the 400 ms too; until it is
-        # done the proxy reports its key manager UNAVAILABLE.
+        kms = kms_client(patient)
         store = None
-        for _ in range(100):
+        for _ in range(100):  # until the proxy's first deep health check is done
             try:
                 store = create_store(kms, "slow")
                 break
@@ -106,19 +108,29 @@ def test_proxy_too_slow(tmp_path):
                 time.sleep(0.1)
         assert store, "the slow proxy never reported healthy"
         assert connect(kms, store)["ConnectionState"] == "CONNECTED"
+        key = kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store, XksKeyId="key-1")["KeyMetadata"]["Arn"]
+    finally:
+        patient.stop()
+    hasty = start_emulator(setup.port, "--xks-timeout-ms", "150", data_dir=state)
+    try:
+        kms = kms_client(hasty)
         with pytest.raises(ClientError) as e:
-            kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store, XksKeyId="key-1")
+            kms.encrypt(KeyId=key, Plaintext=b"x")
+        assert error_code(e) == "KMSInvalidStateException"
+        assert "did not respond in time" in e.value.response["Error"]["Message"]
+        with pytest.raises(ClientError) as e:
+            kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store, XksKeyId="key-2")
         assert error_code(e) == "CustomKeyStoreInvalidStateException"
-        assert "did not respond" in e.value.response["Error"]["Message"]
+        assert "did not respond in time" in e.value.response["Error"]["Message"]
         disconnect(kms, store)
         proxy.signal(signal.SIGSTOP)
         s = connect(kms, store)
         assert s["ConnectionState"] == "FAILED"
         assert s["ConnectionErrorCode"] == "XKS_PROXY_TIMED_OUT"
         with pytest.raises(kms.exceptions.XksProxyUriUnreachableException):
-            create_store(kms, "frozen", path="/tenant-a/frozen/kms/xks/v1")
+            create_store(kms, "frozen", path="/tenant-b/kms/xks/v1")
     finally:
-        emulator.stop()
+        hasty.stop()
         proxy.stop()
 
 

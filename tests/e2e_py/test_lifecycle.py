@@ -191,3 +191,63 @@ def test_state_survives_an_emulator_restart(tmp_path, proxy_setup, proxy):
         assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=EC)["Plaintext"] == b"survives"
     finally:
         second.stop()
+
+
+def test_https_listener_and_caller_signature_checks(tmp_path, proxy_setup, proxy):
+    """The HTTPS listener with the dev CA (boto3 verify=), and --verify-client-sigv4
+    checking real botocore signatures."""
+    import os
+
+    import boto3
+    from botocore.config import Config
+
+    from conftest import CERTS, REGION, Proc
+
+    creds = tmp_path / "callers"
+    creds.write_text("# access key id, secret\nAKIDPYTHONCALLER python-caller-secret\n")
+    args = [
+        os.environ["KMS_EMULATOR_BIN"],
+        "--tls-listen", "127.0.0.1:0",
+        "--tls-cert", str(CERTS / "server-ecdsa.pem"),
+        "--tls-key", str(CERTS / "server-ecdsa.key"),
+        "--verify-client-sigv4",
+        "--client-credentials-file", str(creds),
+        "--principal", "AKIDPYTHONCALLER=arn:aws:iam::111122223333:role/pytest",
+        "--xks-health-interval", "0",
+    ]
+    e = Proc(args, "listening on https://")
+    try:
+        port = e.addr[1]
+
+        def client(secret):
+            return boto3.client(
+                "kms",
+                endpoint_url=f"https://localhost:{port}",
+                verify=str(CERTS / "ca.pem"),
+                region_name=REGION,
+                aws_access_key_id="AKIDPYTHONCALLER",
+                aws_secret_access_key=secret,
+                config=Config(retries={"total_max_attempts": 1}),
+            )
+
+        good = client("python-caller-secret")
+        key = good.create_key()["KeyMetadata"]["Arn"]
+        blob = good.encrypt(KeyId=key, Plaintext=b"over TLS")["CiphertextBlob"]
+        assert good.decrypt(CiphertextBlob=blob)["Plaintext"] == b"over TLS"
+        with pytest.raises(ClientError) as err:
+            client("wrong-secret").list_keys()
+        assert error_code(err) == "InvalidSignatureException"
+        stranger = boto3.client(
+            "kms",
+            endpoint_url=f"https://localhost:{port}",
+            verify=str(CERTS / "ca.pem"),
+            region_name=REGION,
+            aws_access_key_id="AKIDSTRANGER",
+            aws_secret_access_key="x",
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+        with pytest.raises(ClientError) as err:
+            stranger.list_keys()
+        assert error_code(err) == "UnrecognizedClientException"
+    finally:
+        e.stop()
