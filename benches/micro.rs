@@ -308,8 +308,14 @@ fn e2e(c: &mut Criterion) {
         private_key: servers::repo_file("certs/server-ecdsa.key"),
     };
     let listen = "127.0.0.1:0".parse().expect("addr");
-    let (config, akid) =
-        servers::software_proxy_config(dir.path(), listen, "/bench", &tls).expect("config");
+    let (config, akid) = servers::bench_proxy_config(
+        dir.path(),
+        listen,
+        "/bench",
+        &tls,
+        &servers::BenchBackend::Software,
+    )
+    .expect("config");
     let running = rt
         .block_on(async {
             let backend = xks_proxy::backend::open(&config.backend).expect("backend");

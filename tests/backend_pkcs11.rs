@@ -30,8 +30,9 @@
 //! other test sharing this process's SoftHSM. So `token_loss_and_recovery` runs
 //! setup.sh into a fresh temporary directory and re-executes this test binary
 //! (`std::env::current_exe()`) with that directory's `SOFTHSM2_CONF` and
-//! `XKS_PKCS11_FAULT_CHILD=1`, selecting the `#[ignore]`d `fault_child` test; the child
-//! owns its token directory and moves it around. The parent asserts the child passed.
+//! `XKS_PKCS11_FAULT_CHILD=<dir>`, selecting `token_loss_and_recovery` itself, which in
+//! the child runs the fault scenario; the child owns its token directory and moves it
+//! around. The parent asserts the child passed.
 
 mod conformance;
 
@@ -658,6 +659,11 @@ fn measure_encrypt_throughput() {
 
 #[test]
 fn token_loss_and_recovery() {
+    // In the child process (see the module doc) this same test runs the fault scenario.
+    if std::env::var_os("XKS_PKCS11_FAULT_CHILD").is_some() {
+        fault_child();
+        return;
+    }
     // Fail clearly if the runner contract is not met, like every other test here.
     let _ = softhsm_conf();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -677,9 +683,8 @@ fn token_loss_and_recovery() {
     let exe = std::env::current_exe().expect("current exe");
     let child = Command::new(exe)
         .args([
-            "fault_child",
+            "token_loss_and_recovery",
             "--exact",
-            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -701,10 +706,8 @@ fn token_loss_and_recovery() {
     );
 }
 
-/// Runs only as the child of `token_loss_and_recovery` (it moves its token directory
+/// Runs only in the child of `token_loss_and_recovery` (it moves its token directory
 /// around and re-initialises SoftHSM, which would disturb sibling tests in-process).
-#[test]
-#[ignore = "run by token_loss_and_recovery in a child process with its own SOFTHSM2_CONF"]
 fn fault_child() {
     let dir = PathBuf::from(
         std::env::var_os("XKS_PKCS11_FAULT_CHILD")

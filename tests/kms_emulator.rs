@@ -85,7 +85,7 @@ async fn every_response_has_a_request_id_and_errors_have_the_aws_shape() {
     assert_eq!(ty, "UnsupportedOperationException");
 
     // Malformed JSON and wrong member types.
-    let resp = reqwest::Client::new()
+    let resp = http_client()
         .post(&e.url)
         .header("x-amz-target", "TrentService.ListKeys")
         .body("{not json")
@@ -251,6 +251,7 @@ async fn proxy_requests_carry_kms_request_metadata_and_sigv4() {
             "AKIDCALLER".to_owned(),
             "arn:aws:iam::111122223333:role/app".to_owned(),
         );
+        c.xks.via_service = Some("s3.amazonaws.com".to_owned());
     })
     .await;
     let (_store, arn) = connected_key(&e).await;
@@ -1366,7 +1367,9 @@ async fn periodic_health_checks_never_change_the_state() {
         "{stats:?}"
     );
     // The emulator-only status route.
-    let resp = reqwest::get(format!("{}/_emulator/health-checks", e.url))
+    let resp = http_client()
+        .get(format!("{}/_emulator/health-checks", e.url))
+        .send()
         .await
         .expect("get");
     let body: Value = serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
@@ -1419,7 +1422,7 @@ async fn caller_signatures_are_checked_when_asked() {
                 SystemTime::now(),
             )
             .expect("sign");
-            let resp = reqwest::Client::new()
+            let resp = http_client()
                 .execute(reqwest::Request::try_from(req).expect("request"))
                 .await
                 .expect("send");
@@ -1435,7 +1438,7 @@ async fn caller_signatures_are_checked_when_asked() {
     assert_eq!(body["__type"], "InvalidSignatureException");
     let (_, body) = send("AKIDOTHER", "caller-secret").await;
     assert_eq!(body["__type"], "UnrecognizedClientException");
-    let resp = reqwest::Client::new()
+    let resp = http_client()
         .post(&e.url)
         .header("x-amz-target", "TrentService.ListKeys")
         .body("{}")
@@ -1444,4 +1447,59 @@ async fn caller_signatures_are_checked_when_asked() {
         .expect("send");
     let body: Value = serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
     assert_eq!(body["__type"], "MissingAuthenticationTokenException");
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_presented_to_mtls_proxies() {
+    let r = Responder::start_mtls("/tenant-a").await;
+    // Without a client certificate the handshake is refused.
+    let e = Emu::start(config_for(r.addr)).await;
+    let (ty, msg, _) = e.err("CreateCustomKeyStore", xks_create("no-cert")).await;
+    assert_eq!(ty, "XksProxyUriUnreachableException");
+    assert!(msg.contains("TLS"), "{msg}");
+    // With KMS's identity (cks.kms.us-east-1.amazonaws.com from the dev CA) it works.
+    let mut cfg = config_for(r.addr);
+    cfg.xks.client_cert = Some((
+        repo().join("certs/kms-client.pem"),
+        repo().join("certs/kms-client.key"),
+    ));
+    let e = Emu::start(cfg).await;
+    let (_store, arn) = connected_key(&e).await;
+    let ct = e
+        .ok("Encrypt", json!({"KeyId": arn, "Plaintext": b64(b"mtls")}))
+        .await;
+    let pt = e
+        .ok("Decrypt", json!({"CiphertextBlob": ct["CiphertextBlob"]}))
+        .await;
+    assert_eq!(unb64(&pt["Plaintext"]), b"mtls");
+}
+
+#[tokio::test]
+async fn cancelling_a_deletion_brings_the_key_back_disabled() {
+    let (_r, e) = setup().await;
+    let key = e.ok("CreateKey", json!({})).await["KeyMetadata"]["Arn"].clone();
+    let (ty, _, _) = e
+        .err(
+            "ScheduleKeyDeletion",
+            json!({"KeyId": key, "PendingWindowInDays": 31}),
+        )
+        .await;
+    assert_eq!(ty, "ValidationException");
+    let s = e.ok("ScheduleKeyDeletion", json!({"KeyId": key})).await;
+    assert_eq!(s["PendingWindowInDays"], 30);
+    let (ty, msg, _) = e
+        .err("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"x")}))
+        .await;
+    assert_eq!(ty, "KMSInvalidStateException");
+    assert!(msg.ends_with("is pending deletion."));
+    let (ty, _, _) = e.err("ScheduleKeyDeletion", json!({"KeyId": key})).await;
+    assert_eq!(ty, "KMSInvalidStateException");
+    let c = e.ok("CancelKeyDeletion", json!({"KeyId": key})).await;
+    assert_eq!(c["KeyId"], key);
+    let d = e.ok("DescribeKey", json!({"KeyId": key})).await["KeyMetadata"].clone();
+    assert_eq!(d["KeyState"], "Disabled");
+    assert!(d.get("DeletionDate").is_none());
+    let (ty, msg, _) = e.err("CancelKeyDeletion", json!({"KeyId": key})).await;
+    assert_eq!(ty, "KMSInvalidStateException");
+    assert!(msg.ends_with("is not pending deletion."));
 }

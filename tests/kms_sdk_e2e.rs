@@ -537,3 +537,36 @@ async fn sdk_failure_paths() {
     );
     slow.thaw();
 }
+
+#[tokio::test]
+async fn sdk_signatures_are_verified_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = dir.path().join("callers");
+    std::fs::write(&creds, "AKIDSDKCALLER sdk-caller-secret\n").expect("write");
+    let mut cmd = std::process::Command::new(kms_support::procs::emulator_bin());
+    cmd.args(["--listen", "127.0.0.1:0", "--xks-health-interval", "0"])
+        .arg("--verify-client-sigv4")
+        .arg("--client-credentials-file")
+        .arg(&creds);
+    let emulator = Proc::spawn(cmd, "listening on http://");
+    let kms = sdk(&emulator);
+    let key = kms.create_key().send().await.expect("signed by the SDK");
+    let arn = key.key_metadata().and_then(|m| m.arn()).expect("arn");
+    let blob = encrypt(&kms, arn, b"signed").await.expect("encrypt");
+    assert_eq!(decrypt(&kms, &blob).await, b"signed");
+    let wrong = aws_sdk_kms::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(format!("http://{}", emulator.addr))
+        .credentials_provider(Credentials::new(
+            "AKIDSDKCALLER",
+            "not-the-secret",
+            None,
+            None,
+            "test",
+        ))
+        .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
+        .build();
+    let r = Client::from_conf(wrong).list_keys().send().await;
+    assert_eq!(code(r), "InvalidSignatureException");
+}

@@ -43,6 +43,10 @@ if [ -f tests/e2e_py/requirements.txt ]; then
   fi
 fi
 
+# --- Deployment test tools (haproxy, systemd-analyze, linters in their own venv) ---------
+say "deploy test tools (haproxy, systemd-analyze, linters)"
+tests/deploy/install-tools.sh
+
 # --- Rust: unit, integration and end-to-end tests ----------------------------------------
 say "cargo test"
 cargo test --all-targets --locked

@@ -235,6 +235,16 @@ pub struct ProxyServerArgs {
     /// Log as JSON lines instead of human text.
     #[arg(long)]
     pub log_json: bool,
+    /// Generate a PKCS#11 proxy on this module instead of a software keystore (the
+    /// bench key and the health-check key are created on the token if missing).
+    #[arg(long, conflicts_with = "config")]
+    pub softhsm_module: Option<PathBuf>,
+    /// Token label for --softhsm-module.
+    #[arg(long, default_value = "xks-bench")]
+    pub softhsm_token: String,
+    /// Environment variable holding the token's user PIN, for --softhsm-module.
+    #[arg(long, default_value = "XKS_BENCH_HSM_PIN")]
+    pub softhsm_pin_env: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -254,19 +264,15 @@ pub struct FiguresArgs {
     /// Closed-loop concurrencies to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub concurrency: Vec<usize>,
-    /// Also measure a proxy with this config (a SoftHSM `kind = "pkcs11"` profile) —
-    /// its credentials/key come from --hsm-* below.
+    /// Also measure the proxy on SoftHSM: a fresh token is made with
+    /// tests/softhsm/setup.sh under --out, and a plain in-process PKCS#11 loop is
+    /// measured on the server CPU for the ratio.
     #[arg(long)]
-    pub hsm_config: Option<PathBuf>,
-    /// Prefix, key id, access key id and secret file of --hsm-config.
-    #[arg(long, default_value = "/bench")]
-    pub hsm_prefix: String,
-    #[arg(long, default_value = "bench-key-1")]
-    pub hsm_key_id: String,
-    #[arg(long, default_value = "")]
-    pub hsm_access_key_id: String,
-    #[arg(long)]
-    pub hsm_secret_file: Option<PathBuf>,
+    pub softhsm: bool,
+    /// Rounds: every scenario is measured this many times, all servers back to back in
+    /// each round; the table shows medians (latency from the merged histograms).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Also run the proxy with logging off (shows the request log's cost).
     #[arg(long)]
     pub with_log_off: bool,
@@ -310,6 +316,10 @@ pub struct SofthsmLoopArgs {
     /// the handle.
     #[arg(long)]
     pub lookup_each_call: bool,
+    /// Each operation is an encrypt and a decrypt of its output: the HSM work of one
+    /// Encrypt with a CDIV (the proxy's verify-decrypt).
+    #[arg(long)]
+    pub with_decrypt: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

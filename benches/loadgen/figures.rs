@@ -6,6 +6,10 @@
 //! every proxy figure sits next to the null server's measured minutes apart on the
 //! same machine state. These machines are noisy; the ratios are the figures.
 //!
+//! Every scenario is measured `--rounds` times, all servers back to back in each round;
+//! the table shows medians of throughput and CPU, ratios as the median of the per-round
+//! ratios, and latency percentiles from the rounds' merged histograms.
+//!
 //! Output (in `--out`): `runs.json` (every report), `figures.md` (the summary table and
 //! every run's row), `latency-1800rps.svg` and `latency-c64.svg`.
 
@@ -47,7 +51,7 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn spawn(name: &str, args: &[&str], cpus: &str) -> Result<Server> {
+    fn spawn(name: &str, args: &[&str], cpus: &str, env: &[(String, String)]) -> Result<Server> {
         let exe = std::env::current_exe().context("locating xks-bench")?;
         let mut cmd = if cpus.is_empty() {
             Command::new(&exe)
@@ -57,6 +61,7 @@ impl Server {
             c
         };
         cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .arg("--exit-on-stdin-eof")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -240,7 +245,108 @@ fn machine() -> String {
     )
 }
 
+/// A fresh SoftHSM token under `dir` (tests/softhsm/setup.sh): the environment the
+/// SoftHSM proxy and loop need, and the module path.
+struct SoftHsm {
+    env: Vec<(String, String)>,
+    module: String,
+    token: String,
+    pin: String,
+}
+
+fn softhsm_token(dir: &Path) -> Result<SoftHsm> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let (token, pin) = ("xks-bench", "1234");
+    let out = Command::new("bash")
+        .arg(repo_file("tests/softhsm/setup.sh"))
+        .arg(dir)
+        .args([token, "12345678", pin])
+        .output()
+        .context("running tests/softhsm/setup.sh")?;
+    if !out.status.success() {
+        bail!(
+            "tests/softhsm/setup.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut vars = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+            vars.insert(k.to_owned(), v.trim_matches(['\'', '"']).to_owned());
+        }
+    }
+    let conf = vars
+        .get("SOFTHSM2_CONF")
+        .context("setup.sh printed no SOFTHSM2_CONF")?;
+    let module = vars
+        .get("XKS_TEST_PKCS11_MODULE")
+        .context("setup.sh printed no module")?
+        .clone();
+    Ok(SoftHsm {
+        env: vec![
+            ("SOFTHSM2_CONF".into(), conf.clone()),
+            ("XKS_BENCH_HSM_PIN".into(), pin.into()),
+        ],
+        module,
+        token: token.into(),
+        pin: pin.into(),
+    })
+}
+
+/// Runs `xks-bench softhsm-loop` pinned like the servers; returns its ops/s.
+fn softhsm_loop(hsm: &SoftHsm, a: &FiguresArgs, with_decrypt: bool) -> Result<f64> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = if a.server_cpus.is_empty() {
+        Command::new(&exe)
+    } else {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(&a.server_cpus).arg(&exe);
+        c
+    };
+    cmd.args(["softhsm-loop", "--json", "--module", &hsm.module])
+        .args(["--token-label", &hsm.token, "--pin", &hsm.pin])
+        .args(["--key-label", crate::servers::BENCH_KEY])
+        .args(["--duration", &format!("{}", a.duration.min(10.0))])
+        .envs(hsm.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    if with_decrypt {
+        cmd.arg("--with-decrypt");
+    }
+    let out = cmd.output().context("running softhsm-loop")?;
+    if !out.status.success() {
+        bail!(
+            "softhsm-loop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["ops_per_s"]
+        .as_f64()
+        .context("softhsm-loop printed no ops_per_s")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One server's results for one scenario, over the rounds.
+struct Cell {
+    reports: Vec<Report>,
+    merged: Histogram<u64>,
+}
+
 pub fn figures(a: &FiguresArgs) -> Result<()> {
+    anyhow::ensure!((1..=20).contains(&a.rounds), "--rounds must be 1..=20");
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let dummy_secret = a.out.join("null-server.secret");
     std::fs::write(
@@ -249,35 +355,38 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
     )?;
 
     let machine = machine();
-    eprintln!("machine: {machine}");
+    let load_start = report::load_average();
+    eprintln!("machine: {machine}; load average {load_start:.2}");
     let mut servers = vec![
-        Server::spawn("null", &["null-server"], &a.server_cpus)?,
-        Server::spawn("proxy (software)", &["proxy-server"], &a.server_cpus)?,
+        Server::spawn("null", &["null-server"], &a.server_cpus, &[])?,
+        Server::spawn("proxy (software)", &["proxy-server"], &a.server_cpus, &[])?,
     ];
     if a.with_log_off {
         servers.push(Server::spawn(
             "proxy (software, log off)",
             &["proxy-server", "--log-level", "off"],
             &a.server_cpus,
+            &[],
         )?);
     }
-    if let Some(cfg) = &a.hsm_config {
-        let cfg = cfg.to_str().context("--hsm-config path is not UTF-8")?;
-        let mut s = Server::spawn(
+    let hsm = if a.softhsm {
+        let hsm = softhsm_token(&a.out.join("softhsm"))?;
+        servers.push(Server::spawn(
             "proxy (SoftHSM)",
-            &["proxy-server", "--config", cfg],
+            &[
+                "proxy-server",
+                "--softhsm-module",
+                &hsm.module,
+                "--softhsm-token",
+                &hsm.token,
+            ],
             &a.server_cpus,
-        )?;
-        s.prefix.clone_from(&a.hsm_prefix);
-        s.key_id.clone_from(&a.hsm_key_id);
-        if !a.hsm_access_key_id.is_empty() {
-            s.access_key_id.clone_from(&a.hsm_access_key_id);
-        }
-        if let Some(f) = &a.hsm_secret_file {
-            s.secret_file = Some(f.clone());
-        }
-        servers.push(s);
-    }
+            &hsm.env,
+        )?);
+        Some(hsm)
+    } else {
+        None
+    };
     for s in &servers {
         eprintln!(
             "{} at {} (pid {}), idle RSS {} KiB",
@@ -291,47 +400,80 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
         targets.push(rt.block_on(s.target(&dummy_secret))?);
     }
 
-    // results[scenario][server] = (report, histogram)
-    let mut results: Vec<(Scenario, Vec<(Report, Histogram<u64>)>)> = Vec::new();
-    for sc in scenarios(a) {
-        let mut row = Vec::new();
-        for (server, target) in servers.iter().zip(&targets) {
-            let verify = if server.name == "null" {
-                Verify::Status
-            } else {
-                Verify::Full
-            };
-            let load = load_args(&sc, a, verify);
-            let plan = Plan::from_args(&load, true, Some(server.pid))?;
-            let label = format!("{} — {}", server.name, sc.key);
-            eprintln!("running: {label}");
-            let (rep, hist) =
-                rt.block_on(crate::execute(Arc::clone(target), &load, plan, &label))?;
-            eprint!("{}", report::markdown_row(&rep));
-            row.push((rep, hist));
-        }
-        results.push((sc, row));
-    }
-
-    // Files: every report, the tables, the plots.
-    let all: Vec<&Report> = results
+    let scenarios = scenarios(a);
+    // cells[scenario][server]
+    let mut cells: Vec<Vec<Cell>> = scenarios
         .iter()
-        .flat_map(|(_, r)| r.iter().map(|x| &x.0))
+        .map(|_| {
+            servers
+                .iter()
+                .map(|_| Cell {
+                    reports: Vec::new(),
+                    merged: crate::runner::new_histogram(),
+                })
+                .collect()
+        })
+        .collect();
+    for round in 0..a.rounds {
+        for (sc, row) in scenarios.iter().zip(cells.iter_mut()) {
+            for ((server, target), cell) in servers.iter().zip(&targets).zip(row.iter_mut()) {
+                let verify = if server.name == "null" {
+                    Verify::Status
+                } else {
+                    Verify::Full
+                };
+                let load = load_args(sc, a, verify);
+                let plan = Plan::from_args(&load, true, Some(server.pid))?;
+                let label = format!("{} — {}", server.name, sc.key);
+                eprintln!("round {}/{}: {label}", round + 1, a.rounds);
+                let (rep, hist) =
+                    rt.block_on(crate::execute(Arc::clone(target), &load, plan, &label))?;
+                eprint!("{}", report::markdown_row(&rep));
+                let _ = cell.merged.add(&hist);
+                cell.reports.push(rep);
+            }
+        }
+    }
+    drop(targets);
+
+    // The plain SoftHSM loops run alone, after the load, on the server CPU.
+    let loops = match &hsm {
+        Some(h) => Some((softhsm_loop(h, a, false)?, softhsm_loop(h, a, true)?)),
+        None => None,
+    };
+    let load_end = report::load_average();
+
+    let all: Vec<&Report> = cells
+        .iter()
+        .flatten()
+        .flat_map(|c| c.reports.iter())
         .collect();
     std::fs::write(
         a.out.join("runs.json"),
         serde_json::to_string_pretty(&serde_json::json!({
             "machine": machine,
+            "load_average_1m": {"start": load_start, "end": load_end},
             "servers": servers.iter().map(|s| serde_json::json!({
                 "name": s.name, "idle_rss_kib": s.idle_rss_kib,
             })).collect::<Vec<_>>(),
+            "softhsm_loop_ops_per_s": loops.map(|(e, ed)| serde_json::json!({
+                "encrypt": e, "encrypt_and_decrypt": ed,
+            })),
             "runs": all,
         }))?,
     )?;
-    let md = summary(a, &machine, &servers, &results);
+    let md = summary(
+        a,
+        &machine,
+        (load_start, load_end),
+        &servers,
+        &scenarios,
+        &cells,
+        loops,
+    );
     std::fs::write(a.out.join("figures.md"), &md)?;
     println!("{md}");
-    for (sc, row) in &results {
+    for (sc, row) in scenarios.iter().zip(&cells) {
         let file = if sc.rate.is_some() {
             "latency-1800rps.svg"
         } else if sc.key == "Encrypt c=64" {
@@ -342,7 +484,7 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
         let series: Vec<(String, &Histogram<u64>)> = servers
             .iter()
             .zip(row)
-            .map(|(s, (_, h))| (s.name.clone(), h))
+            .map(|(s, c)| (s.name.clone(), &c.merged))
             .collect();
         crate::plot::latency_svg(&a.out.join(file), &sc.key, &series)?;
     }
@@ -354,14 +496,17 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
 fn summary(
     a: &FiguresArgs,
     machine: &str,
+    load: (f64, f64),
     servers: &[Server],
-    results: &[(Scenario, Vec<(Report, Histogram<u64>)>)],
+    scenarios: &[Scenario],
+    cells: &[Vec<Cell>],
+    loops: Option<(f64, f64)>,
 ) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Machine: {machine}. Runs of {:.0} s after {:.0} s warm-up; servers pinned to CPU(s) `{}`.\n",
-        a.duration, a.warmup, a.server_cpus
+        "Machine: {machine}. {} round(s) of {:.0} s runs after {:.0} s warm-up; servers pinned to CPU(s) `{}`; load average {:.1} at start, {:.1} at end.\n",
+        a.rounds, a.duration, a.warmup, a.server_cpus, load.0, load.1
     );
     let _ = write!(md, "| figure |");
     for s in servers {
@@ -378,89 +523,119 @@ fn summary(
     md.push('\n');
 
     let cpu = |r: &Report| r.server.as_ref().map_or(f64::NAN, |s| s.cpu_us_per_request);
-    for (sc, row) in results {
-        let Some((null, _)) = row.first() else {
-            continue;
-        };
+    for (sc, row) in scenarios.iter().zip(cells) {
+        let Some(null) = row.first() else { continue };
         if sc.rate.is_some() {
-            let lat =
-                |r: &Report, f: fn(&report::Latency) -> f64| r.latency.as_ref().map_or(f64::NAN, f);
+            let pct = |c: &Cell, q: f64| c.merged.value_at_quantile(q) as f64 / 1000.0;
             let _ = write!(md, "| {} p50 / p99 / p99.9 ms (server µs/req) |", sc.key);
-            for (r, _) in row {
+            for c in row {
                 let _ = write!(
                     md,
                     " {:.2} / {:.2} / {:.2} ({:.0}){} |",
-                    lat(r, |l| l.p50_ms),
-                    lat(r, |l| l.p99_ms),
-                    lat(r, |l| l.p99_9_ms),
-                    cpu(r),
-                    errors_note(r)
+                    pct(c, 0.5),
+                    pct(c, 0.99),
+                    pct(c, 0.999),
+                    median(c.reports.iter().map(cpu).collect()),
+                    errors_note(&c.reports)
                 );
             }
-            for (r, _) in row.iter().skip(1) {
-                let _ = write!(
-                    md,
-                    " p99 {:.1}× |",
-                    lat(r, |l| l.p99_ms) / lat(null, |l| l.p99_ms)
-                );
+            for c in row.iter().skip(1) {
+                let _ = write!(md, " p99 {:.1}× |", pct(c, 0.99) / pct(null, 0.99));
             }
         } else {
             let _ = write!(md, "| {} rps (server µs CPU/req) |", sc.key);
-            for (r, _) in row {
+            for c in row {
                 let _ = write!(
                     md,
                     " {:.0} ({:.1}){} |",
-                    r.throughput_rps,
-                    cpu(r),
-                    errors_note(r)
+                    median(c.reports.iter().map(|r| r.throughput_rps).collect()),
+                    median(c.reports.iter().map(cpu).collect()),
+                    errors_note(&c.reports)
                 );
             }
-            for (r, _) in row.iter().skip(1) {
-                let _ = write!(
-                    md,
-                    " {:.2} (CPU {:.2}) |",
-                    r.throughput_rps / null.throughput_rps,
-                    cpu(null) / cpu(r)
+            for c in row.iter().skip(1) {
+                let rps = median(
+                    c.reports
+                        .iter()
+                        .zip(&null.reports)
+                        .map(|(p, n)| p.throughput_rps / n.throughput_rps)
+                        .collect(),
                 );
+                let cpu_ratio = median(
+                    c.reports
+                        .iter()
+                        .zip(&null.reports)
+                        .map(|(p, n)| cpu(n) / cpu(p))
+                        .collect(),
+                );
+                let _ = write!(md, " {rps:.2} (CPU {cpu_ratio:.2}) |");
             }
         }
         md.push('\n');
     }
     // RSS: idle (before any load) and the most seen under load across the suite.
     let _ = write!(md, "| RSS idle / max under load (MiB) |");
-    let mut peaks = BTreeMap::new();
-    for (_, row) in results {
-        for (i, (r, _)) in row.iter().enumerate() {
-            let v = r.server.as_ref().map_or(0, |s| s.rss_max_kib);
-            let e = peaks.entry(i).or_insert(0u64);
-            *e = (*e).max(v);
-        }
-    }
     for (i, s) in servers.iter().enumerate() {
+        let peak = cells
+            .iter()
+            .flat_map(|row| row[i].reports.iter())
+            .map(|r| r.server.as_ref().map_or(0, |s| s.rss_max_kib))
+            .max()
+            .unwrap_or(0);
         let _ = write!(
             md,
             " {:.1} / {:.1} |",
             s.idle_rss_kib as f64 / 1024.0,
-            peaks.get(&i).copied().unwrap_or(0) as f64 / 1024.0
+            peak as f64 / 1024.0
         );
     }
     for _ in servers.iter().skip(1) {
         md.push_str(" |");
     }
-    md.push_str("\n\nEvery run:\n\n");
+    md.push('\n');
+    if let Some((enc, enc_dec)) = loops {
+        let hsm = servers.iter().position(|s| s.name.contains("SoftHSM"));
+        let best = hsm
+            .and_then(|i| {
+                scenarios
+                    .iter()
+                    .zip(cells)
+                    .filter(|(sc, _)| {
+                        sc.op == OpArg::Encrypt
+                            && sc.rate.is_none()
+                            && !sc.new_connection
+                            && sc.http2_connections.is_none()
+                    })
+                    .map(|(_, row)| {
+                        median(row[i].reports.iter().map(|r| r.throughput_rps).collect())
+                    })
+                    .max_by(f64::total_cmp)
+            })
+            .unwrap_or(f64::NAN);
+        let _ = writeln!(
+            md,
+            "\nPlain SoftHSM loop in-process on the server CPU (1 thread, cached key handle, 32 B): {enc:.0} encrypts/s; {enc_dec:.0} encrypt+decrypt/s (the HSM work of one Encrypt with CDIV, which verify-decrypts). Best proxy (SoftHSM) Encrypt rate above: {best:.0}/s = {:.2}× the encrypt+decrypt loop ({:.2}× the encrypt-only loop).",
+            best / enc_dec,
+            best / enc
+        );
+    }
+    md.push_str("\nEvery run:\n\n");
     md.push_str(&report::markdown_header());
-    for (_, row) in results {
-        for (r, _) in row {
-            md.push_str(&report::markdown_row(r));
+    for row in cells {
+        for c in row {
+            for r in &c.reports {
+                md.push_str(&report::markdown_row(r));
+            }
         }
     }
     md
 }
 
-fn errors_note(r: &Report) -> String {
-    if r.errors == 0 {
+fn errors_note(reports: &[Report]) -> String {
+    let n: u64 = reports.iter().map(|r| r.errors).sum();
+    if n == 0 {
         String::new()
     } else {
-        format!(" ⚠ {} errors", r.errors)
+        format!(" ⚠ {n} errors")
     }
 }

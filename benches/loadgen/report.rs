@@ -90,6 +90,9 @@ pub struct Report {
     pub client_cpu_us_per_request: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerSide>,
+    /// The machine's 1-minute load average when the run ended: on a shared machine,
+    /// what else was competing for the cores.
+    pub load_average_1m: f64,
 }
 
 impl Report {
@@ -119,8 +122,17 @@ impl Report {
                 rss_max_kib: s.rss_max_kib,
                 rss_hwm_kib: s.rss_hwm_kib,
             }),
+            load_average_1m: load_average(),
         }
     }
+}
+
+/// The 1-minute load average from /proc/loadavg (0 if unreadable).
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 /// The header of [`markdown_row`]'s table.

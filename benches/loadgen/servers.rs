@@ -222,21 +222,51 @@ impl Drop for TempDir {
 /// The key the generated keystore holds.
 pub const BENCH_KEY: &str = "bench-key-1";
 
-/// A proxy config with a fresh software keystore, written into `dir`: master key,
-/// keystore holding [`BENCH_KEY`], one SigV4 credential (its secret in `dir/secret`),
-/// TLS from the given files. Returns the config and the access key id.
-pub fn software_proxy_config(
+/// Which key manager a generated bench proxy uses.
+#[derive(Debug, Clone)]
+pub enum BenchBackend {
+    /// A fresh software keystore in the temp dir.
+    Software,
+    /// A PKCS#11 token (SoftHSM in the figures): module, token label, and the
+    /// environment variable holding the user PIN.
+    Pkcs11 {
+        module: PathBuf,
+        token_label: String,
+        pin_env: String,
+    },
+}
+
+/// A proxy config written into `dir` with one SigV4 credential (secret in
+/// `dir/secret`), the given TLS files and backend; for the software keystore also the
+/// master key and a keystore holding [`BENCH_KEY`]. Returns the config and the access
+/// key id.
+pub fn bench_proxy_config(
     dir: &Path,
     listen: std::net::SocketAddr,
     prefix: &str,
     tls: &TlsConfig,
+    backend: &BenchBackend,
 ) -> Result<(Config, String)> {
-    use xks_proxy::backend::software::{Keystore, MasterKey};
-    let master = MasterKey::generate();
-    write_private(&dir.join("master.key"), master.to_base64().expose())?;
-    let mut ks = Keystore::create(&dir.join("keystore.json"), &master)?;
-    ks.create_key(BENCH_KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt])?;
-    ks.save()?;
+    let backend_toml = match backend {
+        BenchBackend::Software => {
+            use xks_proxy::backend::software::{Keystore, MasterKey};
+            let master = MasterKey::generate();
+            write_private(&dir.join("master.key"), master.to_base64().expose())?;
+            let mut ks = Keystore::create(&dir.join("keystore.json"), &master)?;
+            ks.create_key(BENCH_KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt])?;
+            ks.save()?;
+            "kind = \"software\"\nkeystore = \"keystore.json\"\nmaster_key_file = \"master.key\"\n"
+                .to_owned()
+        }
+        BenchBackend::Pkcs11 {
+            module,
+            token_label,
+            pin_env,
+        } => format!(
+            "kind = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{token_label}\"\nuser_pin_env = \"{pin_env}\"\n",
+            module.display()
+        ),
+    };
     let (akid, secret) = xks_proxy::config::generate_credential();
     write_private(&dir.join("secret"), secret.expose())?;
     let TlsConfig::Files {
@@ -255,10 +285,7 @@ certificate = "{cert}"
 private_key = "{key}"
 
 [backend]
-kind = "software"
-keystore = "keystore.json"
-master_key_file = "master.key"
-
+{backend_toml}
 [[keystores]]
 path_prefix = "{prefix}"
 [[keystores.credentials]]
@@ -272,6 +299,26 @@ secret_file = "secret"
     let config =
         Config::from_toml(&text, dir).map_err(|e| anyhow::anyhow!("generated config: {e}"))?;
     Ok((config, akid))
+}
+
+/// Opens the configured backend; for a generated PKCS#11 proxy, first creates the
+/// bench key and the health-check key on the token if they are missing.
+fn open_backend(
+    config: &Config,
+    generated: bool,
+) -> Result<std::sync::Arc<dyn xks_proxy::backend::CryptoBackend>> {
+    #[cfg(feature = "pkcs11")]
+    if let (xks_proxy::config::BackendConfig::Pkcs11(settings), true) = (&config.backend, generated)
+    {
+        let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(settings)?;
+        if !backend.list_keys()?.iter().any(|k| k.id == BENCH_KEY) {
+            backend.create_key(BENCH_KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt])?;
+        }
+        backend.create_health_check_key()?;
+        return Ok(std::sync::Arc::new(backend));
+    }
+    let _ = generated;
+    xks_proxy::backend::open(&config.backend).context("opening the backend")
 }
 
 fn write_private(path: &Path, content: &str) -> Result<()> {
@@ -295,11 +342,20 @@ pub fn proxy_server(args: &ProxyServerArgs) -> Result<()> {
     let mut config = match &args.config {
         Some(path) => Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
         None => {
-            software_proxy_config(
+            let backend = match &args.softhsm_module {
+                None => BenchBackend::Software,
+                Some(module) => BenchBackend::Pkcs11 {
+                    module: module.clone(),
+                    token_label: args.softhsm_token.clone(),
+                    pin_env: args.softhsm_pin_env.clone(),
+                },
+            };
+            bench_proxy_config(
                 &dir,
                 args.serve.listen,
                 &args.prefix,
                 &tls_files(&args.serve),
+                &backend,
             )?
             .0
         }
@@ -315,7 +371,7 @@ pub fn proxy_server(args: &ProxyServerArgs) -> Result<()> {
 
     let rt = runtime()?;
     rt.block_on(async {
-        let backend = xks_proxy::backend::open(&config.backend).context("opening the backend")?;
+        let backend = open_backend(&config, args.config.is_none())?;
         let running = xks_proxy::server::start(&config, backend).await?;
         let first = config.keystores.first();
         let cred = first.and_then(|k| k.credentials.first());

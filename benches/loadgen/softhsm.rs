@@ -111,6 +111,13 @@ pub fn softhsm_loop(args: &SofthsmLoopArgs) -> Result<()> {
                         let out = session
                             .encrypt(&Mechanism::AesGcm(params), key, &plaintext)
                             .context("C_Encrypt")?;
+                        if args.with_decrypt {
+                            let params = GcmParams::new(&mut iv, &aad, 128.into())?;
+                            let back = session
+                                .decrypt(&Mechanism::AesGcm(params), key, &out)
+                                .context("C_Decrypt")?;
+                            anyhow::ensure!(back == plaintext, "decrypt returned other bytes");
+                        }
                         std::hint::black_box(out);
                         ops += 1;
                     }
@@ -135,12 +142,18 @@ pub fn softhsm_loop(args: &SofthsmLoopArgs) -> Result<()> {
             serde_json::json!({
                 "ops": ops, "seconds": secs, "ops_per_s": rate, "us_per_op": 1e6 / rate * args.threads as f64,
                 "threads": args.threads, "lookup_each_call": args.lookup_each_call,
+                "with_decrypt": args.with_decrypt,
                 "plaintext_bytes": args.plaintext_bytes,
             })
         );
     } else {
         println!(
-            "PKCS#11 AES-GCM encrypt ({} B, {} thread(s), {}): {ops} ops in {secs:.2} s = {rate:.0} ops/s",
+            "PKCS#11 AES-GCM {} ({} B, {} thread(s), {}): {ops} ops in {secs:.2} s = {rate:.0} ops/s",
+            if args.with_decrypt {
+                "encrypt+decrypt"
+            } else {
+                "encrypt"
+            },
             args.plaintext_bytes,
             args.threads,
             if args.lookup_each_call {

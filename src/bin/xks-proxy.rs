@@ -582,6 +582,12 @@ fn create_key(cfg: &Config, label: &str, usages: &[KeyUsage]) -> Result<()> {
         BackendConfig::Pkcs11(settings) => {
             let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(settings)?;
             backend.create_key(label, usages)?;
+            // The deep health check needs its own key on every token; make it with the
+            // first customer key so an operator never has to know about it.
+            let made = backend.create_health_check_key()?;
+            if made > 0 {
+                eprintln!("created the health-check key on {made} token(s)");
+            }
             Ok(())
         }
     }

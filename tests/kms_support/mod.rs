@@ -91,10 +91,7 @@ impl Emu {
             emulator,
             stop: Some(tx),
             task: Some(task),
-            client: reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("client"),
+            client: http_client(),
         }
     }
 
@@ -226,6 +223,14 @@ impl Drop for Emu {
     }
 }
 
+/// A plain HTTP client that never goes through an HTTP(S)_PROXY from the environment.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
 pub fn b64(data: &[u8]) -> String {
     STANDARD.encode(data)
 }
@@ -309,6 +314,15 @@ pub struct Responder {
 
 impl Responder {
     pub async fn start(prefix: &str) -> Self {
+        Self::start_with_tls(prefix, server_tls()).await
+    }
+
+    /// A responder that requires a client certificate issued by the dev CA (mTLS).
+    pub async fn start_mtls(prefix: &str) -> Self {
+        Self::start_with_tls(prefix, server_tls_mtls()).await
+    }
+
+    async fn start_with_tls(prefix: &str, tls: Arc<rustls::ServerConfig>) -> Self {
         let state = Arc::new(Mutex::new(ResponderState {
             mode: Mode::Good,
             health_statuses: vec!["ACTIVE"],
@@ -320,7 +334,6 @@ impl Responder {
         }));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let tls = server_tls();
         let st = state.clone();
         tokio::spawn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -358,6 +371,34 @@ impl Responder {
     pub fn clear_seen(&self) {
         self.state.lock().expect("lock").seen.clear();
     }
+}
+
+/// Like [`server_tls`], but every client must present a certificate from the dev CA.
+pub fn server_tls_mtls() -> Arc<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(repo().join("certs/ca.pem")).expect("ca") {
+        roots.add(c.expect("ca cert")).expect("add");
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("verifier");
+    let chain = CertificateDer::pem_file_iter(repo().join("certs/server-ecdsa.pem"))
+        .expect("cert")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("cert");
+    let key = PrivateKeyDer::from_pem_file(repo().join("certs/server-ecdsa.key")).expect("key");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server config");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
 }
 
 pub fn server_tls() -> Arc<rustls::ServerConfig> {

@@ -1,6 +1,6 @@
-//! The PKCS#11 (HSM) backend: [`Pkcs11Backend`] implements
-//! [`CryptoBackend`](crate::backend::CryptoBackend) over any PKCS#11 module through
-//! `cryptoki` (a safe wrapper: this crate stays `forbid(unsafe_code)`).
+//! The PKCS#11 (HSM) backend: [`Pkcs11Backend`] implements [`CryptoBackend`] over any
+//! PKCS#11 module through `cryptoki` (a safe wrapper: this crate stays
+//! `forbid(unsafe_code)`).
 //!
 //! What lives where:
 //! - `settings.rs`: the `[backend]` keys ([`Pkcs11Settings`]), defaults, validation, PIN

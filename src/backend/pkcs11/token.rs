@@ -517,7 +517,7 @@ impl Token {
         mut f: impl FnMut(&OpCtx<'_>, &CachedKey) -> Result<T, Fault>,
     ) -> Result<T, Fault> {
         let guard = self.enter()?;
-        let mut lease = self.checkout(&guard, deadline)?;
+        let mut lease = self.checkout_or_mark(&guard, deadline)?;
         let mut stale_retry = true;
         let mut session_retry = true;
         loop {
@@ -545,15 +545,21 @@ impl Token {
                     self.evict(key_id);
                 }
                 Err(Fault::StaleHandle) => {
+                    // Stale again right after a fresh lookup: the key vanished between
+                    // search and use, or the token did.
                     self.evict(key_id);
-                    self.confirm_alive(&guard)?;
+                    if let Err(lost) = self.confirm_alive(&guard) {
+                        lease.discard();
+                        self.mark_down(&lost.clone().code());
+                        return Err(lost);
+                    }
                     return Err(Fault::Final(BackendError::KeyNotFound));
                 }
                 Err(Fault::SessionLost(code)) if session_retry => {
                     session_retry = false;
                     tracing::debug!(token = %self.selector, %code, "PKCS#11 session lost; retrying on a fresh one");
                     lease.discard();
-                    lease = self.checkout(&guard, deadline)?;
+                    lease = self.checkout_or_mark(&guard, deadline)?;
                 }
                 Err(Fault::TokenLost(code)) if code == ckr_name(RvError::GeneralError) => {
                     // CKR_GENERAL_ERROR is what SoftHSM answers once its token is gone,
@@ -590,6 +596,20 @@ impl Token {
             return Err(Fault::TokenLost(self.down_code()));
         }
         Ok(guard)
+    }
+
+    /// [`Token::checkout`], marking the token down when no session can be opened on it
+    /// (so the next requests fail over at once instead of trying again).
+    fn checkout_or_mark<'g>(
+        &'g self,
+        guard: &'g ModuleGuard<'g>,
+        deadline: Instant,
+    ) -> Result<Lease<'g>, Fault> {
+        self.checkout(guard, deadline).inspect_err(|f| {
+            if let Fault::TokenLost(code) = f {
+                self.mark_down(code);
+            }
+        })
     }
 
     /// Takes an idle session, waiting until `deadline` (then `Busy`).
