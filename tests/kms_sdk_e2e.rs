@@ -1,5 +1,5 @@
 //! End to end with the real binaries and the real Rust SDK: `xks-proxy` (software
-//! keystore; SoftHSM with `KMS_E2E_SOFTHSM=1`) and `kms-emulator` on loopback, driven
+//! keystore; SoftHSM from tests/softhsm/setup.sh's variables) and `kms-emulator` on loopback, driven
 //! by `aws-sdk-kms` through the whole external-key-store lifecycle, plus the failure
 //! paths asserted by exception name and ConnectionErrorCode.
 
@@ -398,11 +398,12 @@ async fn sdk_lifecycle_against_the_software_keystore() {
 }
 
 #[tokio::test]
-async fn sdk_lifecycle_against_softhsm_when_enabled() {
-    match Backend::softhsm_from_env() {
-        Some(b) => lifecycle(b).await,
-        None => eprintln!("skipped: set KMS_E2E_SOFTHSM=1 with tests/softhsm/setup.sh's variables"),
-    }
+async fn sdk_lifecycle_against_softhsm() {
+    // The same flow with the proxy on a real SoftHSMv2 token.
+    let backend = Backend::softhsm_from_env().expect(
+        "the SoftHSM token variables are not set: run eval \"$(tests/softhsm/setup.sh \"$PWD/target/softhsm\")\" first (tests/run-all.sh does)",
+    );
+    lifecycle(backend).await;
 }
 
 #[tokio::test]

@@ -133,12 +133,9 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The SoftHSM profile, when the environment names a token and the run asks for
-    /// it with `KMS_E2E_SOFTHSM=1`.
+    /// The SoftHSM profile from the variables tests/softhsm/setup.sh exports (the
+    /// runner always does; `None` means it was not run).
     pub fn softhsm_from_env() -> Option<Backend> {
-        if std::env::var("KMS_E2E_SOFTHSM").ok().as_deref() != Some("1") {
-            return None;
-        }
         Some(Backend::SoftHsm {
             module: std::env::var("XKS_TEST_PKCS11_MODULE").ok()?,
             token_label: std::env::var("XKS_TEST_SOFTHSM_TOKEN_LABEL").ok()?,
