@@ -13,9 +13,12 @@
 //! | [`server`] | listeners, TLS ([`server::tls`]), HTTP/1.1+2, timeouts, graceful drain |
 //! | [`api`] | the XKS API: routing, the one error→wire mapping, AAD/CDIV, handlers, health |
 //! | [`sigv4`] | our SigV4 verifier (the product) and a KMS-like signer (aws-sigv4) |
-//! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary), software keystore, PKCS#11 |
+//! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary), [`backend::software`] keystore, `backend::pkcs11` (HSMs through cryptoki: session pool, handle cache, recovery, failover) |
+//! | [`policy`] | optional secondary authorization (Cedar) over `requestMetadata`; health exempt |
 //! | [`secret`] | zeroizing, `Debug`-redacted secret types |
-//! | [`telemetry`] | tracing setup (human or JSON) |
+//! | [`telemetry`] | tracing setup (human or JSON), the Prometheus registry |
+//! | [`doctor`] | `xks-proxy doctor`: an end-to-end check of a config |
+//! | [`kms`] | the KMS emulator: KMS's JSON API, custom key stores, XKS keys, and [`kms::xks_client`] which calls the proxy exactly as KMS does |
 //!
 //! # One Encrypt request
 //!
@@ -26,8 +29,12 @@
 //! CDIV, verify-decrypt) → 200 JSON, and one log line with kmsRequestId, operation,
 //! principal, prefix, key, outcome and elapsed time.
 //!
-//! Dependency directions: `server` → `api` → (`sigv4`, `backend` via `Handle`);
-//! `backend` knows nothing of HTTP, Base64 or the spec's AAD layout.
+//! Dependency directions: `server` → `api` → (`sigv4`, `policy`, `backend` via `Handle`);
+//! `backend` knows nothing of HTTP, Base64 or the spec's AAD layout; `kms` uses only
+//! `sigv4` (signing) and `api::wire`, reaching keys through the proxy's HTTP API like KMS.
+//!
+//! Binaries: `xks-proxy` (`src/bin/xks-proxy.rs`), `kms-emulator`
+//! (`src/bin/kms-emulator.rs`), and the load generator `xks-bench` (`benches/loadgen/`).
 //!
 //! Start reading at `src/bin/xks-proxy.rs`, then [`server::start`] and [`api::Api::serve`].
 #![forbid(unsafe_code)]
