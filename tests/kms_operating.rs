@@ -72,7 +72,10 @@ async fn kms_with_its_client_certificate_connects_and_policy_denials_are_kms_err
 
     // Allowed by the policy: Encrypt/Decrypt round trip through the proxy.
     let enc = e
-        .ok("Encrypt", json!({"KeyId": arn, "Plaintext": b64(b"through mTLS")}))
+        .ok(
+            "Encrypt",
+            json!({"KeyId": arn, "Plaintext": b64(b"through mTLS")}),
+        )
         .await;
     let dec = e
         .ok("Decrypt", json!({"CiphertextBlob": enc["CiphertextBlob"]}))
@@ -81,9 +84,16 @@ async fn kms_with_its_client_certificate_connects_and_policy_denials_are_kms_err
 
     // Denied by a forbid on kmsOperation: the caller sees KMSInvalidStateException.
     let (ty, msg, status) = e
-        .err("GenerateDataKey", json!({"KeyId": arn, "KeySpec": "AES_256"}))
+        .err(
+            "GenerateDataKey",
+            json!({"KeyId": arn, "KeySpec": "AES_256"}),
+        )
         .await;
-    assert_eq!((ty.as_str(), status), ("KMSInvalidStateException", 409), "{msg}");
+    assert_eq!(
+        (ty.as_str(), status),
+        ("KMSInvalidStateException", 409),
+        "{msg}"
+    );
     // Denied at CreateKey (GetKeyMetadata): CustomKeyStoreInvalidStateException.
     let (ty, msg, _) = e
         .err(
