@@ -33,6 +33,7 @@
 //! `XKS_PKCS11_FAULT_CHILD=<dir>`, selecting `token_loss_and_recovery` itself, which in
 //! the child runs the fault scenario; the child owns its token directory and moves it
 //! around. The parent asserts the child passed.
+#![cfg(feature = "pkcs11")]
 
 mod conformance;
 

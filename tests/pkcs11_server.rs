@@ -3,6 +3,7 @@
 //! with `/ping` answered from the health cache while the HSM is saturated.
 //!
 //! Runner contract (tests/run-all.sh): `SOFTHSM2_CONF` exported by tests/softhsm/setup.sh.
+#![cfg(feature = "pkcs11")]
 
 mod common;
 

@@ -125,8 +125,9 @@ pub struct LoadArgs {
     /// requests in flight at once.
     #[arg(long, short = 'c', default_value_t = 8)]
     pub concurrency: usize,
-    /// Open loop: a fixed arrival rate (requests/s). Latency is measured from each
-    /// request's intended send time, so a stall is charged to every request it delays.
+    /// Open loop: a fixed arrival rate (requests/s). A request delayed because every
+    /// worker was still waiting for earlier responses is timed from its intended send
+    /// time, so a stall is charged to every request it delays (no coordinated omission).
     #[arg(long)]
     pub rate: Option<f64>,
     /// Measured duration, seconds.
@@ -270,7 +271,7 @@ pub struct FiguresArgs {
     #[arg(long)]
     pub softhsm: bool,
     /// Rounds: every scenario is measured this many times, all servers back to back in
-    /// each round; the table shows medians (latency from the merged histograms).
+    /// each round; the table shows medians over the rounds.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// Also run the proxy with logging off (shows the request log's cost).

@@ -7,8 +7,8 @@
 //! same machine state. These machines are noisy; the ratios are the figures.
 //!
 //! Every scenario is measured `--rounds` times, all servers back to back in each round;
-//! the table shows medians of throughput and CPU, ratios as the median of the per-round
-//! ratios, and latency percentiles from the rounds' merged histograms.
+//! the table shows medians of throughput, CPU and open-loop percentiles, and ratios as
+//! the median of the per-round ratios; the plots use the rounds' merged histograms.
 //!
 //! Output (in `--out`): `runs.json` (every report), `figures.md` (the summary table and
 //! every run's row), `latency-1800rps.svg` and `latency-c64.svg`.
@@ -526,21 +526,35 @@ fn summary(
     for (sc, row) in scenarios.iter().zip(cells) {
         let Some(null) = row.first() else { continue };
         if sc.rate.is_some() {
-            let pct = |c: &Cell, q: f64| c.merged.value_at_quantile(q) as f64 / 1000.0;
+            // Median over the rounds of each round's percentile: one round that collides
+            // with another session's build must not decide the figure (the plot shows
+            // the merged histograms, tail included).
+            let pct = |c: &Cell, f: fn(&report::Latency) -> f64| {
+                median(
+                    c.reports
+                        .iter()
+                        .filter_map(|r| r.latency.as_ref().map(f))
+                        .collect(),
+                )
+            };
             let _ = write!(md, "| {} p50 / p99 / p99.9 ms (server µs/req) |", sc.key);
             for c in row {
                 let _ = write!(
                     md,
                     " {:.2} / {:.2} / {:.2} ({:.0}){} |",
-                    pct(c, 0.5),
-                    pct(c, 0.99),
-                    pct(c, 0.999),
+                    pct(c, |l| l.p50_ms),
+                    pct(c, |l| l.p99_ms),
+                    pct(c, |l| l.p99_9_ms),
                     median(c.reports.iter().map(cpu).collect()),
                     errors_note(&c.reports)
                 );
             }
             for c in row.iter().skip(1) {
-                let _ = write!(md, " p99 {:.1}× |", pct(c, 0.99) / pct(null, 0.99));
+                let _ = write!(
+                    md,
+                    " p99 {:.1}× |",
+                    pct(c, |l| l.p99_ms) / pct(null, |l| l.p99_ms)
+                );
             }
         } else {
             let _ = write!(md, "| {} rps (server µs CPU/req) |", sc.key);

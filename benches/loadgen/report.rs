@@ -81,7 +81,8 @@ pub struct Report {
     pub unsent: u64,
     /// Successful requests per second over the measured window.
     pub throughput_rps: f64,
-    /// Successes only; open loop: from the intended send time.
+    /// Successes only; open loop: from the intended send time when the generator was
+    /// held up by earlier responses (no coordinated omission).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency: Option<Latency>,
     /// Open loop: from the actual send time (what the server and network took).

@@ -33,7 +33,8 @@ pub fn new_histogram() -> Histogram<u64> {
 /// Everything one worker counted.
 #[derive(Debug, Clone)]
 pub struct Stats {
-    /// Latency of successful requests, µs (open loop: from the intended send time).
+    /// Latency of successful requests, µs (open loop: from the intended send time
+    /// whenever the worker was late for it).
     pub latency: Histogram<u64>,
     /// Open loop only: from the actual send (what the server and network took).
     pub service: Histogram<u64>,
@@ -379,15 +380,22 @@ async fn open_worker(shared: &Shared, mut conn: Option<Conn>, mut rng: Rng, rate
             }
             continue;
         }
+        // A worker that reaches its slot early was not held up by the server, so the
+        // clock starts when it actually sends: tokio's timer fires up to ~1 ms late,
+        // and that lateness is the generator's, not the server's. A worker that reaches
+        // its slot late was held up by earlier responses, so the clock starts at the
+        // intended time: that wait is exactly what coordinated omission would hide.
+        let on_time = Instant::now() <= intended;
         tokio::time::sleep_until(intended).await;
         let mut sent = Instant::now();
         let result = one_request(shared, &mut conn, &mut rng, &mut sent).await;
         let done = Instant::now();
         shared.note_done(done, result.is_ok());
+        let start = if on_time { sent } else { intended };
         if measured {
             match result {
                 Ok(()) => {
-                    let _ = stats.latency.record(micros(done - intended));
+                    let _ = stats.latency.record(micros(done - start));
                     let _ = stats.service.record(micros(done - sent));
                     stats.ok += 1;
                 }
