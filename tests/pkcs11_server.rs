@@ -43,7 +43,7 @@ fn tokens() -> &'static std::sync::Mutex<Vec<String>> {
             std::env::var_os("SOFTHSM2_CONF").is_some(),
             "SOFTHSM2_CONF is not set: run eval \"$(tests/softhsm/setup.sh \"$PWD/target/softhsm\")\" first (tests/run-all.sh does)"
         );
-        let labels: Vec<String> = (0..2).map(|i| format!("srv-{}-{i}", std::process::id())).collect();
+        let labels: Vec<String> = (0..3).map(|i| format!("srv-{}-{i}", std::process::id())).collect();
         for label in &labels {
             let out = std::process::Command::new("softhsm2-util")
                 .args(["--init-token", "--free", "--label", label, "--so-pin", "97531", "--pin", USER_PIN])
@@ -105,6 +105,7 @@ async fn start_on_softhsm() -> TestProxy {
     let start = text.find("[backend]").expect("backend");
     let end = text[start..].find("\n\n").map(|e| start + e).expect("end");
     let text = format!("{}{}{}", &text[..start], backend, &text[end..]);
+    std::fs::write(dir.path().join("proxy.toml"), &text).expect("config");
     TestProxy::start_with(dir, &text, creds).await
 }
 
@@ -282,4 +283,34 @@ async fn sixty_four_clients_zero_wrong_results_and_ping_answers_from_cache() {
         "{:?}",
         ping[ping.len() - 1]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_pkcs11_disabled_key_list() {
+    // Operating: a reload applies the config's disabled-key list to a running proxy.
+    let p = start_on_softhsm().await;
+    let c = p.client(false);
+    assert_eq!(
+        c.post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"x", None))
+            .await
+            .status,
+        200
+    );
+    let path = p.dir.path().join("proxy.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let text = text.replace(
+        "pool_size = 8\n",
+        &format!("pool_size = 8\ndisabled_keys = [\"{KEY}\"]\n"),
+    );
+    std::fs::write(&path, text).expect("write");
+    let cfg = xks_proxy::config::Config::load(&path).expect("config");
+    p.running.reloader().reload(&cfg).await.expect("reload");
+    let r = c
+        .post(&key_url(&p, KEY, "encrypt"), &encrypt_body(b"x", None))
+        .await;
+    assert_eq!((r.status, r.error_name()), (400, "InvalidStateException"));
+    let r = c
+        .post(&key_url(&p, KEY, "metadata"), &metadata_body())
+        .await;
+    assert_eq!(r.body["keyStatus"], "DISABLED");
 }

@@ -40,3 +40,46 @@ fn every_shipped_config_passes_config_check() {
     }
     assert!(checked >= 1, "no config files found in {}", dir.display());
 }
+
+#[test]
+fn the_grafana_dashboard_uses_only_metrics_the_proxy_exports() {
+    // The names `xks_proxy::telemetry` describes (tests/operating.rs checks each appears
+    // on /metrics).
+    const EXPORTED: &[&str] = &[
+        "xks_requests_total",
+        "xks_request_duration_seconds_bucket",
+        "xks_backend_call_duration_seconds_bucket",
+        "xks_backend_calls_in_flight",
+        "xks_backend_calls_waiting",
+        "xks_ekm_health_status",
+        "xks_tls_certificate_days_to_expiry",
+        "xks_credential_age_days",
+    ];
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/grafana/xks-proxy-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut used = std::collections::BTreeSet::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("xks_"))
+                .collect();
+            assert!(!names.is_empty(), "{expr}");
+            for n in names {
+                assert!(
+                    EXPORTED.contains(&n),
+                    "{n} is not a metric the proxy exports"
+                );
+                used.insert(n);
+            }
+        }
+    }
+    assert_eq!(
+        used.len(),
+        EXPORTED.len(),
+        "every exported metric has a panel: {used:?}"
+    );
+}

@@ -218,6 +218,13 @@ pub trait CryptoBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Applies the reloadable parts of a new backend config (e.g. the PKCS#11
+    /// `disabled_keys` list). Module, token and pool changes need a restart.
+    fn reconfigure(&self, config: &crate::config::BackendConfig) -> Result<(), BackendError> {
+        let _ = config;
+        Ok(())
+    }
+
     /// How many calls the backend can serve at once (its session-pool size).
     fn concurrency(&self) -> usize {
         64

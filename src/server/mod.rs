@@ -92,7 +92,16 @@ impl Reloader {
             slot.store(cfg);
             self.cert_days.store(days, Ordering::Release);
         }
-        if let Err(e) = self.api.backend().call(|b| b.reload()).await {
+        let backend_config = config.backend.clone();
+        if let Err(e) = self
+            .api
+            .backend()
+            .call(move |b| {
+                b.reconfigure(&backend_config)?;
+                b.reload()
+            })
+            .await
+        {
             tracing::error!(error = %e, "backend reload failed; keeping its old keys");
         }
         tracing::info!("configuration reloaded");

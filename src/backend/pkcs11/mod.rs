@@ -125,7 +125,8 @@ pub struct Pkcs11Backend {
 struct Inner {
     tokens: Vec<Arc<Token>>,
     shared: Arc<Shared>,
-    disabled: HashSet<String>,
+    /// Keys the config lists as disabled; replaced as a whole on reload (SIGHUP).
+    disabled: arc_swap::ArcSwap<HashSet<String>>,
     rng: SystemRandom,
 }
 
@@ -218,7 +219,9 @@ impl Pkcs11Backend {
         let inner = Arc::new(Inner {
             tokens,
             shared: Arc::clone(&shared),
-            disabled: settings.disabled_keys.iter().cloned().collect(),
+            disabled: arc_swap::ArcSwap::from_pointee(
+                settings.disabled_keys.iter().cloned().collect(),
+            ),
             rng: SystemRandom::new(),
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -458,7 +461,7 @@ impl Pkcs11Backend {
     }
 
     fn status(&self, key_id: &str, info: &KeyInfo) -> KeyStatus {
-        if self.inner.disabled.contains(key_id) || info.expired(today()) {
+        if self.inner.disabled.load().contains(key_id) || info.expired(today()) {
             KeyStatus::Disabled
         } else {
             KeyStatus::Enabled
@@ -618,6 +621,16 @@ fn today() -> time::Date {
 }
 
 impl CryptoBackend for Pkcs11Backend {
+    fn reconfigure(&self, config: &crate::config::BackendConfig) -> Result<(), BackendError> {
+        #[allow(irrefutable_let_patterns)]
+        if let crate::config::BackendConfig::Pkcs11(settings) = config {
+            let disabled: HashSet<String> = settings.disabled_keys.iter().cloned().collect();
+            tracing::info!(count = disabled.len(), "PKCS#11 disabled-key list reloaded");
+            self.inner.disabled.store(Arc::new(disabled));
+        }
+        Ok(())
+    }
+
     fn key_metadata(&self, key: &str) -> Result<KeyMetadata, BackendError> {
         if self.is_health_key(key) {
             return Err(BackendError::KeyNotFound);
