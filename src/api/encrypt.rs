@@ -1,7 +1,6 @@
 //! Encrypt (spec §"Encrypt"): AES-256-GCM under the spec's AAD construction, with the
 //! CDIV computed from the output *before* a verify-decrypt (spec Appendix C order).
 
-use base64::Engine as _;
 use subtle::ConstantTimeEq;
 
 use super::aad::{self, Metadata};
@@ -105,9 +104,4 @@ pub async fn handle(call: &Call<'_>, req: EncryptRequest) -> Result<EncryptRespo
 enum SelfCheck {
     Skipped,
     Backend(BackendError),
-}
-
-/// For logs and tests: the standard Base64 of a CDIV.
-pub fn cdiv_base64(c: &[u8; 32]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(c)
 }

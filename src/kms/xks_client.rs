@@ -459,16 +459,9 @@ fn check_health(resp: &HealthResponse) -> Result<(), XksFailure> {
     }
 }
 
-/// The spec's CDIV: `SHA-256(aad ‖ ciphertextMetadata ‖ iv ‖ ciphertext ‖ tag)`.
-pub fn cdiv(aad: &[u8], metadata: &[u8], iv: &[u8], ciphertext: &[u8], tag: &[u8]) -> [u8; 32] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in [aad, metadata, iv, ciphertext, tag] {
-        ctx.update(part);
-    }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    out
-}
+// The spec's CDIV is one pure function, shared with the proxy side (`api::aad`), so
+// what KMS checks and what the proxy computes cannot drift apart.
+pub use crate::api::aad::cdiv;
 
 fn check_encrypt(
     resp: &EncryptResponse,
