@@ -101,10 +101,19 @@ pub struct RawServer {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
+    /// Turns the admin listener on at [`DEFAULT_ADMIN_LISTEN`] (loopback) when `listen`
+    /// is not given; `false` turns it off even if `listen` is set. Default: on only if
+    /// `listen` is set.
+    pub enabled: Option<bool>,
     /// Address of the admin listener serving `GET /metrics` (Prometheus text) and
-    /// `GET /ping`. Keep it on loopback or a private network.
+    /// `GET /ping`: `IP:port`, or a bare port for loopback (`9464` = 127.0.0.1:9464).
+    /// Keep it on loopback or a private network.
     pub listen: Option<String>,
 }
+
+/// Where the admin listener binds when it is enabled without an address: loopback, so
+/// metrics are never exposed by accident. 9464 is Prometheus' customary exporter port.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -642,12 +651,14 @@ impl RawConfig {
                 "must be greater than 0",
             ));
         }
-        let admin_listen = self
-            .admin
-            .listen
-            .as_deref()
-            .map(|a| parse_addr("admin.listen", a))
-            .transpose()?;
+        let admin_listen = match (self.admin.enabled, self.admin.listen.as_deref()) {
+            (Some(false), _) | (None, None) => None,
+            (_, None) => Some(parse_addr("admin.listen", DEFAULT_ADMIN_LISTEN)?),
+            (_, Some(a)) => Some(match a.trim().parse::<u16>() {
+                Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+                Err(_) => parse_addr("admin.listen", a)?,
+            }),
+        };
 
         let h = &self.health;
         // Kubernetes sets the fleet size from the replica count through the environment.
@@ -666,10 +677,10 @@ impl RawConfig {
                 "must be greater than 0 (spec)",
             ));
         }
-        if !(1..=60).contains(&h.check_interval_secs) {
+        if !(1..=50).contains(&h.check_interval_secs) {
             return Err(ConfigError::new(
                 "health.check_interval_secs",
-                "must be 1 to 60: the spec allows a cached health result at most 60 s old",
+                "must be 1 to 50: the spec allows a cached health result at most 60 s old, and a check may take up to 10 s",
             ));
         }
         if h.vendor.is_empty() || h.vendor.len() > 128 {
@@ -993,6 +1004,54 @@ secret_file = "SECRETFILE"
             let e = r.expect_err(key);
             assert_eq!(e.key, key, "{e}");
         }
+    }
+
+    #[test]
+    fn the_admin_listener_is_off_by_default_and_loopback_when_turned_on() {
+        // Issue 6: metrics "off by default, loopback by default when on".
+        let admin = |section: &str| {
+            let (_d, cfg) = with_secret(&format!("{MINIMAL}\n[admin]\n{section}"), GOOD_SECRET);
+            cfg.expect("valid").admin_listen
+        };
+        let (_d, cfg) = with_secret(MINIMAL, GOOD_SECRET);
+        assert_eq!(cfg.expect("valid").admin_listen, None);
+        assert_eq!(admin(""), None);
+        assert_eq!(
+            admin("enabled = true").map(|a| a.to_string()).as_deref(),
+            Some(DEFAULT_ADMIN_LISTEN)
+        );
+        assert!(admin("enabled = true").is_some_and(|a| a.ip().is_loopback()));
+        assert_eq!(
+            admin("listen = \"9100\"").map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:9100")
+        );
+        assert_eq!(
+            admin("listen = \"[::1]:9100\"")
+                .map(|a| a.to_string())
+                .as_deref(),
+            Some("[::1]:9100")
+        );
+        assert_eq!(admin("enabled = false\nlisten = \"127.0.0.1:9100\""), None);
+        let (_d, r) = with_secret(
+            &format!("{MINIMAL}\n[admin]\nlisten = \"nowhere\""),
+            GOOD_SECRET,
+        );
+        assert_eq!(r.expect_err("bad address").key, "admin.listen");
+    }
+
+    #[test]
+    fn the_health_interval_leaves_room_for_one_check_within_60_seconds() {
+        // Spec: a cached health answer is at most 60 s old; one check may take 10 s.
+        let (_d, ok) = with_secret(
+            &format!("{MINIMAL}\n[health]\ncheck_interval_secs = 50"),
+            GOOD_SECRET,
+        );
+        assert!(ok.is_ok());
+        let (_d, r) = with_secret(
+            &format!("{MINIMAL}\n[health]\ncheck_interval_secs = 51"),
+            GOOD_SECRET,
+        );
+        assert_eq!(r.expect_err("too long").key, "health.check_interval_secs");
     }
 
     #[test]

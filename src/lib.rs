@@ -13,7 +13,7 @@
 //! | [`server`] | listeners, TLS ([`server::tls`]), HTTP/1.1+2, timeouts, graceful drain |
 //! | [`api`] | the XKS API: routing, the one error→wire mapping, AAD/CDIV, handlers, health |
 //! | [`sigv4`] | our SigV4 verifier (the product) and a KMS-like signer (aws-sigv4) |
-//! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary), [`backend::software`] keystore, `backend::pkcs11` (HSMs through cryptoki: session pool, handle cache, recovery, failover) |
+//! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary: permits, a bounded wait queue, a deadline, and the backend's own call threads — not `spawn_blocking`, see its doc), [`backend::software`] keystore, `backend::pkcs11` (HSMs through cryptoki: session pool, handle cache, recovery, failover) |
 //! | [`policy`] | optional secondary authorization (Cedar) over `requestMetadata`; health exempt |
 //! | [`secret`] | zeroizing, `Debug`-redacted secret types |
 //! | [`telemetry`] | tracing setup (human or JSON), the Prometheus registry |

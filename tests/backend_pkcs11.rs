@@ -538,7 +538,8 @@ fn sixty_four_tasks_through_handle_for_two_seconds() {
             // Generous: other builds share this machine; wrong results are what matter.
             deadline: Duration::from_secs(2),
         },
-    );
+    )
+    .expect("call threads");
     assert_eq!(handle.limits().concurrency, 8, "permits sized to the pool");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)

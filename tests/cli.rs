@@ -205,6 +205,11 @@ fn keys_commands_manage_the_software_keystore() {
     assert!(ok, "{text}");
     let (ok, text) = run(&["rotate", "--label", "new-key"]);
     assert!(ok && text.contains("version 2"), "{text}");
+    // Issue 6 spells it `keys rotate <id>`: the id may also come positionally.
+    let (ok, text) = run(&["rotate", "new-key"]);
+    assert!(ok && text.contains("version 3"), "{text}");
+    let (ok, text) = run(&["rotate"]);
+    assert!(!ok, "a key id is required: {text}");
     // A wrong master key is a clear error, and the file is untouched.
     let before = std::fs::read(dir.path().join("keystore.json")).expect("read");
     std::fs::write(dir.path().join("master.key"), master.trim()).expect("write");
@@ -219,33 +224,7 @@ fn keys_commands_manage_the_software_keystore() {
 
 /// Starts `xks-proxy serve` and returns the child and its bound address.
 fn serve(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
-    let mut child = bin()
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "info")
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && let Some(rest) = line.split("listening on https://").nth(1) {
-                let addr: String = rest
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && *c != '"')
-                    .collect();
-                let _ = tx.send(addr);
-                sent = true;
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("proxy announces its address");
-    (child, addr.parse().expect("addr"))
+    serve_child(config, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

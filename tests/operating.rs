@@ -137,6 +137,43 @@ async fn a_reload_that_fails_validation_changes_nothing() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_the_backend_refuses_changes_nothing_else_either() {
+    // "A reload that fails keeps the old config": all or nothing, the backend included.
+    // The keystore file is unreadable at reload time while the new config would also
+    // remove credential 0: the reload fails and credential 0 stays live.
+    let p = TestProxy::start(Options::default()).await;
+    let keystore = match &p.config.backend {
+        xks_proxy::config::BackendConfig::Software { keystore, .. } => keystore.clone(),
+        #[allow(unreachable_patterns)]
+        other => panic!("software backend expected, got {other:?}"),
+    };
+    let saved = std::fs::read(&keystore).expect("keystore");
+    std::fs::write(&keystore, b"{ not a keystore").expect("corrupt");
+    let path = write_config(&p, &config_with_only(&p, 1));
+    let result = p
+        .running
+        .reloader()
+        .reload(&Config::load(&path).expect("valid config"))
+        .await;
+    std::fs::write(&keystore, &saved).expect("restore");
+    let err = result.expect_err("the backend refused");
+    assert!(err.to_string().contains("backend"), "{err}");
+    let old = p.client(false);
+    assert_eq!(
+        old.post(&health_url(&p), &health_body()).await.status,
+        200,
+        "credential 0 still live"
+    );
+    let r = old
+        .post(
+            &key_url(&p, KEY, "encrypt"),
+            &encrypt_body(b"still served", None),
+        )
+        .await;
+    assert_eq!(r.status, 200, "the old keys still serve");
+}
+
 fn mtls_extra() -> String {
     format!(
         "client_ca = \"{}\"\nclient_subjects = [\"cks.kms.us-east-1.amazonaws.com\"]\n",

@@ -314,3 +314,146 @@ async fn sighup_reloads_the_pkcs11_disabled_key_list() {
         .await;
     assert_eq!(r.body["keyStatus"], "DISABLED");
 }
+
+// ---------------------------------------------------------------------------------
+// Issue 3: "if the token disappears the backend reports UNAVAILABLE in health and
+// /ping, ... and recovers without a restart", seen from outside a running server.
+
+/// GET /ping's status, or None if the server did not answer.
+async fn ping(http: &reqwest::Client, addr: std::net::SocketAddr) -> Option<u16> {
+    let url = format!("https://localhost:{}/ping", addr.port());
+    http.get(url).send().await.ok().map(|r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_token_vanishes_answers_unavailable_and_recovers_in_place() {
+    // A child `xks-proxy serve` with its own SoftHSM config and token directory, so that
+    // moving the directory away cannot disturb the other tests of this process.
+    let (dir, text, creds) = prepare(&Options::default());
+    let hsm = dir.path().join("hsm");
+    let out = std::process::Command::new("bash")
+        .arg(repo().join("tests/softhsm/setup.sh"))
+        .arg(&hsm)
+        .args(["fault-srv", "12345678", USER_PIN])
+        .output()
+        .expect("setup.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf = hsm.join("softhsm2.conf");
+    let env = [("SOFTHSM2_CONF", conf.as_os_str())];
+    std::fs::write(dir.path().join("pin"), USER_PIN).expect("pin");
+    let backend = format!(
+        "[backend]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"fault-srv\"\nuser_pin_file = \"pin\"\n",
+        module().display()
+    );
+    let start = text.find("[backend]").expect("backend");
+    let end = text[start..].find("\n\n").map(|e| start + e).expect("end");
+    let text = format!(
+        "{}{}{}\n[health]\ncheck_interval_secs = 1\n",
+        &text[..start],
+        backend,
+        &text[end..]
+    );
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, &text).expect("config");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+        .args(["keys", "create", KEY, "--config"])
+        .arg(&config)
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .expect("keys create");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    let (mut child, addr) = serve_child(&config, &env);
+    let client = Client::new(addr, false, creds[0].clone());
+    let http = &client.http;
+    let health = format!(
+        "https://localhost:{}{PREFIX}/kms/xks/v1/health",
+        addr.port()
+    );
+    let encrypt = format!(
+        "https://localhost:{}{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt",
+        addr.port()
+    );
+    let states = |r: &Reply| -> Vec<String> {
+        r.body["ekmFleetDetails"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["healthStatus"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Up: first deep check done within a few seconds.
+    let until = Instant::now() + Duration::from_secs(10);
+    while ping(http, addr).await != Some(200) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ping(http, addr).await, Some(200));
+    assert_eq!(
+        client
+            .post(&encrypt, &encrypt_body(b"before", None))
+            .await
+            .status,
+        200
+    );
+
+    // The token directory goes away under the running server.
+    let tokens = hsm.join("tokens");
+    let away = hsm.join("tokens-away");
+    std::fs::rename(&tokens, &away).expect("move the token directory away");
+    let r = client.post(&encrypt, &encrypt_body(b"during", None)).await;
+    assert_eq!(r.status, 500, "a named error, not a hang: {:?}", r.body);
+    assert!(
+        r.body["errorMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("CKR_")),
+        "the PKCS#11 code is named: {:?}",
+        r.body
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while ping(http, addr).await != Some(503) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ping(http, addr).await, Some(503), "/ping turns 503");
+    let h = client.post(&health, &health_body()).await;
+    assert_eq!(h.status, 200, "GetHealthStatus still answers: {:?}", h.body);
+    assert_eq!(states(&h), vec!["UNAVAILABLE".to_owned()], "{:?}", h.body);
+
+    // Back: the same process recovers (issue: within 5 s).
+    std::fs::rename(&away, &tokens).expect("move it back");
+    let back = Instant::now();
+    let until = back + Duration::from_secs(5);
+    let mut last = 0;
+    while Instant::now() < until {
+        last = client
+            .post(&encrypt, &encrypt_body(b"after", None))
+            .await
+            .status;
+        if last == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last, 200, "Encrypt succeeds again within 5 s");
+    let until = Instant::now() + Duration::from_secs(5);
+    while ping(http, addr).await != Some(200) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ping(http, addr).await, Some(200), "/ping healthy again");
+    assert_eq!(
+        child.try_wait().expect("wait"),
+        None,
+        "same process, no restart"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -18,12 +18,8 @@ command -v python3 >/dev/null || missing+=(python3 python3-venv)
 if command -v python3 >/dev/null && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   missing+=(python3-venv)
 fi
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing ${missing[*]}"
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# Empty array safe under set -u (bash < 4.4 treats "${a[@]}" of an empty array as unset).
+tests/apt-install.sh ${missing[@]+"${missing[@]}"}
 
 # --- SoftHSMv2: a throw-away token directory for this run --------------------------------
 say "preparing SoftHSMv2"

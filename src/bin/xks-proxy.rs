@@ -94,6 +94,28 @@ enum ConfigCommand {
     },
 }
 
+/// The key a `keys` subcommand acts on: `keys rotate ID`, or `--label ID` / `--id ID`.
+#[derive(Debug, clap::Args)]
+struct KeyName {
+    /// The external key id (software keystore) or CKA_LABEL (PKCS#11).
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "label",
+        conflicts_with = "label"
+    )]
+    key: Option<String>,
+    /// The same, as an option.
+    #[arg(long, alias = "id", value_name = "ID")]
+    label: Option<String>,
+}
+
+impl KeyName {
+    fn id(self) -> String {
+        // clap guarantees exactly one of the two.
+        self.key.or(self.label).unwrap_or_default()
+    }
+}
+
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Print a new random master key (Base64) for the software keystore.
@@ -102,9 +124,8 @@ enum KeysCommand {
     Create {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
-        /// The external key id (software keystore) or CKA_LABEL (PKCS#11).
-        #[arg(long, alias = "id")]
-        label: String,
+        #[command(flatten)]
+        key: KeyName,
         /// Comma-separated usages: encrypt,decrypt,wrap,unwrap,sign,verify,derive.
         #[arg(long, default_value = "encrypt,decrypt")]
         usage: String,
@@ -118,22 +139,22 @@ enum KeysCommand {
     Enable {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
-        #[arg(long, alias = "id")]
-        label: String,
+        #[command(flatten)]
+        key: KeyName,
     },
     /// Disable a key (software keystore). A running proxy picks it up on SIGHUP.
     Disable {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
-        #[arg(long, alias = "id")]
-        label: String,
+        #[command(flatten)]
+        key: KeyName,
     },
     /// Add a new version to a key; new encryptions use it, old ciphertexts still open.
     Rotate {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
-        #[arg(long, alias = "id")]
-        label: String,
+        #[command(flatten)]
+        key: KeyName,
     },
 }
 
@@ -508,11 +529,8 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        KeysCommand::Create {
-            config,
-            label,
-            usage,
-        } => {
+        KeysCommand::Create { config, key, usage } => {
+            let label = key.id();
             let cfg = load(&config)?;
             let usages = parse_usages(&usage)?;
             create_key(&cfg, &label, &usages)?;
@@ -531,9 +549,10 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
             list_keys(&cfg)?;
             Ok(ExitCode::SUCCESS)
         }
-        KeysCommand::Enable { config, label } => set_enabled(&load(&config)?, &label, true),
-        KeysCommand::Disable { config, label } => set_enabled(&load(&config)?, &label, false),
-        KeysCommand::Rotate { config, label } => {
+        KeysCommand::Enable { config, key } => set_enabled(&load(&config)?, &key.id(), true),
+        KeysCommand::Disable { config, key } => set_enabled(&load(&config)?, &key.id(), false),
+        KeysCommand::Rotate { config, key } => {
+            let label = key.id();
             let cfg = load(&config)?;
             let (mut ks, _) = open_keystore(&cfg)?;
             let v = ks.rotate(&label)?;

@@ -42,6 +42,10 @@ pub enum ServeError {
     Credentials(#[from] crate::sigv4::DuplicateAccessKeyId),
     #[error("authorization policy: {0}")]
     Policy(#[from] crate::policy::PolicyError),
+    #[error("cannot start the backend's call threads: {0}")]
+    CallThreads(std::io::Error),
+    #[error("the backend refused the reload: {0}")]
+    BackendReload(crate::backend::BackendError),
 }
 
 /// A started proxy: its addresses and the way to stop it.
@@ -68,12 +72,59 @@ pub struct Reloader {
     api: Arc<Api>,
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     cert_days: Arc<std::sync::atomic::AtomicI64>,
+    /// What the running process was started with, of the settings only a restart applies.
+    started_with: Arc<Vec<(&'static str, String)>>,
+}
+
+/// The settings a reload cannot apply, as (config key, value) pairs an operator can
+/// read. None of these values is secret (a master key appears as its env var or path).
+fn restart_only(config: &Config) -> Vec<(&'static str, String)> {
+    let mut fields = vec![
+        ("server.listen", config.server.listen.to_string()),
+        (
+            "server.ping_listen",
+            format!("{:?}", config.server.ping_listen),
+        ),
+        ("admin.listen", format!("{:?}", config.admin_listen)),
+        ("limits", format!("{:?}", config.limits)),
+    ];
+    match &config.backend {
+        crate::config::BackendConfig::Software {
+            keystore,
+            master_key,
+            simulated_latency,
+        } => {
+            fields.push(("backend.kind", "software".into()));
+            fields.push(("backend.keystore", keystore.display().to_string()));
+            fields.push(("backend.master_key", format!("{master_key:?}")));
+            fields.push((
+                "backend.simulated_latency_ms",
+                format!("{simulated_latency:?}"),
+            ));
+        }
+        #[cfg(feature = "pkcs11")]
+        crate::config::BackendConfig::Pkcs11(settings) => {
+            fields.push(("backend.kind", "pkcs11".into()));
+            // Everything but the reloadable disabled-key list.
+            let mut fixed = settings.clone();
+            fixed.disabled_keys.clear();
+            fields.push((
+                "backend (module, token, pool, deadlines)",
+                format!("{fixed:?}"),
+            ));
+        }
+    }
+    fields
 }
 
 impl Reloader {
     /// Reloads credentials, allow-lists, quotas, the policy, the TLS certificate and
-    /// client CA, and the backend's keys. Listen addresses, limits and the backend kind
-    /// need a restart (they are not reloaded).
+    /// client CA, and the backend's keys (software keystore file, PKCS#11 disabled-key
+    /// list). Listen addresses, limits and the backend's own settings need a restart:
+    /// a change to them is logged as a warning and otherwise ignored.
+    ///
+    /// All or nothing: the new credentials, policy and TLS config are built first, then
+    /// the backend reloads, and only if that worked is the rest swapped in.
     pub async fn reload(&self, config: &Config) -> Result<(), ServeError> {
         let tenants = crate::api::Tenants::from_config(&config.keystores)?;
         let policy = load_policy(config)?;
@@ -84,25 +135,30 @@ impl Reloader {
             )),
             _ => None,
         };
-        // Everything built: swap. In-flight requests keep what they started with; new
-        // handshakes get the new certificate.
+        let backend_config = config.backend.clone();
+        self.api
+            .backend()
+            // Not a KMS request: re-reading a keystore file may take longer than 200 ms.
+            .call_within(std::time::Duration::from_secs(10), move |b| {
+                // reload first: it only reads (a failure leaves the backend as it was);
+                // reconfigure only swaps validated lists in.
+                b.reload()?;
+                b.reconfigure(&backend_config)
+            })
+            .await
+            .map_err(ServeError::BackendReload)?;
+        // Everything built and the backend agreed: swap. In-flight requests keep what
+        // they started with; new handshakes get the new certificate.
         self.api.replace_tenants(tenants);
         self.api.replace_policy(policy);
         if let (Some(slot), Some((cfg, days))) = (&self.tls, tls) {
             slot.store(cfg);
             self.cert_days.store(days, Ordering::Release);
         }
-        let backend_config = config.backend.clone();
-        if let Err(e) = self
-            .api
-            .backend()
-            .call(move |b| {
-                b.reconfigure(&backend_config)?;
-                b.reload()
-            })
-            .await
-        {
-            tracing::error!(error = %e, "backend reload failed; keeping its old keys");
+        for ((key, was), (_, now)) in self.started_with.iter().zip(restart_only(config)) {
+            if *was != now {
+                tracing::warn!(setting = key, running = %was, config = %now, "changed in the config but needs a restart; still running with the old value");
+            }
         }
         tracing::info!("configuration reloaded");
         Ok(())
@@ -202,11 +258,12 @@ pub async fn start_on(
     let mut limits = config.limits;
     limits.concurrency = backend.concurrency();
     let ekm_vendor = backend.ekm_vendor();
-    let handle = Handle::new(backend, limits);
+    let handle = Handle::new(backend, limits).map_err(ServeError::CallThreads)?;
     let health = HealthMonitor::start(&handle, config.health.clone(), ekm_vendor).await;
     let api = Arc::new(Api::new(config, handle.clone(), Arc::clone(&health))?);
     api.replace_policy(load_policy(config)?);
     let reloader = Reloader {
+        started_with: Arc::new(restart_only(config)),
         api: Arc::clone(&api),
         tls: tls.clone(),
         cert_days: Arc::clone(&cert_days),
@@ -244,6 +301,9 @@ pub async fn start_on(
     let admin_addr = match admin_listener {
         Some(l) => {
             let addr = l.local_addr().ok();
+            if addr.is_some_and(|a| !a.ip().is_loopback()) {
+                tracing::warn!(listen = ?addr, "the admin (metrics) listener is not on loopback: keep it on a private network");
+            }
             if crate::telemetry::prometheus().is_none() {
                 tracing::warn!("another metrics recorder is installed; /metrics will be empty");
             }

@@ -395,3 +395,42 @@ impl Capture {
         String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
     }
 }
+
+/// Starts the `xks-proxy serve --config FILE` binary as a child (with extra environment)
+/// and returns it with the HTTPS address it announced in its log.
+pub fn serve_child(
+    config: &Path,
+    envs: &[(&str, &std::ffi::OsStr)],
+) -> (std::process::Child, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"));
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .env("RUST_LOG", "info");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn xks-proxy");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        // Keeps draining stderr so the child never blocks on a full pipe.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && let Some(rest) = line.split("listening on https://").nth(1) {
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"')
+                    .collect();
+                let _ = tx.send(addr);
+                sent = true;
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("proxy announces its address");
+    (child, addr.parse().expect("addr"))
+}

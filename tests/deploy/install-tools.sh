@@ -18,12 +18,7 @@ command -v python3 >/dev/null || missing+=(python3 python3-venv)
 if command -v python3 >/dev/null && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     missing+=(python3-venv)
 fi
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "==> deploy tests: installing ${missing[*]}"
-    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+"$root/tests/apt-install.sh" ${missing[@]+"${missing[@]}"}
 
 venv="$root/target/deploy-venv"
 req="$root/tests/deploy/requirements.txt"

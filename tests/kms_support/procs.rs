@@ -249,12 +249,36 @@ secret_env = "XKS_SECRET_B"
         self.cli(&["keys", "create", "--label", label, "--usage", usage]);
     }
 
+    /// Disables a key the way each backend's operator does: the CLI for the software
+    /// keystore, the `disabled_keys` list in the config for an HSM. Takes effect on
+    /// SIGHUP.
     pub fn disable_key(&self, label: &str) {
-        self.cli(&["keys", "disable", "--label", label]);
+        match self.backend {
+            Backend::Software => self.cli(&["keys", "disable", "--label", label]),
+            Backend::SoftHsm { .. } => self.set_disabled_keys(&[label]),
+        }
     }
 
     pub fn enable_key(&self, label: &str) {
-        self.cli(&["keys", "enable", "--label", label]);
+        match self.backend {
+            Backend::Software => self.cli(&["keys", "enable", "--label", label]),
+            Backend::SoftHsm { .. } => self.set_disabled_keys(&[]),
+        }
+    }
+
+    /// Rewrites `[backend] disabled_keys` in the config.
+    fn set_disabled_keys(&self, labels: &[&str]) {
+        let text = std::fs::read_to_string(self.config()).expect("config");
+        let mut out = String::new();
+        for line in text.lines().filter(|l| !l.starts_with("disabled_keys")) {
+            out.push_str(line);
+            out.push('\n');
+            if line == "[backend]" {
+                let list: Vec<String> = labels.iter().map(|l| format!("\"{l}\"")).collect();
+                out.push_str(&format!("disabled_keys = [{}]\n", list.join(", ")));
+            }
+        }
+        std::fs::write(self.config(), out).expect("config");
     }
 
     pub fn start(&self) -> Proc {

@@ -137,7 +137,7 @@ impl SoftwareBackend {
 
     /// Test/demo knob: sleep this long in every encrypt/decrypt/metadata call
     /// (simulates a slow key manager). Non-zero makes [`CryptoBackend::may_block`]
-    /// true, so calls go through `spawn_blocking` like a real HSM's.
+    /// true, so calls go through `Handle`'s call threads like a real HSM's.
     pub fn with_simulated_latency(mut self, d: Duration) -> Self {
         self.latency = d;
         self
