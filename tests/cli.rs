@@ -264,6 +264,75 @@ async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_file_watch_a_changed_config_or_secret_file_reloads_without_a_signal() {
+    // Issue 6: "SIGHUP (and, if configured, a change of the config or credential
+    // files) reloads ...". No signal is sent here.
+    let (dir, text, creds) = prepare(&Options::default());
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!("{text}\n[reload]\nwatch_interval_secs = 1\n"),
+    )
+    .expect("write");
+    let (mut child, addr) = serve(&config);
+    let health = format!(
+        "https://localhost:{}{PREFIX}/kms/xks/v1/health",
+        addr.port()
+    );
+    let c0 = Client::new(addr, false, creds[0].clone());
+    let c1 = Client::new(addr, false, creds[1].clone());
+    assert_eq!(c0.post(&health, &health_body()).await.status, 200);
+    assert_eq!(c1.post(&health, &health_body()).await.status, 200);
+    let wait_for = |c: Client, want: u16, what: &'static str| {
+        let health = health.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(8);
+            loop {
+                let got = c.post(&health, &health_body()).await.status;
+                if got == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{what}: still {got}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // 1. The config file changes: credential 0 is removed.
+    let block = format!(
+        "[[keystores.credentials]]\naccess_key_id = \"{}\"\nsecret_file = \"secret0\"\n",
+        creds[0].akid
+    );
+    let current = std::fs::read_to_string(&config).expect("read");
+    assert!(current.contains(&block));
+    std::fs::write(&config, current.replace(&block, "")).expect("write");
+    wait_for(c0, 401, "removed credential still accepted").await;
+    assert_eq!(c1.post(&health, &health_body()).await.status, 200);
+
+    // 2. Only a secret file changes: credential 1 gets a new secret.
+    let (_, new_secret) = xks_proxy::config::generate_credential();
+    std::fs::write(dir.path().join("secret1"), new_secret.expose()).expect("write");
+    let c1_new = Client::new(
+        addr,
+        false,
+        Cred {
+            akid: creds[1].akid.clone(),
+            secret: new_secret,
+        },
+    );
+    wait_for(c1_new, 200, "new secret not picked up").await;
+    assert_eq!(
+        c1.post(&health, &health_body()).await.status,
+        401,
+        "old secret gone"
+    );
+
+    signal(&child, "-TERM");
+    let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(15)));
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_have_one_line_per_request() {
     let (dir, text, creds) = prepare(&Options::default());
     let text = text + "\n[logging]\nformat = \"json\"\n";

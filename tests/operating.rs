@@ -174,6 +174,61 @@ async fn a_reload_the_backend_refuses_changes_nothing_else_either() {
     assert_eq!(r.status, 200, "the old keys still serve");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_allow_lists_and_quotas_to_the_running_proxy() {
+    // Issue 6: a reload re-reads "key allow-lists ... quotas".
+    let p = TestProxy::start(Options::default()).await;
+    let c = p.client(false);
+    let url = key_url(&p, KEY, "encrypt");
+    for _ in 0..5 {
+        assert_eq!(c.post(&url, &encrypt_body(b"x", None)).await.status, 200);
+    }
+    let prefix_line = format!("path_prefix = \"{PREFIX}\"\n");
+    let text = original_config(&p);
+    assert!(text.contains(&prefix_line));
+    // Allow only another key, and one request per second with no burst beyond it.
+    let limited = text.replace(
+        &prefix_line,
+        &format!(
+            "{prefix_line}allowed_keys = [\"{KEY_ENCRYPT_ONLY}\"]\nquota_rps = 1\nquota_burst = 1\n"
+        ),
+    );
+    let path = write_config(&p, &limited);
+    p.running
+        .reloader()
+        .reload(&Config::load(&path).expect("config"))
+        .await
+        .expect("reload");
+    let r = c.post(&url, &encrypt_body(b"x", None)).await;
+    assert_eq!(
+        (r.status, r.error_name()),
+        (404, "KeyNotFoundException"),
+        "{KEY} is off the allow-list now"
+    );
+    let allowed = key_url(&p, KEY_ENCRYPT_ONLY, "encrypt");
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(c.post(&allowed, &encrypt_body(b"x", None)).await.status);
+        }
+        v
+    };
+    assert!(
+        statuses.contains(&429),
+        "quota of 1/s applies: {statuses:?}"
+    );
+    // And back: the original config lifts both.
+    let path = write_config(&p, &text);
+    p.running
+        .reloader()
+        .reload(&Config::load(&path).expect("config"))
+        .await
+        .expect("reload");
+    for _ in 0..5 {
+        assert_eq!(c.post(&url, &encrypt_body(b"x", None)).await.status, 200);
+    }
+}
+
 fn mtls_extra() -> String {
     format!(
         "client_ca = \"{}\"\nclient_subjects = [\"cks.kms.us-east-1.amazonaws.com\"]\n",

@@ -153,9 +153,35 @@ async fn a_16_byte_iv_is_valid_input_but_not_one_the_software_keystore_made() {
         (r.status, r.error_name()),
         (400, "InvalidCiphertextException")
     );
+    // Spec error table: an IV, tag or ciphertext that is "corrupted, missing, or
+    // otherwise invalid" is InvalidCiphertextException (Decrypt), lengths included.
     body["initializationVector"] = json!(b64(&[0u8; 13]));
     let r = c.post(&key_url(&p, KEY, "decrypt"), &body).await;
-    assert_eq!((r.status, r.error_name()), (400, "ValidationException"));
+    assert_eq!(
+        (r.status, r.error_name()),
+        (400, "InvalidCiphertextException")
+    );
+    let good = decrypt_body(&enc.body, None);
+    let mut cases = Vec::new();
+    let mut b = good.clone();
+    b["authenticationTag"] = json!(b64(&[0u8; 15]));
+    cases.push((b, "authenticationTag"));
+    for field in ["initializationVector", "authenticationTag", "ciphertext"] {
+        let mut b = good.clone();
+        b.as_object_mut().expect("obj").remove(field);
+        cases.push((b, field));
+    }
+    for (body, field) in cases {
+        let r = c.post(&key_url(&p, KEY, "decrypt"), &body).await;
+        assert_eq!(
+            (r.status, r.error_name()),
+            (400, "InvalidCiphertextException"),
+            "{field}: {:?}",
+            r.body
+        );
+        let msg = r.body["errorMessage"].as_str().unwrap_or("");
+        assert!(msg.contains(field), "{msg:?} names {field}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,9 +331,6 @@ async fn validation_errors() {
     let mut b = encrypt_body(b"x", None);
     b.as_object_mut().expect("obj").remove("plaintext");
     cases.push(("encrypt", b, "plaintext"));
-    let mut b = decrypt_body(&enc.body, None);
-    b["authenticationTag"] = json!(b64(&[0u8; 15]));
-    cases.push(("decrypt", b, "authenticationTag"));
     let mut b = decrypt_body(&enc.body, None);
     b["ciphertextMetadata"] = json!(b64(&[1u8; 21]));
     cases.push(("decrypt", b, "20 bytes"));

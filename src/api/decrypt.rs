@@ -16,21 +16,27 @@ pub async fn handle(call: &Call<'_>, req: DecryptRequest) -> Result<DecryptRespo
         ));
     }
     let ciphertext = req.ciphertext.0;
+    if ciphertext.is_empty() {
+        return Err(ApiError::InvalidCiphertext(
+            "ciphertext is missing or empty",
+        ));
+    }
     if ciphertext.len() > MAX_DATA {
         return Err(ApiError::Unsupported(format!(
             "ciphertext larger than this proxy supports ({MAX_DATA} bytes; the spec requires 4300)"
         )));
     }
     let iv = req.initialization_vector.0;
+    // Spec error table: IV or tag "missing, or otherwise invalid" → InvalidCiphertext.
     if iv.len() != 12 && iv.len() != 16 {
-        return Err(ApiError::Validation(
-            "initializationVector must be 12 or 16 bytes".into(),
+        return Err(ApiError::InvalidCiphertext(
+            "initializationVector is missing or not 12 or 16 bytes",
         ));
     }
     let tag = req.authentication_tag.0;
     if tag.len() != TAG_LEN {
-        return Err(ApiError::Validation(
-            "authenticationTag must be 16 bytes".into(),
+        return Err(ApiError::InvalidCiphertext(
+            "authenticationTag is missing or not 16 bytes",
         ));
     }
     let user_aad = req

@@ -161,7 +161,21 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            other => other.error_name().status(),
+            // Every other error's status is its name's (the spec's table). Listed, not
+            // matched with a catch-all, so a new variant must be decided here too.
+            ApiError::UnknownPath
+            | ApiError::Auth(_)
+            | ApiError::BodyTooLarge(_)
+            | ApiError::BodyUnreadable
+            | ApiError::Validation(_)
+            | ApiError::Unsupported(_)
+            | ApiError::KeyNotAllowed
+            | ApiError::InvalidCiphertext(_)
+            | ApiError::Backend(_)
+            | ApiError::Overloaded
+            | ApiError::QuotaExceeded
+            | ApiError::AccessDenied
+            | ApiError::SelfCheckFailed => self.error_name().status(),
         }
     }
 

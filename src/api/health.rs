@@ -26,6 +26,10 @@ pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// past 60 s while the next check is still allowed to run.
 pub const CHECK_BUDGET: Duration = Duration::from_secs(10);
 
+/// The first check, before the proxy serves: short, so a hung key manager delays the
+/// start by at most this (it then reports UNAVAILABLE until a later check succeeds).
+pub const STARTUP_BUDGET: Duration = Duration::from_secs(2);
+
 /// One completed deep check.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -44,7 +48,7 @@ pub struct HealthMonitor {
 impl HealthMonitor {
     /// Runs the first deep check now (so `/ping` is meaningful from the first request).
     pub async fn start(handle: &Handle, config: HealthConfig, ekm_vendor: String) -> Arc<Self> {
-        let entries = check(handle, &[]).await;
+        let entries = check(handle, &[], STARTUP_BUDGET).await;
         Arc::new(Self {
             latest: ArcSwap::from_pointee(Snapshot {
                 entries,
@@ -70,7 +74,7 @@ impl HealthMonitor {
                 _ = stop.changed() => return,
             }
             let previous = self.latest.load_full();
-            let entries = check(&handle, &previous.entries).await;
+            let entries = check(&handle, &previous.entries, CHECK_BUDGET).await;
             for e in &entries {
                 if e.state != HealthState::Active {
                     tracing::warn!(ekm = %e.id, state = e.state.as_str(), "key manager not healthy");
@@ -122,10 +126,35 @@ impl HealthMonitor {
 
 /// One deep check through the backend boundary; a failed or timed-out check reports
 /// the previous entries (or one placeholder) as UNAVAILABLE.
-async fn check(handle: &Handle, previous: &[EkmHealth]) -> Vec<EkmHealth> {
-    match handle.call_within(CHECK_BUDGET, |b| Ok(b.health())).await {
-        Ok(entries) if !entries.is_empty() => entries,
-        Ok(_) => unavailable_like(previous),
+///
+/// The budget is generous (a round trip per instance), but a key manager whose own
+/// check is slower than a request may be — one request deadline per instance, timed
+/// inside the call so a wait for a free session under load does not count — would time
+/// out every KMS call: it is reported UNAVAILABLE, whatever it answered.
+async fn check(handle: &Handle, previous: &[EkmHealth], budget: Duration) -> Vec<EkmHealth> {
+    let per_instance = handle.limits().deadline;
+    let checked = handle
+        .call_within(budget, |b| {
+            let started = Instant::now();
+            let entries = b.health();
+            Ok((entries, started.elapsed()))
+        })
+        .await;
+    match checked {
+        Ok((entries, _)) if entries.is_empty() => unavailable_like(previous),
+        Ok((entries, took)) => {
+            let limit = per_instance.saturating_mul(entries.len().try_into().unwrap_or(u32::MAX));
+            if took > limit {
+                tracing::warn!(
+                    took_ms = took.as_millis() as u64,
+                    limit_ms = limit.as_millis() as u64,
+                    "deep health check slower than requests may take; reporting UNAVAILABLE"
+                );
+                unavailable_like(&entries)
+            } else {
+                entries
+            }
+        }
         Err(e) => {
             tracing::warn!(error = %e, "deep health check failed");
             unavailable_like(previous)

@@ -3,23 +3,15 @@
 use super::error::ApiError;
 use super::wire::{MetadataRequest, MetadataResponse};
 use super::{Call, require_principal};
-use crate::backend::{KeySpec, KeyStatus};
 
 pub async fn handle(call: &Call<'_>, req: MetadataRequest) -> Result<MetadataResponse, ApiError> {
     require_principal(&req.request_metadata)?;
     let key = call.key_id.to_owned();
     let md = call.backend.call(move |b| b.key_metadata(&key)).await?;
     Ok(MetadataResponse {
-        key_spec: match md.spec {
-            KeySpec::Aes { bits } => format!("AES_{bits}"),
-            KeySpec::Other(name) => name,
-        },
+        key_spec: md.spec.name(),
         // Spec: at most 10 usages; we have 7 kinds, listed once each.
         key_usage: md.usages.iter().map(|u| u.as_str().to_owned()).collect(),
-        key_status: match md.status {
-            KeyStatus::Enabled => "ENABLED",
-            KeyStatus::Disabled => "DISABLED",
-        }
-        .to_owned(),
+        key_status: md.status.as_str().to_owned(),
     })
 }

@@ -147,10 +147,17 @@ pub struct EncryptResponse {
 #[serde(rename_all = "camelCase")]
 pub struct DecryptRequest {
     pub request_metadata: RequestMetadata,
+    // Spec error table: a ciphertext, IV or tag that is "corrupted, missing, or otherwise
+    // invalid" is InvalidCiphertextException, not ValidationException. So a missing one
+    // decodes as empty and `api::decrypt` refuses it under that name. (Invalid Base64
+    // stays ValidationException: that is the request's encoding, not the ciphertext.)
+    #[serde(default)]
     pub ciphertext: Base64Bytes,
     /// MUST be `AES_GCM`.
     pub encryption_algorithm: String,
+    #[serde(default)]
     pub initialization_vector: Base64Bytes,
+    #[serde(default)]
     pub authentication_tag: Base64Bytes,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub additional_authenticated_data: Option<Base64Bytes>,

@@ -81,10 +81,30 @@ pub enum KeySpec {
     Other(String),
 }
 
+impl KeySpec {
+    /// The spec's `keySpec` string (`AES_256`, or the backend's own name).
+    pub fn name(&self) -> String {
+        match self {
+            KeySpec::Aes { bits } => format!("AES_{bits}"),
+            KeySpec::Other(name) => name.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyStatus {
     Enabled,
     Disabled,
+}
+
+impl KeyStatus {
+    /// The spec's `keyStatus` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Enabled => "ENABLED",
+            KeyStatus::Disabled => "DISABLED",
+        }
+    }
 }
 
 /// Metadata of one key, as GetKeyMetadata reports it.

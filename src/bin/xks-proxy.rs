@@ -637,15 +637,15 @@ fn list_keys(cfg: &Config) -> Result<()> {
             let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(settings)?;
             for k in backend.list_keys()? {
                 println!(
-                    "{:<40} {:<10} {:<30} {:?}",
+                    "{:<40} {:<10} {:<30} {}",
                     k.id,
-                    format!("{:?}", k.spec),
+                    k.spec.name(),
                     k.usages
                         .iter()
                         .map(|u| u.as_str())
                         .collect::<Vec<_>>()
                         .join(","),
-                    k.status,
+                    k.status.as_str(),
                 );
             }
         }
