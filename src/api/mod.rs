@@ -21,7 +21,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -349,23 +349,9 @@ impl Api {
             }
             return Err(ApiError::BodyTooLarge(self.max_body).into());
         }
-        let collected = tokio::time::timeout(
-            self.body_timeout,
-            Limited::new(body, self.max_body).collect(),
-        )
-        .await
-        .map_err(|_| ApiError::BodyUnreadable)?;
-        let body = match collected {
-            Ok(c) => c.to_bytes(),
-            Err(e) => {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    return Err(ApiError::BodyTooLarge(self.max_body).into());
-                }
-                return Err(ApiError::BodyUnreadable.into());
-            }
-        };
+        let body = tokio::time::timeout(self.body_timeout, read_capped(body, self.max_body))
+            .await
+            .map_err(|_| ApiError::BodyUnreadable)??;
 
         let verified = crate::sigv4::verify(
             &parts,
@@ -588,5 +574,38 @@ fn json_ok<T: Serialize>(body: &T) -> Response<Full<Bytes>> {
             )))
             .0
         }
+    }
+}
+
+/// Reads a body of undeclared length up to `max` bytes. Past the cap nothing more is
+/// kept; up to `DRAIN_LIMIT_FACTOR × max` further bytes are read and discarded so that
+/// an HTTP/1.1 client still sending sees our 501 rather than a reset (as for declared
+/// lengths); a body larger still is answered at once.
+async fn read_capped<B>(body: B, max: usize) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    let mut over: Option<usize> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ApiError::BodyUnreadable)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: nothing we use
+        };
+        match over.as_mut() {
+            Some(discarded) => {
+                *discarded += data.len();
+                if *discarded > DRAIN_LIMIT_FACTOR * max {
+                    break;
+                }
+            }
+            None if buf.len() + data.len() > max => over = Some(data.len()),
+            None => buf.extend_from_slice(&data),
+        }
+    }
+    match over {
+        Some(_) => Err(ApiError::BodyTooLarge(max)),
+        None => Ok(buf.freeze()),
     }
 }
