@@ -23,7 +23,7 @@ tests/apt-install.sh ${missing[@]+"${missing[@]}"}
 
 # --- SoftHSMv2: a throw-away token directory for this run --------------------------------
 say "preparing SoftHSMv2"
-rm -rf "$root/target/softhsm"
+rm -rf "$root/target/softhsm" "$root/target/softhsm-e2e"
 eval "$(tests/softhsm/setup.sh "$root/target/softhsm")"
 export SOFTHSM2_CONF
 
@@ -52,5 +52,11 @@ if [ -f tests/e2e_py/requirements.txt ]; then
   cargo build --locked --bins
   export XKS_PROXY_BIN="$root/target/debug/xks-proxy" KMS_EMULATOR_BIN="$root/target/debug/kms-emulator"
   "$venv/bin/python" -m pytest -q tests/e2e_py
+  say "boto3 lifecycle again with the proxy on SoftHSM (a token per proxy)"
+  (
+    eval "$(tests/softhsm/setup.sh "$root/target/softhsm-e2e" xks-e2e)"
+    export SOFTHSM2_CONF XKS_TEST_PKCS11_MODULE XKS_TEST_SOFTHSM_TOKEN_LABEL XKS_TEST_SOFTHSM_USER_PIN
+    KMS_E2E_PROXY_BACKEND=softhsm "$venv/bin/python" -m pytest -q tests/e2e_py/test_lifecycle.py
+  )
 fi
 say "all tests passed"

@@ -146,16 +146,26 @@ class ProxySetup:
             for var in ("XKS_TEST_PKCS11_MODULE", "XKS_TEST_SOFTHSM_TOKEN_LABEL", "XKS_TEST_SOFTHSM_USER_PIN"):
                 if not os.environ.get(var):
                     raise pytest.UsageError(f"KMS_E2E_PROXY_BACKEND=softhsm needs {var} (tests/softhsm/setup.sh)")
-            self.env["XKS_HSM_PIN"] = os.environ["XKS_TEST_SOFTHSM_USER_PIN"]
+            pin = os.environ["XKS_TEST_SOFTHSM_USER_PIN"]
+            self.env["XKS_HSM_PIN"] = pin
+            # A token of its own per proxy (same SoftHSM config; a new process sees it),
+            # so tests that create the same key ids never meet each other's keys.
+            token = f"e2e-{self.port}"
+            subprocess.run(
+                ["softhsm2-util", "--init-token", "--free", "--label", token,
+                 "--so-pin", "12345678", "--pin", pin],
+                check=True, capture_output=True, timeout=WAIT_SECONDS,
+            )
             self.backend_toml = (
                 'kind = "pkcs11"\n'
                 f'module = "{os.environ["XKS_TEST_PKCS11_MODULE"]}"\n'
-                f'token_label = "{os.environ["XKS_TEST_SOFTHSM_TOKEN_LABEL"]}"\n'
+                f'token_label = "{token}"\n'
                 'user_pin_env = "XKS_HSM_PIN"\n'
             )
         else:
             raise pytest.UsageError(f"unknown KMS_E2E_PROXY_BACKEND={self.backend}")
         self.credentials = [(AKID, "XKS_SECRET_A"), (AKID2, "XKS_SECRET_B")]
+        self.disabled_keys = []  # PKCS#11: the config's disabled_keys list
         self.write()
 
     @property
@@ -172,8 +182,25 @@ class ProxySetup:
             f'[server]\nlisten = "127.0.0.1:{self.port}"\n\n'
             f'[server.tls]\ncertificate = "{CERTS / "server-ecdsa.pem"}"\n'
             f'private_key = "{CERTS / "server-ecdsa.key"}"\n\n'
-            f"[backend]\n{self.backend_toml}{keystores}"
+            f"[backend]\n{self.backend_toml}{self.disabled_toml()}{keystores}"
         )
+
+    def disabled_toml(self):
+        if self.backend != "softhsm":
+            return ""
+        return "disabled_keys = [" + ", ".join(f'"{k}"' for k in self.disabled_keys) + "]\n"
+
+    def set_enabled(self, label, enabled):
+        """Enables or disables an external key the way each backend's operator does: the
+        CLI for the software keystore, the config's disabled_keys list for an HSM. The
+        running proxy applies it on SIGHUP."""
+        if self.backend == "software":
+            self.cli("keys", "enable" if enabled else "disable", "--label", label)
+            return
+        self.disabled_keys = [k for k in self.disabled_keys if k != label]
+        if not enabled:
+            self.disabled_keys.append(label)
+        self.write()
 
     def cli(self, *args):
         out = subprocess.run(

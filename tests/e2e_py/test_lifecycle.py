@@ -96,36 +96,36 @@ def test_full_lifecycle(kms, proxy, proxy_setup, emulator):
     assert describe_store(kms, store)["XksProxyConfiguration"]["AccessKeyId"] == AKID2
     assert kms.decrypt(CiphertextBlob=ct["CiphertextBlob"], EncryptionContext=EC)["Plaintext"] == b"hello from boto3"
 
-    # Disable the external key in the proxy (keystore edit + SIGHUP) → the exact error.
-    if proxy_setup.backend == "software":
-        proxy_setup.cli("keys", "disable", "--label", "key-1")
-        proxy.signal(signal.SIGHUP)
+    # Disable the external key in the proxy (keystore edit or disabled_keys + SIGHUP) →
+    # the exact error.
+    proxy_setup.set_enabled("key-1", False)
+    proxy.signal(signal.SIGHUP)
 
-        def rejected():
-            try:
-                kms.encrypt(KeyId=xks, Plaintext=b"x")
-                return None
-            except ClientError as err:
-                return err
+    def rejected():
+        try:
+            kms.encrypt(KeyId=xks, Plaintext=b"x")
+            return None
+        except ClientError as err:
+            return err
 
-        err = wait_for(rejected)
-        assert err.response["Error"]["Code"] == "KMSInvalidStateException"
-        assert err.response["Error"]["Message"] == (
-            "The external key associated with this KMS key in an external key store is not enabled "
-            "in the external key manager. Enable the external key in the external key manager and "
-            "retry the request."
-        )
-        assert err.response["ResponseMetadata"]["HTTPStatusCode"] == 409
-        proxy_setup.cli("keys", "enable", "--label", "key-1")
-        proxy.signal(signal.SIGHUP)
+    err = wait_for(rejected)
+    assert err.response["Error"]["Code"] == "KMSInvalidStateException"
+    assert err.response["Error"]["Message"] == (
+        "The external key associated with this KMS key in an external key store is not enabled "
+        "in the external key manager. Enable the external key in the external key manager and "
+        "retry the request."
+    )
+    assert err.response["ResponseMetadata"]["HTTPStatusCode"] == 409
+    proxy_setup.set_enabled("key-1", True)
+    proxy.signal(signal.SIGHUP)
 
-        def works():
-            try:
-                return kms.encrypt(KeyId=xks, Plaintext=b"x")
-            except ClientError:
-                return None
+    def works():
+        try:
+            return kms.encrypt(KeyId=xks, Plaintext=b"x")
+        except ClientError:
+            return None
 
-        wait_for(works)
+    wait_for(works)
 
     # Disconnect → Unavailable → reconnect → works.
     kms.disconnect_custom_key_store(CustomKeyStoreId=store)
