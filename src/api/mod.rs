@@ -581,12 +581,20 @@ fn json_ok<T: Serialize>(body: &T) -> Response<Full<Bytes>> {
 /// kept; up to `DRAIN_LIMIT_FACTOR × max` further bytes are read and discarded so that
 /// an HTTP/1.1 client still sending sees our 501 rather than a reset (as for declared
 /// lengths); a body larger still is answered at once.
-async fn read_capped<B>(body: B, max: usize) -> Result<Bytes, ApiError>
+///
+/// The copy is wiped when the request is done: an Encrypt body carries the plaintext
+/// (Base64). What hyper and rustls buffered before us is theirs to reuse.
+async fn read_capped<B>(body: B, max: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, ApiError>
 where
     B: http_body::Body<Data = Bytes>,
 {
     let mut body = std::pin::pin!(body);
-    let mut buf = bytes::BytesMut::new();
+    // Sized once from the declared length (bounded by the cap), so the copy is not
+    // reallocated — a reallocation would leave an unwiped old buffer behind.
+    let hint = usize::try_from(body.size_hint().lower())
+        .unwrap_or(max)
+        .min(max);
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(hint.max(1024).min(max)));
     let mut over: Option<usize> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| ApiError::BodyUnreadable)?;
@@ -601,11 +609,22 @@ where
                 }
             }
             None if buf.len() + data.len() > max => over = Some(data.len()),
-            None => buf.extend_from_slice(&data),
+            None => {
+                if buf.capacity() - buf.len() < data.len() {
+                    // Grow by hand (Vec's own growth would free the old block unwiped):
+                    // copy into a bigger buffer, then wipe the old one.
+                    let want = (buf.len() + data.len()).max(2 * buf.capacity()).min(max);
+                    let mut bigger = Vec::with_capacity(want);
+                    bigger.extend_from_slice(&buf);
+                    let mut old = std::mem::replace(&mut *buf, bigger);
+                    zeroize::Zeroize::zeroize(&mut old);
+                }
+                buf.extend_from_slice(&data);
+            }
         }
     }
     match over {
         Some(_) => Err(ApiError::BodyTooLarge(max)),
-        None => Ok(buf.freeze()),
+        None => Ok(buf),
     }
 }
