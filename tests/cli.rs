@@ -2,12 +2,14 @@
 //! the demo quick start (its printed curl lines must work), key commands, signals.
 
 mod common;
+mod kms_support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use kms_support::procs::Proc;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
@@ -222,15 +224,20 @@ fn keys_commands_manage_the_software_keystore() {
     );
 }
 
-/// Starts `xks-proxy serve` and returns the child and its bound address.
-fn serve(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
-    serve_child(config, &[])
+/// Starts `xks-proxy serve` (killed when dropped), with the address it announced.
+fn serve(config: &std::path::Path) -> Proc {
+    let mut cmd = bin();
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info");
+    Proc::spawn(cmd, "listening on https://")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
     let (dir, _text, creds) = prepare(&Options::default());
-    let (mut child, addr) = serve(&dir.path().join("proxy.toml"));
+    let mut proxy = serve(&dir.path().join("proxy.toml"));
+    let addr = proxy.addr;
     let c = Client::new(addr, false, creds[0].clone());
     let url = format!(
         "https://localhost:{}{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt",
@@ -244,7 +251,7 @@ async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
         .output()
         .expect("disable");
     assert!(out.status.success());
-    signal(&child, "-HUP");
+    signal(&proxy.child, "-HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let r = c.post(&url, &encrypt_body(b"x", None)).await;
@@ -258,8 +265,9 @@ async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    signal(&child, "-TERM");
-    let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(15)));
+    signal(&proxy.child, "-TERM");
+    let status =
+        tokio::task::block_in_place(|| wait_exit(&mut proxy.child, Duration::from_secs(15)));
     assert!(status.success(), "{status}");
 }
 
@@ -274,7 +282,8 @@ async fn with_a_file_watch_a_changed_config_or_secret_file_reloads_without_a_sig
         format!("{text}\n[reload]\nwatch_interval_secs = 1\n"),
     )
     .expect("write");
-    let (mut child, addr) = serve(&config);
+    let mut proxy = serve(&config);
+    let addr = proxy.addr;
     let health = format!(
         "https://localhost:{}{PREFIX}/kms/xks/v1/health",
         addr.port()
@@ -327,8 +336,9 @@ async fn with_a_file_watch_a_changed_config_or_secret_file_reloads_without_a_sig
         "old secret gone"
     );
 
-    signal(&child, "-TERM");
-    let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(15)));
+    signal(&proxy.child, "-TERM");
+    let status =
+        tokio::task::block_in_place(|| wait_exit(&mut proxy.child, Duration::from_secs(15)));
     assert!(status.success(), "{status}");
 }
 

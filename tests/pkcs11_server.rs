@@ -6,6 +6,7 @@
 #![cfg(feature = "pkcs11")]
 
 mod common;
+mod kms_support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -343,7 +344,6 @@ async fn a_server_whose_token_vanishes_answers_unavailable_and_recovers_in_place
         String::from_utf8_lossy(&out.stderr)
     );
     let conf = hsm.join("softhsm2.conf");
-    let env = [("SOFTHSM2_CONF", conf.as_os_str())];
     std::fs::write(dir.path().join("pin"), USER_PIN).expect("pin");
     let backend = format!(
         "[backend]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"fault-srv\"\nuser_pin_file = \"pin\"\n",
@@ -371,7 +371,14 @@ async fn a_server_whose_token_vanishes_answers_unavailable_and_recovers_in_place
         String::from_utf8_lossy(&made.stderr)
     );
 
-    let (mut child, addr) = serve_child(&config, &env);
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"));
+    serve
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SOFTHSM2_CONF", &conf)
+        .env("RUST_LOG", "info");
+    let mut proxy = kms_support::procs::Proc::spawn(serve, "listening on https://");
+    let addr = proxy.addr;
     let client = Client::new(addr, false, creds[0].clone());
     let http = &client.http;
     let health = format!(
@@ -450,10 +457,8 @@ async fn a_server_whose_token_vanishes_answers_unavailable_and_recovers_in_place
     }
     assert_eq!(ping(http, addr).await, Some(200), "/ping healthy again");
     assert_eq!(
-        child.try_wait().expect("wait"),
+        proxy.child.try_wait().expect("wait"),
         None,
         "same process, no restart"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -24,9 +24,10 @@ pub fn softhsm_loop(args: &SofthsmLoopArgs) -> Result<()> {
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::mechanism::Mechanism;
     use cryptoki::mechanism::aead::GcmParams;
-    use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+    use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
     use cryptoki::session::{Session, UserType};
     use cryptoki::types::AuthPin;
+    use xks_proxy::backend::KeyUsage;
 
     anyhow::ensure!(
         args.duration > 0.0 && args.duration <= 600.0,
@@ -69,19 +70,10 @@ pub fn softhsm_loop(args: &SofthsmLoopArgs) -> Result<()> {
         admin
             .generate_key(
                 &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
-                    label.clone(),
-                    Attribute::Id(args.key_label.as_bytes().to_vec()),
-                ],
+                &xks_proxy::backend::pkcs11::aes256_template(
+                    &args.key_label,
+                    &[KeyUsage::Encrypt, KeyUsage::Decrypt],
+                ),
             )
             .context("C_GenerateKey")?;
     }

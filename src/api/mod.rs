@@ -337,14 +337,8 @@ impl Api {
             // of our 501. For moderately oversized bodies, discard (never buffer) the
             // rest first so the client reads a clean error; beyond that, answer now.
             if len <= DRAIN_LIMIT_FACTOR * self.max_body {
-                let drain = async {
-                    let mut body = std::pin::pin!(body);
-                    while let Some(frame) = body.frame().await {
-                        if frame.is_err() {
-                            break;
-                        }
-                    }
-                };
+                let mut body = std::pin::pin!(body);
+                let drain = discard(body.as_mut(), len);
                 let _ = tokio::time::timeout(self.body_timeout, drain).await;
             }
             return Err(ApiError::BodyTooLarge(self.max_body).into());
@@ -577,10 +571,9 @@ fn json_ok<T: Serialize>(body: &T) -> Response<Full<Bytes>> {
     }
 }
 
-/// Reads a body of undeclared length up to `max` bytes. Past the cap nothing more is
-/// kept; up to `DRAIN_LIMIT_FACTOR × max` further bytes are read and discarded so that
-/// an HTTP/1.1 client still sending sees our 501 rather than a reset (as for declared
-/// lengths); a body larger still is answered at once.
+/// Reads a body of up to `max` bytes. A longer one (chunked, so not refused up front)
+/// is kept no further than the cap, and up to `DRAIN_LIMIT_FACTOR × max` more bytes are
+/// discarded before the 501, as for declared lengths.
 ///
 /// The copy is wiped when the request is done: an Encrypt body carries the plaintext
 /// (Base64). What hyper and rustls buffered before us is theirs to reuse.
@@ -589,42 +582,44 @@ where
     B: http_body::Body<Data = Bytes>,
 {
     let mut body = std::pin::pin!(body);
-    // Sized once from the declared length (bounded by the cap), so the copy is not
-    // reallocated — a reallocation would leave an unwiped old buffer behind.
-    let hint = usize::try_from(body.size_hint().lower())
-        .unwrap_or(max)
-        .min(max);
+    // Sized from the declared length (what KMS always sends), so the copy is normally
+    // never reallocated; a reallocation would leave an unwiped old buffer behind.
+    let hint = usize::try_from(body.size_hint().lower()).unwrap_or(max);
     let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(hint.max(1024).min(max)));
-    let mut over: Option<usize> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| ApiError::BodyUnreadable)?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers: nothing we use
         };
-        match over.as_mut() {
-            Some(discarded) => {
-                *discarded += data.len();
-                if *discarded > DRAIN_LIMIT_FACTOR * max {
-                    break;
-                }
-            }
-            None if buf.len() + data.len() > max => over = Some(data.len()),
-            None => {
-                if buf.capacity() - buf.len() < data.len() {
-                    // Grow by hand (Vec's own growth would free the old block unwiped):
-                    // copy into a bigger buffer, then wipe the old one.
-                    let want = (buf.len() + data.len()).max(2 * buf.capacity()).min(max);
-                    let mut bigger = Vec::with_capacity(want);
-                    bigger.extend_from_slice(&buf);
-                    let mut old = std::mem::replace(&mut *buf, bigger);
-                    zeroize::Zeroize::zeroize(&mut old);
-                }
-                buf.extend_from_slice(&data);
-            }
+        if buf.len() + data.len() > max {
+            discard(body.as_mut(), DRAIN_LIMIT_FACTOR * max).await;
+            return Err(ApiError::BodyTooLarge(max));
         }
+        if buf.capacity() - buf.len() < data.len() {
+            // Grow by hand (Vec's own growth would free the old block unwiped): copy
+            // into a bigger buffer, then wipe the old one.
+            let want = (buf.len() + data.len()).max(2 * buf.capacity()).min(max);
+            let mut bigger = Vec::with_capacity(want);
+            bigger.extend_from_slice(&buf);
+            let mut old = std::mem::replace(&mut *buf, bigger);
+            zeroize::Zeroize::zeroize(&mut old);
+        }
+        buf.extend_from_slice(&data);
     }
-    match over {
-        Some(_) => Err(ApiError::BodyTooLarge(max)),
-        None => Ok(buf),
+    Ok(buf)
+}
+
+/// Reads and drops up to `limit` more bytes of an oversized body (never buffering them):
+/// an HTTP/1.1 client still sending when we answer may otherwise see a reset instead of
+/// our 501.
+async fn discard<B>(mut body: std::pin::Pin<&mut B>, limit: usize)
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let mut seen = 0;
+    while seen <= limit
+        && let Some(Ok(frame)) = body.frame().await
+    {
+        seen += frame.data_ref().map_or(0, Bytes::len);
     }
 }

@@ -282,7 +282,7 @@ impl Default for CallLimits {
 /// through tokio's blocking pool takes its shared mutex and condvar and may wake any of
 /// its idle threads; on the SoftHSM proxy that hand-off cost ~25–30 µs of CPU per
 /// Encrypt. `concurrency` named threads (one per HSM session) fed by one bounded MPMC
-/// channel served 27–40% more Encrypts per second on the same core (A/B in
+/// channel served 26–40% more Encrypts per second on the same core (A/B in
 /// benches/README.md, "Where the time goes").
 ///
 /// Cloning is cheap; all clones share the same permits and threads. The threads end

@@ -138,8 +138,9 @@ impl Reloader {
         let backend_config = config.backend.clone();
         self.api
             .backend()
-            // Not a KMS request: re-reading a keystore file may take longer than 200 ms.
-            .call_within(std::time::Duration::from_secs(10), move |b| {
+            // Not a KMS request: re-reading a keystore file may take longer than a
+            // request's deadline; the health check's budget bounds it.
+            .call_within(crate::api::health::CHECK_BUDGET, move |b| {
                 // reload first: it only reads (a failure leaves the backend as it was);
                 // reconfigure only swaps validated lists in.
                 b.reload()?;

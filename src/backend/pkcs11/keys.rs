@@ -225,7 +225,7 @@ pub(crate) fn choose(found: &[KeyInfo]) -> Result<Option<usize>, usize> {
 
 /// The template of a new AES-256 key: token object, private, sensitive,
 /// non-extractable, CKA_LABEL = CKA_ID = the key id, usage flags exactly as asked.
-pub(crate) fn aes256_template(key_id: &str, usages: &[KeyUsage]) -> Vec<Attribute> {
+pub fn aes256_template(key_id: &str, usages: &[KeyUsage]) -> Vec<Attribute> {
     let has = |u: KeyUsage| usages.contains(&u);
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),

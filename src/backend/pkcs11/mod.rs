@@ -47,12 +47,14 @@ use cryptoki::session::Session;
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub use errors::{Pkcs11Error, ckr_name};
+/// The template every AES-256 key we create uses (also the benchmark's SoftHSM loop).
+pub use keys::aes256_template;
 pub use settings::{
     IvPolicy, KeyIdAttribute, MAX_TOKENS, Pkcs11Settings, SettingsError, TokenSettings,
 };
 
 use self::errors::{Fault, Op};
-use self::keys::{KeyInfo, aes256_template, id_attribute_type, id_template};
+use self::keys::{KeyInfo, id_attribute_type, id_template};
 use self::module::Module;
 use self::settings::check_key_id;
 use self::token::{Counters, OpCtx, Shared, Token, Wake, find_slot};
