@@ -80,10 +80,17 @@ pub struct RawServer {
     /// Largest accepted request body. The spec's largest legal body is about 20 KiB.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
-    /// Time allowed for a TLS handshake and for a request's headers to arrive.
+    /// Time allowed for a TLS handshake; for a new connection's first request to
+    /// arrive; and, once a request's first byte has arrived, for its head to complete.
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout_ms: u64,
-    /// A connection with no request in flight and no bytes moving is closed after this.
+    /// Time allowed for a request's whole body to arrive, counted from its head. KMS
+    /// sends about 1 KiB at once; a slow body holds nothing scarce, but no longer.
+    #[serde(default = "default_body_timeout")]
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection that has carried an authenticated request and has none in
+    /// flight is closed after this long idle. Connections that never authenticated a
+    /// request get `header_read_timeout_ms` instead.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_ms: u64,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
@@ -92,6 +99,18 @@ pub struct RawServer {
     /// Open connections above this are refused (closed right after accept).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Open connections from one source (an IPv4 address, or an IPv6 /64) above this are
+    /// refused, so one host cannot take every slot. Behind a load balancer that does not
+    /// preserve client addresses, every connection comes from the balancer: raise it.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    #[serde(default = "default_h2_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// Open connections to the plain-HTTP `/ping` listener (and the admin listener)
+    /// above this are refused.
+    #[serde(default = "default_ping_max_connections")]
+    pub ping_max_connections: usize,
     /// Requests being processed at once, all prefixes together; the excess gets 429
     /// ThrottlingException at once (load shedding) instead of queueing into KMS's timeout.
     #[serde(default = "default_max_in_flight")]
@@ -248,8 +267,13 @@ pub struct RawKeystore {
     pub path_prefix: String,
     /// SigV4 credentials accepted for this prefix; two or more during a rotation.
     pub credentials: Vec<RawCredential>,
-    /// If set, only these external key ids are served under this prefix.
+    /// The external key ids this keystore serves, and no other keystore may (others:
+    /// 404). Absent with a single keystore: every key of the backend. With more than one
+    /// keystore, each must name its keys here or in `shared_keys` (`[]` for none).
     pub allowed_keys: Option<Vec<String>>,
+    /// External key ids this keystore serves together with other keystores: the explicit
+    /// opt-in to sharing. Every keystore that serves a shared key lists it here.
+    pub shared_keys: Option<Vec<String>>,
     /// Requests per second this prefix may send (token bucket); the excess gets 429
     /// ThrottlingException. Absent: unlimited. KMS's default quota is 1800.
     pub quota_rps: Option<u32>,
@@ -276,6 +300,18 @@ fn default_header_timeout() -> u64 {
 }
 fn default_idle_timeout() -> u64 {
     120_000
+}
+fn default_body_timeout() -> u64 {
+    1_000
+}
+fn default_max_connections_per_source() -> usize {
+    256
+}
+fn default_h2_streams() -> u32 {
+    64
+}
+fn default_ping_max_connections() -> usize {
+    64
 }
 fn default_grace() -> u64 {
     10_000
@@ -347,9 +383,13 @@ pub struct ServerConfig {
     pub ping_listen: Option<SocketAddr>,
     pub max_body_bytes: usize,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    pub max_connections_per_source: usize,
+    pub http2_max_concurrent_streams: u32,
+    pub ping_max_connections: usize,
     pub max_in_flight: usize,
 }
 
@@ -450,6 +490,10 @@ pub enum BackendConfig {
 pub struct KeystoreConfig {
     pub path_prefix: String,
     pub credentials: Vec<CredentialConfig>,
+    /// Every external key id served under this prefix: `allowed_keys` and `shared_keys`
+    /// together. `None` only for a single keystore that names no keys (it serves every
+    /// key of the backend); validation guarantees no key is served by two prefixes
+    /// unless each lists it under `shared_keys`.
     pub allowed_keys: Option<Vec<String>>,
     /// (requests per second, burst) when a quota is configured.
     pub quota: Option<(u32, u32)>,
@@ -633,15 +677,28 @@ impl RawConfig {
         }
         for (key, v) in [
             ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.body_read_timeout_ms", s.body_read_timeout_ms),
             ("server.idle_timeout_ms", s.idle_timeout_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(key, "must be greater than 0"));
             }
         }
-        if s.max_connections == 0 {
+        for (key, v) in [
+            ("server.max_connections", s.max_connections),
+            (
+                "server.max_connections_per_source",
+                s.max_connections_per_source,
+            ),
+            ("server.ping_max_connections", s.ping_max_connections),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        if s.http2_max_concurrent_streams == 0 {
             return Err(ConfigError::new(
-                "server.max_connections",
+                "server.http2_max_concurrent_streams",
                 "must be greater than 0",
             ));
         }
@@ -774,6 +831,8 @@ impl RawConfig {
             ));
         }
         let mut keystores = Vec::with_capacity(self.keystores.len());
+        // Each keystore's (allowed_keys, shared_keys) as written, for the ownership rules.
+        let mut assignments = Vec::with_capacity(self.keystores.len());
         for (i, ks) in self.keystores.into_iter().enumerate() {
             let key = format!("keystores[{i}]");
             validate_path_prefix(&ks.path_prefix)
@@ -833,13 +892,18 @@ impl RawConfig {
                     source,
                 });
             }
-            if let Some(allowed) = &ks.allowed_keys
-                && let Some(bad) = allowed.iter().find(|k| !valid_key_id(k))
-            {
-                return Err(ConfigError::new(
-                    format!("{key}.allowed_keys"),
-                    format!("'{bad}' is not a valid external key id (1-128 of A-Z a-z 0-9 . _ -)"),
-                ));
+            for (field, list) in [
+                ("allowed_keys", &ks.allowed_keys),
+                ("shared_keys", &ks.shared_keys),
+            ] {
+                if let Some(bad) = list.iter().flatten().find(|k| !valid_key_id(k)) {
+                    return Err(ConfigError::new(
+                        format!("{key}.{field}"),
+                        format!(
+                            "'{bad}' is not a valid external key id (1-128 of A-Z a-z 0-9 . _ -)"
+                        ),
+                    ));
+                }
             }
             let quota = match (ks.quota_rps, ks.quota_burst) {
                 (None, None) => None,
@@ -857,13 +921,19 @@ impl RawConfig {
                     ));
                 }
             };
+            let served = served_keys(ks.allowed_keys.as_deref(), ks.shared_keys.as_deref());
+            assignments.push(KeyLists {
+                allowed: ks.allowed_keys,
+                shared: ks.shared_keys,
+            });
             keystores.push(KeystoreConfig {
                 path_prefix: ks.path_prefix,
                 credentials,
-                allowed_keys: ks.allowed_keys,
+                allowed_keys: served,
                 quota,
             });
         }
+        check_key_ownership(&keystores, &assignments)?;
 
         let policy_file = self.policy.map(|p| base.join(p.file));
         if let Some(p) = &policy_file {
@@ -885,9 +955,13 @@ impl RawConfig {
                 ping_listen,
                 max_body_bytes: s.max_body_bytes,
                 header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
+                body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
                 idle_timeout: Duration::from_millis(s.idle_timeout_ms),
                 shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
                 max_connections: s.max_connections,
+                max_connections_per_source: s.max_connections_per_source,
+                http2_max_concurrent_streams: s.http2_max_concurrent_streams,
+                ping_max_connections: s.ping_max_connections,
                 max_in_flight: s.max_in_flight,
             },
             health: HealthConfig {
@@ -909,6 +983,105 @@ impl RawConfig {
             keystores,
         })
     }
+}
+
+/// The keys a keystore serves: `allowed_keys` and `shared_keys` together, each once, in
+/// the order written; `None` when it names neither (every key of the backend).
+fn served_keys(allowed: Option<&[String]>, shared: Option<&[String]>) -> Option<Vec<String>> {
+    if allowed.is_none() && shared.is_none() {
+        return None;
+    }
+    let mut served: Vec<String> = Vec::new();
+    for k in allowed.into_iter().chain(shared).flatten() {
+        if !served.contains(k) {
+            served.push(k.clone());
+        }
+    }
+    Some(served)
+}
+
+/// One keystore's `allowed_keys` and `shared_keys`, as written.
+struct KeyLists {
+    allowed: Option<Vec<String>>,
+    shared: Option<Vec<String>>,
+}
+
+/// Tenants are isolated by default (a path prefix is one logical keystore, spec "URIs"):
+/// with more than one keystore each must name its keys, and a key named by two keystores
+/// is refused unless every keystore naming it lists it under `shared_keys`, so one
+/// tenant's credentials never reach another tenant's key by omission.
+fn check_key_ownership(
+    keystores: &[KeystoreConfig],
+    assignments: &[KeyLists],
+) -> Result<(), ConfigError> {
+    let name = |i: usize| {
+        format!(
+            "keystores[{i}] (path_prefix = \"{}\")",
+            keystores[i].path_prefix
+        )
+    };
+    if keystores.len() > 1
+        && let Some(i) = assignments
+            .iter()
+            .position(|k| k.allowed.is_none() && k.shared.is_none())
+    {
+        return Err(ConfigError::new(
+            format!("keystores[{i}].allowed_keys"),
+            format!(
+                "missing: {} names no keys; with {} keystores each must name the external keys it serves (tenants are isolated by default). \
+                 Add allowed_keys = [\"<key id>\", ...] to it (allowed_keys = [] for none yet); \
+                 a key that several keystores serve on purpose goes under shared_keys = [\"<key id>\"] in each of them instead",
+                name(i),
+                keystores.len()
+            ),
+        ));
+    }
+    // Key id → (first keystore naming it, whether that one lists it as shared).
+    let mut owner: std::collections::HashMap<&str, (usize, bool)> = Default::default();
+    for (j, lists) in assignments.iter().enumerate() {
+        let named = lists
+            .allowed
+            .iter()
+            .flatten()
+            .map(|k| (k, false))
+            .chain(lists.shared.iter().flatten().map(|k| (k, true)));
+        for (k, is_shared) in named {
+            let field = if is_shared {
+                "shared_keys"
+            } else {
+                "allowed_keys"
+            };
+            match owner.get(k.as_str()) {
+                None => {
+                    owner.insert(k, (j, is_shared));
+                }
+                Some(&(i, was_shared)) if i == j => {
+                    if was_shared != is_shared {
+                        return Err(ConfigError::new(
+                            format!("keystores[{j}].shared_keys"),
+                            format!(
+                                "'{k}' is in both allowed_keys and shared_keys; list it once: under shared_keys if other keystores serve it too, else under allowed_keys"
+                            ),
+                        ));
+                    }
+                }
+                Some(&(i, was_shared)) if !(was_shared && is_shared) => {
+                    return Err(ConfigError::new(
+                        format!("keystores[{j}].{field}"),
+                        format!(
+                            "'{k}' is also served by {}: a key belongs to one keystore, so {} would reach another tenant's key. \
+                             To share it on purpose, list it under shared_keys = [\"{k}\"] (not allowed_keys) in every keystore that serves it; \
+                             otherwise remove it from all but one",
+                            name(i),
+                            name(j)
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes a fresh XKS credential in the format KMS accepts: a 20-character access key id
@@ -1072,6 +1245,123 @@ secret_file = "SECRETFILE"
             + "[[keystores.credentials]]\naccess_key_id = \"AKIAIOSFODNN7EXAMPLE\"\nsecret_file = \"secret\"\n";
         let (_d, r) = with_secret(&dup, GOOD_SECRET);
         assert!(r.expect_err("dup").problem.contains("twice"));
+    }
+
+    /// MINIMAL's keystore "/a" with `a_keys` added, plus a keystore "/b" with `b_keys`.
+    fn two_tenants(a_keys: &str, b_keys: &str) -> String {
+        MINIMAL.replace(
+            "path_prefix = \"/a\"\n",
+            &format!("path_prefix = \"/a\"\n{a_keys}\n"),
+        ) + &format!(
+            "[[keystores]]\npath_prefix = \"/b\"\n{b_keys}\n[[keystores.credentials]]\naccess_key_id = \"BBBBBBBBBBBBBBBBBBBB\"\nsecret_file = \"secret\"\n"
+        )
+    }
+
+    #[test]
+    fn a_single_keystore_without_allowed_keys_serves_every_key() {
+        // Unchanged by tenant isolation: one keystore, no list = every key of the backend.
+        let (_d, cfg) = with_secret(MINIMAL, GOOD_SECRET);
+        assert_eq!(cfg.expect("valid").keystores[0].allowed_keys, None);
+        let one = MINIMAL.replace(
+            "path_prefix = \"/a\"\n",
+            "path_prefix = \"/a\"\nallowed_keys = [\"k1\"]\n",
+        );
+        let (_d, cfg) = with_secret(&one, GOOD_SECRET);
+        assert_eq!(
+            cfg.expect("valid").keystores[0].allowed_keys,
+            Some(vec!["k1".to_owned()])
+        );
+    }
+
+    #[test]
+    fn more_than_one_keystore_must_name_its_keys() {
+        // Issue 10 §3: /b's credentials must not reach /a's keys because nobody said
+        // which keys are whose.
+        let (_d, r) = with_secret(&two_tenants("", ""), GOOD_SECRET);
+        let e = r.expect_err("no assignment");
+        assert_eq!(e.key, "keystores[0].allowed_keys", "{e}");
+        for needle in [
+            "keystores[0]",
+            "path_prefix = \"/a\"",
+            "allowed_keys = [\"",
+            "shared_keys",
+        ] {
+            assert!(e.problem.contains(needle), "{needle} missing: {e}");
+        }
+        let (_d, r) = with_secret(&two_tenants("allowed_keys = [\"k1\"]", ""), GOOD_SECRET);
+        let e = r.expect_err("/b names no keys");
+        assert_eq!(e.key, "keystores[1].allowed_keys", "{e}");
+        assert!(e.problem.contains("path_prefix = \"/b\""), "{e}");
+        // An empty list is an explicit "no keys yet"; shared_keys alone is explicit too.
+        let (_d, r) = with_secret(
+            &two_tenants("allowed_keys = [\"k1\"]", "allowed_keys = []"),
+            GOOD_SECRET,
+        );
+        let cfg = r.expect("explicit");
+        assert_eq!(cfg.keystores[0].allowed_keys, Some(vec!["k1".to_owned()]));
+        assert_eq!(cfg.keystores[1].allowed_keys, Some(vec![]));
+        let (_d, r) = with_secret(
+            &two_tenants("allowed_keys = []", "shared_keys = [\"k2\"]"),
+            GOOD_SECRET,
+        );
+        assert_eq!(
+            r.expect("explicit").keystores[1].allowed_keys,
+            Some(vec!["k2".to_owned()])
+        );
+    }
+
+    #[test]
+    fn a_key_named_by_two_keystores_is_refused_unless_both_share_it() {
+        let (_d, r) = with_secret(
+            &two_tenants("allowed_keys = [\"k1\", \"k2\"]", "allowed_keys = [\"k2\"]"),
+            GOOD_SECRET,
+        );
+        let e = r.expect_err("overlap");
+        assert_eq!(e.key, "keystores[1].allowed_keys", "{e}");
+        for needle in [
+            "'k2'",
+            "keystores[0] (path_prefix = \"/a\")",
+            "shared_keys = [\"k2\"]",
+        ] {
+            assert!(e.problem.contains(needle), "{needle} missing: {e}");
+        }
+        // Sharing takes both sides: one keystore listing it as shared is not enough.
+        let (_d, r) = with_secret(
+            &two_tenants("allowed_keys = [\"k2\"]", "shared_keys = [\"k2\"]"),
+            GOOD_SECRET,
+        );
+        assert_eq!(r.expect_err("one-sided").key, "keystores[1].shared_keys");
+        // The opt-in: both list it under shared_keys; each serves its own keys too.
+        let (_d, r) = with_secret(
+            &two_tenants(
+                "allowed_keys = [\"k1\"]\nshared_keys = [\"k2\"]",
+                "shared_keys = [\"k2\"]\nallowed_keys = [\"k3\"]",
+            ),
+            GOOD_SECRET,
+        );
+        let cfg = r.expect("shared on purpose");
+        assert_eq!(
+            cfg.keystores[0].allowed_keys,
+            Some(vec!["k1".to_owned(), "k2".to_owned()])
+        );
+        assert_eq!(
+            cfg.keystores[1].allowed_keys,
+            Some(vec!["k3".to_owned(), "k2".to_owned()])
+        );
+        // One keystore listing a key in both lists is ambiguous.
+        let (_d, r) = with_secret(
+            &two_tenants(
+                "allowed_keys = [\"k1\"]\nshared_keys = [\"k1\"]",
+                "allowed_keys = []",
+            ),
+            GOOD_SECRET,
+        );
+        assert_eq!(r.expect_err("both lists").key, "keystores[0].shared_keys");
+        let (_d, r) = with_secret(
+            &two_tenants("allowed_keys = []", "shared_keys = [\"bad id\"]"),
+            GOOD_SECRET,
+        );
+        assert_eq!(r.expect_err("syntax").key, "keystores[1].shared_keys");
     }
 
     #[test]

@@ -101,8 +101,12 @@ fn check(config_path: &Path, endpoint: Option<&str>) -> Report {
         }
     }
     for ks in &cfg.keystores {
+        let keys = match &ks.allowed_keys {
+            None => "every key of the backend".to_owned(),
+            Some(k) => format!("{} assigned key(s)", k.len()),
+        };
         r.pass(format!(
-            "path prefix '{}': XksProxyUriPath {}{XKS_BASE} ({} characters, spec limit 128), {} credential(s)",
+            "path prefix '{}': XksProxyUriPath {}{XKS_BASE} ({} characters, spec limit 128), {} credential(s), serves {keys}",
             ks.path_prefix,
             ks.path_prefix,
             ks.path_prefix.len() + XKS_BASE.len(),
@@ -253,6 +257,12 @@ fn check_backend(r: &mut Report, cfg: &Config) {
             ));
             continue;
         };
+        if keys.is_empty() {
+            r.warn(format!(
+                "prefix '{}': no keys assigned (allowed_keys = []), so KMS can create no key in this store yet",
+                ks.path_prefix
+            ));
+        }
         for key in keys {
             match backend.key_metadata(key) {
                 Ok(md) => {

@@ -11,21 +11,41 @@ use crate::config::{LogFormat, LoggingConfig};
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the config's level.
 /// Returns an error if a subscriber is already installed.
 pub fn init(config: &LoggingConfig) -> Result<(), String> {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
-        .map_err(|e| e.to_string())?;
     // Colour only for a terminal: log files and journald must not get escape codes, and
     // colouring cost ~1.6 µs per request (benches/README.md).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // try_init also bridges the `log` crate (rustls, h2 log through it).
+    tracing_subscriber::util::SubscriberInitExt::try_init(subscriber(
+        config,
+        ansi,
+        std::io::stderr,
+    )?)
+    .map_err(|e| e.to_string())
+}
+
+/// The subscriber [`init`] installs, writing to `writer` (tests read what the operator
+/// would). Request-derived strings are passed as `&str` or `Debug` fields, never
+/// `Display`: the human format then prints them quoted with `\n` and `\u{1b}` escaped,
+/// and the JSON format escapes them as JSON, so no request can start a forged line.
+pub fn subscriber<W>(
+    config: &LoggingConfig,
+    ansi: bool,
+    writer: W,
+) -> Result<Box<dyn tracing::Subscriber + Send + Sync>, String>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.level))
+        .map_err(|e| e.to_string())?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match config.format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    }
-    .map_err(|e| e.to_string())
+        .with_writer(writer);
+    Ok(match config.format {
+        LogFormat::Human => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(builder.json().flatten_event(true).finish()),
+    })
 }
 
 /// The Prometheus recorder: installed once per process (the `metrics` facade is global

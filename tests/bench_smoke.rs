@@ -1,7 +1,9 @@
 //! Smoke test of the load generator (`xks-bench`, benches/loadgen/): it runs for about a
 //! second against an in-process test proxy (tests/common) in each of its main modes and
 //! must finish with zero errors and a well-formed JSON report. This checks the tool,
-//! never a speed.
+//! never a speed. The flood mode (unloaded run, then the same under unauthenticated
+//! attackers) must finish with a well-formed report, every attacker kind must have
+//! connected, and no forged request may ever be answered 200.
 
 mod common;
 
@@ -197,6 +199,107 @@ async fn xks_bench_drives_a_proxy_with_zero_errors_and_reports_json() {
     assert!(
         svg.starts_with("<svg") && svg.contains("KMS timeout"),
         "an SVG with the timeout marked"
+    );
+    proxy.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xks_bench_flood_runs_every_attacker_and_reports_a_verdict() {
+    let proxy = TestProxy::start(Options::default()).await;
+    let url = proxy.base();
+    let akid = proxy.creds[0].akid.clone();
+    let secret_file = proxy.dir.path().join("secret0").display().to_string();
+    let ca = common::repo().join("certs/ca.pem").display().to_string();
+    let mut args: Vec<String> = target_args(&url, &akid, &secret_file, &ca)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    args[0] = "flood".to_owned();
+    args.extend(
+        [
+            "--op",
+            "encrypt",
+            "-c",
+            "2",
+            "--duration",
+            "1",
+            "--rounds",
+            "1",
+            "--attack-ramp",
+            "0.3",
+            "--settle",
+            "0.1",
+            "--attack",
+            "fast-unsigned,slow-body,slow-head,idle",
+            "--attack-http",
+            "1.1,2",
+            "--attack-connections",
+            "8",
+            "--attack-streams",
+            "4",
+            "--attack-sources",
+            "2",
+            "--attack-rate",
+            "200",
+            "--trickle-ms",
+            "100",
+        ]
+        .map(str::to_owned),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        xks_bench(&args, Duration::from_secs(90))
+    })
+    .await
+    .expect("join");
+    let r: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{out}"));
+    let rounds = r["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 1, "{out}");
+    let round = &rounds[0];
+    // Unloaded, the signed client must see no error at all.
+    check_report(&round["unloaded"].to_string(), "encrypt");
+    // Attacked: well-formed whatever the proxy did (no assertion about speed).
+    let attacked = &round["attacked"];
+    assert_eq!(attacked["shape"]["op"], "encrypt", "{out}");
+    let ok = attacked["requests_ok"].as_u64().expect("requests_ok");
+    let errors = attacked["errors"].as_u64().expect("errors");
+    assert!(ok + errors > 0, "the signed client sent nothing: {out}");
+    if let Some(l) = attacked.get("latency") {
+        let p = |k: &str| l[k].as_f64().unwrap_or_else(|| panic!("latency.{k}"));
+        assert!(
+            p("p50_ms") <= p("p99_ms") && p("p99_ms") <= p("max_ms"),
+            "{out}"
+        );
+    }
+    assert!(round["ratio"].as_f64().expect("ratio") >= 0.0);
+    // The signed client comes from 127.0.0.1, the attackers from 127.0.0.2 and .3.
+    assert_eq!(r["client_source"], "127.0.0.1", "{out}");
+    assert_eq!(
+        r["attack"]["sources"],
+        serde_json::json!(["127.0.0.2", "127.0.0.3"]),
+        "{out}"
+    );
+    let groups = round["attackers"]["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 8, "4 kinds × 2 HTTP versions: {out}");
+    let mut established = 0;
+    for g in groups {
+        assert!(g["connects"].as_u64().expect("connects") > 0, "{g}");
+        established += g["established"].as_u64().expect("established");
+        let answered = g["answered"].as_object().expect("answered");
+        assert!(
+            !answered.contains_key("200"),
+            "a forged request got 200: {g}"
+        );
+        if g["kind"] == "fast-unsigned" {
+            assert!(!answered.is_empty(), "fast-unsigned got no answer: {g}");
+        }
+    }
+    assert!(established > 0, "{out}");
+    let v = &r["verdict"];
+    assert!(
+        v["holds"].is_boolean() && v["ratio"].as_f64().is_some(),
+        "{out}"
     );
     proxy.running.shutdown();
 }

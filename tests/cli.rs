@@ -407,3 +407,148 @@ async fn json_logs_have_one_line_per_request() {
     let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(15)));
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_tenants_that_name_no_keys_is_refused_and_changes_nothing() {
+    // Issue 10 §3: with two keystores each must name its keys. A SIGHUP with a config
+    // that adds /b without assignment (and drops credential 0) changes nothing.
+    let (dir, text, creds) = prepare(&Options::default());
+    let config = dir.path().join("proxy.toml");
+    let mut proxy = serve(&config);
+    let port = proxy.addr.port();
+    let url =
+        |prefix: &str, tail: &str| format!("https://localhost:{port}{prefix}/kms/xks/v1/{tail}");
+    let encrypt = url(PREFIX, &format!("keys/{KEY}/encrypt"));
+    let c0 = Client::new(proxy.addr, false, creds[0].clone());
+    let c1 = Client::new(proxy.addr, false, creds[1].clone());
+    assert_eq!(
+        c0.post(&encrypt, &encrypt_body(b"x", None)).await.status,
+        200
+    );
+
+    let (b_akid, b_secret) = xks_proxy::config::generate_credential();
+    std::fs::write(dir.path().join("secret-b"), b_secret.expose()).expect("write");
+    let as_b = c0.with_cred(Cred {
+        akid: b_akid.clone(),
+        secret: b_secret,
+    });
+    let cred0 = format!(
+        "[[keystores.credentials]]\naccess_key_id = \"{}\"\nsecret_file = \"secret0\"\n",
+        creds[0].akid
+    );
+    assert!(text.contains(&cred0));
+    let bad = text.replace(&cred0, "")
+        + &format!(
+            "\n[[keystores]]\npath_prefix = \"/b\"\n[[keystores.credentials]]\naccess_key_id = \"{b_akid}\"\nsecret_file = \"secret-b\"\n"
+        );
+    std::fs::write(&config, &bad).expect("write");
+    let out = bin()
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for needle in [
+        "keystores[0].allowed_keys",
+        "path_prefix = \"/tenant-a\"",
+        "allowed_keys = [\"",
+        "shared_keys",
+    ] {
+        assert!(err.contains(needle), "{needle} missing: {err}");
+    }
+
+    proxy.hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.output().contains("reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            proxy.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        proxy.output().contains("keystores[0].allowed_keys"),
+        "{}",
+        proxy.output()
+    );
+    assert_eq!(
+        c0.post(&encrypt, &encrypt_body(b"x", None)).await.status,
+        200,
+        "credential 0 is still live"
+    );
+    let r = as_b.post(&url("/b", "health"), &health_body()).await;
+    assert_eq!(
+        (r.status, r.error_name()),
+        (404, "InvalidUriPathException"),
+        "/b was not added"
+    );
+
+    // The same change with each keystore naming its keys is applied.
+    let good = bad
+        .replace(
+            &format!("path_prefix = \"{PREFIX}\"\n"),
+            &format!("path_prefix = \"{PREFIX}\"\nallowed_keys = [\"{KEY}\"]\n"),
+        )
+        .replace(
+            "path_prefix = \"/b\"\n",
+            &format!("path_prefix = \"/b\"\nallowed_keys = [\"{KEY_ENCRYPT_ONLY}\"]\n"),
+        );
+    std::fs::write(&config, &good).expect("write");
+    proxy.hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while as_b.post(&url("/b", "health"), &health_body()).await.status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "reload not applied:\n{}",
+            proxy.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = as_b
+        .post(
+            &url("/b", &format!("keys/{KEY}/encrypt")),
+            &encrypt_body(b"x", None),
+        )
+        .await;
+    assert_eq!((r.status, r.error_name()), (404, "KeyNotFoundException"));
+    assert_eq!(
+        c1.post(&encrypt, &encrypt_body(b"x", None)).await.status,
+        200
+    );
+    assert_eq!(
+        c0.post(&encrypt, &encrypt_body(b"x", None)).await.status,
+        401
+    );
+    signal(&proxy.child, "-TERM");
+    let status =
+        tokio::task::block_in_place(|| wait_exit(&mut proxy.child, Duration::from_secs(15)));
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn keys_create_notes_a_key_no_keystore_serves() {
+    let (dir, _text, _) = prepare(&Options {
+        allowed_keys: Some(vec![KEY.into()]),
+        ..Options::default()
+    });
+    let out = bin()
+        .args(["keys", "create", "--label", "unassigned", "--config"])
+        .arg(dir.path().join("proxy.toml"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("no [[keystores]] serves unassigned"), "{err}");
+    assert!(err.contains("allowed_keys"), "{err}");
+    // A single keystore without a list serves every key: nothing to note.
+    let (dir, _text, _) = prepare(&Options::default());
+    let out = bin()
+        .args(["keys", "create", "--label", "served", "--config"])
+        .arg(dir.path().join("proxy.toml"))
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("no [[keystores]]"));
+}

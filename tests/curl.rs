@@ -152,3 +152,59 @@ async fn chunked_oversize_body_is_cut_off() {
     );
     assert!(text.trim_end().ends_with("501"));
 }
+
+/// Issue 10 §1 (AWS's conformance client): answers given before the request body is
+/// read — 404 for an unknown prefix or path, 405 for a GET — used to reach curl over
+/// HTTP/2 about one time in five as `curl: (92) Stream error in the HTTP/2 framing
+/// layer`: the answer went out beside a RST_STREAM for the unread body. curl is the
+/// oracle here; every try must get its answer, on both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_answers_reach_curl_on_both_protocols() {
+    let p = TestProxy::start(Options::default()).await;
+    let cred = p.creds[0].clone();
+    let health = serde_json::to_string(&health_body()).expect("json");
+    let cases = [
+        ("/no-such-prefix/kms/xks/v1/health", "POST", 404),
+        (
+            &format!("{PREFIX}/kms/xks/v1/no-such-operation") as &str,
+            "POST",
+            404,
+        ),
+        (&format!("{PREFIX}/kms/xks/v1/health"), "PUT", 405),
+    ];
+    for flag in ["--http2", "--http1.1"] {
+        for (path, method, want) in &cases {
+            for _ in 0..15 {
+                let out = tokio::task::block_in_place(|| {
+                    curl()
+                        .args(["-sS", flag, "-X", method, "--aws-sigv4"])
+                        .arg("aws:amz:us-east-1:kms-xks-proxy")
+                        .arg("--user")
+                        .arg(format!("{}:{}", cred.akid, cred.secret.expose()))
+                        .arg("--cacert")
+                        .arg(repo().join("certs/ca.pem"))
+                        .args([
+                            "--resolve",
+                            &format!("localhost:{}:127.0.0.1", p.addr().port()),
+                        ])
+                        .args(["-H", "Content-Type: application/json", "-d", &health])
+                        .args(["-w", "\n%{http_code}", "--max-time", "10"])
+                        .arg(p.url(path))
+                        .output()
+                        .expect("curl")
+                });
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    out.status.success(),
+                    "{flag} {method} {path}: curl failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(
+                    text.trim_end().ends_with(&want.to_string()),
+                    "{flag} {method} {path}: {text}"
+                );
+                assert!(text.contains("InvalidUriPathException"), "{text}");
+            }
+        }
+    }
+}

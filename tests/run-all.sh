@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test of the project, installing what the tests need when it is missing:
 #   curl (the curl --aws-sigv4 tests), softhsm2 (the PKCS#11 backend on a real token),
-#   python3 + venv with boto3/pytest/awscli (the KMS-emulator end-to-end tests).
+#   python3 + venv with boto3/pytest/awscli (the KMS-emulator end-to-end tests),
+#   jq, xxd, uuid-runtime (AWS's XKS conformance client, tests/conformance-client.sh).
 # Usage: ./tests/run-all.sh        (from anywhere; works on a fresh Debian with Rust)
+#
+# Installing and preparing stop at the first error. The test stages do not: each one
+# runs even when an earlier one failed, and the script ends with the list of failed
+# stages and a non-zero exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -14,6 +19,9 @@ missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v softhsm2-util >/dev/null || missing+=(softhsm2)
+command -v jq >/dev/null || missing+=(jq)
+command -v xxd >/dev/null || missing+=(xxd)
+command -v uuidgen >/dev/null || missing+=(uuid-runtime)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 if command -v python3 >/dev/null && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   missing+=(python3-venv)
@@ -28,8 +36,8 @@ eval "$(tests/softhsm/setup.sh "$root/target/softhsm")"
 export SOFTHSM2_CONF
 
 # --- Python test dependencies (boto3, pytest, awscli) -----------------------------------
+venv="$root/target/py-venv"
 if [ -f tests/e2e_py/requirements.txt ]; then
-  venv="$root/target/py-venv"
   if [ ! -x "$venv/bin/python" ] || ! cmp -s tests/e2e_py/requirements.txt "$venv/.requirements"; then
     say "installing Python test dependencies"
     rm -rf "$venv"
@@ -43,20 +51,64 @@ fi
 say "deploy test tools (haproxy, systemd-analyze, linters)"
 tests/deploy/install-tools.sh
 
-# --- Rust: unit, integration and end-to-end tests ----------------------------------------
-say "cargo test"
-cargo test --all-targets --locked
+# --- test stages: every one runs; failures are collected --------------------------------
+failed=()
+# stage NAME COMMAND...: runs COMMAND (a program or a function; a function must check
+# its own steps, since `set -e` does not apply inside a condition) and records failure.
+stage() {
+  local name=$1 rc=0
+  shift
+  say "$name"
+  "$@" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    failed+=("$name (exit $rc)")
+    say "FAILED: $name (exit $rc); continuing"
+  fi
+}
+# skip NAME WHY: a stage that cannot run counts as failed.
+skip() {
+  failed+=("$1 (not run: $2)")
+  say "NOT RUN: $1 ($2)"
+}
 
-if [ -f tests/e2e_py/requirements.txt ]; then
-  say "boto3 / AWS CLI end-to-end tests"
-  cargo build --locked --bins
-  export XKS_PROXY_BIN="$root/target/debug/xks-proxy" KMS_EMULATOR_BIN="$root/target/debug/kms-emulator"
-  "$venv/bin/python" -m pytest -q tests/e2e_py
-  say "boto3 lifecycle again with the proxy on SoftHSM (a token per proxy)"
-  (
-    eval "$(tests/softhsm/setup.sh "$root/target/softhsm-e2e" xks-e2e)"
-    export SOFTHSM2_CONF XKS_TEST_PKCS11_MODULE XKS_TEST_SOFTHSM_TOKEN_LABEL XKS_TEST_SOFTHSM_USER_PIN
-    KMS_E2E_PROXY_BACKEND=softhsm "$venv/bin/python" -m pytest -q tests/e2e_py/test_lifecycle.py
-  )
+# Rust: unit, integration and end-to-end tests; every test binary runs even when one
+# fails (--no-fail-fast).
+stage "cargo test" cargo test --all-targets --locked --no-fail-fast
+# The software-only build (no PKCS#11 backend, no cryptoki).
+stage "cargo test --no-default-features" \
+  cargo test --all-targets --locked --no-default-features --no-fail-fast
+
+# The stages below drive the built binaries. Built last, with the default features, so
+# target/debug/xks-proxy has the PKCS#11 backend whatever an earlier stage built.
+say "cargo build --bins"
+bins_ok=1
+cargo build --locked --bins || bins_ok=0
+export XKS_PROXY_BIN="$root/target/debug/xks-proxy" KMS_EMULATOR_BIN="$root/target/debug/kms-emulator"
+
+softhsm_e2e() (
+  env=$(tests/softhsm/setup.sh "$root/target/softhsm-e2e" xks-e2e) || exit 1
+  eval "$env"
+  export SOFTHSM2_CONF XKS_TEST_PKCS11_MODULE XKS_TEST_SOFTHSM_TOKEN_LABEL XKS_TEST_SOFTHSM_USER_PIN
+  KMS_E2E_PROXY_BACKEND=softhsm "$venv/bin/python" -m pytest -q tests/e2e_py/test_lifecycle.py
+)
+
+if [ "$bins_ok" = 0 ]; then
+  failed+=("cargo build --bins")
+  skip "boto3 / AWS CLI end-to-end tests" "cargo build --bins failed"
+  skip "boto3 lifecycle on SoftHSM" "cargo build --bins failed"
+  skip "AWS XKS conformance client" "cargo build --bins failed"
+else
+  if [ -f tests/e2e_py/requirements.txt ]; then
+    stage "boto3 / AWS CLI end-to-end tests" "$venv/bin/python" -m pytest -q tests/e2e_py
+    stage "boto3 lifecycle on SoftHSM (a token per proxy)" softhsm_e2e
+  fi
+  # software keystore, SoftHSM token, and mTLS (with the client's negative mTLS tests).
+  stage "AWS XKS conformance client (software, softhsm, mtls)" tests/conformance-client.sh
+fi
+
+if [ ${#failed[@]} -gt 0 ]; then
+  say "FAILED stages:"
+  printf '  - %s\n' "${failed[@]}"
+  exit 1
 fi
 say "all tests passed"

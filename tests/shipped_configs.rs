@@ -83,3 +83,59 @@ fn the_grafana_dashboard_uses_only_metrics_the_proxy_exports() {
         "every exported metric has a panel: {used:?}"
     );
 }
+
+#[test]
+fn the_reference_configs_second_tenant_needs_both_tenants_to_name_their_keys() {
+    // config/xks-proxy.toml ends with a commented second [[keystores]]: uncommented as
+    // is, the config is refused (tenants are isolated by default, issue 10 §3) until
+    // "/example" names its keys too, as the comment says.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config/xks-proxy.toml")).expect("read");
+    let (head, tail) = text
+        .split_once("# A second tenant")
+        .expect("the commented second tenant");
+    let second: String = tail
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| l.starts_with('[') || l.contains(" = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(second.contains("[[keystores]]"), "{second}");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let check = |toml: &str| {
+        let path = tmp.path().join("proxy.toml");
+        std::fs::write(&path, toml).expect("write");
+        Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+            .args(["config", "check", "--config"])
+            .arg(&path)
+            .env(
+                "XKS_MASTER_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            )
+            .env(
+                "XKS_SECRET_EXAMPLE",
+                "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY4242",
+            )
+            .env(
+                "XKS_SECRET_OTHER",
+                "otherOTHERotherOTHERotherOTHERotherOTHER4242",
+            )
+            .output()
+            .expect("run")
+    };
+    let out = check(&format!("{head}{second}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused without assignment");
+    assert!(err.contains("keystores[0].allowed_keys"), "{err}");
+    assert!(err.contains("path_prefix = \"/example\""), "{err}");
+    let assigned = head.replace(
+        "# allowed_keys = [\"app-key-1\"]",
+        "allowed_keys = [\"app-key-1\"]",
+    );
+    let out = check(&format!("{assigned}{second}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,13 +1,32 @@
 //! Per-prefix quota: 10x the configured rate gets 429 ThrottlingException for the excess,
-//! immediately (measured server-side, from the proxy's own latency histogram), never a
-//! timeout, a 500 or a crash; admitted requests keep their latency. Its own test binary
-//! so that the process-wide metrics registry holds only this test's requests.
+//! at once — a throttled request never reaches (or waits for) the key manager, counted
+//! from the proxy's own metrics — never a timeout, a 500 or a crash; admitted requests
+//! are all served. Its own test binary so that the process-wide metrics registry holds
+//! only this test's requests. Nothing here asserts a speed: timings are printed.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// The key-manager calls made so far (the count of the backend call histogram).
+fn backend_calls(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("xks_backend_call_duration_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(admin: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text")
+}
 
 /// Sums a histogram's bucket counts for one outcome from Prometheus text.
 fn bucket(metrics: &str, outcome: &str, le: &str) -> f64 {
@@ -22,7 +41,7 @@ fn bucket(metrics: &str, outcome: &str, le: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_times_the_quota_is_throttled_at_once_and_admitted_requests_keep_their_latency() {
+async fn ten_times_the_quota_is_throttled_at_once_and_admitted_requests_are_all_served() {
     let (dir, text, creds) = prepare(&Options::default());
     let text = text
         .replacen(
@@ -38,6 +57,7 @@ async fn ten_times_the_quota_is_throttled_at_once_and_admitted_requests_keep_the
     let admin = p.running.admin_addr.expect("admin");
     let c = p.client(true);
     let url = key_url(&p, KEY, "encrypt");
+    let calls_before = backend_calls(&scrape(admin).await);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..500u32 {
@@ -62,35 +82,38 @@ async fn ten_times_the_quota_is_throttled_at_once_and_admitted_requests_keep_the
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let allowed = 50.0 + 50.0 * secs; // burst + rate over the run
+    // The token bucket over the run's real length (however slow the machine): burst +
+    // rate x seconds, and the rest is throttled.
+    let allowed = 50.0 + 50.0 * secs;
     assert!(
         f64::from(ok) <= allowed + 5.0,
         "{ok} admitted > {allowed:.0}"
     );
     assert!(ok >= 50, "the quota's worth is admitted ({ok})");
-    assert!(throttled >= 300, "the excess is throttled ({throttled})");
+    assert_eq!(ok + throttled, 500);
+    assert!(
+        f64::from(throttled) >= 500.0 - (allowed + 5.0) && throttled > 0,
+        "the excess is throttled ({throttled} of 500 in {secs:.2} s)"
+    );
 
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let metrics = scrape(admin).await;
     let all_429 = bucket(&metrics, "ThrottlingException", "+Inf");
     assert_eq!(all_429 as u32, throttled, "every 429 is in the histogram");
-    // Server-side medians (robust on a shared 2-core machine running a debug build; the
-    // release figures are in benches/README.md): a 429 is answered at once — its median
-    // is under 1 ms, i.e. it never waits for capacity — and admitted requests keep a
-    // median far below KMS's 250 ms budget.
-    let fast_429 = bucket(&metrics, "ThrottlingException", "0.001");
+    // "At once" as behaviour, not speed: a throttled request never reaches the key
+    // manager, so the backend saw exactly the admitted requests (plus, at most, a round
+    // of the background deep health check).
+    let calls = backend_calls(&metrics) - calls_before;
     assert!(
-        fast_429 >= 0.5 * all_429,
-        "median 429 over 1 ms: {fast_429} of {all_429} under"
+        calls >= f64::from(ok) && calls <= f64::from(ok) + 3.0,
+        "{calls} key-manager calls for {ok} admitted and {throttled} throttled requests"
     );
+    // Figures, reported only (a shared 2-core machine running a debug build proves
+    // nothing about speed; the release figures are in benches/README.md).
     let all_ok = bucket(&metrics, "ok", "+Inf");
-    let ok_10ms = bucket(&metrics, "ok", "0.01");
-    assert!(
-        ok_10ms >= 0.5 * all_ok,
-        "median admitted request over 10 ms: {ok_10ms} of {all_ok} under"
+    println!(
+        "{ok} admitted, {throttled} throttled in {secs:.2} s; server-side: {} of {all_429} 429s \
+         under 1 ms, {} of {all_ok} admitted under 10 ms",
+        bucket(&metrics, "ThrottlingException", "0.001"),
+        bucket(&metrics, "ok", "0.01"),
     );
 }

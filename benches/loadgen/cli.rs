@@ -1,9 +1,9 @@
 //! The command line of `xks-bench` (clap derive): one subcommand per role — the load
-//! generator (`run`), the servers it measures against (`null-server`, `proxy-server`),
-//! the figure suite behind benches/README.md (`figures`) and the plain PKCS#11 loop
-//! (`softhsm-loop`).
+//! generator (`run`), the same load under an unauthenticated flood (`flood`), the
+//! servers it measures against (`null-server`, `proxy-server`), the figure suite behind
+//! benches/README.md (`figures`) and the plain PKCS#11 loop (`softhsm-loop`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -23,6 +23,11 @@ pub struct Cli {
 pub enum Command {
     /// Drive an XKS endpoint like KMS does and report throughput, errors and latency.
     Run(Box<RunArgs>),
+    /// The `run` workload measured twice — unloaded, then while attackers flood the
+    /// endpoint with unauthenticated connections and requests (fast and slow, HTTP/1.1
+    /// and HTTP/2) — and whether it holds up: throughput ratio and p99 against KMS's
+    /// 250 ms timeout. Loopback targets only.
+    Flood(Box<FloodArgs>),
     /// Bare hyper + rustls on the proxy's exact TLS config, answering a fixed JSON 200:
     /// the ceiling of our stack on this machine.
     NullServer(NullServerArgs),
@@ -169,6 +174,194 @@ pub struct LoadArgs {
     pub verify: Verify,
 }
 
+/// One kind of unauthenticated attacker (`flood --attack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttackKind {
+    /// Well-formed Encrypt POSTs with a forged SigV4 signature (see --attack-auth), as
+    /// fast as the connection allows; over HTTP/2, --attack-streams at once per
+    /// connection.
+    FastUnsigned,
+    /// Request headers announcing a body (--slow-body-bytes), then the body one byte per
+    /// --trickle-ms, or never; over HTTP/2, --attack-streams such streams per connection.
+    SlowBody,
+    /// A TLS handshake, then the request head (HTTP/2: the connection preface) one byte
+    /// per --trickle-ms, or nothing.
+    SlowHead,
+    /// A TLS handshake, then silence.
+    Idle,
+}
+
+impl AttackKind {
+    pub const ALL: [AttackKind; 4] = [
+        AttackKind::FastUnsigned,
+        AttackKind::SlowBody,
+        AttackKind::SlowHead,
+        AttackKind::Idle,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AttackKind::FastUnsigned => "fast-unsigned",
+            AttackKind::SlowBody => "slow-body",
+            AttackKind::SlowHead => "slow-head",
+            AttackKind::Idle => "idle",
+        }
+    }
+}
+
+/// One `--attack` entry: a kind, and optionally its own connection count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttackEntry {
+    pub kind: AttackKind,
+    /// Connections of this kind (over every --attack-http version); `None`: a share
+    /// of --attack-connections.
+    pub connections: Option<usize>,
+}
+
+/// Parses `KIND` or `KIND=CONNECTIONS` (clap value parser for `--attack`).
+pub fn parse_attack_entry(text: &str) -> Result<AttackEntry, String> {
+    let (name, count) = match text.split_once('=') {
+        Some((n, c)) => (n.trim(), Some(c.trim())),
+        None => (text.trim(), None),
+    };
+    let kind = AttackKind::ALL
+        .into_iter()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| {
+            format!("unknown attacker '{name}' (fast-unsigned, slow-body, slow-head, idle)")
+        })?;
+    let connections = count
+        .map(|c| {
+            c.parse::<usize>()
+                .map_err(|_| format!("'{c}' in '{text}' is not a connection count"))
+        })
+        .transpose()?;
+    Ok(AttackEntry { kind, connections })
+}
+
+/// An HTTP version the attackers speak (ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+pub enum AttackHttp {
+    #[value(name = "1.1")]
+    H1,
+    #[value(name = "2")]
+    H2,
+}
+
+/// What the attackers put in Authorization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttackAuth {
+    /// The target's real access key id, a current X-Amz-Date and a wrong signature: the
+    /// server must hash the body and compute the HMAC before it can say no (its most
+    /// expensive rejection).
+    BadSignature,
+    /// An access key id the server does not know.
+    UnknownKey,
+    /// No Authorization and no X-Amz-Date.
+    None,
+}
+
+/// The attackers of `flood`: which, how many, how fast, from where. Every count and rate
+/// is capped (see `attack.rs`); connections are spread over loopback source addresses.
+#[derive(Debug, Clone, Args)]
+pub struct AttackArgs {
+    /// Attackers: KIND or KIND=CONNECTIONS, comma-separated (fast-unsigned, slow-body,
+    /// slow-head, idle). Kinds without a count share --attack-connections evenly.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_attack_entry,
+        default_value = "fast-unsigned,slow-body,slow-head,idle"
+    )]
+    pub attack: Vec<AttackEntry>,
+    /// HTTP versions the attackers use; each kind's connections are split evenly over
+    /// them.
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "1.1,2")]
+    pub attack_http: Vec<AttackHttp>,
+    /// Attacker connections held at once by the kinds without an explicit count (in
+    /// all, at most 16384).
+    #[arg(long, default_value_t = 256)]
+    pub attack_connections: usize,
+    /// HTTP/2 streams each fast-unsigned or slow-body connection keeps open (the proxy
+    /// allows 256 per connection); at most 1024.
+    #[arg(long, default_value_t = 256)]
+    pub attack_streams: usize,
+    /// Loopback source addresses the attackers spread their connections over:
+    /// 127.0.0.2, 127.0.0.3, ... (never the signed client's 127.0.0.1), so that a
+    /// per-address connection cap meets N addresses. IPv6 loopback has one (::1).
+    #[arg(long, default_value_t = 4)]
+    pub attack_sources: usize,
+    /// New attacker connections per second, all attackers together (reconnects after
+    /// the server closes one included): bounds the handshake load on both sides.
+    #[arg(long, default_value_t = 500.0)]
+    pub attack_connect_rate: f64,
+    /// Fast-unsigned requests per second, all connections together (default: as fast as
+    /// they are answered).
+    #[arg(long)]
+    pub attack_rate: Option<f64>,
+    /// Slow attackers send one byte per this many milliseconds; 0: nothing at all after
+    /// the request headers (slow-body) or the handshake (slow-head).
+    #[arg(long, default_value_t = 1000)]
+    pub trickle_ms: u64,
+    /// The Content-Length slow-body requests announce (keep it under the server's body
+    /// cap, or they are refused at once).
+    #[arg(long, default_value_t = 1000)]
+    pub slow_body_bytes: usize,
+    /// What the attackers put in Authorization.
+    #[arg(long, value_enum, default_value = "bad-signature")]
+    pub attack_auth: AttackAuth,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FloodArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The measured, correctly signed client (the `run` options; closed loop unless
+    /// --rate).
+    #[command(flatten)]
+    pub load: LoadArgs,
+    #[command(flatten)]
+    pub attack: AttackArgs,
+    /// Rounds, each an unloaded run then an attacked run; the verdict uses medians.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Seconds the attackers run before the signed client starts (so slow connections
+    /// have piled up when it connects).
+    #[arg(long, default_value_t = 2.0)]
+    pub attack_ramp: f64,
+    /// Seconds of quiet after each run, so the server has dropped the previous run's
+    /// connections before the next begins.
+    #[arg(long, default_value_t = 1.0)]
+    pub settle: f64,
+    /// Bind the signed client's connections to this address (default: unbound, which on
+    /// IPv4 loopback is 127.0.0.1; the report names the address seen).
+    #[arg(long)]
+    pub client_source: Option<IpAddr>,
+    /// Verdict: the attacked throughput must be at least this fraction of the unloaded.
+    #[arg(long, default_value_t = 0.5)]
+    pub min_ratio: f64,
+    /// Verdict: the attacked p99 must stay under this (KMS's timeout).
+    #[arg(long, default_value_t = 250.0)]
+    pub max_p99_ms: f64,
+    /// A name for this scenario in reports.
+    #[arg(long, default_value = "flood")]
+    pub label: String,
+    /// Print the report as JSON on stdout (default: markdown).
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON report to this file (whatever stdout gets).
+    #[arg(long)]
+    pub json_out: Option<std::path::PathBuf>,
+    /// The server's process id: its CPU and RSS in both runs (loopback only).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -246,6 +439,10 @@ pub struct ProxyServerArgs {
     /// Environment variable holding the token's user PIN, for --softhsm-module.
     #[arg(long, default_value = "XKS_BENCH_HSM_PIN")]
     pub softhsm_pin_env: String,
+    /// Override `[server] max_in_flight` (the global limit on requests being processed):
+    /// a small value shows how few held requests starve everyone (`flood`).
+    #[arg(long)]
+    pub max_in_flight: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args)]

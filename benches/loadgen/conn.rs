@@ -1,15 +1,18 @@
 //! One client connection: TCP (TCP_NODELAY, as KMS's HTTP stack sets it), TLS by
 //! rustls, and hyper's low-level HTTP/1.1 or HTTP/2 client on top — no pool, no
 //! retries, nothing between the measurement and the wire that KMS would not have.
+//! Optionally from a chosen source address (`flood` keeps the signed client's address
+//! apart from the attackers', as a per-address limit would see them).
 
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use crate::target::Target;
@@ -34,6 +37,27 @@ pub struct Connector {
     pub target: Arc<Target>,
     pub http2: bool,
     tls: Option<TlsConnector>,
+    /// Bind here before connecting (`None`: the kernel picks, 127.0.0.1 on loopback).
+    source: Option<IpAddr>,
+    /// The local address of the first connection made (what the server saw).
+    seen_source: Arc<OnceLock<IpAddr>>,
+}
+
+/// Opens a TCP connection to `addr`, from `source` if given (port chosen by the
+/// kernel). Binding first is how one host shows up as several loopback addresses.
+pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    match source {
+        None => TcpStream::connect(addr).await,
+        Some(ip) => {
+            let socket = if ip.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await
+        }
+    }
 }
 
 impl std::fmt::Debug for Connector {
@@ -42,6 +66,7 @@ impl std::fmt::Debug for Connector {
             .field("target", &self.target.authority)
             .field("http2", &self.http2)
             .field("tls", &self.tls.is_some())
+            .field("source", &self.source)
             .finish()
     }
 }
@@ -53,14 +78,34 @@ impl Connector {
         } else {
             None
         };
-        Ok(Self { target, http2, tls })
+        Ok(Self {
+            target,
+            http2,
+            tls,
+            source: None,
+            seen_source: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// Connections from `source` (bound before connecting) instead of the kernel's pick.
+    pub fn with_source(mut self, source: Option<IpAddr>) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// The source address the server saw on this connector's first connection.
+    pub fn seen_source(&self) -> Option<IpAddr> {
+        self.seen_source.get().copied()
     }
 
     /// Opens a connection: TCP, TLS handshake, HTTP handshake.
     pub async fn connect(&self) -> Result<Conn, TransportError> {
-        let tcp = TcpStream::connect(self.target.addr)
+        let tcp = tcp_connect(self.target.addr, self.source)
             .await
             .map_err(|_| TransportError("ConnectFailed"))?;
+        if let Ok(local) = tcp.local_addr() {
+            let _ = self.seen_source.set(local.ip());
+        }
         let _ = tcp.set_nodelay(true);
         match &self.tls {
             Some(tls) => {

@@ -426,8 +426,13 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
                 let plan = Plan::from_args(&load, true, Some(server.pid))?;
                 let label = format!("{} — {}", server.name, sc.key);
                 eprintln!("round {}/{}: {label}", round + 1, a.rounds);
-                let (rep, hist) =
-                    rt.block_on(crate::execute(Arc::clone(target), &load, plan, &label))?;
+                let (rep, hist) = rt.block_on(crate::execute(
+                    Arc::clone(target),
+                    &load,
+                    plan,
+                    &label,
+                    None,
+                ))?;
                 eprint!("{}", report::markdown_row(&rep));
                 let _ = cell.merged.add(&hist);
                 cell.reports.push(rep);

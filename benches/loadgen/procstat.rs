@@ -21,6 +21,12 @@ impl CpuClock {
         CpuClock(read_cpu("/proc/self/stat").unwrap_or_default())
     }
 
+    /// The calling thread alone: `flood`'s attackers run on a thread of their own and
+    /// report what they cost the generator's core, apart from the signed client.
+    pub fn this_thread() -> CpuClock {
+        CpuClock(read_cpu("/proc/thread-self/stat").unwrap_or_default())
+    }
+
     pub fn since(&self, earlier: &CpuClock) -> Duration {
         self.0.saturating_sub(earlier.0)
     }

@@ -94,6 +94,9 @@ pub struct Report {
     /// The machine's 1-minute load average when the run ended: on a shared machine,
     /// what else was competing for the cores.
     pub load_average_1m: f64,
+    /// The address the server saw the client connect from (when it connected at all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_source: Option<String>,
 }
 
 impl Report {
@@ -124,6 +127,7 @@ impl Report {
                 rss_hwm_kib: s.rss_hwm_kib,
             }),
             load_average_1m: load_average(),
+            client_source: None,
         }
     }
 }

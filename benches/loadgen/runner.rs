@@ -110,6 +110,10 @@ pub struct Plan {
     pub timeout: Duration,
     pub quiet: bool,
     pub server_pid: Option<u32>,
+    /// A connection that cannot be opened before the clock starts is counted inside the
+    /// run (its worker retries) instead of stopping it: `flood` connects while the
+    /// server is under attack, and a refused connection is a result, not a failure.
+    pub tolerate_connect_failures: bool,
 }
 
 impl Plan {
@@ -145,6 +149,7 @@ impl Plan {
             timeout: Duration::from_millis(load.timeout_ms.max(1)),
             quiet,
             server_pid,
+            tolerate_connect_failures: false,
         })
     }
 }
@@ -174,10 +179,17 @@ pub async fn run(workload: Arc<Workload>, connector: Connector, plan: Plan) -> R
     // lived; a failed one is retried by its worker inside the run.
     let mut conns: Vec<Option<Conn>> = Vec::with_capacity(plan.concurrency);
     if !plan.new_connection {
-        let mut opened: Vec<Conn> = Vec::with_capacity(plan.connections);
+        let mut opened: Vec<Option<Conn>> = Vec::with_capacity(plan.connections);
+        // One deadline for all of them: a server that stalls handshakes cannot stretch
+        // the run by a timeout per connection.
+        let connect_deadline = Instant::now() + plan.timeout * 20;
         for _ in 0..plan.connections {
-            match connector.connect().await {
-                Ok(c) => opened.push(c),
+            let attempt = tokio::time::timeout_at(connect_deadline, connector.connect())
+                .await
+                .unwrap_or(Err(crate::conn::TransportError("ClientTimeout")));
+            match attempt {
+                Ok(c) => opened.push(Some(c)),
+                Err(_) if plan.tolerate_connect_failures => opened.push(None),
                 Err(e) => anyhow::bail!(
                     "cannot connect to {} ({}): {}",
                     connector.target.authority,
@@ -186,7 +198,6 @@ pub async fn run(workload: Arc<Workload>, connector: Connector, plan: Plan) -> R
                 ),
             }
         }
-        let mut opened = opened.into_iter().map(Some).collect::<Vec<_>>();
         for i in 0..plan.concurrency {
             let slot = i % plan.connections;
             if i < plan.connections {

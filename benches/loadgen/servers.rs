@@ -361,6 +361,10 @@ pub fn proxy_server(args: &ProxyServerArgs) -> Result<()> {
         }
     };
     config.server.listen = args.serve.listen;
+    if let Some(n) = args.max_in_flight {
+        anyhow::ensure!(n > 0, "--max-in-flight must be positive");
+        config.server.max_in_flight = n;
+    }
     config.logging.level.clone_from(&args.log_level);
     config.logging.format = if args.log_json {
         xks_proxy::config::LogFormat::Json

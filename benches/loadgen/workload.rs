@@ -167,6 +167,12 @@ impl Workload {
         Ok((req, expect))
     }
 
+    /// A well-formed Encrypt body, as `request` would send it (the flood's attackers send
+    /// it unsigned).
+    pub fn encrypt_body(&self, rng: &mut Rng) -> serde_json::Result<Bytes> {
+        Ok(self.body(Op::Encrypt, rng)?.0)
+    }
+
     fn body(&self, op: Op, rng: &mut Rng) -> serde_json::Result<(Bytes, Expect)> {
         let mut id = [0u8; 16];
         rng.fill(&mut id);

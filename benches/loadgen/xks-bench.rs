@@ -12,11 +12,16 @@
 //! - `procstat.rs`: CPU and RSS of a process from /proc.
 //! - `servers.rs`: `null-server` and `proxy-server`.
 //! - `figures.rs`: the README figure suite; `softhsm.rs`: the plain PKCS#11 loop.
+//! - `flood.rs`: `flood`, the signed workload unloaded and under attack, and the
+//!   verdict; `attack.rs`: the unauthenticated attackers it runs (fast and slow,
+//!   HTTP/1.1 and HTTP/2, from several loopback addresses).
 #![forbid(unsafe_code)]
 
+mod attack;
 mod cli;
 mod conn;
 mod figures;
+mod flood;
 mod plot;
 mod procstat;
 mod report;
@@ -44,6 +49,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run_command(&args),
+        Command::Flood(args) => flood::flood(&args),
         Command::NullServer(args) => servers::null_server(&args),
         Command::ProxyServer(args) => servers::proxy_server(&args),
         Command::Figures(args) => figures::figures(&args),
@@ -72,7 +78,7 @@ fn run_command(args: &RunArgs) -> Result<()> {
     let (report, latency) = rt.block_on(async {
         let target = Arc::new(Target::from_args(&args.target).await?);
         let plan = Plan::from_args(&args.load, args.quiet, args.server_pid)?;
-        execute(target, &args.load, plan, &args.label).await
+        execute(target, &args.load, plan, &args.label, None).await
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -95,15 +101,18 @@ fn run_command(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// One complete run: connections, Decrypt samples if needed, the load, the report.
-/// Also returns the latency histogram (for plots).
+/// One complete run: connections (from `source` if given), Decrypt samples if needed,
+/// the load, the report. Also returns the latency histogram (for plots).
 pub async fn execute(
     target: Arc<Target>,
     load: &LoadArgs,
     plan: Plan,
     label: &str,
+    source: Option<std::net::IpAddr>,
 ) -> Result<(Report, Histogram<u64>)> {
-    let connector = Connector::new(Arc::clone(&target), load.http2, load.tls_resumption)?;
+    let connector =
+        Connector::new(Arc::clone(&target), load.http2, load.tls_resumption)?.with_source(source);
+    let seen = connector.clone();
     let mut workload = Workload::new(load)?;
     if workload.uses(Op::Decrypt) && load.verify == Verify::Full {
         // A pool of real ciphertexts, made before the clock starts.
@@ -129,11 +138,12 @@ pub async fn execute(
         duration_s: plan.duration.as_secs_f64(),
     };
     let outcome = runner::run(Arc::new(workload), connector, plan).await?;
-    let report = Report::new(
+    let mut report = Report::new(
         label,
         &format!("{}{}", target.authority, target.base_path),
         shape,
         &outcome,
     );
+    report.client_source = seen.seen_source().map(|ip| ip.to_string());
     Ok((report, outcome.stats.latency))
 }

@@ -60,31 +60,26 @@ pub async fn handle(call: &Call<'_>, req: EncryptRequest) -> Result<EncryptRespo
             let cdiv = want_cdiv
                 .then(|| aad::cdiv(&user_aad, &md, &sealed.iv, &sealed.ciphertext, &sealed.tag));
             if want_cdiv {
-                let back = b
-                    .decrypt(
-                        &key,
-                        Opening {
-                            key_version: sealed.key_version,
-                            iv: &sealed.iv,
-                            ciphertext: &sealed.ciphertext,
-                            tag: &sealed.tag,
-                            aad: &full_aad,
-                        },
-                    )
-                    .map_err(|e| match e {
-                        // An encrypt-only key cannot self-check; the CDIV still protects
-                        // the output on its way to KMS.
-                        BackendError::UsageNotAllowed(_) => SelfCheck::Skipped,
-                        other => SelfCheck::Backend(other),
-                    });
+                // Spec order of work: no CDIV leaves the proxy before the output has been
+                // decrypted again. A key that may not decrypt cannot be checked, so the
+                // request fails with the backend's UsageNotAllowed (400
+                // InvalidKeyUsageException), as AWS's conformance client requires.
+                let back = b.decrypt(
+                    &key,
+                    Opening {
+                        key_version: sealed.key_version,
+                        iv: &sealed.iv,
+                        ciphertext: &sealed.ciphertext,
+                        tag: &sealed.tag,
+                        aad: &full_aad,
+                    },
+                );
                 match back {
                     Ok(pt) if bool::from(pt.expose().ct_eq(plaintext.expose())) => {}
-                    Ok(_) => return Ok(Err(ApiError::SelfCheckFailed)),
-                    Err(SelfCheck::Skipped) => {}
-                    Err(SelfCheck::Backend(BackendError::InvalidCiphertext)) => {
+                    Ok(_) | Err(BackendError::InvalidCiphertext) => {
                         return Ok(Err(ApiError::SelfCheckFailed));
                     }
-                    Err(SelfCheck::Backend(e)) => return Err(e),
+                    Err(e) => return Err(e),
                 }
             }
             Ok(Ok((sealed, cdiv)))
@@ -99,9 +94,4 @@ pub async fn handle(call: &Call<'_>, req: EncryptRequest) -> Result<EncryptRespo
         ciphertext_metadata: Some(Base64Bytes(md.to_vec())),
         initialization_vector: Base64Bytes(sealed.iv),
     })
-}
-
-enum SelfCheck {
-    Skipped,
-    Backend(BackendError),
 }

@@ -179,11 +179,22 @@ impl ApiError {
         }
     }
 
+    /// The `errorMessage` text. Authentication failures all get one generic text:
+    /// telling an unknown access key id from a wrong signature would confirm valid ids
+    /// to anyone who can reach the endpoint. The request log line keeps the reason.
+    pub fn wire_text(&self) -> String {
+        if let ApiError::Auth(_) = self {
+            AUTH_FAILED_MESSAGE.to_owned()
+        } else {
+            self.to_string()
+        }
+    }
+
     /// The wire response.
     pub fn to_response(&self) -> Response<Full<Bytes>> {
         let body = ErrorResponse {
             error_name: self.error_name().as_str().to_owned(),
-            error_message: Some(wire_message(&self.to_string())),
+            error_message: Some(wire_message(&self.wire_text())),
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
         let mut resp = Response::new(Full::new(Bytes::from(bytes)));
@@ -199,6 +210,9 @@ impl ApiError {
         resp
     }
 }
+
+/// The one `errorMessage` of every 401.
+pub const AUTH_FAILED_MESSAGE: &str = "the request signature could not be verified for this path prefix (the proxy's log names the reason)";
 
 /// Spec: errorMessage is printable ASCII (0x20-0x7e) and under 512 characters. Our
 /// messages are fixed strings, so this is defence in depth, not a formatter.
@@ -291,6 +305,40 @@ mod tests {
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
         }
+    }
+
+    /// Issue 10 §4: a 401 body must not say which check failed (an unknown access key
+    /// id versus a wrong signature would confirm valid ids).
+    #[test]
+    fn every_authentication_failure_has_one_wire_message() {
+        let bodies: Vec<Bytes> = [
+            AuthError::UnknownAccessKeyId,
+            AuthError::SignatureMismatch,
+            AuthError::MissingAuthorization,
+            AuthError::ClockSkew,
+        ]
+        .into_iter()
+        .map(|e| {
+            let resp = ApiError::Auth(e).to_response();
+            futures_body(resp)
+        })
+        .collect();
+        for b in &bodies {
+            assert_eq!(b, &bodies[0]);
+        }
+        let text = String::from_utf8_lossy(&bodies[0]);
+        assert!(text.contains(AUTH_FAILED_MESSAGE), "{text}");
+        assert!(!text.contains("access key"), "{text}");
+    }
+
+    fn futures_body(resp: Response<Full<Bytes>>) -> Bytes {
+        use http_body_util::BodyExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(resp.into_body().collect())
+            .expect("infallible")
+            .to_bytes()
     }
 
     #[test]

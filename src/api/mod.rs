@@ -44,6 +44,17 @@ pub const MAX_AAD: usize = 16384;
 /// 501, so HTTP/1.1 clients see the answer rather than a reset.
 const DRAIN_LIMIT_FACTOR: usize = 4;
 
+/// The most memory a body buffer takes before its bytes arrive, whatever length the
+/// request declares: an unauthenticated request that declares 64 KiB and sends nothing
+/// holds this much, no more. KMS's bodies are about 1 KiB; the buffer grows (wiping the
+/// old block) only with bytes that actually arrived.
+pub const BODY_BUFFER_START: usize = 8 * 1024;
+
+/// Marks a response to a request whose SigV4 signature verified, so the connection it
+/// came on counts as a client's (kept open for `idle_timeout`) rather than a stranger's.
+#[derive(Debug, Clone, Copy)]
+pub struct Authenticated;
+
 /// One path prefix's runtime state.
 #[derive(Debug)]
 pub struct Tenant {
@@ -156,9 +167,13 @@ pub struct Api {
     backend: Handle,
     health: Arc<HealthMonitor>,
     max_body: usize,
+    max_in_flight: usize,
     body_timeout: std::time::Duration,
-    /// Global load-shedding limit: requests being processed at once.
+    /// Global load-shedding limit: authenticated requests being processed at once.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Requests whose body is being read, before their signature is checked: what
+    /// unauthenticated clients hold (for the metrics and the hostile-client tests).
+    awaiting_body: std::sync::atomic::AtomicUsize,
     /// Secondary authorization, when configured; swapped on reload.
     policy: ArcSwap<Option<Arc<Policy>>>,
 }
@@ -177,6 +192,9 @@ struct RequestLog {
     operation: Option<&'static str>,
     key_id: Option<String>,
     access_key_id: Option<String>,
+    /// Why SigV4 verification failed (a fixed text): for the operator only, never on
+    /// the wire, where every 401 says the same.
+    auth_failure: Option<String>,
     kms_request_id: Option<String>,
     kms_operation: Option<String>,
     principal: Option<String>,
@@ -194,8 +212,10 @@ impl Api {
             backend,
             health,
             max_body: config.server.max_body_bytes,
-            body_timeout: config.server.header_read_timeout,
+            max_in_flight: config.server.max_in_flight,
+            body_timeout: config.server.body_read_timeout,
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.server.max_in_flight)),
+            awaiting_body: std::sync::atomic::AtomicUsize::new(0),
             policy: ArcSwap::from_pointee(None),
         })
     }
@@ -224,6 +244,17 @@ impl Api {
         &self.backend
     }
 
+    /// Requests whose body is being read (not yet authenticated).
+    pub fn awaiting_body(&self) -> usize {
+        self.awaiting_body
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Authenticated requests being processed (out of `server.max_in_flight`).
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.in_flight.available_permits()
+    }
+
     /// Serves one HTTP request (any path).
     pub async fn serve<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
     where
@@ -236,9 +267,12 @@ impl Api {
         let started = Instant::now();
         let mut log = RequestLog::default();
         let result = self.dispatch(req, &mut log).await;
-        let response = match result {
+        let mut response = match result {
             Ok(r) | Err(Outcomed(r)) => r,
         };
+        if log.access_key_id.is_some() {
+            response.extensions_mut().insert(Authenticated);
+        }
         let outcome = if response.status() == StatusCode::OK {
             "ok"
         } else {
@@ -273,6 +307,7 @@ impl Api {
             kms_operation = log.kms_operation.as_deref().unwrap_or("-"),
             principal = log.principal.as_deref().unwrap_or("-"),
             access_key_id = log.access_key_id.as_deref().unwrap_or("-"),
+            auth_failure = log.auth_failure.as_deref(),
             prefix = log.prefix.as_deref().unwrap_or("-"),
             operation = log.operation.unwrap_or("-"),
             key_id = log.key_id.as_deref().unwrap_or("-"),
@@ -305,25 +340,38 @@ impl Api {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (parts, body) = req.into_parts();
-        let path = parts.uri.path();
-        let route = route::parse(path).ok_or(ApiError::UnknownPath)?;
         let tenants = self.tenants.load();
-        let tenant = tenants.get(route.prefix).ok_or(ApiError::UnknownPath)?;
-        // Only configured prefixes reach logs and metric labels (bounded cardinality).
-        log.operation = Some(route.operation.as_str());
-        log.prefix = Some(route.prefix.to_owned());
-        if parts.method != Method::POST {
-            return Err(ApiError::MethodNotAllowed.into());
+        let found = route::parse(parts.uri.path())
+            .and_then(|route| Some((route, tenants.get(route.prefix)?)));
+        let early = match &found {
+            None => Some(ApiError::UnknownPath),
+            Some(_) if parts.method != Method::POST => Some(ApiError::MethodNotAllowed),
+            Some(_) => None,
+        };
+        if let Some((route, _)) = &found {
+            // Only configured prefixes reach logs and metric labels (bounded cardinality).
+            log.operation = Some(route.operation.as_str());
+            log.prefix = Some(route.prefix.to_owned());
         }
-        // Load shedding before any real work: over the global limit, answer 429 now
-        // rather than queue towards KMS's 250 ms timeout.
-        let _in_flight = Arc::clone(&self.in_flight)
-            .try_acquire_owned()
-            .map_err(|_| ApiError::Overloaded)?;
+        let Some((route, tenant)) = found.filter(|_| early.is_none()) else {
+            // An answer given before the body is read would go out beside a reset of the
+            // unread stream (HTTP/2 RST_STREAM), and some clients (curl 7.88) then lose
+            // the answer. So the body is consumed first, within the body deadline and a
+            // bound, never buffered.
+            let mut body = std::pin::pin!(body);
+            let drain = discard(body.as_mut(), DRAIN_LIMIT_FACTOR * self.max_body);
+            let _ = tokio::time::timeout(self.body_timeout, drain).await;
+            return Err(early.unwrap_or(ApiError::UnknownPath).into());
+        };
         let operation = route.operation;
         let key_id = route.key_id.map(str::to_owned);
         log.key_id.clone_from(&key_id);
 
+        // Until the signature verifies, the request holds no permit, quota token or
+        // backend slot: only its connection, its stream, and a body buffer of at most
+        // BODY_BUFFER_START bytes plus what actually arrived (capped at max_body), for
+        // at most the body deadline.
+        //
         // Bound the body before reading it: a declared length over the cap is refused
         // without buffering a byte; an undeclared one is cut off at the cap.
         if let Some(len) = parts
@@ -343,9 +391,11 @@ impl Api {
             }
             return Err(ApiError::BodyTooLarge(self.max_body).into());
         }
+        let reading = Counted::enter(&self.awaiting_body);
         let body = tokio::time::timeout(self.body_timeout, read_capped(body, self.max_body))
             .await
             .map_err(|_| ApiError::BodyUnreadable)??;
+        drop(reading);
 
         let verified = crate::sigv4::verify(
             &parts,
@@ -354,8 +404,17 @@ impl Api {
             &self.sigv4,
             SystemTime::now(),
         )
-        .map_err(ApiError::Auth)?;
+        .map_err(|e| {
+            log.auth_failure = Some(e.to_string());
+            ApiError::Auth(e)
+        })?;
         log.access_key_id = Some(verified.access_key_id);
+        // Load shedding, now that the request is a client's: over the global limit,
+        // answer 429 at once rather than queue towards KMS's 250 ms timeout. Taken only
+        // after SigV4, so unauthenticated requests can never fill it.
+        let _in_flight = Arc::clone(&self.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)?;
         // The per-prefix quota counts authenticated requests only, so an unauthenticated
         // flood cannot spend a tenant's quota.
         if let Some(q) = &tenant.quota
@@ -412,7 +471,7 @@ impl Api {
             Operation::Decrypt => {
                 let req: wire::DecryptRequest = decode(&body, log)?;
                 self.authorize(KeyOperation::Decrypt, tenant, &call, &req.request_metadata)?;
-                Ok(json_ok(&decrypt::handle(&call, req).await?))
+                Ok(json_secret_ok(&decrypt::handle(&call, req).await?))
             }
         }
     }
@@ -441,13 +500,16 @@ impl Api {
         if decision.allowed {
             return Ok(());
         }
+        // Request-derived strings go in as `&str` values, which both log formats
+        // escape (quoted with `\n` and `\u{1b}` in the human one, JSON-escaped in the
+        // other): a newline in kmsRequestId must never start a forged log line.
         tracing::warn!(
-            kms_request_id = %metadata.kms_request_id,
-            kms_operation = %metadata.kms_operation,
+            kms_request_id = metadata.kms_request_id.as_str(),
+            kms_operation = metadata.kms_operation.as_str(),
             principal = metadata.aws_principal_arn.as_deref().unwrap_or("-"),
-            prefix = %tenant.prefix,
+            prefix = tenant.prefix.as_str(),
             key_id = call.key_id,
-            decided_by = %decision.reason,
+            decided_by = ?decision.reason,
             "secondary authorization denied the request"
         );
         Err(ApiError::AccessDenied)
@@ -472,6 +534,22 @@ pub fn ping_response(serving: bool) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("no-store"),
     );
     r
+}
+
+/// Counts itself in an `AtomicUsize` while alive.
+struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The errorName, carried on the response so the log line can report it.
@@ -571,6 +649,60 @@ fn json_ok<T: Serialize>(body: &T) -> Response<Full<Bytes>> {
     }
 }
 
+/// Like [`json_ok`], for a body that carries plaintext (the Decrypt response): the
+/// serialized bytes are built without reallocation leftovers and wiped once hyper has
+/// written them and dropped the body. (Copies hyper or rustls make while writing are
+/// theirs, as on the request side.)
+fn json_secret_ok<T: Serialize>(body: &T) -> Response<Full<Bytes>> {
+    let mut out = WipingWriter(zeroize::Zeroizing::new(Vec::with_capacity(256)));
+    if serde_json::to_writer(&mut out, body).is_err() {
+        return Outcomed::from(ApiError::Backend(crate::backend::BackendError::Failed(
+            "response serialisation failed".into(),
+        )))
+        .0;
+    }
+    let mut r = Response::new(Full::new(Bytes::from_owner(out)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A byte buffer that wipes itself on drop and wipes the old block whenever it grows
+/// (Vec's own growth would free it unwiped).
+struct WipingWriter(zeroize::Zeroizing<Vec<u8>>);
+
+impl WipingWriter {
+    fn push(&mut self, data: &[u8]) {
+        let buf = &mut *self.0;
+        if buf.capacity() - buf.len() < data.len() {
+            let want = (buf.len() + data.len()).max(2 * buf.capacity());
+            let mut bigger = Vec::with_capacity(want);
+            bigger.extend_from_slice(buf);
+            let mut old = std::mem::replace(buf, bigger);
+            zeroize::Zeroize::zeroize(&mut old);
+        }
+        buf.extend_from_slice(data);
+    }
+}
+
+impl std::io::Write for WipingWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.push(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRef<[u8]> for WipingWriter {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// Reads a body of up to `max` bytes. A longer one (chunked, so not refused up front)
 /// is kept no further than the cap, and up to `DRAIN_LIMIT_FACTOR × max` more bytes are
 /// discarded before the 501, as for declared lengths.
@@ -583,30 +715,24 @@ where
 {
     let mut body = std::pin::pin!(body);
     // Sized from the declared length (what KMS always sends), so the copy is normally
-    // never reallocated; a reallocation would leave an unwiped old buffer behind.
+    // never reallocated, but never more than BODY_BUFFER_START up front, whatever the
+    // declared length: memory follows the bytes that actually arrive.
     let hint = usize::try_from(body.size_hint().lower()).unwrap_or(max);
-    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(hint.max(1024).min(max)));
+    let mut buf = WipingWriter(zeroize::Zeroizing::new(Vec::with_capacity(
+        hint.clamp(1024, BODY_BUFFER_START).min(max),
+    )));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| ApiError::BodyUnreadable)?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers: nothing we use
         };
-        if buf.len() + data.len() > max {
+        if buf.0.len() + data.len() > max {
             discard(body.as_mut(), DRAIN_LIMIT_FACTOR * max).await;
             return Err(ApiError::BodyTooLarge(max));
         }
-        if buf.capacity() - buf.len() < data.len() {
-            // Grow by hand (Vec's own growth would free the old block unwiped): copy
-            // into a bigger buffer, then wipe the old one.
-            let want = (buf.len() + data.len()).max(2 * buf.capacity()).min(max);
-            let mut bigger = Vec::with_capacity(want);
-            bigger.extend_from_slice(&buf);
-            let mut old = std::mem::replace(&mut *buf, bigger);
-            zeroize::Zeroize::zeroize(&mut old);
-        }
-        buf.extend_from_slice(&data);
+        buf.push(&data);
     }
-    Ok(buf)
+    Ok(buf.0)
 }
 
 /// Reads and drops up to `limit` more bytes of an oversized body (never buffering them):

@@ -542,6 +542,17 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
                     .collect::<Vec<_>>()
                     .join(",")
             );
+            // Every keystore has a key list and none names the new key: no tenant can
+            // use it until the operator assigns it.
+            if cfg.keystores.iter().all(|k| {
+                k.allowed_keys
+                    .as_ref()
+                    .is_some_and(|keys| !keys.contains(&label))
+            }) {
+                eprintln!(
+                    "note: no [[keystores]] serves {label} yet: add it to the allowed_keys of the keystore that should (shared_keys in each, if several should), then reload"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::List { config } => {

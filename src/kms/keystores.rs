@@ -591,7 +591,8 @@ impl Emulator {
             ch.store(&id);
             Ok(())
         })?;
-        tracing::info!(custom_key_store_id = %id, name = %name, "custom key store created");
+        // The name is the caller's: a `&str` field, escaped by both log formats.
+        tracing::info!(custom_key_store_id = %id, name = name.as_str(), "custom key store created");
         Ok(CreateCustomKeyStoreResponse {
             custom_key_store_id: id,
         })

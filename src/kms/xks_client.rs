@@ -368,8 +368,9 @@ impl XksClient {
         tracing::info!(
             %uri,
             status = status.as_u16(),
-            error_name = %err.error_name.chars().take(64).collect::<String>(),
-            error_message = %message,
+            // The proxy's words: `Debug`-formatted, so escaped in both log formats.
+            error_name = ?err.error_name.chars().take(64).collect::<String>(),
+            error_message = ?message,
             "proxy returned an error"
         );
         ProxyError::parse(&err.error_name)

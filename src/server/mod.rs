@@ -1,16 +1,19 @@
-//! The network side: accept loop, connection cap, TLS handshake, HTTP/1.1 + HTTP/2 (by
-//! ALPN), idle and header timeouts, the optional plain-HTTP `/ping` listener, and
-//! graceful drain on shutdown.
+//! The network side: accept loops, connection admission ([`admission`]), the TLS
+//! handshake, each connection's HTTP and deadlines ([`connection`]), the optional
+//! plain-HTTP `/ping` and admin listeners, and graceful drain on shutdown.
 //!
-//! `server` knows nothing of the XKS API beyond handing each request to [`Api::serve`].
+//! `server` knows nothing of the XKS API beyond handing each request to [`Api::serve`]
+//! (and reading the [`crate::api::Authenticated`] mark on its answer).
 
+pub mod admission;
+pub mod connection;
 pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -18,16 +21,16 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::Api;
 use crate::api::health::HealthMonitor;
 use crate::backend::{CryptoBackend, Handle};
 use crate::config::{Config, ServerConfig};
+use admission::{Gate, Refused};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -293,6 +296,7 @@ pub async fn start_on(
                 Side::Ping,
                 Arc::clone(&api),
                 Arc::clone(&cert_days),
+                config.server.clone(),
                 shutdown_rx.clone(),
             ));
             addr
@@ -313,6 +317,7 @@ pub async fn start_on(
                 Side::Admin,
                 Arc::clone(&api),
                 Arc::clone(&cert_days),
+                config.server.clone(),
                 shutdown_rx,
             ));
             addr
@@ -338,9 +343,12 @@ async fn accept_loop(
     settings: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // One permit per open connection: bounds them, and lets shutdown wait for all of
-    // them to be returned (every connection drained).
-    let connections = Arc::new(Semaphore::new(settings.max_connections));
+    // One admission per open connection: bounds them in all and per source, and lets
+    // shutdown wait for all of them to be returned (every connection drained).
+    let gate = Gate::new(
+        settings.max_connections,
+        settings.max_connections_per_source,
+    );
     let settings = Arc::new(settings);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -356,9 +364,12 @@ async fn accept_loop(
                 }
             },
         };
-        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            tracing::warn!(%peer, limit = settings.max_connections, "connection limit reached; closing new connection");
-            continue;
+        let admission = match gate.admit(peer) {
+            Ok(a) => a,
+            Err(refused) => {
+                note_refused(refused, "xks", peer, &settings);
+                continue;
+            }
         };
         // Nagle would add up to 40 ms to small responses (measured: p99.9 26 ms on c=1).
         let _ = tcp.set_nodelay(true);
@@ -368,127 +379,44 @@ async fn accept_loop(
         let settings = Arc::clone(&settings);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(tcp))
-                        .await
-                    {
-                        Ok(Ok(stream)) => serve_connection(stream, api, &settings, shutdown).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
+            let _admission = admission;
+            let Some(acceptor) = tls else {
+                connection::serve(tcp, api, &settings, shutdown).await;
+                return;
+            };
+            let handshake = acceptor.accept(tcp).into_fallible();
+            match tokio::time::timeout(settings.header_read_timeout, handshake).await {
+                Ok(Ok(stream)) => connection::serve(stream, api, &settings, shutdown).await,
+                Ok(Err((e, tcp))) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    // Let the client read the alert (a refused client certificate must
+                    // end in an alert it can name), then close.
+                    connection::linger_close(tcp, settings.body_read_timeout).await;
                 }
-                None => serve_connection(tcp, api, &settings, shutdown).await,
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
     drop(listener);
-    // Drain: wait until every connection has returned its permit, within the grace.
-    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(settings.shutdown_grace, connections.acquire_many(all))
-        .await
-        .is_err()
-    {
+    // Drain: wait until every connection has returned its admission, within the grace.
+    if !gate.drained(settings.shutdown_grace).await {
         tracing::warn!("shutdown grace period over; closing remaining connections");
     }
 }
 
-/// Tracks whether a connection is idle: requests in flight and the last activity.
-#[derive(Debug)]
-struct Activity {
-    in_flight: AtomicUsize,
-    last_ms: AtomicU64,
-    epoch: Instant,
-}
-
-impl Activity {
-    fn touch(&self) {
-        self.last_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
-    }
-    fn idle_for(&self) -> Duration {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Acquire)))
-    }
-}
-
-struct InFlight<'a>(&'a Activity);
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-fn http_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
-}
-
-async fn serve_connection<S>(
-    stream: S,
-    api: Arc<Api>,
-    settings: &ServerConfig,
-    mut shutdown: watch::Receiver<bool>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let activity = Arc::new(Activity {
-        in_flight: AtomicUsize::new(0),
-        last_ms: AtomicU64::new(0),
-        epoch: Instant::now(),
-    });
-    let act = Arc::clone(&activity);
-    let service = service_fn(move |req: Request<Incoming>| {
-        let api = Arc::clone(&api);
-        let act = Arc::clone(&act);
-        async move {
-            act.in_flight.fetch_add(1, Ordering::AcqRel);
-            let _guard = InFlight(&act);
-            Ok::<Response<Full<Bytes>>, Infallible>(api.serve(req).await)
+/// Counts and logs a refused connection. Debug level for the per-source cap: an
+/// attacker must not be able to flood the log by trying.
+fn note_refused(refused: Refused, listener: &'static str, peer: SocketAddr, s: &ServerConfig) {
+    match refused {
+        Refused::Total => {
+            metrics::counter!("xks_connections_refused_total", "listener" => listener, "reason" => "total")
+                .increment(1);
+            tracing::warn!(%peer, listener, limit = s.max_connections, "connection limit reached; closing new connection");
         }
-    });
-    let builder = http_builder(settings);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let idle = settings.idle_timeout;
-    let mut closing = *shutdown.borrow();
-    if closing {
-        conn.as_mut().graceful_shutdown();
-    }
-    loop {
-        let check_in = idle
-            .saturating_sub(activity.idle_for())
-            .max(Duration::from_millis(10));
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            _ = shutdown.changed(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = tokio::time::sleep(check_in), if !closing => {
-                if activity.in_flight.load(Ordering::Acquire) == 0 && activity.idle_for() >= idle {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
+        Refused::Source => {
+            metrics::counter!("xks_connections_refused_total", "listener" => listener, "reason" => "per_source")
+                .increment(1);
+            tracing::debug!(%peer, listener, limit = s.max_connections_per_source, "per-source connection limit reached; closing new connection");
         }
     }
 }
@@ -502,28 +430,51 @@ enum Side {
     Admin,
 }
 
+/// The `/ping` and admin listeners: plain HTTP/1.1, GET only, bounded like the XKS
+/// listener (a connection cap in all and per source, a head deadline, keep-alive for at
+/// most `header_read_timeout` between requests).
 async fn side_loop(
     listener: TcpListener,
     side: Side,
     api: Arc<Api>,
     cert_days: Arc<std::sync::atomic::AtomicI64>,
+    settings: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let gate = Gate::new(
+        settings.ping_max_connections,
+        settings
+            .max_connections_per_source
+            .min(settings.ping_max_connections),
+    );
+    let name = match side {
+        Side::Ping => "ping",
+        Side::Admin => "admin",
+    };
     loop {
-        let tcp: TcpStream = tokio::select! {
+        let (tcp, peer): (TcpStream, SocketAddr) = tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(a) => a,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        let admission = match gate.admit(peer) {
+            Ok(a) => a,
+            Err(refused) => {
+                note_refused(refused, name, peer, &settings);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let api = Arc::clone(&api);
         let cert_days = Arc::clone(&cert_days);
+        let header_timeout = settings.header_read_timeout;
         tokio::spawn(async move {
+            let _admission = admission;
             let service = service_fn(move |req: Request<Incoming>| {
                 let api = Arc::clone(&api);
                 let cert_days = Arc::clone(&cert_days);
@@ -543,9 +494,12 @@ async fn side_loop(
                     Ok::<_, Infallible>(resp)
                 }
             });
+            // hyper's head timeout also times the wait between requests here: right for
+            // health checkers and scrapers, which reconnect cheaply.
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(header_timeout)
+                .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
         });
@@ -562,6 +516,8 @@ fn metrics_response(api: &Api, cert_days: &std::sync::atomic::AtomicI64) -> Resp
         return r;
     };
     let backend = api.backend();
+    metrics::gauge!("xks_requests_in_flight").set(api.in_flight() as f64);
+    metrics::gauge!("xks_requests_awaiting_body").set(api.awaiting_body() as f64);
     metrics::gauge!("xks_backend_calls_in_flight").set(backend.in_flight() as f64);
     metrics::gauge!("xks_backend_calls_waiting").set(backend.waiting() as f64);
     for e in api.health().current() {

@@ -199,11 +199,17 @@ impl ClientCertVerifier for SubjectVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         // Chain and validity first: a wrong CA or an expired certificate fails here.
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let names = certificate_names(end_entity).map_err(|_| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
-        })?;
+        if let Err(e) = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            tracing::warn!(reason = %e, "mTLS: client certificate refused; handshake refused");
+            return Err(refused());
+        }
+        let Ok(names) = certificate_names(end_entity) else {
+            tracing::warn!("mTLS: client certificate cannot be parsed; handshake refused");
+            return Err(refused());
+        };
         if self
             .subjects
             .iter()
@@ -215,9 +221,7 @@ impl ClientCertVerifier for SubjectVerifier {
                 presented = ?names,
                 "mTLS: client certificate does not carry a required subject name; handshake refused"
             );
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName,
-            ))
+            Err(refused())
         }
     }
 
@@ -242,6 +246,16 @@ impl ClientCertVerifier for SubjectVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// The error for every refused client certificate. rustls turns a certificate error
+/// into a specific alert (certificate_expired, unknown_ca, bad_certificate, ...); any
+/// other error becomes `handshake_failure`, which is what AWS's conformance client
+/// expects for every refused client certificate (and what AWS's sample proxy sends).
+/// One alert for all reasons also tells a prober nothing about the CA or subject rules;
+/// the operator's log line has the reason.
+fn refused() -> rustls::Error {
+    rustls::Error::General("client certificate refused".into())
 }
 
 /// Days until the leaf certificate expires (negative once expired).

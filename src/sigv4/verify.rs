@@ -344,10 +344,10 @@ pub fn verify(
         return Err(AuthError::DateNotSigned);
     }
 
-    // 5. Credential.
-    let credential = credentials
-        .get(auth.access_key_id)
-        .ok_or(AuthError::UnknownAccessKeyId)?;
+    // 5. Credential. An unknown access key id is not refused here: it goes through the
+    // same canonicalisation and HMAC as a wrong signature (with a fixed decoy key), so
+    // response time does not tell an attacker which access key ids exist.
+    let credential = credentials.get(auth.access_key_id);
 
     // 6. Recompute. The payload hash is always our own hash of the received bytes,
     // even if an x-amz-content-sha256 header is present (that is just a header).
@@ -355,13 +355,21 @@ pub fn verify(
     let creq = canonical::canonical_request(parts, auth.signed_headers, &payload_hash)?;
     let sts = canonical::string_to_sign(amz_date, auth.scope, &creq);
 
-    let cached = credential.cached_signing_key(auth.date, auth.region, auth.service);
+    let cached =
+        credential.and_then(|c| c.cached_signing_key(auth.date, auth.region, auth.service));
     let was_cached = cached.is_some();
-    let key = cached.unwrap_or_else(|| {
-        canonical::derive_signing_key(credential.secret(), auth.date, auth.region, auth.service)
-    });
+    let key = match (cached, credential) {
+        (Some(key), _) => key,
+        (None, Some(c)) => {
+            canonical::derive_signing_key(c.secret(), auth.date, auth.region, auth.service)
+        }
+        // The cost of a cached key (the common case for a known id): one HMAC below.
+        (None, None) => canonical::SigningKey::decoy(),
+    };
     let expected = canonical::signature(&key, sts.as_bytes());
-    if !bool::from(expected.ct_eq(&auth.signature)) {
+    let matches = bool::from(expected.ct_eq(&auth.signature));
+    let credential = credential.ok_or(AuthError::UnknownAccessKeyId)?;
+    if !matches {
         return Err(AuthError::SignatureMismatch);
     }
 

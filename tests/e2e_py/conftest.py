@@ -36,7 +36,8 @@ ENDPOINT = "https://xks.test.example"
 PREFIX = "/tenant-a"
 PATH = "/tenant-a/kms/xks/v1"
 # The test proxy also serves these prefixes (same credentials), for tests that need
-# several stores on one proxy.
+# several stores on one proxy. Tenants are isolated: only the first prefix serves the
+# keys the tests create; these have none (allowed_keys = []).
 PATH_B = "/tenant-b/kms/xks/v1"
 PATH_C = "/tenant-c/kms/xks/v1"
 REGION = "us-east-1"
@@ -127,6 +128,7 @@ class ProxySetup:
         self.port = free_port()
         self.latency_ms = latency_ms
         self.prefixes = [PREFIX, "/tenant-b", "/tenant-c"]
+        self.keys = []  # created with create_key; served by the first prefix only
         self.backend = backend or os.environ.get("KMS_E2E_PROXY_BACKEND", "software")
         self.env = dict(os.environ, XKS_SECRET_A=SECRET, XKS_SECRET_B=SECRET2, RUST_LOG="info")
         if self.backend == "software":
@@ -177,7 +179,10 @@ class ProxySetup:
             f'\n[[keystores.credentials]]\naccess_key_id = "{akid}"\nsecret_env = "{env}"\n'
             for akid, env in self.credentials
         )
-        keystores = "".join(f'\n[[keystores]]\npath_prefix = "{p}"\n{creds}' for p in self.prefixes)
+        keystores = "".join(
+            f'\n[[keystores]]\npath_prefix = "{p}"\nallowed_keys = {json.dumps(self.keys if i == 0 else [])}\n{creds}'
+            for i, p in enumerate(self.prefixes)
+        )
         self.config.write_text(
             f'[server]\nlisten = "127.0.0.1:{self.port}"\n\n'
             f'[server.tls]\ncertificate = "{CERTS / "server-ecdsa.pem"}"\n'
@@ -214,6 +219,10 @@ class ProxySetup:
         return out.stdout
 
     def create_key(self, label, usage="encrypt,decrypt"):
+        # Assign it to the first prefix first, so the config always names every key.
+        if label not in self.keys:
+            self.keys.append(label)
+            self.write()
         self.cli("keys", "create", "--label", label, "--usage", usage)
 
     def start(self):

@@ -10,6 +10,7 @@ from botocore.exceptions import ClientError
 from conftest import (
     AKID,
     AKID2,
+    PATH_B,
     SECRET,
     SECRET2,
     ProxySetup,
@@ -147,6 +148,19 @@ def test_external_key_checks(kms):
     disconnect(kms, store)
     with pytest.raises(kms.exceptions.CustomKeyStoreInvalidStateException):
         kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store, XksKeyId="key-1")
+
+
+def test_a_store_cannot_use_another_tenants_key(kms):
+    # Tenants are isolated: /tenant-b's store (its credentials are valid there) asks for
+    # key-1, which belongs to /tenant-a. The proxy answers 404 KeyNotFoundException, as
+    # for a key that does not exist, which KMS reports as XksKeyNotFoundException.
+    other = create_store(kms, "other-tenant", path=PATH_B)
+    assert connect(kms, other)["ConnectionState"] == "CONNECTED"
+    with pytest.raises(kms.exceptions.XksKeyNotFoundException):
+        kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=other, XksKeyId="key-1")
+    own = create_store(kms, "own-tenant")
+    assert connect(kms, own)["ConnectionState"] == "CONNECTED"
+    kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=own, XksKeyId="key-1")
 
 
 # The software keystore can produce neither an all-UNAVAILABLE health report nor an

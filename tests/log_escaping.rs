@@ -1,0 +1,112 @@
+//! Issue 10 §4: every request-derived string (kmsRequestId, kmsOperation, principal,
+//! key id, ...) is escaped in every log line, human and JSON, so a `\n` or an ANSI
+//! escape sequence sent by a client never starts a forged log line or recolours a
+//! terminal. Both formats are the ones `xks-proxy serve` installs
+//! (`telemetry::subscriber`), writing to a buffer instead of stderr.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use xks_proxy::config::{LogFormat, LoggingConfig};
+
+const POLICY: &str = r#"
+@id("deny-everything")
+forbid(principal, action, resource);
+"#;
+
+/// What an attacker puts in every string field it controls.
+const FORGED: &str =
+    "evil\nFORGED 2024-01-01T00:00:00Z INFO xks request status=200 \u{1b}[31mred\u{1b}[0m\r";
+
+async fn hostile_requests(capture: Capture) -> String {
+    let (dir, text, creds) = prepare(&Options::default());
+    std::fs::write(dir.path().join("policy.cedar"), POLICY).expect("policy");
+    let text = text + "\n[policy]\nfile = \"policy.cedar\"\n";
+    let p = TestProxy::start_with(dir, &text, creds).await;
+    let c = p.client(false);
+    // Through the policy (its deny warning), and past it to the request line.
+    let mut body = encrypt_body(b"x", None);
+    body["requestMetadata"]["kmsRequestId"] = json!(FORGED);
+    body["requestMetadata"]["kmsOperation"] = json!(FORGED);
+    body["requestMetadata"]["awsPrincipalArn"] = json!(FORGED);
+    let r = c.post(&key_url(&p, KEY, "encrypt"), &body).await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    // Health is exempt from the policy: its request line carries the id and operation.
+    let health = json!({"requestMetadata": {"kmsRequestId": FORGED, "kmsOperation": FORGED}});
+    assert_eq!(c.post(&health_url(&p), &health).await.status, 200);
+    // A key id is validated before it is logged as the key, but the raw path is not.
+    let r = c
+        .post(
+            &p.url(&format!("{PREFIX}/kms/xks/v1/keys/a%0Ab%1B/metadata")),
+            &json!({"requestMetadata": {"kmsRequestId": FORGED, "kmsOperation": "x", "awsPrincipalArn": "p"}}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    p.running.shutdown();
+    capture.text()
+}
+
+fn check(logs: &str) {
+    assert!(logs.contains("xks request"), "{logs}");
+    assert!(logs.contains("secondary authorization denied"), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "a raw escape reached the log:\n{logs}"
+    );
+    assert!(
+        !logs.contains('\r'),
+        "a raw carriage return reached the log"
+    );
+    for line in logs.lines() {
+        assert!(
+            !line.starts_with("FORGED"),
+            "a request started a log line of its own:\n{logs}"
+        );
+    }
+}
+
+#[test]
+fn human_lines_escape_request_strings() {
+    let capture = Capture::default();
+    let config = LoggingConfig {
+        format: LogFormat::Human,
+        level: "info".into(),
+    };
+    let sub = xks_proxy::telemetry::subscriber(&config, false, capture.clone()).expect("sub");
+    let logs = tracing::subscriber::with_default(sub, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt")
+            .block_on(hostile_requests(capture.clone()))
+    });
+    // The server's tasks ran on this thread, so their lines went to the capture.
+    check(&logs);
+}
+
+#[test]
+fn json_lines_escape_request_strings() {
+    let capture = Capture::default();
+    let config = LoggingConfig {
+        format: LogFormat::Json,
+        level: "info".into(),
+    };
+    let sub = xks_proxy::telemetry::subscriber(&config, false, capture.clone()).expect("sub");
+    let logs = tracing::subscriber::with_default(sub, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt")
+            .block_on(hostile_requests(capture.clone()))
+    });
+    check(&logs);
+    // Every line is one JSON object, and the id comes back intact from it.
+    let mut seen = false;
+    for line in logs.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        seen |= v["kms_request_id"] == FORGED;
+    }
+    assert!(seen, "{logs}");
+}
