@@ -27,7 +27,7 @@
 #   XKS_TEST_CLIENT_DIR  the client (default: ../shared/xks-test-client)
 #   CONFORMANCE_TIMEOUT  seconds one client run may take (default 600)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 root=$(pwd)
 
 bin=${XKS_PROXY_BIN:-$root/target/debug/xks-proxy}
@@ -154,7 +154,7 @@ make_keys() {
             >>"$dir/keys.log" 2>&1; then
             echo "xks-proxy keys create --label ${id%%:*} --usage '$usage' failed:" >&2
             sed 's/^/  | /' "$dir/keys.log" >&2
-            if grep -q 'unknown variant `pkcs11`' "$dir/keys.log"; then
+            if grep -q 'unknown variant .pkcs11.' "$dir/keys.log"; then
                 echo "  $bin has no PKCS#11 backend (built with --no-default-features?):" \
                     "cargo build --locked --bins" >&2
             fi

@@ -4,6 +4,8 @@
 //! It must initialise a SoftHSM token, create the demo key, pick credentials, serve
 //! Encrypt/Decrypt and /ping, stop cleanly on SIGTERM, and reuse all of it on restart.
 //! (The Dockerfile itself is linted in deploy_lint.rs with hadolint.)
+//! The demo serves from a SoftHSM token: it needs the (default) `pkcs11` feature.
+#![cfg(feature = "pkcs11")]
 
 mod deploy;
 

@@ -28,6 +28,23 @@ async fn setup_with(f: impl FnOnce(&mut Config)) -> (Responder, Emu) {
     (r, e)
 }
 
+/// Polls `check` every 20 ms until it yields `Some`; fails naming `what` after 30 s (a
+/// generous bound for an event, never a timing assertion).
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < until, "{what}: not within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A connected store with one XKS key on `key-1`; returns (store id, key ARN).
 async fn connected_key(e: &Emu) -> (String, String) {
     let store = e.create_store("store-a", PATH).await;
@@ -229,8 +246,12 @@ async fn the_full_lifecycle_of_a_store_and_its_key() {
         .err("DeleteCustomKeyStore", json!({"CustomKeyStoreId": store}))
         .await;
     assert_eq!(ty, "CustomKeyStoreHasCMKsException");
-    // 7 "days" of 40 ms.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // 7 "days" of 40 ms: wait for the deletion (the event), bounded.
+    eventually("the key is deleted after its 7 days", || async {
+        let (status, _, _) = e.raw("DescribeKey", &json!({"KeyId": arn})).await;
+        (status != 200).then_some(())
+    })
+    .await;
     let (ty, _, status) = e.err("DescribeKey", json!({"KeyId": arn})).await;
     assert_eq!((ty.as_str(), status), ("NotFoundException", 404));
     e.ok("DeleteCustomKeyStore", json!({"CustomKeyStoreId": store}))
@@ -711,10 +732,14 @@ async fn create_and_connect_failures_map_like_kms() {
     assert_eq!(ty, "XksProxyUriUnreachableException");
     assert!(msg.contains("did not respond in time"), "{msg}");
     let took = started.elapsed();
+    // Two attempts that each waited the full 250 ms (a lower bound is behaviour: the
+    // emulator cannot give up sooner); the upper bound only catches a hang.
     assert!(
-        took >= Duration::from_millis(480) && took < Duration::from_secs(3),
+        took >= Duration::from_millis(480) && took < Duration::from_secs(30),
         "{took:?}"
     );
+    assert_eq!(r.seen().len(), 2, "exactly one retry after a timeout");
+    // And no third attempt turns up later (a quiet period: nothing to wait for).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(r.seen().len(), 2, "exactly one retry after a timeout");
     e.ok("ConnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
@@ -1265,8 +1290,14 @@ async fn connecting_is_asynchronous_and_disconnect_cancels_it() {
         .err("ConnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
         .await;
     assert_eq!(ty, "CustomKeyStoreInvalidStateException");
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(e.store(&store).await["ConnectionState"], "DISCONNECTED");
+    eventually("the store becomes DISCONNECTED", || async {
+        (e.store(&store).await["ConnectionState"] == "DISCONNECTED").then_some(())
+    })
+    .await;
+    // The cancelled attempt wakes 300 ms after the connect and must then send nothing:
+    // a quiet period (something that must NOT happen has no event to wait for), well
+    // past its wake-up.
+    tokio::time::sleep(Duration::from_millis(900)).await;
     assert!(r.seen().len() == 1, "no health check after the disconnect");
     e.ok("ConnectCustomKeyStore", json!({"CustomKeyStoreId": store}))
         .await;
@@ -1343,23 +1374,27 @@ async fn periodic_health_checks_never_change_the_state() {
     let (r, e) = setup_with(|c| c.health_interval = Duration::from_millis(100)).await;
     let store = e.create_store("h", PATH).await;
     e.connect(&store).await;
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    let ops: Vec<String> = r
-        .seen()
-        .iter()
-        .map(|s| {
-            s.body["requestMetadata"]["kmsOperation"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect();
-    assert!(
-        ops.iter().filter(|o| *o == "KmsHealthCheck").count() >= 2,
-        "{ops:?}"
-    );
+    let periodic = || {
+        r.seen()
+            .iter()
+            .filter(|s| s.body["requestMetadata"]["kmsOperation"] == "KmsHealthCheck")
+            .count()
+    };
+    eventually("two successful periodic health checks", || async {
+        let stats = e.emulator.health_stats();
+        stats.get(&store).is_some_and(|s| s.ok >= 2).then_some(())
+    })
+    .await;
+    assert!(periodic() >= 2, "{} KmsHealthCheck requests", periodic());
     r.set(|s| s.mode = Mode::Error(500, "InternalException"));
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    eventually("a failed periodic health check", || async {
+        let stats = e.emulator.health_stats();
+        stats
+            .get(&store)
+            .is_some_and(|s| s.failed >= 1)
+            .then_some(())
+    })
+    .await;
     assert_eq!(e.store(&store).await["ConnectionState"], "CONNECTED");
     let stats = e.emulator.health_stats();
     assert!(
@@ -1380,10 +1415,16 @@ async fn periodic_health_checks_never_change_the_state() {
         json!({"CustomKeyStoreId": store}),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A check already on its way may still land: let it (generously), then a quiet
+    // period of several intervals must see none.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     r.clear_seen();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(r.seen().is_empty());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        r.seen().is_empty(),
+        "{} checks after the disconnect",
+        r.seen().len()
+    );
 }
 
 #[tokio::test]

@@ -90,7 +90,8 @@ async fn connect(kms: &Client, id: &str) -> aws_sdk_kms::types::CustomKeyStoresL
         .send()
         .await
         .expect("connect accepted");
-    for _ in 0..200 {
+    // Bounded: 600 x 50 ms.
+    for _ in 0..600 {
         let d = kms
             .describe_custom_key_stores()
             .custom_key_store_id(id)
@@ -314,7 +315,7 @@ async fn lifecycle(backend: Backend) {
         proxy_setup.disable_key("key-1");
         proxy.hup();
         let mut last = String::new();
-        for _ in 0..100 {
+        for _ in 0..600 {
             match encrypt(&kms, &arn, b"x").await {
                 Err(e) => {
                     last = e;
@@ -330,7 +331,7 @@ async fn lifecycle(backend: Backend) {
         proxy_setup.enable_key("key-1");
         proxy.hup();
         let mut ok = false;
-        for _ in 0..100 {
+        for _ in 0..600 {
             if encrypt(&kms, &arn, b"x").await.is_ok() {
                 ok = true;
                 break;
@@ -374,10 +375,20 @@ async fn lifecycle(backend: Backend) {
         .send()
         .await;
     assert_eq!(code(r), "CustomKeyStoreHasCMKsException");
-    // 7 days of 100 ms each.
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    let r = kms.describe_key().key_id(&arn).send().await;
-    assert_eq!(code(r), "NotFoundException");
+    // 7 days of 100 ms each: wait for the deletion (the event), bounded.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = kms.describe_key().key_id(&arn).send().await;
+        if r.is_err() {
+            assert_eq!(code(r), "NotFoundException");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the key is not deleted 30 s after its 7 days"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     kms.delete_custom_key_store()
         .custom_key_store_id(&store)
         .send()
@@ -398,6 +409,8 @@ async fn sdk_lifecycle_against_the_software_keystore() {
     lifecycle(Backend::Software).await;
 }
 
+// The proxy binary serves PKCS#11 only with the (default) `pkcs11` feature.
+#[cfg(feature = "pkcs11")]
 #[tokio::test]
 async fn sdk_lifecycle_against_softhsm() {
     // The same flow with the proxy on a real SoftHSMv2 token.
@@ -453,16 +466,20 @@ async fn sdk_failure_paths() {
     );
     disconnect(&kms, &store).await;
 
-    // A key manager slower than KMS waits. The proxy's own backend deadline is
-    // 200 ms, so its key manager takes 180 ms and the emulator waits 150 ms (the same
-    // race as a 280 ms key manager against KMS's 250 ms). The store and key are made
-    // by a patient emulator; a hasty one shares its state directory.
-    let slow_setup = ProxySetup::new(Backend::Software, PREFIX, 180);
+    // A key manager slower than KMS waits. Margins are wide both ways, so load on the
+    // machine cannot flip an outcome: the key manager takes 500 ms, the proxy's own
+    // backend deadline is raised to 3 s, the patient emulator that makes the store and
+    // key waits 5 s, and the hasty one (sharing its state directory) gives up after
+    // 150 ms, which nothing can beat since the key manager sleeps 500 ms.
+    let slow_setup = ProxySetup::new(Backend::Software, PREFIX, 500);
+    let mut slow_toml = std::fs::read_to_string(slow_setup.config()).expect("config");
+    slow_toml.push_str("\n[limits]\nbackend_deadline_ms = 3000\n");
+    std::fs::write(slow_setup.config(), slow_toml).expect("config");
     slow_setup.create_key("key-1", "encrypt,decrypt");
     slow_setup.create_key("key-2", "encrypt,decrypt");
     let slow = slow_setup.start();
     let state = tempfile::tempdir().expect("tempdir");
-    let patient = start_emulator(slow.addr, &[], Some(state.path()));
+    let patient = start_emulator(slow.addr, &["--xks-timeout-ms", "5000"], Some(state.path()));
     let kms2 = sdk(&patient);
     // Until the proxy's first deep health check is done it reports UNAVAILABLE.
     let mut store2 = None;
@@ -488,7 +505,7 @@ async fn sdk_failure_paths() {
         .xks_key_id("key-1")
         .send()
         .await
-        .expect("create key within 250 ms")
+        .expect("create key with a patient emulator")
         .key_metadata()
         .and_then(|m| m.arn())
         .expect("arn")
@@ -520,7 +537,7 @@ async fn sdk_failure_paths() {
                 svc.message()
             );
         }
-        Ok(_) => panic!("a 180 ms key manager must time out a 150 ms wait"),
+        Ok(_) => panic!("a 500 ms key manager must time out a 150 ms wait"),
     }
 
     // A proxy that accepts connections but never answers: XKS_PROXY_TIMED_OUT.

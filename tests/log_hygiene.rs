@@ -65,8 +65,12 @@ async fn nothing_secret_reaches_the_logs_at_trace_level() {
             "error messages must not echo input"
         );
     }
-    // Let background log lines land.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Every log line there will be: stop the server and wait (bounded) until it has
+    // drained, so its connection tasks have finished and logged.
+    p.running.shutdown();
+    tokio::time::timeout(std::time::Duration::from_secs(30), p.running.wait())
+        .await
+        .expect("the proxy stops");
     let logs = capture.text();
     assert!(
         logs.len() > 1000,

@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -57,15 +57,16 @@ async fn the_spec_rotation_procedure_with_requests_flowing_loses_nothing() {
     let current = Arc::new(AtomicUsize::new(0)); // which credential clients use
     let failures = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let stop = Instant::now() + Duration::from_secs(3);
+    let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..4 {
         let (old, new) = (old.clone(), new.clone());
         let (current, failures, done) = (current.clone(), failures.clone(), done.clone());
+        let stop = stop.clone();
         let url = key_url(&p, KEY, "encrypt");
         workers.push(tokio::spawn(async move {
             let mut n = 0u32;
-            while Instant::now() < stop && n < 5_000 {
+            while !stop.load(Ordering::Acquire) && n < 50_000 {
                 let c = if current.load(Ordering::Acquire) == 0 {
                     &old
                 } else {
@@ -82,27 +83,42 @@ async fn the_spec_rotation_procedure_with_requests_flowing_loses_nothing() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each step happens with requests flowing: wait (bounded) for 20 more requests
+    // to complete, rather than for a fixed time a slow machine may spend on a few.
+    let flowing = |what: &'static str| {
+        let done = done.clone();
+        async move {
+            let target = done.load(Ordering::Acquire) + 20;
+            let until = Instant::now() + Duration::from_secs(60);
+            while done.load(Ordering::Acquire) < target {
+                assert!(Instant::now() < until, "requests stopped flowing {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    flowing("with only the old set").await;
     // 1. add the new set (both live)
     std::fs::write(&path, &full).expect("write");
     reloader
         .reload(&Config::load(&path).expect("config"))
         .await
         .expect("reload");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    flowing("with both sets").await;
     // 2. KMS switches (UpdateCustomKeyStore)
     current.store(1, Ordering::Release);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    flowing("after the switch").await;
     // 3. remove the old set
     std::fs::write(&path, config_with_only(&p, 1)).expect("write");
     reloader
         .reload(&Config::load(&path).expect("config"))
         .await
         .expect("reload");
+    flowing("with only the new set").await;
+    stop.store(true, Ordering::Release);
     for w in workers {
         w.await.expect("worker");
     }
-    assert!(done.load(Ordering::Relaxed) > 50, "requests kept flowing");
+    assert!(done.load(Ordering::Relaxed) >= 80, "requests kept flowing");
     assert_eq!(
         failures.load(Ordering::Relaxed),
         0,
@@ -320,12 +336,16 @@ async fn the_certificate_reloads_for_new_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_global_in_flight_limit_sheds_load_with_429() {
-    let p = TestProxy::start(Options {
+    // The key manager takes 1 s (the request deadline raised to 5 s, so none times
+    // out): the two admitted requests are still in flight while the other six arrive,
+    // however slowly the eight are scheduled.
+    let (dir, text, creds) = prepare(&Options {
         extra_server: "max_in_flight = 2\n".into(),
-        simulated_latency_ms: 60,
+        simulated_latency_ms: 1000,
         ..Options::default()
-    })
-    .await;
+    });
+    let text = text + "\n[limits]\nbackend_deadline_ms = 5000\n";
+    let p = TestProxy::start_with(dir, &text, creds).await;
     let c = p.client(true);
     let url = key_url(&p, KEY, "encrypt");
     let mut body = encrypt_body(b"x", None);

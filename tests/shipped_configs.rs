@@ -30,6 +30,18 @@ fn every_shipped_config_passes_config_check() {
             .env("XKS_HSM_PIN", "1234")
             .output()
             .expect("run");
+        // A software-only build (--no-default-features) has no PKCS#11 backend: it
+        // must refuse the HSM profiles, naming the missing backend.
+        let text = std::fs::read_to_string(&path).expect("read config");
+        if !cfg!(feature = "pkcs11") && text.contains("kind = \"pkcs11\"") {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && stderr.contains("pkcs11"),
+                "{}: a build without PKCS#11 must refuse it, naming pkcs11: {stderr}",
+                path.display()
+            );
+            continue;
+        }
         assert!(
             out.status.success(),
             "{} fails config check: {}",

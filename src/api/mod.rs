@@ -654,7 +654,7 @@ fn json_ok<T: Serialize>(body: &T) -> Response<Full<Bytes>> {
 /// written them and dropped the body. (Copies hyper or rustls make while writing are
 /// theirs, as on the request side.)
 fn json_secret_ok<T: Serialize>(body: &T) -> Response<Full<Bytes>> {
-    let mut out = WipingWriter(zeroize::Zeroizing::new(Vec::with_capacity(256)));
+    let mut out = WipingWriter::with_capacity(256, usize::MAX);
     if serde_json::to_writer(&mut out, body).is_err() {
         return Outcomed::from(ApiError::Backend(crate::backend::BackendError::Failed(
             "response serialisation failed".into(),
@@ -670,14 +670,26 @@ fn json_secret_ok<T: Serialize>(body: &T) -> Response<Full<Bytes>> {
 }
 
 /// A byte buffer that wipes itself on drop and wipes the old block whenever it grows
-/// (Vec's own growth would free it unwiped).
-struct WipingWriter(zeroize::Zeroizing<Vec<u8>>);
+/// (Vec's own growth would free it unwiped). It grows by doubling, but never past
+/// `cap` beyond what it must hold.
+struct WipingWriter {
+    buf: zeroize::Zeroizing<Vec<u8>>,
+    cap: usize,
+}
 
 impl WipingWriter {
+    fn with_capacity(start: usize, cap: usize) -> Self {
+        Self {
+            buf: zeroize::Zeroizing::new(Vec::with_capacity(start)),
+            cap,
+        }
+    }
+
     fn push(&mut self, data: &[u8]) {
-        let buf = &mut *self.0;
+        let buf = &mut *self.buf;
         if buf.capacity() - buf.len() < data.len() {
-            let want = (buf.len() + data.len()).max(2 * buf.capacity());
+            let need = buf.len() + data.len();
+            let want = need.max((2 * buf.capacity()).min(self.cap));
             let mut bigger = Vec::with_capacity(want);
             bigger.extend_from_slice(buf);
             let mut old = std::mem::replace(buf, bigger);
@@ -699,7 +711,7 @@ impl std::io::Write for WipingWriter {
 
 impl AsRef<[u8]> for WipingWriter {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.buf
     }
 }
 
@@ -718,21 +730,19 @@ where
     // never reallocated, but never more than BODY_BUFFER_START up front, whatever the
     // declared length: memory follows the bytes that actually arrive.
     let hint = usize::try_from(body.size_hint().lower()).unwrap_or(max);
-    let mut buf = WipingWriter(zeroize::Zeroizing::new(Vec::with_capacity(
-        hint.clamp(1024, BODY_BUFFER_START).min(max),
-    )));
+    let mut buf = WipingWriter::with_capacity(hint.clamp(1024, BODY_BUFFER_START).min(max), max);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| ApiError::BodyUnreadable)?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers: nothing we use
         };
-        if buf.0.len() + data.len() > max {
+        if buf.buf.len() + data.len() > max {
             discard(body.as_mut(), DRAIN_LIMIT_FACTOR * max).await;
             return Err(ApiError::BodyTooLarge(max));
         }
         buf.push(&data);
     }
-    Ok(buf.0)
+    Ok(buf.buf)
 }
 
 /// Reads and drops up to `limit` more bytes of an oversized body (never buffering them):
@@ -747,5 +757,39 @@ where
         && let Some(Ok(frame)) = body.frame().await
     {
         seen += frame.data_ref().map_or(0, Bytes::len);
+    }
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+
+    /// The wiping buffer holds exactly what was pushed, across growth, and never grows
+    /// past its cap beyond what it must hold (an unauthenticated body's memory follows
+    /// the bytes that arrived).
+    #[test]
+    fn the_wiping_buffer_keeps_its_bytes_and_its_cap() {
+        let mut w = WipingWriter::with_capacity(4, 100);
+        let mut want = Vec::new();
+        for i in 0..30u8 {
+            w.push(&[i, i, i]);
+            want.extend_from_slice(&[i, i, i]);
+        }
+        assert_eq!(w.as_ref(), &want[..]);
+        assert!(w.buf.capacity() <= 100, "{}", w.buf.capacity());
+    }
+
+    /// The Decrypt response written through the wiping buffer is byte-for-byte what
+    /// serde_json writes.
+    #[test]
+    fn the_secret_response_is_the_same_json() {
+        let resp = wire::DecryptResponse {
+            plaintext: wire::Base64Secret(crate::secret::SecretBytes::from_slice(&[7u8; 6000])),
+        };
+        let mut w = WipingWriter::with_capacity(256, usize::MAX);
+        serde_json::to_writer(&mut w, &resp).expect("json");
+        assert_eq!(w.as_ref(), &serde_json::to_vec(&resp).expect("json")[..]);
+        let r = json_secret_ok(&resp);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
     }
 }

@@ -177,6 +177,14 @@ impl CredentialSet {
         self.creds.iter().find(|c| c.access_key_id == access_key_id)
     }
 
+    /// Whether any credential of the set has a signing key cached for this scope
+    /// (the verifier makes an unknown access key id cost the same as a known one).
+    pub(crate) fn has_cached_scope(&self, date: &str, region: &str, service: &str) -> bool {
+        self.creds
+            .iter()
+            .any(|c| c.cached_signing_key(date, region, service).is_some())
+    }
+
     pub fn access_key_ids(&self) -> impl Iterator<Item = &str> {
         self.creds.iter().map(|c| c.access_key_id.as_str())
     }

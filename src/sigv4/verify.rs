@@ -18,6 +18,7 @@
 //! or `x-forwarded-for`, and KMS itself signs only `host;x-amz-date`. Everything we act
 //! on is covered: the method, path, query and body are always in the canonical request.
 
+use crate::secret::SecretString;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::request::Parts;
@@ -363,8 +364,18 @@ pub fn verify(
         (None, Some(c)) => {
             canonical::derive_signing_key(c.secret(), auth.date, auth.region, auth.service)
         }
-        // The cost of a cached key (the common case for a known id): one HMAC below.
-        (None, None) => canonical::SigningKey::decoy(),
+        // An unknown id costs what a known one would: one HMAC where the set's
+        // credentials already have this scope's key cached, the full derivation where
+        // they do not.
+        (None, None) if credentials.has_cached_scope(auth.date, auth.region, auth.service) => {
+            canonical::SigningKey::decoy()
+        }
+        (None, None) => canonical::derive_signing_key(
+            &SecretString::from("decoy-secret-that-no-credential-has"),
+            auth.date,
+            auth.region,
+            auth.service,
+        ),
     };
     let expected = canonical::signature(&key, sts.as_bytes());
     let matches = bool::from(expected.ct_eq(&auth.signature));

@@ -222,10 +222,13 @@ pub fn sealed_output_shape(backend: &dyn CryptoBackend, fx: &Fixture) {
         assert_eq!(sealed.ciphertext.len(), size, "{CHECK}: ciphertext length");
         assert_eq!(sealed.iv.len(), 12, "{CHECK}: IV length");
         assert_eq!(sealed.tag.len(), 16, "{CHECK}: tag length");
-        assert_ne!(
-            sealed.ciphertext, pt,
-            "{CHECK}: ciphertext equals plaintext ({size} bytes)"
-        );
+        // Not for 1 byte: a correct cipher leaves it unchanged once in 256 runs.
+        if size > 1 {
+            assert_ne!(
+                sealed.ciphertext, pt,
+                "{CHECK}: ciphertext equals plaintext ({size} bytes)"
+            );
+        }
     }
 }
 

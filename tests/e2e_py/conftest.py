@@ -122,7 +122,7 @@ class ProxySetup:
     """One proxy: directory, config, environment and external keys. The port is
     fixed at creation so the proxy can be restarted at the same address."""
 
-    def __init__(self, tmp_path, latency_ms=0, backend=None):
+    def __init__(self, tmp_path, latency_ms=0, backend=None, extra_toml=""):
         self.dir = tmp_path / f"proxy-{free_port()}"
         self.dir.mkdir()
         self.port = free_port()
@@ -168,6 +168,7 @@ class ProxySetup:
             raise pytest.UsageError(f"unknown KMS_E2E_PROXY_BACKEND={self.backend}")
         self.credentials = [(AKID, "XKS_SECRET_A"), (AKID2, "XKS_SECRET_B")]
         self.disabled_keys = []  # PKCS#11: the config's disabled_keys list
+        self.extra_toml = extra_toml  # more top-level tables, e.g. [limits]
         self.write()
 
     @property
@@ -187,7 +188,7 @@ class ProxySetup:
             f'[server]\nlisten = "127.0.0.1:{self.port}"\n\n'
             f'[server.tls]\ncertificate = "{CERTS / "server-ecdsa.pem"}"\n'
             f'private_key = "{CERTS / "server-ecdsa.key"}"\n\n'
-            f"[backend]\n{self.backend_toml}{self.disabled_toml()}{keystores}"
+            f"[backend]\n{self.backend_toml}{self.disabled_toml()}{keystores}{self.extra_toml}"
         )
 
     def disabled_toml(self):

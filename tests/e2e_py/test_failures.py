@@ -87,17 +87,19 @@ def test_proxy_down(kms, proxy):
 
 
 def test_proxy_too_slow(tmp_path):
-    """A key manager slower than KMS waits. The proxy's own backend deadline is
-    200 ms, so its key manager takes 180 ms and this emulator waits 150 ms (the same
-    race as a 280 ms key manager against KMS's 250 ms): key operations time out after
-    one retry. A frozen proxy (accepts connections, never answers) times out the
-    health check too: XKS_PROXY_TIMED_OUT."""
-    setup = ProxySetup(tmp_path, latency_ms=180)
+    """A key manager slower than KMS waits: key operations time out after one retry.
+    Margins are wide both ways, so load on the machine cannot flip an outcome: the key
+    manager takes 500 ms, the proxy's own backend deadline is raised to 3 s, the
+    patient emulator that makes the store and key waits 5 s, and the hasty one gives
+    up after 150 ms, which nothing can beat since the key manager sleeps 500 ms. A
+    frozen proxy (accepts connections, never answers) times out the health check too:
+    XKS_PROXY_TIMED_OUT."""
+    setup = ProxySetup(tmp_path, latency_ms=500, extra_toml="\n[limits]\nbackend_deadline_ms = 3000\n")
     setup.create_key("key-1")
     setup.create_key("key-2")
     proxy = setup.start()
     state = tmp_path / "emulator-state"
-    patient = start_emulator(setup.port, data_dir=state)
+    patient = start_emulator(setup.port, "--xks-timeout-ms", "5000", data_dir=state)
     try:
         kms = kms_client(patient)
         store = None

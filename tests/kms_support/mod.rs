@@ -183,9 +183,9 @@ impl Emu {
         r["CustomKeyStores"][0].clone()
     }
 
-    /// Polls until the store leaves CONNECTING (bounded: 10 s).
+    /// Polls until the store leaves CONNECTING (bounded: 30 s).
     pub async fn wait_connection(&self, id: &str) -> Value {
-        for _ in 0..200 {
+        for _ in 0..600 {
             let s = self.store(id).await;
             if s["ConnectionState"] != "CONNECTING" {
                 return s;
