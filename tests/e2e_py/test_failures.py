@@ -98,42 +98,44 @@ def test_proxy_too_slow(tmp_path):
     setup.create_key("key-1")
     setup.create_key("key-2")
     proxy = setup.start()
-    state = tmp_path / "emulator-state"
-    patient = start_emulator(setup.port, "--xks-timeout-ms", "5000", data_dir=state)
-    try:
-        kms = kms_client(patient)
-        store = None
-        for _ in range(100):  # until the proxy's first deep health check is done
-            try:
-                store = create_store(kms, "slow")
-                break
-            except kms.exceptions.XksProxyUriUnreachableException:
-                time.sleep(0.1)
-        assert store, "the slow proxy never reported healthy"
-        assert connect(kms, store)["ConnectionState"] == "CONNECTED"
-        key = kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store, XksKeyId="key-1")["KeyMetadata"]["Arn"]
+    try:  # the proxy is stopped whatever fails
+        state = tmp_path / "emulator-state"
+        patient = start_emulator(setup.port, "--xks-timeout-ms", "5000", data_dir=state)
+        try:
+            kms = kms_client(patient)
+            store = None
+            for _ in range(100):  # until the proxy's first deep health check is done
+                try:
+                    store = create_store(kms, "slow")
+                    break
+                except kms.exceptions.XksProxyUriUnreachableException:
+                    time.sleep(0.1)
+            assert store, "the slow proxy never reported healthy"
+            assert connect(kms, store)["ConnectionState"] == "CONNECTED"
+            key = kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store, XksKeyId="key-1")["KeyMetadata"]["Arn"]
+        finally:
+            patient.stop()
+        hasty = start_emulator(setup.port, "--xks-timeout-ms", "150", data_dir=state)
+        try:
+            kms = kms_client(hasty)
+            with pytest.raises(ClientError) as e:
+                kms.encrypt(KeyId=key, Plaintext=b"x")
+            assert error_code(e) == "KMSInvalidStateException"
+            assert "did not respond in time" in e.value.response["Error"]["Message"]
+            with pytest.raises(ClientError) as e:
+                kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store, XksKeyId="key-2")
+            assert error_code(e) == "CustomKeyStoreInvalidStateException"
+            assert "did not respond in time" in e.value.response["Error"]["Message"]
+            disconnect(kms, store)
+            proxy.signal(signal.SIGSTOP)
+            s = connect(kms, store)
+            assert s["ConnectionState"] == "FAILED"
+            assert s["ConnectionErrorCode"] == "XKS_PROXY_TIMED_OUT"
+            with pytest.raises(kms.exceptions.XksProxyUriUnreachableException):
+                create_store(kms, "frozen", path="/tenant-b/kms/xks/v1")
+        finally:
+            hasty.stop()
     finally:
-        patient.stop()
-    hasty = start_emulator(setup.port, "--xks-timeout-ms", "150", data_dir=state)
-    try:
-        kms = kms_client(hasty)
-        with pytest.raises(ClientError) as e:
-            kms.encrypt(KeyId=key, Plaintext=b"x")
-        assert error_code(e) == "KMSInvalidStateException"
-        assert "did not respond in time" in e.value.response["Error"]["Message"]
-        with pytest.raises(ClientError) as e:
-            kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store, XksKeyId="key-2")
-        assert error_code(e) == "CustomKeyStoreInvalidStateException"
-        assert "did not respond in time" in e.value.response["Error"]["Message"]
-        disconnect(kms, store)
-        proxy.signal(signal.SIGSTOP)
-        s = connect(kms, store)
-        assert s["ConnectionState"] == "FAILED"
-        assert s["ConnectionErrorCode"] == "XKS_PROXY_TIMED_OUT"
-        with pytest.raises(kms.exceptions.XksProxyUriUnreachableException):
-            create_store(kms, "frozen", path="/tenant-b/kms/xks/v1")
-    finally:
-        hasty.stop()
         proxy.stop()
 
 
