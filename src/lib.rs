@@ -10,7 +10,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | TOML → validated [`config::Config`]; secrets read from env/files |
-//! | [`server`] | listeners, TLS ([`server::tls`]), HTTP/1.1+2, timeouts, graceful drain |
+//! | [`server`] | listeners, TLS ([`server::tls`]), connection caps in all and per source ([`server::admission`]), each connection's HTTP/1.1+2 and deadlines ([`server::connection`]), graceful drain |
 //! | [`api`] | the XKS API: routing, the one error→wire mapping, AAD/CDIV, handlers, health |
 //! | [`sigv4`] | our SigV4 verifier (the product) and a KMS-like signer (aws-sigv4) |
 //! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary: permits, a bounded wait queue, a deadline, and the backend's own call threads — not `spawn_blocking`, see its doc), [`backend::software`] keystore, `backend::pkcs11` (HSMs through cryptoki: session pool, handle cache, recovery, failover) |
@@ -22,12 +22,15 @@
 //!
 //! # One Encrypt request
 //!
-//! `server` (TLS handshake, HTTP) → [`api::Api::serve`] → [`api::route::parse`] →
-//! prefix lookup → body read under a cap → [`sigv4::verify`] with the prefix's
-//! credentials → key id checks → `wire::EncryptRequest` → [`api::encrypt`] builds the
-//! spec AAD ([`api::aad`]) and calls the backend through [`backend::Handle`] (encrypt,
-//! CDIV, verify-decrypt) → 200 JSON, and one log line with kmsRequestId, operation,
-//! principal, prefix, key, outcome and elapsed time.
+//! `server` (admission, TLS handshake, HTTP) → [`api::Api::serve`] →
+//! [`api::route::parse`] → prefix lookup → body read under a cap and a deadline →
+//! [`sigv4::verify`] with the prefix's credentials → only now the in-flight slot and the
+//! prefix's quota (nothing scarce is held before the signature verifies) → key id checks
+//! → `wire::EncryptRequest` → [`api::encrypt`] builds the spec AAD ([`api::aad`]) and
+//! calls the backend through [`backend::Handle`] (encrypt, CDIV, verify-decrypt) → 200
+//! JSON, and one log line with kmsRequestId, operation, principal, prefix, key, outcome
+//! and elapsed time. An answer the API gives before the body is read (404, 405, 501)
+//! still consumes the body first, bounded, so HTTP/2 clients receive it.
 //!
 //! Dependency directions: `server` → `api` → (`sigv4`, `policy`, `backend` via `Handle`);
 //! `backend` knows nothing of HTTP, Base64 or the spec's AAD layout; `kms` uses only
