@@ -353,6 +353,40 @@ async fn a_slow_request_head_is_cut_off() {
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 }
 
+/// Either protocol's client connection.
+enum Conn {
+    H1(H1),
+    H2(H2<Full<Bytes>>),
+}
+
+impl Conn {
+    /// Sends one signed Encrypt and returns its status.
+    async fn encrypt(&mut self, p: &TestProxy, h2: bool) -> u16 {
+        let req = signed_encrypt(p, h2);
+        match self {
+            Conn::H1(s) => {
+                s.ready().await.expect("ready");
+                status_of(s.send_request(req).await).await
+            }
+            Conn::H2(s) => {
+                s.ready().await.expect("ready");
+                status_of(s.send_request(req).await).await
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 and an HTTP/2 connection, each having carried one signed request.
+async fn authenticated_pair(p: &TestProxy) -> [(Conn, tokio::task::JoinHandle<()>); 2] {
+    let (one, conn1) = h1(p, lo(1)).await;
+    let (two, conn2) = h2::<Full<Bytes>>(p, lo(1)).await;
+    let mut pair = [(Conn::H1(one), conn1), (Conn::H2(two), conn2)];
+    for ((conn, _), h2) in pair.iter_mut().zip([false, true]) {
+        assert_eq!(conn.encrypt(p, h2).await, 200);
+    }
+    pair
+}
+
 /// Issue 10 §2: keep-alive is not a slow client. An idle connection that has carried an
 /// authenticated request stays open past `header_read_timeout` (hyper's HTTP/1.1 timer
 /// used to close it then), on HTTP/1.1 and HTTP/2, and carries the next request.
@@ -363,31 +397,14 @@ async fn an_idle_keep_alive_connection_stays_open_for_the_idle_timeout() {
         ..Options::default()
     })
     .await;
-    let (mut one, conn1) = h1(&p, lo(1)).await;
-    let (mut two, conn2) = h2::<Full<Bytes>>(&p, lo(1)).await;
-    assert_eq!(
-        status_of(one.send_request(signed_encrypt(&p, false)).await).await,
-        200
-    );
-    two.ready().await.expect("ready");
-    assert_eq!(
-        status_of(two.send_request(signed_encrypt(&p, true)).await).await,
-        200
-    );
+    let [(one, conn1), (two, conn2)] = authenticated_pair(&p).await;
     // Idle for several header timeouts: passing time is the point here, not an event.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(!conn1.is_finished(), "HTTP/1.1 keep-alive closed early");
     assert!(!conn2.is_finished(), "HTTP/2 connection closed early");
-    one.ready().await.expect("still open");
-    assert_eq!(
-        status_of(one.send_request(signed_encrypt(&p, false)).await).await,
-        200
-    );
-    two.ready().await.expect("still open");
-    assert_eq!(
-        status_of(two.send_request(signed_encrypt(&p, true)).await).await,
-        200
-    );
+    for (mut conn, h2) in [(one, false), (two, true)] {
+        assert_eq!(conn.encrypt(&p, h2).await, 200, "still open");
+    }
 }
 
 /// The other side of keep-alive: an authenticated connection idle for `idle_timeout`
@@ -399,17 +416,8 @@ async fn an_authenticated_connection_idle_past_the_idle_timeout_is_closed() {
         ..Options::default()
     })
     .await;
-    let (mut one, conn1) = h1(&p, lo(1)).await;
-    let (mut two, conn2) = h2::<Full<Bytes>>(&p, lo(1)).await;
-    assert_eq!(
-        status_of(one.send_request(signed_encrypt(&p, false)).await).await,
-        200
-    );
-    two.ready().await.expect("ready");
-    assert_eq!(
-        status_of(two.send_request(signed_encrypt(&p, true)).await).await,
-        200
-    );
+    // The senders stay alive: only the server may close these connections.
+    let [(_one, conn1), (_two, conn2)] = authenticated_pair(&p).await;
     closed_by_server(conn1, "an idle HTTP/1.1 connection").await;
     closed_by_server(conn2, "an idle HTTP/2 connection").await;
 }

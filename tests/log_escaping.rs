@@ -66,40 +66,32 @@ fn check(logs: &str) {
     }
 }
 
-#[test]
-fn human_lines_escape_request_strings() {
+/// Runs the hostile requests with the given log format and returns what was logged.
+fn logged_with(format: LogFormat) -> String {
     let capture = Capture::default();
     let config = LoggingConfig {
-        format: LogFormat::Human,
+        format,
         level: "info".into(),
     };
     let sub = xks_proxy::telemetry::subscriber(&config, false, capture.clone()).expect("sub");
-    let logs = tracing::subscriber::with_default(sub, || {
+    // A current-thread runtime: the server's tasks run on this thread, under `sub`.
+    tracing::subscriber::with_default(sub, || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("rt")
             .block_on(hostile_requests(capture.clone()))
-    });
-    // The server's tasks ran on this thread, so their lines went to the capture.
-    check(&logs);
+    })
+}
+
+#[test]
+fn human_lines_escape_request_strings() {
+    check(&logged_with(LogFormat::Human));
 }
 
 #[test]
 fn json_lines_escape_request_strings() {
-    let capture = Capture::default();
-    let config = LoggingConfig {
-        format: LogFormat::Json,
-        level: "info".into(),
-    };
-    let sub = xks_proxy::telemetry::subscriber(&config, false, capture.clone()).expect("sub");
-    let logs = tracing::subscriber::with_default(sub, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt")
-            .block_on(hostile_requests(capture.clone()))
-    });
+    let logs = logged_with(LogFormat::Json);
     check(&logs);
     // Every line is one JSON object, and the id comes back intact from it.
     let mut seen = false;

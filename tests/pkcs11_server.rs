@@ -201,11 +201,7 @@ async fn the_four_apis_and_key_rules_on_softhsm() {
         "{:?}",
         r.body
     );
-    let mut no_cdiv = encrypt_body(b"x", None);
-    no_cdiv
-        .as_object_mut()
-        .expect("object")
-        .remove("ciphertextDataIntegrityValueAlgorithm");
+    let no_cdiv = encrypt_body_without_cdiv(b"x");
     let enc = c
         .post(&key_url(&p, KEY_ENCRYPT_ONLY, "encrypt"), &no_cdiv)
         .await;

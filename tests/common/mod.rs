@@ -316,6 +316,15 @@ pub fn encrypt_body(plaintext: &[u8], aad: Option<&[u8]>) -> Value {
     v
 }
 
+/// An Encrypt body without `ciphertextDataIntegrityValueAlgorithm` (no CDIV asked).
+pub fn encrypt_body_without_cdiv(plaintext: &[u8]) -> Value {
+    let mut v = encrypt_body(plaintext, None);
+    v.as_object_mut()
+        .expect("object")
+        .remove("ciphertextDataIntegrityValueAlgorithm");
+    v
+}
+
 /// The decrypt body for an encrypt response (and the AAD used).
 pub fn decrypt_body(enc: &Value, aad: Option<&[u8]>) -> Value {
     let mut v = json!({
