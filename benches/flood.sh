@@ -30,6 +30,7 @@ SCENARIO_TABLE=(
   "slow-body-h1-4k||$SIGNED_OPEN --attack slow-body=4200 --attack-http 1.1 --attack-connect-rate 2000 --attack-ramp 4"
   "fast-unsigned||$SIGNED_OPEN --attack fast-unsigned=64"
   "slow-head-idle||$SIGNED_OPEN --attack slow-head,idle --attack-connections 1024"
+  "idle-10k||$SIGNED_OPEN --attack idle=10000 --attack-connect-rate 5000 --attack-ramp 6"
   "mif2-slow-body-h1|--max-in-flight 2|$SIGNED_OPEN --attack slow-body=2 --attack-http 1.1"
   "mif2-all|--max-in-flight 2|$SIGNED_OPEN"
 )
@@ -75,13 +76,14 @@ done
 {
   echo "| scenario | signed client | unloaded rps | attacked rps | ratio | p99 ms, failures = too slow | successes p50 / p99 / max ms | signed errors under attack | attackers answered/s | server RSS max MiB | verdict |"
   echo "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"
-  for f in "$OUT"/*.json; do
-    [[ "$f" == *.server.json ]] && continue
+  for row in "${SCENARIO_TABLE[@]}"; do
+    f="$OUT/${row%%|*}.json"
+    [[ -f "$f" ]] || continue
     jq -r '
       def ms: if . == null then "–" else (. * 100 | round / 100 | tostring) end;
       def med: sort | if length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
       .verdict as $v
-      | (.rounds | map(.attacked.latency.p50_ms // null) | map(select(. != null)) | if length > 0 then med else null end) as $p50
+      | (if $v.attacked_p99_ms == null then null else (.rounds | map(.attacked.latency.p50_ms // 1e18) | med) end) as $p50
       | (.rounds | map((.attackers.groups | map(.answered | to_entries | map(.value) | add // 0) | add) / .attackers.elapsed_s) | med) as $aps
       | (.rounds | map(.attacked.server.rss_max_kib // 0) | med / 1024 | round) as $rss
       | "| \(.label) | \(.rounds[0].attacked.shape | if .rate then "open \(.rate)/s" else "closed c=\(.concurrency)" end) | \($v.unloaded_rps | round) | \($v.attacked_rps | round) | \($v.ratio * 100 | round / 100) | \(if $v.attacked_p99_all_ms == null then "over" else ($v.attacked_p99_all_ms | ms) end) | \($p50 | ms) / \($v.attacked_p99_ms | ms) / \($v.attacked_max_ms | ms) | \($v.attacked_errors | to_entries | map("\(.key)×\(.value)") | join(" ") | if . == "" then "0" else . end) | \($aps | round) | \($rss) | \(if $v.holds then "holds" else "FAILS" end) |"
