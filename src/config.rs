@@ -307,8 +307,10 @@ fn default_body_timeout() -> u64 {
 fn default_max_connections_per_source() -> usize {
     256
 }
+/// The default `server.http2_max_concurrent_streams`.
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 64;
 fn default_h2_streams() -> u32 {
-    64
+    DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS
 }
 fn default_ping_max_connections() -> usize {
     64

@@ -23,8 +23,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use xks_proxy::backend::KeyUsage;
@@ -159,32 +158,18 @@ pub fn null_server(args: &NullServerArgs) -> Result<()> {
                 if let Ok(Ok(tls)) =
                     tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await
                 {
-                    let _ = http_builder()
-                        .serve_connection(TokioIo::new(tls), service_fn(null_answer))
-                        .await;
+                    // The proxy's own hyper settings, at its defaults.
+                    let _ = xks_proxy::server::connection::http_builder(
+                        MAX_BODY,
+                        xks_proxy::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+                    )
+                    .serve_connection(TokioIo::new(tls), service_fn(null_answer))
+                    .await;
                 }
             });
         }
         Ok(())
     })
-}
-
-/// The proxy's hyper settings (src/server/mod.rs `http_builder`), repeated here
-/// because that function is private: the comparison is only fair if they match.
-fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
 }
 
 async fn null_answer(

@@ -220,9 +220,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
-/// hyper's settings for the XKS listener. `pub` for the benchmark's null server, which
-/// must speak exactly as the proxy does.
-pub fn http_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
+/// hyper's settings for the XKS listener, from the body cap and the HTTP/2 stream
+/// limit. `pub` for the benchmark's null server, which must speak exactly as the proxy
+/// does.
+pub fn http_builder(
+    max_body_bytes: usize,
+    http2_max_concurrent_streams: u32,
+) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -231,11 +235,12 @@ pub fn http_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(None)
         .max_buf_size(H1_READ_BUFFER)
         .keep_alive(true);
-    let stream_window = u32::try_from(settings.max_body_bytes).unwrap_or(u32::MAX);
+    // A stream may send a whole body at the cap without waiting for a window update.
+    let stream_window = u32::try_from(max_body_bytes).unwrap_or(u32::MAX);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(settings.http2_max_concurrent_streams)
+        .max_concurrent_streams(http2_max_concurrent_streams)
         .max_header_list_size(MAX_HEADER_LIST)
         .initial_stream_window_size(stream_window)
         .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -273,7 +278,10 @@ pub async fn serve<S>(
         activity: Arc::clone(&activity),
         sniffed: Vec::with_capacity(H2_PREFACE_START.len()),
     };
-    let builder = http_builder(settings);
+    let builder = http_builder(
+        settings.max_body_bytes,
+        settings.http2_max_concurrent_streams,
+    );
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let limits = Limits {
