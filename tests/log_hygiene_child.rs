@@ -38,7 +38,14 @@ forbid(principal, action, resource)
 when { context.kmsOperation == "ReEncrypt" };
 "#;
 
+/// A plaintext sent as a JSON number: it must not reach the log. (The 400's
+/// errorMessage does echo it to the sender, through serde's "invalid type" text.)
+const NUMBER_CANARY: u64 = 987_654_321_012_345;
+
 const MARKER: &str = "listening on https://";
+
+/// Where one of the child's output streams is collected.
+type Sink = Arc<Mutex<Vec<u8>>>;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Format {
@@ -61,8 +68,8 @@ impl Format {
 struct ProxyChild {
     child: Child,
     addr: std::net::SocketAddr,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Sink,
+    stdout: Sink,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -81,7 +88,7 @@ impl ProxyChild {
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel::<std::net::SocketAddr>();
         let mut readers = Vec::new();
-        let streams: Vec<(Box<dyn Read + Send>, Arc<Mutex<Vec<u8>>>)> = vec![
+        let streams: Vec<(Box<dyn Read + Send>, Sink)> = vec![
             (
                 Box::new(child.stdout.take().expect("stdout")),
                 stdout.clone(),
@@ -351,10 +358,7 @@ async fn exercise(p: &ProxyChild, creds: &[Cred], token: &str) -> Vec<Vec<u8>> {
         assert_eq!(enc.status, 200, "{:?}", enc.body);
         assert_eq!(enc.version, want);
         let dec = c
-            .post(
-                &p.url(KEY, "decrypt"),
-                &decrypt_body(&enc.body, Some(aad)),
-            )
+            .post(&p.url(KEY, "decrypt"), &decrypt_body(&enc.body, Some(aad)))
             .await;
         assert_eq!(dec.status, 200, "{:?}", dec.body);
         assert_eq!(dec.version, want);
@@ -363,6 +367,9 @@ async fn exercise(p: &ProxyChild, creds: &[Cred], token: &str) -> Vec<Vec<u8>> {
         seen.push(plaintext.clone());
         seen.push(decrypted);
         assert_eq!(c.post(&p.health_url(), &health_body()).await.status, 200);
+        let md = json!({"requestMetadata": metadata("DescribeKey")});
+        let r = c.post(&p.url(KEY, "metadata"), &md).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
 
         // 401: the right access key id, another credential's secret.
         let bad = c.with_cred(wrong.clone());
@@ -377,23 +384,96 @@ async fn exercise(p: &ProxyChild, creds: &[Cred], token: &str) -> Vec<Vec<u8>> {
             "wrong secret",
         );
 
+        // 401: an access key id nobody configured, with a configured secret.
+        let stranger = c.with_cred(Cred {
+            akid: "AKIDNOBODYCONFIGURED".into(),
+            secret: creds[0].secret.clone(),
+        });
+        let r = stranger
+            .post(&p.url(KEY, "encrypt"), &encrypt_body(&plaintext, Some(aad)))
+            .await;
+        expect(
+            &r,
+            401,
+            "AuthenticationFailedException",
+            token,
+            "unknown access key id",
+        );
+
+        // 400: a body cut short right after the plaintext (not JSON at all).
+        let full = encrypt_body(&plaintext, Some(aad)).to_string();
+        let cut = full.find(&b64(&plaintext)).expect("plaintext in body") + 8;
+        let r = c
+            .post_raw(
+                &p.url(KEY, "encrypt"),
+                bytes::Bytes::from(full[..cut].to_owned()),
+                |_| {},
+            )
+            .await;
+        expect(&r, 400, "ValidationException", token, "truncated body");
+
+        // 400: a plaintext that is a JSON number. serde names the value it refused
+        // ("invalid type: integer `N`, expected a standard Base64 string"), and the
+        // proxy's errorMessage carries that text back to the sender; the log must not.
+        let mut body = encrypt_body(&plaintext, Some(aad));
+        body["plaintext"] = json!(NUMBER_CANARY);
+        let r = c.post(&p.url(KEY, "encrypt"), &body).await;
+        expect(
+            &r,
+            400,
+            "ValidationException",
+            token,
+            "plaintext as a number",
+        );
+
+        // 501: a plaintext over the proxy's 8192-byte limit.
+        let big: Vec<u8> = plaintext.iter().copied().cycle().take(9000).collect();
+        let r = c
+            .post(&p.url(KEY, "encrypt"), &encrypt_body(&big, Some(aad)))
+            .await;
+        expect(
+            &r,
+            501,
+            "UnsupportedOperationException",
+            token,
+            "oversized plaintext",
+        );
+
         // 400: plaintext that is not Base64 (the canary itself, with '-' in it).
         let mut body = encrypt_body(&plaintext, Some(aad));
         body["plaintext"] = json!(format!("BAD-B64-PLAINTEXT-{token}!"));
         let r = c.post(&p.url(KEY, "encrypt"), &body).await;
-        expect(&r, 400, "ValidationException", token, "bad Base64 plaintext");
+        expect(
+            &r,
+            400,
+            "ValidationException",
+            token,
+            "bad Base64 plaintext",
+        );
 
         // 400: plaintext of the wrong JSON type (an array holding the canary).
         let mut body = encrypt_body(&plaintext, None);
         body["plaintext"] = json!([String::from_utf8(plaintext.clone()).expect("utf8")]);
         let r = c.post(&p.url(KEY, "encrypt"), &body).await;
-        expect(&r, 400, "ValidationException", token, "plaintext as an array");
+        expect(
+            &r,
+            400,
+            "ValidationException",
+            token,
+            "plaintext as an array",
+        );
 
         // 400: ciphertext that is not Base64.
         let mut body = decrypt_body(&enc.body, Some(aad));
         body["ciphertext"] = json!(format!("BAD-B64-CIPHERTEXT-{token}!"));
         let r = c.post(&p.url(KEY, "decrypt"), &body).await;
-        expect(&r, 400, "ValidationException", token, "bad Base64 ciphertext");
+        expect(
+            &r,
+            400,
+            "ValidationException",
+            token,
+            "bad Base64 ciphertext",
+        );
 
         // 400 from the backend: a tampered tag fails authentication.
         let mut body = decrypt_body(&enc.body, Some(aad));
@@ -401,13 +481,7 @@ async fn exercise(p: &ProxyChild, creds: &[Cred], token: &str) -> Vec<Vec<u8>> {
         tag[0] ^= 0x01;
         body["authenticationTag"] = json!(b64(&tag));
         let r = c.post(&p.url(KEY, "decrypt"), &body).await;
-        expect(
-            &r,
-            400,
-            "InvalidCiphertextException",
-            token,
-            "tampered tag",
-        );
+        expect(&r, 400, "InvalidCiphertextException", token, "tampered tag");
 
         // 400 from the backend: a disabled key.
         let r = c
@@ -442,8 +516,19 @@ fn assert_clean(bytes: &[u8], forbidden: &[(String, Vec<u8>)], stream: &str) {
 }
 
 /// The canaries of one proxy: its secrets and master key, plus `secrets`.
-fn canaries(dir: &Path, creds: &[Cred], token: &str, secrets: &[Vec<u8>]) -> Vec<(String, Vec<u8>)> {
-    let mut f = vec![("canary token".to_owned(), token.as_bytes().to_vec())];
+fn canaries(
+    dir: &Path,
+    creds: &[Cred],
+    token: &str,
+    secrets: &[Vec<u8>],
+) -> Vec<(String, Vec<u8>)> {
+    let mut f = vec![
+        ("canary token".to_owned(), token.as_bytes().to_vec()),
+        (
+            "plaintext sent as a number".to_owned(),
+            NUMBER_CANARY.to_string().into_bytes(),
+        ),
+    ];
     for (i, s) in secrets.iter().enumerate() {
         f.extend(encodings(&format!("plaintext/decrypted output {i}"), s));
     }
@@ -515,7 +600,10 @@ async fn run(format: Format) {
         ("the listening line", MARKER),
         ("the drain", "draining in-flight requests"),
         ("the policy load", "secondary authorization policy loaded"),
-        ("the policy deny", "secondary authorization denied the request"),
+        (
+            "the policy deny",
+            "secondary authorization denied the request",
+        ),
         ("the deciding forbid", "forbid-intruder-ops"),
         ("a default deny", "no permit matched"),
     ] {
@@ -528,9 +616,10 @@ async fn run(format: Format) {
     }
     // One request line per request, with the expected outcomes (2 rounds).
     for (status, outcome, n) in [
-        (200, "ok", 6),
-        (401, "AuthenticationFailedException", 2),
-        (400, "ValidationException", 6),
+        (200, "ok", 8),
+        (401, "AuthenticationFailedException", 4),
+        (400, "ValidationException", 10),
+        (501, "UnsupportedOperationException", 2),
         (400, "InvalidCiphertextException", 2),
         (400, "InvalidStateException", 2),
         (403, "AccessDeniedException", 4),
@@ -544,7 +633,7 @@ async fn run(format: Format) {
             "{format:?}: request lines with status {status} {outcome}: {lines:?}"
         );
     }
-    assert_eq!(lines.len(), 22, "{lines:?}");
+    assert_eq!(lines.len(), 32, "{lines:?}");
     assert!(
         lines
             .iter()

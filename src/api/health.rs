@@ -3,7 +3,9 @@
 //!
 //! Spec: the health check SHOULD be deep (real crypto on a dedicated key) and MAY answer
 //! from a cache no older than 60 s. The monitor re-checks every `check_interval` (≤ 50 s,
-//! each check bounded by [`CHECK_BUDGET`]);
+//! each check bounded by [`CHECK_BUDGET`]), and at once when a request finds the key
+//! manager gone after it answered, or answering after it was gone
+//! ([`Handle::availability_changed`]; at most one such check per [`EVENT_GAP`]);
 //! if the cached result is older than 60 s (a check is hung), every entry is reported
 //! UNAVAILABLE rather than passing off stale good news.
 
@@ -25,6 +27,9 @@ pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// caps `check_interval_secs` at `MAX_AGE - CHECK_BUDGET` so a cached answer never ages
 /// past 60 s while the next check is still allowed to run.
 pub const CHECK_BUDGET: Duration = Duration::from_secs(10);
+
+/// The least time between two deep checks that requests' outcomes triggered.
+pub const EVENT_GAP: Duration = Duration::from_millis(250);
 
 /// The first check, before the proxy serves: short, so a hung key manager delays the
 /// start by at most this (it then reports UNAVAILABLE until a later check succeeds).
@@ -69,10 +74,11 @@ impl HealthMonitor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick fires at once; `start` already checked
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            let event = tokio::select! {
+                _ = tick.tick() => false,
+                () = handle.availability_changed() => true,
                 _ = stop.changed() => return,
-            }
+            };
             let previous = self.latest.load_full();
             let entries = check(&handle, &previous.entries, CHECK_BUDGET).await;
             for e in &entries {
@@ -84,6 +90,14 @@ impl HealthMonitor {
                 entries,
                 checked_at: Instant::now(),
             }));
+            if event {
+                // Requests flapping between failure and success must not turn into
+                // back-to-back deep checks: at most one event-driven check per gap.
+                tokio::select! {
+                    _ = tokio::time::sleep(EVENT_GAP) => {}
+                    _ = stop.changed() => return,
+                }
+            }
         }
     }
 

@@ -295,6 +295,32 @@ pub struct Handle {
     limits: CallLimits,
     /// `None` for a backend that never blocks (called inline).
     calls: Option<crossbeam_channel::Sender<Job>>,
+    /// What requests last saw of the key manager, so health follows it at once.
+    availability: Arc<Availability>,
+}
+
+/// Whether the last request that learned anything found the key manager answering,
+/// and a wake-up for whoever watches changes (the health monitor).
+#[derive(Debug)]
+struct Availability {
+    up: std::sync::atomic::AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl BackendError {
+    /// What this outcome says about the key manager itself: `Some(true)` it answered
+    /// (a key or ciphertext problem is an answer), `Some(false)` it is gone, `None`
+    /// no news (slow, busy, or a failure without a better name).
+    pub fn says_available(&self) -> Option<bool> {
+        match self {
+            BackendError::KeyNotFound
+            | BackendError::KeyDisabled
+            | BackendError::UsageNotAllowed(_)
+            | BackendError::InvalidCiphertext => Some(true),
+            BackendError::Unavailable(_) => Some(false),
+            BackendError::Timeout | BackendError::Busy | BackendError::Failed(_) => None,
+        }
+    }
 }
 
 /// One backend call, boxed for a call thread. It owns its semaphore permit and the
@@ -350,7 +376,31 @@ impl Handle {
             backend,
             limits,
             calls,
+            availability: Arc::new(Availability {
+                up: std::sync::atomic::AtomicBool::new(true),
+                changed: tokio::sync::Notify::new(),
+            }),
         })
+    }
+
+    /// Resolves when a request has found the key manager gone after it answered, or
+    /// answering after it was gone. The health monitor re-checks at once instead of at
+    /// its next interval, so GetHealthStatus and `/ping` follow what requests see.
+    pub async fn availability_changed(&self) {
+        self.availability.changed.notified().await;
+    }
+
+    /// Notes what a request's outcome says about the key manager.
+    fn observe<T>(&self, result: &Result<T, BackendError>) {
+        let up = match result {
+            Ok(_) => Some(true),
+            Err(e) => e.says_available(),
+        };
+        if let Some(up) = up
+            && self.availability.up.swap(up, Ordering::AcqRel) != up
+        {
+            self.availability.changed.notify_one();
+        }
     }
 
     /// Runs `f` against the backend within the limits.
@@ -363,7 +413,9 @@ impl Handle {
         T: Send + 'static,
         F: FnOnce(&dyn CryptoBackend) -> Result<T, BackendError> + Send + 'static,
     {
-        self.call_within(self.limits.deadline, f).await
+        let result = self.call_within(self.limits.deadline, f).await;
+        self.observe(&result);
+        result
     }
 
     /// [`Handle::call`] with its own budget instead of the request deadline: for work
@@ -579,6 +631,41 @@ mod tests {
             Ok(std::thread::current().name().unwrap_or("").to_owned())
         })
         .await
+    }
+
+    /// Health follows the backend: a request that finds the key manager gone after it
+    /// answered (or back after it was gone) wakes the watcher; outcomes that say
+    /// nothing new do not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_of_availability_seen_by_a_request_wakes_the_watcher() {
+        let h = Handle::new(Paced::blocking(Duration::ZERO), limits(1, 1, 1000)).expect("threads");
+        let woke = |h: &Handle| {
+            let h = h.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(200), h.availability_changed())
+                    .await
+                    .is_ok()
+            }
+        };
+        // Up, and still up (a key problem is an answer): no news.
+        let _ = h.call(|b| b.key_metadata("k")).await;
+        let _ = h
+            .call(|_| -> Result<(), _> { Err(BackendError::KeyNotFound) })
+            .await;
+        assert!(!woke(&h).await);
+        // Gone: news, once.
+        let gone =
+            || -> Result<(), _> { Err(BackendError::Unavailable("CKR_DEVICE_REMOVED".into())) };
+        let _ = h.call(move |_| gone()).await;
+        assert!(woke(&h).await);
+        let _ = h.call(move |_| gone()).await;
+        let _ = h
+            .call(|_| -> Result<(), _> { Err(BackendError::Timeout) })
+            .await;
+        assert!(!woke(&h).await);
+        // Back: news again.
+        let _ = h.call(|b| b.key_metadata("k")).await;
+        assert!(woke(&h).await);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
