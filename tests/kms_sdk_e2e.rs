@@ -589,3 +589,83 @@ async fn sdk_signatures_are_verified_when_asked() {
     let r = Client::from_conf(wrong).list_keys().send().await;
     assert_eq!(code(r), "InvalidSignatureException");
 }
+
+/// Issue 11 §3: the emulator killed with SIGKILL mid-run (no shutdown of any kind) and
+/// restarted on its `--data-dir`: every store, key and ciphertext from before still
+/// works, through the real SDK.
+#[tokio::test]
+async fn an_emulator_killed_mid_run_keeps_every_store_key_and_ciphertext() {
+    let proxy_setup = ProxySetup::new(Backend::Software, PREFIX, 0);
+    proxy_setup.create_key("key-1", "encrypt,decrypt");
+    let proxy = proxy_setup.start();
+    let state = tempfile::tempdir().expect("state dir");
+    let emulator = start_emulator(proxy.addr, &[], Some(state.path()));
+    let kms = sdk(&emulator);
+    let store = create_store(&kms, "durable", PATH, AKID, SECRET)
+        .await
+        .expect("create store");
+    let s = connect(&kms, &store).await;
+    assert_eq!(s.connection_state(), Some(&ConnectionStateType::Connected));
+    let xks_key = kms
+        .create_key()
+        .origin(OriginType::ExternalKeyStore)
+        .custom_key_store_id(&store)
+        .xks_key_id("key-1")
+        .send()
+        .await
+        .expect("create key");
+    let xks_key = xks_key
+        .key_metadata()
+        .expect("metadata")
+        .key_id()
+        .to_owned();
+    let local = kms.create_key().send().await.expect("local key");
+    let local = local.key_metadata().expect("metadata").key_id().to_owned();
+    let mut made = Vec::new();
+    for i in 0..20 {
+        let key = if i % 2 == 0 { &xks_key } else { &local };
+        let data = format!("before the kill {i}").into_bytes();
+        let blob = encrypt(&kms, key, &data).await.expect("encrypt");
+        made.push((data, blob));
+    }
+    // SIGKILL (Proc's drop kills with SIGKILL and reaps).
+    drop(emulator);
+
+    let emulator = start_emulator(proxy.addr, &[], Some(state.path()));
+    let kms = sdk(&emulator);
+    let d = kms
+        .describe_custom_key_stores()
+        .custom_key_store_id(&store)
+        .send()
+        .await
+        .expect("describe");
+    assert_eq!(
+        d.custom_key_stores()[0].custom_key_store_name(),
+        Some("durable")
+    );
+    for key in [&xks_key, &local] {
+        let m = kms
+            .describe_key()
+            .key_id(key)
+            .send()
+            .await
+            .expect("describe key");
+        assert_eq!(
+            m.key_metadata().and_then(|m| m.key_state()),
+            Some(&KeyState::Enabled)
+        );
+    }
+    // The store may need connecting again after a restart, as after any emulator start.
+    if d.custom_key_stores()[0].connection_state() != Some(&ConnectionStateType::Connected) {
+        let s = connect(&kms, &store).await;
+        assert_eq!(s.connection_state(), Some(&ConnectionStateType::Connected));
+    }
+    for (data, blob) in &made {
+        assert_eq!(&decrypt(&kms, blob).await, data);
+    }
+    // And it keeps working after the restart.
+    let blob = encrypt(&kms, &xks_key, b"after")
+        .await
+        .expect("encrypt after");
+    assert_eq!(decrypt(&kms, &blob).await, b"after");
+}
