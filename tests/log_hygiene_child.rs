@@ -38,8 +38,8 @@ forbid(principal, action, resource)
 when { context.kmsOperation == "ReEncrypt" };
 "#;
 
-/// A plaintext sent as a JSON number: it must not reach the log. (The 400's
-/// errorMessage does echo it to the sender, through serde's "invalid type" text.)
+/// A plaintext sent as a JSON number: it must reach neither the log nor the 400's
+/// errorMessage (serde's own "invalid type" text would quote it).
 const NUMBER_CANARY: u64 = 987_654_321_012_345;
 
 const MARKER: &str = "listening on https://";
@@ -413,11 +413,16 @@ async fn exercise(p: &ProxyChild, creds: &[Cred], token: &str) -> Vec<Vec<u8>> {
         expect(&r, 400, "ValidationException", token, "truncated body");
 
         // 400: a plaintext that is a JSON number. serde names the value it refused
-        // ("invalid type: integer `N`, expected a standard Base64 string"), and the
-        // proxy's errorMessage carries that text back to the sender; the log must not.
+        // ("invalid type: integer `N`, ..."); neither the log nor the errorMessage
+        // may carry it.
         let mut body = encrypt_body(&plaintext, Some(aad));
         body["plaintext"] = json!(NUMBER_CANARY);
         let r = c.post(&p.url(KEY, "encrypt"), &body).await;
+        assert!(
+            !r.body.to_string().contains(&NUMBER_CANARY.to_string()),
+            "the 400 echoes the refused value: {:?}",
+            r.body
+        );
         expect(
             &r,
             400,

@@ -506,3 +506,46 @@ async fn a_server_whose_token_vanishes_answers_unavailable_and_recovers_in_place
         "same process, no restart"
     );
 }
+
+/// Issue 11 §3: the module's C_Initialize failing at start-up (here: SoftHSM with a
+/// config file that does not exist) is a clear error naming the call and its code, said
+/// once, and a non-zero exit — not a hang and not a proxy serving without a key manager.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_cannot_initialise_stops_the_start_with_a_clear_error() {
+    let (dir, text, _creds) = prepare(&Options::default());
+    std::fs::write(dir.path().join("pin"), USER_PIN).expect("pin");
+    let backend = format!(
+        "[backend]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"any\"\nuser_pin_file = \"pin\"\n",
+        module().display()
+    );
+    let start = text.find("[backend]").expect("backend");
+    let end = text[start..].find("\n\n").map(|e| start + e).expect("end");
+    let text = format!("{}{}{}", &text[..start], backend, &text[end..]);
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, &text).expect("config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SOFTHSM2_CONF", dir.path().join("no-such-softhsm2.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut status = None;
+    for _ in 0..600 {
+        if let Some(s) = child.try_wait().expect("wait") {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("the proxy kept running without a usable PKCS#11 module");
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(!status.success(), "{err}");
+    assert_eq!(err.matches("C_Initialize failed: CKR_").count(), 1, "{err}");
+}

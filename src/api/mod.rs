@@ -574,11 +574,24 @@ fn decode<T: DeserializeOwned + HasMetadata>(
     log: &mut RequestLog,
 ) -> Result<T, ApiError> {
     let req: T = serde_json::from_slice(body).map_err(|e| {
+        // serde's own text can quote input values (`invalid type: integer `123``, a
+        // string in quotes), and a value may be plaintext: a text with a quote or a
+        // backtick passes only when it names one of our fields; otherwise a fixed text
+        // by category. (Our own messages, such as the Base64 one, have neither.)
         let text = e.to_string();
-        let detail = if text.contains('"') {
-            "a field has the wrong type or value".to_owned()
-        } else {
+        let names_our_field =
+            text.starts_with("missing field `") || text.starts_with("duplicate field `");
+        let detail = if names_our_field || !(text.contains('"') || text.contains('`')) {
             text
+        } else {
+            let what = match e.classify() {
+                serde_json::error::Category::Io | serde_json::error::Category::Syntax => {
+                    "not valid JSON"
+                }
+                serde_json::error::Category::Eof => "the JSON ends early",
+                serde_json::error::Category::Data => "a field has the wrong type or value",
+            };
+            format!("{what} (line {}, column {})", e.line(), e.column())
         };
         ApiError::Validation(format!("invalid request body: {detail}"))
     })?;

@@ -507,16 +507,37 @@ impl Handle {
     }
 }
 
-/// Why a backend could not be opened at startup.
+/// Why a backend could not be opened at startup. The message already carries the inner
+/// error, so it is not also a `source()`: error chains (`anyhow`'s `{:#}`) would print
+/// it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("{0}")]
-    Config(#[from] crate::config::ConfigError),
+    Config(crate::config::ConfigError),
     #[error("software keystore: {0}")]
-    Software(#[from] software::KeystoreError),
+    Software(software::KeystoreError),
     #[cfg(feature = "pkcs11")]
     #[error("PKCS#11: {0}")]
-    Pkcs11(#[from] pkcs11::Pkcs11Error),
+    Pkcs11(pkcs11::Pkcs11Error),
+}
+
+impl From<crate::config::ConfigError> for OpenError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        OpenError::Config(e)
+    }
+}
+
+impl From<software::KeystoreError> for OpenError {
+    fn from(e: software::KeystoreError) -> Self {
+        OpenError::Software(e)
+    }
+}
+
+#[cfg(feature = "pkcs11")]
+impl From<pkcs11::Pkcs11Error> for OpenError {
+    fn from(e: pkcs11::Pkcs11Error) -> Self {
+        OpenError::Pkcs11(e)
+    }
 }
 
 /// Opens the configured backend.
