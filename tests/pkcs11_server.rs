@@ -20,6 +20,18 @@ use xks_proxy::backend::pkcs11::{Pkcs11Backend, Pkcs11Settings, TestKey, TestKey
 
 const USER_PIN: &str = "13579";
 
+/// `prepare`'s config text with its `[backend]` table replaced by a PKCS#11 one for the
+/// token `label` (PIN in the file `pin` beside the config).
+fn with_pkcs11_backend(text: &str, label: &str) -> String {
+    let backend = format!(
+        "[backend]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{label}\"\nuser_pin_file = \"pin\"\n",
+        module().display()
+    );
+    let start = text.find("[backend]").expect("backend");
+    let end = text[start..].find("\n\n").map(|e| start + e).expect("end");
+    format!("{}{}{}", &text[..start], backend, &text[end..])
+}
+
 fn module() -> PathBuf {
     std::env::var_os("XKS_TEST_PKCS11_MODULE")
         .map(PathBuf::from)
@@ -372,18 +384,7 @@ async fn a_server_whose_token_vanishes_answers_unavailable_and_recovers_in_place
     );
     let conf = hsm.join("softhsm2.conf");
     std::fs::write(dir.path().join("pin"), USER_PIN).expect("pin");
-    let backend = format!(
-        "[backend]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"fault-srv\"\nuser_pin_file = \"pin\"\n",
-        module().display()
-    );
-    let start = text.find("[backend]").expect("backend");
-    let end = text[start..].find("\n\n").map(|e| start + e).expect("end");
-    let text = format!(
-        "{}{}{}\n[health]\ncheck_interval_secs = 50\n",
-        &text[..start],
-        backend,
-        &text[end..]
-    );
+    let text = with_pkcs11_backend(&text, "fault-srv") + "\n[health]\ncheck_interval_secs = 50\n";
     let config = dir.path().join("proxy.toml");
     std::fs::write(&config, &text).expect("config");
     let made = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
@@ -514,13 +515,7 @@ async fn a_server_whose_token_vanishes_answers_unavailable_and_recovers_in_place
 async fn a_module_that_cannot_initialise_stops_the_start_with_a_clear_error() {
     let (dir, text, _creds) = prepare(&Options::default());
     std::fs::write(dir.path().join("pin"), USER_PIN).expect("pin");
-    let backend = format!(
-        "[backend]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"any\"\nuser_pin_file = \"pin\"\n",
-        module().display()
-    );
-    let start = text.find("[backend]").expect("backend");
-    let end = text[start..].find("\n\n").map(|e| start + e).expect("end");
-    let text = format!("{}{}{}", &text[..start], backend, &text[end..]);
+    let text = with_pkcs11_backend(&text, "any");
     let config = dir.path().join("proxy.toml");
     std::fs::write(&config, &text).expect("config");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
