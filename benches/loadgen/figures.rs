@@ -325,18 +325,10 @@ fn softhsm_loop(hsm: &SoftHsm, a: &FiguresArgs, with_decrypt: bool) -> Result<f6
         .context("softhsm-loop printed no ops_per_s")
 }
 
+/// The median of the finite values; NaN when there are none.
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    crate::report::median(v).unwrap_or(f64::NAN)
 }
 
 /// One server's results for one scenario, over the rounds.

@@ -230,17 +230,10 @@ fn p99_of_run(latency: &Histogram<u64>, r: &Report) -> Option<f64> {
     p99_counting_failures(latency, r.requests_ok, r.errors + r.unsent)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+/// The median over rounds; infinities count (a round that failed the latency test
+/// stays failed), and no rounds is 0.
+fn median(v: Vec<f64>) -> f64 {
+    crate::report::median(v).unwrap_or(0.0)
 }
 
 /// Medians over the rounds, judged. A round with no signed success under attack has

@@ -219,3 +219,17 @@ pub fn markdown(r: &Report) -> String {
     }
     out
 }
+
+/// The median of `v` (the mean of the middle two for an even count); `None` if empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}

@@ -396,7 +396,10 @@ impl Handle {
             Ok(_) => Some(true),
             Err(e) => e.says_available(),
         };
+        // A plain load first: every request passes here, and a write to the shared
+        // flag on each would bounce its cache line between cores for no news.
         if let Some(up) = up
+            && self.availability.up.load(Ordering::Relaxed) != up
             && self.availability.up.swap(up, Ordering::AcqRel) != up
         {
             self.availability.changed.notify_one();

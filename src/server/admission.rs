@@ -85,6 +85,11 @@ impl Gate {
         self.limit
     }
 
+    /// The cap per source.
+    pub fn per_source_limit(&self) -> usize {
+        self.per_source_limit
+    }
+
     /// Waits until every admitted connection has gone (or `grace` ran out); for drain.
     /// Returns false on timeout.
     pub async fn drained(&self, grace: std::time::Duration) -> bool {

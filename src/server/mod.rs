@@ -367,7 +367,7 @@ async fn accept_loop(
         let admission = match gate.admit(peer) {
             Ok(a) => a,
             Err(refused) => {
-                note_refused(refused, "xks", peer, &settings);
+                note_refused(refused, "xks", peer, &gate);
                 continue;
             }
         };
@@ -406,17 +406,17 @@ async fn accept_loop(
 
 /// Counts and logs a refused connection. Debug level for the per-source cap: an
 /// attacker must not be able to flood the log by trying.
-fn note_refused(refused: Refused, listener: &'static str, peer: SocketAddr, s: &ServerConfig) {
+fn note_refused(refused: Refused, listener: &'static str, peer: SocketAddr, gate: &Gate) {
     match refused {
         Refused::Total => {
             metrics::counter!("xks_connections_refused_total", "listener" => listener, "reason" => "total")
                 .increment(1);
-            tracing::warn!(%peer, listener, limit = s.max_connections, "connection limit reached; closing new connection");
+            tracing::warn!(%peer, listener, limit = gate.limit(), "connection limit reached; closing new connection");
         }
         Refused::Source => {
             metrics::counter!("xks_connections_refused_total", "listener" => listener, "reason" => "per_source")
                 .increment(1);
-            tracing::debug!(%peer, listener, limit = s.max_connections_per_source, "per-source connection limit reached; closing new connection");
+            tracing::debug!(%peer, listener, limit = gate.per_source_limit(), "per-source connection limit reached; closing new connection");
         }
     }
 }
@@ -465,7 +465,7 @@ async fn side_loop(
         let admission = match gate.admit(peer) {
             Ok(a) => a,
             Err(refused) => {
-                note_refused(refused, name, peer, &settings);
+                note_refused(refused, name, peer, &gate);
                 continue;
             }
         };
