@@ -3,6 +3,7 @@
 #   curl (the curl --aws-sigv4 tests), softhsm2 (the PKCS#11 backend on a real token),
 #   python3 + venv with boto3/pytest/awscli (the KMS-emulator end-to-end tests),
 #   jq, xxd, uuid-runtime (AWS's XKS conformance client, tests/conformance-client.sh).
+#   opensc (pkcs11-tool: an operator's tool changing a token's PIN under the proxy).
 # Usage: ./tests/run-all.sh        (from anywhere; works on a fresh Debian with Rust)
 #
 # Installing and preparing stop at the first error. The test stages do not: each one
@@ -22,6 +23,7 @@ command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 command -v jq >/dev/null || missing+=(jq)
 command -v xxd >/dev/null || missing+=(xxd)
 command -v uuidgen >/dev/null || missing+=(uuid-runtime)
+command -v pkcs11-tool >/dev/null || missing+=(opensc)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 if command -v python3 >/dev/null && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   missing+=(python3-venv)

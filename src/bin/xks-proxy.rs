@@ -283,6 +283,9 @@ fn serve(cfg: Config, config_path: Option<PathBuf>, banner: Option<Banner>) -> R
         if let Some(addr) = running.ping_addr {
             tracing::info!("load-balancer health check listening on http://{addr}/ping");
         }
+        if let Some(addr) = running.admin_addr {
+            tracing::info!("metrics listening on http://{addr}/metrics");
+        }
         if let Some(b) = banner {
             use std::io::Write as _;
             let mut out = std::io::stdout().lock();

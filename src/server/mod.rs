@@ -108,9 +108,16 @@ fn restart_only(config: &Config) -> Vec<(&'static str, String)> {
         #[cfg(feature = "pkcs11")]
         crate::config::BackendConfig::Pkcs11(settings) => {
             fields.push(("backend.kind", "pkcs11".into()));
-            // Everything but the reloadable disabled-key list.
+            // Everything but what a reload applies: the disabled-key list and the PIN
+            // sources (re-read at every reload).
             let mut fixed = settings.clone();
             fixed.disabled_keys.clear();
+            fixed.user_pin_env = None;
+            fixed.user_pin_file = None;
+            for t in &mut fixed.failover {
+                t.user_pin_env = None;
+                t.user_pin_file = None;
+            }
             fields.push((
                 "backend (module, token, pool, deadlines)",
                 format!("{fixed:?}"),
@@ -123,7 +130,7 @@ fn restart_only(config: &Config) -> Vec<(&'static str, String)> {
 impl Reloader {
     /// Reloads credentials, allow-lists, quotas, the policy, the TLS certificate and
     /// client CA, and the backend's keys (software keystore file, PKCS#11 disabled-key
-    /// list). Listen addresses, limits and the backend's own settings need a restart:
+    /// list and user PINs). Listen addresses, limits and the backend's own settings need a restart:
     /// a change to them is logged as a warning and otherwise ignored.
     ///
     /// All or nothing: the new credentials, policy and TLS config are built first, then

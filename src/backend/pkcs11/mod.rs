@@ -626,6 +626,26 @@ impl CryptoBackend for Pkcs11Backend {
     fn reconfigure(&self, config: &crate::config::BackendConfig) -> Result<(), BackendError> {
         #[allow(irrefutable_let_patterns)]
         if let crate::config::BackendConfig::Pkcs11(settings) = config {
+            // Every PIN is read before anything changes: a reload that cannot read one
+            // applies nothing (the reloader then keeps the whole old config).
+            let plans = settings
+                .plan()
+                .map_err(|e| BackendError::Failed(e.to_string()))?;
+            let mut pins = Vec::new();
+            for (token, plan) in self.inner.tokens.iter().zip(&plans) {
+                // A token list that changed needs a restart (the reloader says so);
+                // only the same token at the same place gets a new PIN.
+                if token.selector == plan.selector {
+                    let pin = plan
+                        .pin
+                        .resolve(&plan.key_prefix)
+                        .map_err(|e| BackendError::Failed(e.to_string()))?;
+                    pins.push((token, pin));
+                }
+            }
+            for (token, pin) in pins {
+                token.replace_pin(pin);
+            }
             let disabled: HashSet<String> = settings.disabled_keys.iter().cloned().collect();
             tracing::info!(count = disabled.len(), "PKCS#11 disabled-key list reloaded");
             self.inner.disabled.store(Arc::new(disabled));

@@ -124,7 +124,8 @@ struct TokenState {
     ident: Option<TokenIdent>,
     down: Option<Down>,
     /// C_Login refused the PIN: never retried automatically (each try counts towards
-    /// locking the token). Cleared only by a new backend (restart / reload).
+    /// locking the token). Cleared by a reload that brings a different PIN
+    /// ([`Token::replace_pin`]) or a restart.
     login_refused: Option<String>,
 }
 
@@ -157,7 +158,9 @@ pub(crate) struct Token {
     pub index: usize,
     pub module: Arc<Module>,
     pub selector: Selector,
-    pin: SecretString,
+    /// The user PIN. Replaced by a reload (the operator rotated it on the HSM and in
+    /// the PIN source); read at every login.
+    pin: Mutex<SecretString>,
     shared: Arc<Shared>,
     up: AtomicBool,
     state: Mutex<TokenState>,
@@ -241,7 +244,7 @@ impl Token {
             index,
             module,
             selector,
-            pin,
+            pin: Mutex::new(pin),
             shared,
             up: AtomicBool::new(false),
             state: Mutex::new(TokenState {
@@ -271,6 +274,51 @@ impl Token {
 
     pub(crate) fn down(&self) -> Option<Down> {
         self.state().down.clone()
+    }
+
+    fn login_pin(&self) -> AuthPin {
+        AuthPin::from(
+            self.pin
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .expose(),
+        )
+    }
+
+    /// A reload re-read the PIN source. A different PIN replaces the one logins use;
+    /// if the old one had been refused, the token is retried at once (one login
+    /// attempt). The same PIN after a refusal is not tried again: each refused login
+    /// counts towards locking the token, and a reload is not a reason to spend one.
+    pub(crate) fn replace_pin(&self, pin: SecretString) {
+        let changed = {
+            let mut current = self.pin.lock().unwrap_or_else(PoisonError::into_inner);
+            let changed = !bool::from(subtle::ConstantTimeEq::ct_eq(
+                current.expose().as_bytes(),
+                pin.expose().as_bytes(),
+            ));
+            if changed {
+                *current = pin;
+            }
+            changed
+        };
+        let mut st = self.state();
+        let Some(code) = st.login_refused.clone() else {
+            if changed {
+                tracing::info!(token = %self.selector, "PKCS#11 user PIN replaced; new sessions log in with it");
+            }
+            return;
+        };
+        if !changed {
+            tracing::warn!(token = %self.selector, %code, "PKCS#11 login was refused and the reloaded PIN is the same one; not retrying (would lock the token)");
+            return;
+        }
+        st.login_refused = None;
+        if let Some(d) = &mut st.down {
+            d.next_attempt = Instant::now();
+        }
+        drop(st);
+        tracing::info!(token = %self.selector, "PKCS#11 user PIN replaced after a refused login; logging in again");
+        self.shared.wake.notify();
     }
 
     pub(crate) fn login_refused(&self) -> Option<String> {
@@ -480,7 +528,7 @@ impl Token {
             .fetch_add(1, Ordering::Relaxed);
         // Login state is per token per application: the first session logs in, the
         // others get CKR_USER_ALREADY_LOGGED_IN, which is success.
-        let pin = AuthPin::from(self.pin.expose());
+        let pin = self.login_pin();
         match session.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
             Err(e) => {
@@ -817,7 +865,7 @@ impl Token {
             .ctx()
             .open_rw_session_no_drop(slot)
             .map_err(|e| super::Pkcs11Error::call(&e))?;
-        let pin = AuthPin::from(self.pin.expose());
+        let pin = self.login_pin();
         match session.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(e) => {
