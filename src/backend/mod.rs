@@ -11,7 +11,7 @@ pub mod pkcs11;
 pub mod software;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -297,6 +297,26 @@ pub struct Handle {
     calls: Option<crossbeam_channel::Sender<Job>>,
     /// What requests last saw of the key manager, so health follows it at once.
     availability: Arc<Availability>,
+    /// How long one call has recently taken in the key manager (an exponentially
+    /// weighted mean, ns; 0 until a call has returned): the wait queue's admission
+    /// estimate. Calls that never return (a hung HSM) do not move it.
+    service_ns: Arc<AtomicU64>,
+}
+
+/// Weight of the newest call in [`Handle`]'s service-time mean: 1/8, so one odd call
+/// moves it little and a change of pace shows within a few dozen calls.
+const SERVICE_EWMA_SHIFT: u32 = 3;
+
+fn note_service_time(mean: &AtomicU64, took: Duration) {
+    let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
+    // Racing updates may drop a sample: harmless for an estimate.
+    let old = mean.load(Ordering::Relaxed);
+    let new = if old == 0 {
+        sample
+    } else {
+        old - (old >> SERVICE_EWMA_SHIFT) + (sample >> SERVICE_EWMA_SHIFT)
+    };
+    mean.store(new.max(1), Ordering::Relaxed);
 }
 
 /// Whether the last request that learned anything found the key manager answering,
@@ -380,6 +400,7 @@ impl Handle {
                 up: std::sync::atomic::AtomicBool::new(true),
                 changed: tokio::sync::Notify::new(),
             }),
+            service_ns: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -448,7 +469,8 @@ impl Handle {
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.limits.max_waiting {
+                let ahead = self.waiting.fetch_add(1, Ordering::AcqRel);
+                if ahead >= self.limits.max_waiting || self.would_miss(ahead, budget) {
                     self.waiting.fetch_sub(1, Ordering::AcqRel);
                     return Err(BackendError::Busy);
                 }
@@ -465,19 +487,22 @@ impl Handle {
             }
         };
         let backend = Arc::clone(&self.backend);
+        let service_ns = Arc::clone(&self.service_ns);
         let (result_tx, result_rx) = tokio::sync::oneshot::channel();
         let std_deadline = deadline.into_std();
         let job: Job = Box::new(move || {
             let _permit = permit;
             // The caller stops listening at its deadline (or when its request is
             // dropped): an HSM call nobody waits for is only load on a struggling HSM.
-            if result_tx.is_closed() || std::time::Instant::now() >= std_deadline {
+            let started = std::time::Instant::now();
+            if result_tx.is_closed() || started >= std_deadline {
                 metrics::counter!("xks_backend_calls_skipped_total").increment(1);
                 return;
             }
             // A panicking backend fails this call, not the thread that serves the next.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&*backend)))
                 .unwrap_or_else(|_| Err(BackendError::Failed("backend call panicked".into())));
+            note_service_time(&service_ns, started.elapsed());
             let _ = result_tx.send(result);
         });
         if calls.try_send(job).is_err() {
@@ -493,6 +518,25 @@ impl Handle {
             Ok(Err(_dropped)) => Err(BackendError::Timeout),
             Err(_elapsed) => Err(BackendError::Timeout),
         }
+    }
+
+    /// Whether a call with `ahead` calls queued before it would, at the recent pace,
+    /// still be waiting or running when `budget` ends. Such a call is refused at once
+    /// (429, KMS retries later) instead of being queued to time out (503 after the
+    /// whole budget): under overload the excess is answered in microseconds and the
+    /// queue holds only calls that can finish in time, so admitted requests stay within
+    /// KMS's budget. Before any call has returned there is no pace yet: queue as usual.
+    fn would_miss(&self, ahead: usize, budget: Duration) -> bool {
+        let service = self.service_ns.load(Ordering::Relaxed);
+        if service == 0 {
+            return false;
+        }
+        // The `concurrency` calls in the key manager finish, on average, one every
+        // service/concurrency; this call's turn comes after `ahead + 1` of them, and
+        // then it takes one service time itself.
+        let slots = self.limits.concurrency.max(1) as u128;
+        let expected_ns = u128::from(service) * (ahead as u128 + 1) / slots + u128::from(service);
+        expected_ns > budget.as_nanos()
     }
 
     /// Calls waiting for a permit right now (for metrics and tests).
@@ -741,6 +785,53 @@ mod tests {
         // 2 run, 3 wait (and run within the 1 s deadline), 3 are refused.
         assert_eq!((ok, busy), (5, 3));
         assert!(backend.max_running.load(Ordering::SeqCst) <= 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn once_calls_are_known_to_be_slow_a_call_that_could_not_finish_in_time_is_refused_at_once()
+     {
+        // 150 ms a call, one session, a 200 ms budget: a call queued behind a running
+        // one would need about 300 ms.
+        let backend = Paced::blocking(Duration::from_millis(150));
+        let h = Handle::new(backend.clone(), limits(1, 8, 200)).expect("threads");
+        assert!(
+            call_thread(&h).await.is_ok(),
+            "the first call sets the pace"
+        );
+        let running = {
+            let h = h.clone();
+            tokio::spawn(async move { call_thread(&h).await })
+        };
+        for _ in 0..1000 {
+            if h.in_flight() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(h.in_flight(), 1, "the second call is in the backend");
+        // Busy (429, at once), not Timeout (503 after the whole budget).
+        assert_eq!(call_thread(&h).await, Err(BackendError::Busy));
+        assert_eq!(
+            backend.started.load(Ordering::SeqCst),
+            2,
+            "the refused call never reached the backend"
+        );
+        assert!(running.await.expect("task").is_ok());
+        // With a budget the queue fits in, the same call waits its turn.
+        let patient = Handle::new(backend.clone(), limits(1, 8, 1000)).expect("threads");
+        assert!(call_thread(&patient).await.is_ok());
+        let first = {
+            let h = patient.clone();
+            tokio::spawn(async move { call_thread(&h).await })
+        };
+        for _ in 0..1000 {
+            if patient.in_flight() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(call_thread(&patient).await.is_ok(), "queued and served");
+        assert!(first.await.expect("task").is_ok());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
