@@ -521,6 +521,31 @@ impl Config {
         Ok(config)
     }
 
+    /// What the key admin commands need of the file at `path`: the `[backend]` table,
+    /// validated, and the keys each keystore serves. The whole file must still parse,
+    /// but nothing else is validated and no SigV4 secret is read, so `keys create`
+    /// works on a host (or in a shell) that does not hold KMS's credentials.
+    pub fn load_admin(path: &Path) -> Result<AdminConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| {
+            ConfigError::new(
+                "(syntax)",
+                e.message().to_owned() + &span_hint(&text, e.span()),
+            )
+        })?;
+        Ok(AdminConfig {
+            backend: validate_backend(raw.backend, base, &mut Vec::new())?,
+            served: raw
+                .keystores
+                .iter()
+                .map(|k| served_keys(k.allowed_keys.as_deref(), k.shared_keys.as_deref()))
+                .collect(),
+        })
+    }
+
     /// Parses and validates TOML text; relative paths resolve against `base`.
     pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
@@ -533,6 +558,54 @@ impl Config {
         })?;
         raw.validate(base)
     }
+}
+
+/// See [`Config::load_admin`].
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub backend: BackendConfig,
+    /// Per `[[keystores]]`: the keys it serves (`None`: every key of the backend).
+    pub served: Vec<Option<Vec<String>>>,
+}
+
+/// The `[backend]` table, validated; the files it names are added to `watched`. Its
+/// secrets (the master key, the PIN) are read when the backend opens, not here.
+fn validate_backend(
+    raw: RawBackend,
+    base: &Path,
+    watched_files: &mut Vec<PathBuf>,
+) -> Result<BackendConfig, ConfigError> {
+    Ok(match raw {
+        RawBackend::Software {
+            keystore,
+            master_key_env,
+            master_key_file,
+            simulated_latency_ms,
+        } => {
+            watched_files.push(base.join(&keystore));
+            if let Some(f) = &master_key_file {
+                watched_files.push(base.join(f));
+            }
+            BackendConfig::Software {
+                keystore: base.join(keystore),
+                master_key: SecretSource::from_pair(
+                    "backend.master_key_env",
+                    master_key_env.as_ref(),
+                    master_key_file.as_ref(),
+                    base,
+                )?,
+                simulated_latency: Duration::from_millis(simulated_latency_ms),
+            }
+        }
+        #[cfg(feature = "pkcs11")]
+        RawBackend::Pkcs11(mut settings) => {
+            settings
+                .validate(base)
+                .map_err(|e| ConfigError::new(format!("backend.{}", e.key), e.problem))?;
+            settings.resolve_paths(base);
+            BackendConfig::Pkcs11(settings)
+        }
+    })
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
@@ -794,37 +867,7 @@ impl RawConfig {
             ));
         }
 
-        let backend = match self.backend {
-            RawBackend::Software {
-                keystore,
-                master_key_env,
-                master_key_file,
-                simulated_latency_ms,
-            } => {
-                watched_files.push(base.join(&keystore));
-                if let Some(f) = &master_key_file {
-                    watched_files.push(base.join(f));
-                }
-                BackendConfig::Software {
-                    keystore: base.join(keystore),
-                    master_key: SecretSource::from_pair(
-                        "backend.master_key_env",
-                        master_key_env.as_ref(),
-                        master_key_file.as_ref(),
-                        base,
-                    )?,
-                    simulated_latency: Duration::from_millis(simulated_latency_ms),
-                }
-            }
-            #[cfg(feature = "pkcs11")]
-            RawBackend::Pkcs11(mut settings) => {
-                settings
-                    .validate(base)
-                    .map_err(|e| ConfigError::new(format!("backend.{}", e.key), e.problem))?;
-                settings.resolve_paths(base);
-                BackendConfig::Pkcs11(settings)
-            }
-        };
+        let backend = validate_backend(self.backend, base, &mut watched_files)?;
 
         if self.keystores.is_empty() {
             return Err(ConfigError::new(

@@ -552,3 +552,105 @@ fn keys_create_notes_a_key_no_keystore_serves() {
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("no [[keystores]]"));
 }
+
+/// Issue 12, "checks that tell the truth": `config check` printed OK while `serve`
+/// then failed. For each of those configs, both now fail, and `config check` names the
+/// config key (the systemd unit runs it as ExecStartPre).
+#[test]
+fn config_check_fails_wherever_serve_would_and_names_the_key() {
+    let (dir, text, _) = prepare(&Options::default());
+    let cases = [
+        (
+            "master key env var unset",
+            text.replace(
+                "master_key_file = \"master.key\"",
+                "master_key_env = \"XKS_TEST_MASTER_KEY_NEVER_SET\"",
+            ),
+            "backend.master_key_env",
+        ),
+        (
+            "certificate file missing",
+            text.replace("server-ecdsa.pem", "no-such-cert.pem"),
+            "server.tls.certificate",
+        ),
+        (
+            "certificate and key do not match",
+            text.replace("server-ecdsa.key", "server-rsa.key"),
+            "server.tls",
+        ),
+        (
+            "keystore directory missing",
+            text.replace(
+                "keystore = \"keystore.json\"",
+                "keystore = \"gone/keystore.json\"",
+            ),
+            "backend.keystore",
+        ),
+    ];
+    for (what, bad, key) in cases {
+        assert_ne!(bad, text, "{what}: the replacement applied");
+        let path = dir.path().join("case.toml");
+        std::fs::write(&path, &bad).expect("write");
+        let check = bin()
+            .args(["config", "check", "--config"])
+            .arg(&path)
+            .env_remove("XKS_TEST_MASTER_KEY_NEVER_SET")
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&check.stderr);
+        assert_eq!(check.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains(&format!("`{key}`")), "{what}: {err}");
+        assert!(
+            !String::from_utf8_lossy(&check.stdout).contains("OK"),
+            "{what}"
+        );
+        // And serve agrees: it fails too (before binding anything).
+        let serve = bin()
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env_remove("XKS_TEST_MASTER_KEY_NEVER_SET")
+            .output()
+            .expect("run");
+        assert!(!serve.status.success(), "{what}: serve started");
+    }
+}
+
+/// Issue 12: key admin commands read only the `[backend]` table; a SigV4 secret that
+/// is not available in the operator's shell must not stop `keys create` / `keys list`.
+#[test]
+fn key_admin_commands_need_no_sigv4_secret() {
+    let (dir, text, _) = prepare(&Options::default());
+    let text = text.replace(
+        "secret_file = \"secret0\"",
+        "secret_env = \"XKS_TEST_SIGV4_SECRET_NEVER_SET\"",
+    );
+    let path = dir.path().join("admin.toml");
+    std::fs::write(&path, &text).expect("write");
+    let check = bin()
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(check.status.code(), Some(2), "serving needs the secret");
+    for args in [
+        &["keys", "create", "admin-made"][..],
+        &["keys", "list"][..],
+        &["keys", "disable", "admin-made"][..],
+    ] {
+        let out = bin()
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env_remove("XKS_TEST_SIGV4_SECRET_NEVER_SET")
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if args[1] == "list" {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("admin-made"));
+        }
+    }
+}

@@ -606,6 +606,19 @@ pub fn open(config: &crate::config::BackendConfig) -> Result<Arc<dyn CryptoBacke
     }
 }
 
+/// What [`open`] would find wrong, short of opening HSM sessions: the software
+/// keystore is opened (master key and file) and dropped; for PKCS#11, the module file
+/// and every PIN source are checked, and no module is loaded. `config check` and
+/// `doctor` run it, so their OK means `serve` gets as far as the key manager.
+pub fn preflight(config: &crate::config::BackendConfig) -> Result<(), OpenError> {
+    use crate::config::BackendConfig;
+    match config {
+        BackendConfig::Software { .. } => open(config).map(drop),
+        #[cfg(feature = "pkcs11")]
+        BackendConfig::Pkcs11(settings) => Ok(pkcs11::Pkcs11Backend::preflight(settings)?),
+    }
+}
+
 /// Reads the software keystore's master key from where the config says it is.
 pub fn master_key_from(
     source: &crate::config::SecretSource,

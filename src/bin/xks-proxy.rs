@@ -38,7 +38,7 @@ enum Command {
         #[arg(long, default_value = "/demo")]
         prefix: String,
     },
-    /// Check a config file: syntax, every rule, every secret readable.
+    /// Check a config file: everything `serve` checks before it binds its ports.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
@@ -87,7 +87,11 @@ enum CredentialsCommand {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Validate a config file and exit 0 if it can run.
+    /// Check everything `serve` checks before binding: syntax, every rule, every secret
+    /// and file readable, the TLS certificate and key (parsed, and matching), the
+    /// policy, the software keystore (opened with its master key) or the PKCS#11
+    /// module file and PIN. Exit 0 only if `serve` would get as far as its ports and
+    /// the HSM session.
     Check {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
@@ -187,10 +191,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => match Config::load(&config) {
             Ok(cfg) => {
-                if let Some(policy) = &cfg.policy_file
-                    && let Err(e) = xks_proxy::policy::Policy::from_file(policy)
-                {
-                    eprintln!("xks-proxy: {}: [policy] {e}", config.display());
+                // Everything serve checks before binding, so OK means serve starts.
+                if let Err(e) = xks_proxy::server::preflight(&cfg) {
+                    eprintln!("xks-proxy: {}: {e}", config.display());
                     return Ok(ExitCode::from(2));
                 }
                 println!(
@@ -439,7 +442,11 @@ secret_file = "secret"
         certificate: DEV_CERT,
         private_key: DEV_KEY,
     });
-    create_key(&cfg, DEMO_KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt])?;
+    create_key(
+        &cfg.backend,
+        DEMO_KEY,
+        &[KeyUsage::Encrypt, KeyUsage::Decrypt],
+    )?;
     let ca = dir.join("ca.pem");
     let prefix = prefix.to_owned();
     let banner: Banner = Box::new(move |addr| {
@@ -534,9 +541,9 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
         }
         KeysCommand::Create { config, key, usage } => {
             let label = key.id();
-            let cfg = load(&config)?;
+            let admin = load_admin(&config)?;
             let usages = parse_usages(&usage)?;
-            create_key(&cfg, &label, &usages)?;
+            create_key(&admin.backend, &label, &usages)?;
             println!(
                 "created key {label} ({})",
                 usages
@@ -547,11 +554,11 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
             );
             // Every keystore has a key list and none names the new key: no tenant can
             // use it until the operator assigns it.
-            if cfg.keystores.iter().all(|k| {
-                k.allowed_keys
-                    .as_ref()
-                    .is_some_and(|keys| !keys.contains(&label))
-            }) {
+            if admin
+                .served
+                .iter()
+                .all(|keys| keys.as_ref().is_some_and(|keys| !keys.contains(&label)))
+            {
                 eprintln!(
                     "note: no [[keystores]] serves {label} yet: add it to the allowed_keys of the keystore that should (shared_keys in each, if several should), then reload"
                 );
@@ -559,16 +566,18 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::List { config } => {
-            let cfg = load(&config)?;
-            list_keys(&cfg)?;
+            list_keys(&load_admin(&config)?.backend)?;
             Ok(ExitCode::SUCCESS)
         }
-        KeysCommand::Enable { config, key } => set_enabled(&load(&config)?, &key.id(), true),
-        KeysCommand::Disable { config, key } => set_enabled(&load(&config)?, &key.id(), false),
+        KeysCommand::Enable { config, key } => {
+            set_enabled(&load_admin(&config)?.backend, &key.id(), true)
+        }
+        KeysCommand::Disable { config, key } => {
+            set_enabled(&load_admin(&config)?.backend, &key.id(), false)
+        }
         KeysCommand::Rotate { config, key } => {
             let label = key.id();
-            let cfg = load(&config)?;
-            let (mut ks, _) = open_keystore(&cfg)?;
+            let (mut ks, _) = open_keystore(&load_admin(&config)?.backend)?;
             let v = ks.rotate(&label)?;
             ks.save()?;
             println!("key {label} now at version {v}; send SIGHUP to running proxies");
@@ -577,13 +586,20 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
     }
 }
 
+/// The key admin commands need the `[backend]` table only: never the SigV4 secrets.
+fn load_admin(path: &Path) -> Result<xks_proxy::config::AdminConfig> {
+    Config::load_admin(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 fn load(path: &Path) -> Result<Config> {
     Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn open_keystore(cfg: &Config) -> Result<(xks_proxy::backend::software::Keystore, PathBuf)> {
+fn open_keystore(
+    backend: &BackendConfig,
+) -> Result<(xks_proxy::backend::software::Keystore, PathBuf)> {
     use xks_proxy::backend::software::Keystore;
-    match &cfg.backend {
+    match backend {
         BackendConfig::Software {
             keystore,
             master_key,
@@ -603,10 +619,10 @@ fn open_keystore(cfg: &Config) -> Result<(xks_proxy::backend::software::Keystore
     }
 }
 
-fn create_key(cfg: &Config, label: &str, usages: &[KeyUsage]) -> Result<()> {
-    match &cfg.backend {
+fn create_key(backend: &BackendConfig, label: &str, usages: &[KeyUsage]) -> Result<()> {
+    match backend {
         BackendConfig::Software { .. } => {
-            let (mut ks, _) = open_keystore(cfg)?;
+            let (mut ks, _) = open_keystore(backend)?;
             ks.create_key(label, usages)?;
             ks.save()?;
             Ok(())
@@ -626,11 +642,11 @@ fn create_key(cfg: &Config, label: &str, usages: &[KeyUsage]) -> Result<()> {
     }
 }
 
-fn list_keys(cfg: &Config) -> Result<()> {
+fn list_keys(backend: &BackendConfig) -> Result<()> {
     println!("{:<40} {:<10} {:<30} STATUS", "ID", "TYPE", "USAGES");
-    match &cfg.backend {
+    match backend {
         BackendConfig::Software { .. } => {
-            let (ks, _) = open_keystore(cfg)?;
+            let (ks, _) = open_keystore(backend)?;
             for k in ks.list() {
                 println!(
                     "{:<40} {:<10} {:<30} {} (version {})",
@@ -667,10 +683,10 @@ fn list_keys(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-fn set_enabled(cfg: &Config, label: &str, enabled: bool) -> Result<ExitCode> {
-    match &cfg.backend {
+fn set_enabled(backend: &BackendConfig, label: &str, enabled: bool) -> Result<ExitCode> {
+    match backend {
         BackendConfig::Software { .. } => {
-            let (mut ks, _) = open_keystore(cfg)?;
+            let (mut ks, _) = open_keystore(backend)?;
             ks.set_enabled(label, enabled)?;
             ks.save()?;
             println!(

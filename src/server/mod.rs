@@ -176,6 +176,49 @@ impl Reloader {
     }
 }
 
+/// Everything `serve` checks before it binds its ports, short of binding and of
+/// opening HSM sessions: the tenants and their credentials, the policy, the TLS
+/// certificate chain and key (read, parsed, and matched with each other), the client
+/// CA, and the backend's own preflight (the software keystore opened with its master
+/// key; PKCS#11 module files and PIN sources). `config check` and `doctor` run exactly
+/// this, so that their OK means `serve` will start. Errors name the config key.
+pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
+    use crate::config::ConfigError;
+    crate::api::Tenants::from_config(&config.keystores)
+        .map_err(|e| ConfigError::new("keystores", e.to_string()))?;
+    load_policy(config).map_err(|e| ConfigError::new("policy.file", e.to_string()))?;
+    if let Some(t) = &config.server.tls {
+        tls::server_config(t, config.server.client_auth.as_ref()).map_err(|e| {
+            let key = match &e {
+                tls::TlsError::Certificate { .. } => "server.tls.certificate",
+                tls::TlsError::PrivateKey { .. } => "server.tls.private_key",
+                tls::TlsError::Mismatch(_) => "server.tls",
+                tls::TlsError::ClientCa { .. } => "server.tls.client_ca",
+            };
+            ConfigError::new(key, e.to_string())
+        })?;
+    }
+    crate::backend::preflight(&config.backend).map_err(|e| {
+        use crate::backend::OpenError;
+        use crate::backend::software::KeystoreError;
+        let key = match &e {
+            OpenError::Config(_) => "backend",
+            OpenError::Software(
+                KeystoreError::MasterKeyEnvUnset { .. } | KeystoreError::MasterKeyEnvInvalid { .. },
+            ) => "backend.master_key_env",
+            OpenError::Software(
+                KeystoreError::MasterKeyFileRead { .. }
+                | KeystoreError::MasterKeyFileInvalid { .. }
+                | KeystoreError::MasterKeyLength { .. },
+            ) => "backend.master_key_file",
+            OpenError::Software(_) => "backend.keystore",
+            #[cfg(feature = "pkcs11")]
+            OpenError::Pkcs11(_) => "backend",
+        };
+        ConfigError::new(key, e.to_string())
+    })
+}
+
 fn load_policy(config: &Config) -> Result<Option<Arc<crate::policy::Policy>>, ServeError> {
     match &config.policy_file {
         None => Ok(None),

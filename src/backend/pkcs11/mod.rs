@@ -236,6 +236,26 @@ impl Pkcs11Backend {
         })
     }
 
+    /// Checks what [`Pkcs11Backend::open`] would check before loading a module: the
+    /// settings, that every module file is a readable file, and that every PIN source
+    /// can be read. Loads nothing and opens no session.
+    pub fn preflight(settings: &Pkcs11Settings) -> Result<(), Pkcs11Error> {
+        for plan in settings.plan()? {
+            let meta = std::fs::metadata(&plan.module).map_err(|e| Pkcs11Error::ModuleLoad {
+                path: plan.module.clone(),
+                reason: e.kind().to_string(),
+            })?;
+            if !meta.is_file() {
+                return Err(Pkcs11Error::ModuleLoad {
+                    path: plan.module.clone(),
+                    reason: "not a regular file".into(),
+                });
+            }
+            plan.pin.resolve(&plan.key_prefix)?;
+        }
+        Ok(())
+    }
+
     /// Creates a persistent AES-256 key on the primary token: sensitive,
     /// non-extractable, `CKA_LABEL` = `CKA_ID` = `key_id`, with exactly the
     /// CKA_ENCRYPT/DECRYPT/WRAP/UNWRAP/SIGN/VERIFY/DERIVE flags named in `usages`.

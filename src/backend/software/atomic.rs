@@ -22,16 +22,24 @@ pub(super) enum Mode {
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> KeystoreError {
     let path = path.to_owned();
-    move |source| KeystoreError::Io {
+    move |cause| KeystoreError::Io {
         action,
         path,
-        source,
+        cause,
     }
 }
 
 /// Writes `contents` to `path` atomically, with mode 0600 on Unix.
 pub(super) fn write(path: &Path, contents: &[u8], mode: Mode) -> Result<(), KeystoreError> {
     let dir = parent_dir(path);
+    if !dir.is_dir() {
+        // Said plainly: otherwise the first failure names a hidden temp file.
+        return Err(KeystoreError::Io {
+            action: "write the keystore into the directory",
+            path: dir,
+            cause: io::Error::new(io::ErrorKind::NotFound, "it does not exist"),
+        });
+    }
     let tmp = temp_path(path, &dir)?;
     let result = write_temp(&tmp, contents).and_then(|()| publish(&tmp, path, mode));
     if result.is_err() {

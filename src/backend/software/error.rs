@@ -21,8 +21,10 @@ pub enum KeystoreError {
     )]
     MasterKeyEnvInvalid { var: String },
 
-    #[error("cannot read the master key file {}: {source}", .path.display())]
-    MasterKeyFileRead { path: PathBuf, source: io::Error },
+    // `cause`, not `source`: the message already says it, and an error chain printing
+    // the source again would say it twice.
+    #[error("cannot read the master key file {}: {cause}", .path.display())]
+    MasterKeyFileRead { path: PathBuf, cause: io::Error },
 
     #[error(
         "the master key file {} is not valid: expected 32 raw bytes, or standard base64 of exactly 32 bytes",
@@ -40,11 +42,11 @@ pub enum KeystoreError {
     AlreadyExists { path: PathBuf },
 
     /// An I/O step failed; `action` says which ("read", "write", "rename", ...).
-    #[error("cannot {action} {}: {source}", .path.display())]
+    #[error("cannot {action} {}: {cause}", .path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: io::Error,
+        cause: io::Error,
     },
 
     /// The file is not a keystore at all (not JSON, wrong shape, unknown fields).

@@ -587,7 +587,7 @@ impl Keystore {
         let mut json = serde_json::to_vec_pretty(&doc).map_err(|e| KeystoreError::Io {
             action: "serialize",
             path: self.path.clone(),
-            source: io::Error::other(e),
+            cause: io::Error::other(e),
         })?;
         json.push(b'\n');
         atomic::write(&self.path, &json, mode)?;
@@ -692,7 +692,7 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, KeystoreError> {
                 KeystoreError::Io {
                     action,
                     path: path.to_owned(),
-                    source,
+                    cause: source,
                 }
             }
         }

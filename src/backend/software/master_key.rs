@@ -46,10 +46,10 @@ impl MasterKey {
     /// base64 of 32 bytes (surrounding whitespace ignored). Errors name the path,
     /// never the content. Warns (does not fail) if the file is readable by others.
     pub fn from_file(path: &Path) -> Result<Self, KeystoreError> {
-        let content = Zeroizing::new(std::fs::read(path).map_err(|source| {
+        let content = Zeroizing::new(std::fs::read(path).map_err(|cause| {
             KeystoreError::MasterKeyFileRead {
                 path: path.to_owned(),
-                source,
+                cause,
             }
         })?);
         warn_if_shared(path);
