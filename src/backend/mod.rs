@@ -372,7 +372,8 @@ impl Handle {
     pub fn new(backend: Arc<dyn CryptoBackend>, limits: CallLimits) -> std::io::Result<Self> {
         let concurrency = limits.concurrency.max(1);
         let calls = if backend.may_block() {
-            // Capacity = permits: a job is only sent while holding a permit, so a send
+            // Capacity = permits: a job is only sent while holding a permit, and a
+            // job gives its permit back only after it has left the channel, so a send
             // never finds the channel full.
             let (tx, rx) = crossbeam_channel::bounded::<Job>(concurrency);
             for n in 0..concurrency {
@@ -491,7 +492,6 @@ impl Handle {
         let (result_tx, result_rx) = tokio::sync::oneshot::channel();
         let std_deadline = deadline.into_std();
         let job: Job = Box::new(move || {
-            let _permit = permit;
             // The caller stops listening at its deadline (or when its request is
             // dropped): an HSM call nobody waits for is only load on a struggling HSM.
             let started = std::time::Instant::now();
@@ -503,6 +503,10 @@ impl Handle {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&*backend)))
                 .unwrap_or_else(|_| Err(BackendError::Failed("backend call panicked".into())));
             note_service_time(&service_ns, started.elapsed());
+            // The permit goes back before the answer, so a caller that makes its next
+            // call the moment it has this one's answer finds the slot free (and is not
+            // queued, or refused as if the key manager were still busy).
+            drop(permit);
             let _ = result_tx.send(result);
         });
         if calls.try_send(job).is_err() {
@@ -803,10 +807,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn once_calls_are_known_to_be_slow_a_call_that_could_not_finish_in_time_is_refused_at_once()
      {
-        // 150 ms a call, one session, a 200 ms budget: a call queued behind a running
-        // one would need about 300 ms.
-        let backend = Paced::blocking(Duration::from_millis(150));
-        let h = Handle::new(backend.clone(), limits(1, 8, 200)).expect("threads");
+        // 300 ms a call, one session, a 500 ms budget (slack for a loaded machine): a
+        // call queued behind a running one would need about 600 ms.
+        let backend = Paced::blocking(Duration::from_millis(300));
+        let h = Handle::new(backend.clone(), limits(1, 8, 500)).expect("threads");
         assert!(
             call_thread(&h).await.is_ok(),
             "the first call sets the pace"
@@ -824,14 +828,14 @@ mod tests {
         assert_eq!(h.in_flight(), 1, "the second call is in the backend");
         // Busy (429, at once), not Timeout (503 after the whole budget).
         assert_eq!(call_thread(&h).await, Err(BackendError::Busy));
+        assert!(running.await.expect("task").is_ok());
         assert_eq!(
             backend.started.load(Ordering::SeqCst),
             2,
             "the refused call never reached the backend"
         );
-        assert!(running.await.expect("task").is_ok());
         // With a budget the queue fits in, the same call waits its turn.
-        let patient = Handle::new(backend.clone(), limits(1, 8, 1000)).expect("threads");
+        let patient = Handle::new(backend.clone(), limits(1, 8, 3000)).expect("threads");
         assert!(call_thread(&patient).await.is_ok());
         let first = {
             let h = patient.clone();
