@@ -115,9 +115,71 @@ fn check(config_path: &Path, endpoint: Option<&str>) -> Report {
             ks.credentials.len()
         ));
     }
+    check_secret_files(&mut r, &cfg);
     check_tls(&mut r, &cfg, endpoint);
     check_backend(&mut r, &cfg);
     r
+}
+
+/// Every file the config names that holds a secret: what it is, and where.
+fn secret_files(cfg: &Config) -> Vec<(String, std::path::PathBuf)> {
+    use crate::config::{BackendConfig, SecretSource};
+    let mut files = Vec::new();
+    for ks in &cfg.keystores {
+        for c in &ks.credentials {
+            if let SecretSource::File(f) = &c.source {
+                files.push((
+                    format!("SigV4 secret of {} ('{}')", c.access_key_id, ks.path_prefix),
+                    f.clone(),
+                ));
+            }
+        }
+    }
+    match &cfg.backend {
+        BackendConfig::Software {
+            master_key: SecretSource::File(f),
+            ..
+        } => files.push(("software keystore master key".to_owned(), f.clone())),
+        BackendConfig::Software { .. } => {}
+        #[cfg(feature = "pkcs11")]
+        BackendConfig::Pkcs11(s) => {
+            if let Some(f) = &s.user_pin_file {
+                files.push(("PKCS#11 user PIN".to_owned(), f.clone()));
+            }
+            for (i, t) in s.failover.iter().enumerate() {
+                if let Some(f) = &t.user_pin_file {
+                    files.push((format!("PKCS#11 user PIN of failover[{i}]"), f.clone()));
+                }
+            }
+        }
+    }
+    files
+}
+
+/// Secret files readable by anyone but their owner: `serve` warns about them in its
+/// log; the report says it too, where an operator reads it before going live.
+fn check_secret_files(r: &mut Report, cfg: &Config) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let files = secret_files(cfg);
+    let mut shared = 0;
+    for (what, path) in &files {
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                shared += 1;
+                r.warn(format!(
+                    "secret file {} ({what}) is readable by group or others (mode {mode:03o}): chmod 600 it",
+                    path.display()
+                ));
+            }
+        }
+    }
+    if shared == 0 && !files.is_empty() {
+        r.pass(format!(
+            "secret files: {} named, none readable by group or others",
+            files.len()
+        ));
+    }
 }
 
 fn check_clock(r: &mut Report) {

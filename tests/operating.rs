@@ -569,3 +569,55 @@ fn doctor_passes_a_good_config_and_fails_a_bad_key() {
         "{report}"
     );
 }
+
+/// Issue 12: `doctor` warned about a world-readable master key only in serve's log;
+/// SigV4 secret files and PIN files are secrets too. Each file others can read is named
+/// in the report; once they are 0600, one line says so.
+#[test]
+fn doctor_names_every_secret_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (dir, _text, _) = prepare(&Options::default());
+    let cfg = dir.path().join("proxy.toml");
+    let chmod = |name: &str, mode: u32| {
+        std::fs::set_permissions(dir.path().join(name), std::fs::Permissions::from_mode(mode))
+            .expect("chmod")
+    };
+    for f in ["secret0", "secret1", "master.key"] {
+        chmod(f, 0o600);
+    }
+    chmod("secret1", 0o644);
+    chmod("master.key", 0o640);
+    let doctor = || {
+        let out = bin()
+            .args(["doctor", "--config"])
+            .arg(&cfg)
+            .output()
+            .expect("run");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let report = doctor();
+    let warned: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("[WARN] secret file"))
+        .collect();
+    assert_eq!(warned.len(), 2, "{report}");
+    assert!(
+        warned
+            .iter()
+            .any(|l| l.contains("secret1") && l.contains("mode 644")),
+        "{report}"
+    );
+    assert!(
+        warned
+            .iter()
+            .any(|l| l.contains("master.key") && l.contains("master key")),
+        "{report}"
+    );
+    chmod("secret1", 0o600);
+    chmod("master.key", 0o600);
+    let report = doctor();
+    assert!(
+        report.contains("[PASS] secret files: 3 named, none readable by group or others"),
+        "{report}"
+    );
+}
