@@ -62,9 +62,18 @@ impl Report {
     }
 }
 
+/// How KMS reaches the proxy (KMS's XksProxyConnectivity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Connectivity {
+    /// PUBLIC_ENDPOINT: over the internet, to the endpoint's public DNS name.
+    PublicEndpoint,
+    /// VPC_ENDPOINT_SERVICE: through a VPC endpoint service, to its private DNS name.
+    VpcEndpointService,
+}
+
 /// Runs every check and prints the report.
-pub fn run(config_path: &Path, endpoint: Option<&str>) -> ExitCode {
-    let report = check(config_path, endpoint);
+pub fn run(config_path: &Path, endpoint: Option<&str>, connectivity: Connectivity) -> ExitCode {
+    let report = check(config_path, endpoint, connectivity);
     print!("{}", report.render());
     if report.failed() {
         ExitCode::from(1)
@@ -73,7 +82,7 @@ pub fn run(config_path: &Path, endpoint: Option<&str>) -> ExitCode {
     }
 }
 
-fn check(config_path: &Path, endpoint: Option<&str>) -> Report {
+fn check(config_path: &Path, endpoint: Option<&str>, connectivity: Connectivity) -> Report {
     let mut r = Report::default();
     let cfg = match Config::load(config_path) {
         Ok(c) => {
@@ -116,7 +125,7 @@ fn check(config_path: &Path, endpoint: Option<&str>) -> Report {
         ));
     }
     check_secret_files(&mut r, &cfg);
-    check_tls(&mut r, &cfg, endpoint);
+    check_tls(&mut r, &cfg, endpoint, connectivity);
     check_backend(&mut r, &cfg);
     r
 }
@@ -209,7 +218,7 @@ fn check_clock(r: &mut Report) {
     }
 }
 
-fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>) {
+fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>, connectivity: Connectivity) {
     let Some(t) = &cfg.server.tls else {
         r.warn(
             "TLS is off (insecure_plain_http): only correct behind a TLS-terminating load balancer",
@@ -245,6 +254,7 @@ fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>) {
                     let host = host.trim_start_matches("https://").to_ascii_lowercase();
                     if names.iter().any(|n| name_matches(n, &host)) {
                         r.pass(format!("TLS: the certificate names {host}"));
+                        check_public_chain(r, &certs, &host, connectivity);
                     } else {
                         r.fail(format!(
                             "TLS: the certificate does not name {host} (it names: {})",
@@ -276,6 +286,65 @@ fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>) {
         )),
         Some(a) => r.fail(format!("mTLS: client CA {} is missing", a.ca.display())),
         None => r.warn("mTLS: off (the spec recommends it: client_ca + client_subjects)"),
+    }
+}
+
+/// KMS connects only to a proxy whose certificate chains to a public CA it trusts,
+/// for either connectivity option (the troubleshooting table sends
+/// XKS_PROXY_INVALID_TLS_CONFIGURATION here). Checked the way a TLS client checks it:
+/// the chain as served, against Mozilla's public roots (not this host's store), for
+/// the endpoint's name, now.
+fn check_public_chain(
+    r: &mut Report,
+    certs: &[rustls_pki_types::CertificateDer<'static>],
+    host: &str,
+    connectivity: Connectivity,
+) {
+    use rustls::client::danger::ServerCertVerifier as _;
+    let Some((leaf, intermediates)) = certs.split_first() else {
+        return;
+    };
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let verifier = match rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(tls::provider()),
+    )
+    .build()
+    {
+        Ok(v) => v,
+        Err(e) => {
+            r.fail(format!("TLS: cannot build the public-CA check: {e}"));
+            return;
+        }
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(host.to_owned()) else {
+        r.fail(format!("TLS: {host} is not a DNS name KMS can use"));
+        return;
+    };
+    let what_kms_needs = match connectivity {
+        Connectivity::PublicEndpoint => {
+            "with a public endpoint, KMS connects only to a certificate issued by a public CA it trusts, sent with its intermediates"
+        }
+        Connectivity::VpcEndpointService => {
+            "with a VPC endpoint service too, KMS requires a certificate issued by a public CA it trusts (with its intermediates) that names the endpoint service's private DNS name"
+        }
+    };
+    match verifier.verify_server_cert(
+        leaf,
+        intermediates,
+        &name,
+        &[],
+        rustls_pki_types::UnixTime::now(),
+    ) {
+        Ok(_) => r.pass(format!(
+            "TLS: the chain as served reaches a public root CA for {host}"
+        )),
+        Err(e) => r.fail(format!(
+            "TLS: the chain as served does not reach a public root CA ({e}); {what_kms_needs} (issuer of the leaf: {})",
+            tls::certificate_issuer(leaf).unwrap_or_else(|_| "unreadable".into())
+        )),
     }
 }
 

@@ -534,7 +534,7 @@ fn doctor_passes_a_good_config_and_fails_a_bad_key() {
     });
     let cfg = dir.path().join("proxy.toml");
     let out = bin()
-        .args(["doctor", "--endpoint", "localhost", "--config"])
+        .args(["doctor", "--config"])
         .arg(&cfg)
         .output()
         .expect("run");
@@ -543,11 +543,44 @@ fn doctor_passes_a_good_config_and_fails_a_bad_key() {
     for needle in [
         "[PASS] config",
         "certificate chain",
-        "names localhost",
         "round trip",
         "key 'key-1'",
     ] {
         assert!(report.contains(needle), "{needle} missing:\n{report}");
+    }
+    // Issue 12: asked about the name KMS will use, doctor also checks what KMS checks:
+    // the dev certificate names localhost but chains to no public CA, a FAIL (with the
+    // issuer and what KMS requires), for either connectivity option.
+    for (connectivity, says) in [
+        ("public-endpoint", "with a public endpoint"),
+        ("vpc-endpoint-service", "with a VPC endpoint service too"),
+    ] {
+        let out = bin()
+            .args([
+                "doctor",
+                "--endpoint",
+                "localhost",
+                "--connectivity",
+                connectivity,
+            ])
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("run");
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{report}");
+        assert!(
+            report.contains("[PASS] TLS: the certificate names localhost"),
+            "{report}"
+        );
+        let fails: Vec<&str> = report.lines().filter(|l| l.starts_with("[FAIL]")).collect();
+        assert_eq!(fails.len(), 1, "{report}");
+        assert!(
+            fails[0].contains("does not reach a public root CA"),
+            "{report}"
+        );
+        assert!(fails[0].contains("xks-proxy dev CA"), "{report}");
+        assert!(fails[0].contains(says), "{report}");
     }
     // A disabled / encrypt-only key on the allow-list, and a wrong endpoint name, fail.
     let bad = text.replace(

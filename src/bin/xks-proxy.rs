@@ -69,9 +69,14 @@ enum Command {
     Doctor {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
-        /// The DNS name KMS will use (checked against the certificate).
+        /// The DNS name KMS will use (checked against the certificate, whose chain must
+        /// then reach a public CA, as KMS requires).
         #[arg(long)]
         endpoint: Option<String>,
+        /// How KMS reaches the proxy (XksProxyConnectivity): the certificate rules are
+        /// said for this option.
+        #[arg(long, value_enum, default_value = "public-endpoint")]
+        connectivity: xks_proxy::doctor::Connectivity,
     },
 }
 
@@ -259,9 +264,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&doc)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Doctor { config, endpoint } => {
-            Ok(xks_proxy::doctor::run(&config, endpoint.as_deref()))
-        }
+        Command::Doctor {
+            config,
+            endpoint,
+            connectivity,
+        } => Ok(xks_proxy::doctor::run(
+            &config,
+            endpoint.as_deref(),
+            connectivity,
+        )),
     }
 }
 

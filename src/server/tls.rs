@@ -179,6 +179,12 @@ pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
+/// The issuer's distinguished name, for messages ("issued by ...").
+pub fn certificate_issuer(der: &[u8]) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    Ok(cert.issuer().to_string())
+}
+
 impl ClientCertVerifier for SubjectVerifier {
     fn offer_client_auth(&self) -> bool {
         true
