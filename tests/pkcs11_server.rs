@@ -355,6 +355,72 @@ async fn sighup_reloads_the_pkcs11_disabled_key_list() {
     assert_eq!(r.body["keyStatus"], "DISABLED");
 }
 
+/// Issue 12: `disabled_keys = ["my-kye-2"]` (a typo) passed a reload while the intended
+/// key stayed ENABLED. An entry that names no key on the token is now an error: the
+/// reload is refused as a whole (the running list stays), and a start with it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_key_list_naming_no_key_is_refused_at_reload_and_at_start() {
+    let p = start_on_softhsm().await;
+    let c = p.client(false);
+    let path = p.dir.path().join("proxy.toml");
+    let good = std::fs::read_to_string(&path).expect("config");
+    let with_list = |list: &str| {
+        good.replace(
+            "pool_size = 8\n",
+            &format!("pool_size = 8\ndisabled_keys = {list}\n"),
+        )
+    };
+    // The running list disables KEY_ENCRYPT_ONLY.
+    std::fs::write(&path, with_list(&format!("[\"{KEY_ENCRYPT_ONLY}\"]"))).expect("write");
+    let cfg = xks_proxy::config::Config::load(&path).expect("config");
+    p.running.reloader().reload(&cfg).await.expect("reload");
+    // A typo beside a real key: refused, naming the entry; nothing of it applies.
+    std::fs::write(&path, with_list(&format!("[\"{KEY}\", \"my-kye-2\"]"))).expect("write");
+    let cfg = xks_proxy::config::Config::load(&path).expect("config parses");
+    let err = p
+        .running
+        .reloader()
+        .reload(&cfg)
+        .await
+        .expect_err("a list naming no key must not reload")
+        .to_string();
+    assert!(
+        err.contains("'my-kye-2'") && err.contains("disabled_keys"),
+        "{err}"
+    );
+    let status = |key: &'static str| {
+        let c = &c;
+        let p = &p;
+        async move {
+            c.post(&key_url(p, key, "metadata"), &metadata_body())
+                .await
+                .body["keyStatus"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        }
+    };
+    assert_eq!(
+        status(KEY).await,
+        "ENABLED",
+        "the refused list did not apply"
+    );
+    assert_eq!(
+        status(KEY_ENCRYPT_ONLY).await,
+        "DISABLED",
+        "the running list stays"
+    );
+    // The same list at start: serve refuses to start, naming the entry.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("'my-kye-2'"), "{stderr}");
+}
+
 // ---------------------------------------------------------------------------------
 // Issue 3: "if the token disappears the backend reports UNAVAILABLE in health and
 // /ping, ... and recovers without a restart", seen from outside a running server.

@@ -229,11 +229,49 @@ impl Pkcs11Backend {
         let stop = Arc::new(AtomicBool::new(false));
         let monitor = recovery::spawn(Arc::downgrade(&inner), shared, Arc::clone(&stop))
             .map_err(|e| Pkcs11Error::Unavailable(format!("cannot start recovery thread: {e}")))?;
-        Ok(Self {
+        let backend = Self {
             inner,
             stop,
             monitor: Some(monitor),
-        })
+        };
+        backend.check_disabled_keys(&settings.disabled_keys)?;
+        Ok(backend)
+    }
+
+    /// Every `disabled_keys` entry must name a key on the token: the kill switch of an
+    /// incident must not silently miss because of a typo. A token that cannot be asked
+    /// right now (down) does not block the list: it applies as written, with a warning.
+    fn check_disabled_keys(&self, disabled: &[String]) -> Result<(), Pkcs11Error> {
+        if disabled.is_empty() {
+            return Ok(());
+        }
+        let known: HashSet<String> = match self.list_keys() {
+            Ok(keys) => keys.into_iter().map(|k| k.id).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check backend.disabled_keys against the token now; applying the list as written");
+                return Ok(());
+            }
+        };
+        let unknown: Vec<&str> = disabled
+            .iter()
+            .filter(|k| !known.contains(*k))
+            .map(String::as_str)
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        Err(Pkcs11Error::setting(
+            "disabled_keys",
+            format!(
+                "{} match no key on the token ({} keys there; `xks-proxy keys list` shows them): a disabled-key list with a typo would leave the intended key enabled",
+                unknown
+                    .iter()
+                    .map(|k| format!("'{k}'"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                known.len()
+            ),
+        ))
     }
 
     /// Checks what [`Pkcs11Backend::open`] would check before loading a module: the
@@ -663,6 +701,9 @@ impl CryptoBackend for Pkcs11Backend {
                     pins.push((token, pin));
                 }
             }
+            self.check_disabled_keys(&settings.disabled_keys)
+                .map_err(|e| BackendError::Failed(e.to_string()))?;
+            // Everything checked: apply.
             for (token, pin) in pins {
                 token.replace_pin(pin);
             }
