@@ -56,7 +56,7 @@ fn tokens() -> &'static std::sync::Mutex<Vec<String>> {
             std::env::var_os("SOFTHSM2_CONF").is_some(),
             "SOFTHSM2_CONF is not set: run eval \"$(tests/softhsm/setup.sh \"$PWD/target/softhsm\")\" first (tests/run-all.sh does)"
         );
-        let labels: Vec<String> = (0..3).map(|i| format!("srv-{}-{i}", std::process::id())).collect();
+        let labels: Vec<String> = (0..4).map(|i| format!("srv-{}-{i}", std::process::id())).collect();
         for label in &labels {
             let out = std::process::Command::new("softhsm2-util")
                 .args(["--init-token", "--free", "--label", label, "--so-pin", "97531", "--pin", USER_PIN])
