@@ -44,6 +44,29 @@ pub const MAX_AAD: usize = 16384;
 /// 501, so HTTP/1.1 clients see the answer rather than a reset.
 const DRAIN_LIMIT_FACTOR: usize = 4;
 
+/// Characters of an unknown path, or of a refused request's kmsRequestId, that reach the
+/// log line.
+const MAX_LOGGED_PATH: usize = 256;
+const MAX_LOGGED_REQUEST_ID: usize = 128;
+
+/// The kmsRequestId of a body refused before it was decoded (a 401), for the log line
+/// only: looked for after the answer is decided, bounded, never trusted or echoed.
+fn peek_kms_request_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[serde(rename = "requestMetadata")]
+        request_metadata: Option<PeekMetadata>,
+    }
+    #[derive(serde::Deserialize)]
+    struct PeekMetadata {
+        #[serde(rename = "kmsRequestId")]
+        kms_request_id: Option<String>,
+    }
+    let peek: Peek = serde_json::from_slice(body).ok()?;
+    let id = peek.request_metadata?.kms_request_id?;
+    Some(id.chars().take(MAX_LOGGED_REQUEST_ID).collect())
+}
+
 /// The most memory a body buffer takes before its bytes arrive, whatever length the
 /// request declares: an unauthenticated request that declares 64 KiB and sends nothing
 /// holds this much, no more. KMS's bodies are about 1 KiB; the buffer grows (wiping the
@@ -188,9 +211,15 @@ pub struct Call<'a> {
 /// What the request log line reports; filled in as the request is understood.
 #[derive(Debug, Default)]
 struct RequestLog {
+    /// The request's SigV4 signature verified (its connection is then KMS's).
+    authenticated: bool,
+    /// The path asked for, when it names no configured prefix (a 404): truncated, and
+    /// logged as a field (escaped), never as a metric label.
+    unknown_path: Option<String>,
     prefix: Option<String>,
     operation: Option<&'static str>,
     key_id: Option<String>,
+    /// Verified, or on a 401 the one the Authorization header presented.
     access_key_id: Option<String>,
     /// Why SigV4 verification failed (a fixed text): for the operator only, never on
     /// the wire, where every 401 says the same.
@@ -270,7 +299,7 @@ impl Api {
         let mut response = match result {
             Ok(r) | Err(Outcomed(r)) => r,
         };
-        if log.access_key_id.is_some() {
+        if log.authenticated {
             response.extensions_mut().insert(Authenticated);
         }
         let outcome = if response.status() == StatusCode::OK {
@@ -309,6 +338,7 @@ impl Api {
             access_key_id = log.access_key_id.as_deref().unwrap_or("-"),
             auth_failure = log.auth_failure.as_deref(),
             prefix = log.prefix.as_deref().unwrap_or("-"),
+            path = log.unknown_path.as_deref(),
             operation = log.operation.unwrap_or("-"),
             key_id = log.key_id.as_deref().unwrap_or("-"),
             status = response.status().as_u16(),
@@ -352,6 +382,10 @@ impl Api {
             // Only configured prefixes reach logs and metric labels (bounded cardinality).
             log.operation = Some(route.operation.as_str());
             log.prefix = Some(route.prefix.to_owned());
+        } else {
+            // What was asked, for the operator (a KMS store with the wrong
+            // XksProxyUriPath shows up here): a log field only.
+            log.unknown_path = Some(parts.uri.path().chars().take(MAX_LOGGED_PATH).collect());
         }
         let Some((route, tenant)) = found.filter(|_| early.is_none()) else {
             // An answer given before the body is read would go out beside a reset of the
@@ -405,9 +439,15 @@ impl Api {
             SystemTime::now(),
         )
         .map_err(|e| {
+            // The answer is decided (one 401 text for every cause); what follows is
+            // only for the operator's log line: the cause, who it claimed to be, and
+            // which KMS request it was.
             log.auth_failure = Some(e.to_string());
+            log.access_key_id = crate::sigv4::presented_access_key_id(&parts);
+            log.kms_request_id = peek_kms_request_id(&body);
             ApiError::Auth(e)
         })?;
+        log.authenticated = true;
         log.access_key_id = Some(verified.access_key_id);
         // Load shedding, now that the request is a client's: over the global limit,
         // answer 429 at once rather than queue towards KMS's 250 ms timeout. Taken only

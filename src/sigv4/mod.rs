@@ -27,7 +27,7 @@ mod verify;
 
 pub use credentials::{Credential, CredentialSet, DuplicateAccessKeyId};
 pub use sign::{SignError, sign_request};
-pub use verify::{Verified, VerifyPolicy, verify};
+pub use verify::{Verified, VerifyPolicy, presented_access_key_id, verify};
 
 /// Why a request failed authentication. Every variant maps to 401
 /// AuthenticationFailedException at the wire layer.
