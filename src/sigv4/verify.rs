@@ -269,6 +269,20 @@ fn within(a: SystemTime, b: SystemTime, max: Duration) -> bool {
     }
 }
 
+/// The access key id a request's `Authorization` header names, when the header parses:
+/// for the log line of a refused request, so an operator can tell which client (or
+/// which stale credential) it was. Never used to decide anything.
+pub fn presented_access_key_id(parts: &Parts) -> Option<String> {
+    let value = parts
+        .headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    parse_authorization(value)
+        .ok()
+        .map(|a| a.access_key_id.chars().take(64).collect())
+}
+
 /// Verifies the SigV4 signature of a received request.
 ///
 /// `parts` are the request head as hyper delivered it; `body` the exact received
@@ -284,20 +298,6 @@ fn within(a: SystemTime, b: SystemTime, max: Duration) -> bool {
 /// 4. SignedHeaders includes `host` and `x-amz-date`;
 /// 5. the access key id is in `credentials`;
 /// 6. the recomputed signature equals the received one (constant-time compare).
-/// The access key id a request's `Authorization` header names, when the header parses:
-/// for the log line of a refused request, so an operator can tell which client (or
-/// which stale credential) it was. Never used to decide anything.
-pub fn presented_access_key_id(parts: &Parts) -> Option<String> {
-    let value = parts
-        .headers
-        .get(http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    parse_authorization(value)
-        .ok()
-        .map(|a| a.access_key_id.chars().take(64).collect())
-}
-
 pub fn verify(
     parts: &Parts,
     body: &[u8],
