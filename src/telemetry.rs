@@ -48,6 +48,64 @@ where
     })
 }
 
+/// A budget for a warning that strangers can trigger (failed TLS handshakes, refused
+/// connections): at most `per_window` lines per `window`; the rest are only counted,
+/// and the next line that gets through says how many were left out. So an attacker
+/// cannot flood the log, and an operator still sees the first of each burst.
+#[derive(Debug)]
+pub struct LogBudget {
+    window: std::time::Duration,
+    per_window: u32,
+    state: std::sync::Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    started: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    pub const fn new(window: std::time::Duration, per_window: u32) -> Self {
+        Self {
+            window,
+            per_window,
+            state: std::sync::Mutex::new(BudgetState {
+                started: None,
+                logged: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(n)`: log this one, and say that `n` were left out since the last line.
+    /// `None`: over budget, leave it out.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(std::time::Instant::now())
+    }
+
+    fn admit_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st
+            .started
+            .is_none_or(|s| now.duration_since(s) >= self.window)
+        {
+            st.started = Some(now);
+            st.logged = 0;
+        }
+        if st.logged >= self.per_window {
+            st.suppressed += 1;
+            return None;
+        }
+        st.logged += 1;
+        Some(std::mem::take(&mut st.suppressed))
+    }
+}
+
 /// The Prometheus recorder: installed once per process (the `metrics` facade is global
 /// by design), the first time an admin listener starts.
 pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
@@ -105,8 +163,33 @@ fn describe() {
         "xks_tls_certificate_days_to_expiry",
         "Days until the server certificate expires; mirrors KMS's XksProxyCertificateDaysToExpire"
     );
+    describe_counter!(
+        "xks_tls_handshake_failures_total",
+        "TLS handshakes that failed, by listener and reason (client_certificate_refused, no_client_certificate, certificate_rejected_by_client, incompatible_client, protocol_error, closed_by_client, timeout, io_error)"
+    );
     describe_gauge!(
         "xks_credential_age_days",
         "Days since each access key id's secret was set (secret file mtime, or proxy start for env secrets); mirrors KMS's XksProxyCredentialAge"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_log_budget_lets_the_first_lines_of_a_window_through_and_counts_the_rest() {
+        let budget = LogBudget::new(Duration::from_secs(10), 2);
+        let t0 = Instant::now();
+        assert_eq!(budget.admit_at(t0), Some(0));
+        assert_eq!(budget.admit_at(t0), Some(0));
+        for _ in 0..5 {
+            assert_eq!(budget.admit_at(t0 + Duration::from_secs(9)), None);
+        }
+        // The next window's first line says how many were left out.
+        assert_eq!(budget.admit_at(t0 + Duration::from_secs(10)), Some(5));
+        assert_eq!(budget.admit_at(t0 + Duration::from_secs(11)), Some(0));
+        assert_eq!(budget.admit_at(t0 + Duration::from_secs(12)), None);
+    }
 }

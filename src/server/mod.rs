@@ -90,6 +90,9 @@ fn restart_only(config: &Config) -> Vec<(&'static str, String)> {
         ),
         ("admin.listen", format!("{:?}", config.admin_listen)),
         ("limits", format!("{:?}", config.limits)),
+        // The log subscriber is installed once per process.
+        ("logging.level", config.logging.level.clone()),
+        ("logging.format", format!("{:?}", config.logging.format)),
     ];
     match &config.backend {
         crate::config::BackendConfig::Software {
@@ -362,6 +365,12 @@ pub async fn start_on(
             if crate::telemetry::prometheus().is_none() {
                 tracing::warn!("another metrics recorder is installed; /metrics will be empty");
             }
+            // Counters an alert watches exist from the start, at 0: a rate() over a
+            // series that appears only at its first increment misses that increment.
+            for reason in HANDSHAKE_FAILURE_REASONS {
+                metrics::counter!("xks_tls_handshake_failures_total", "listener" => "xks", "reason" => *reason)
+                    .increment(0);
+            }
             tasks.spawn(side_loop(
                 l,
                 Side::Admin,
@@ -438,12 +447,12 @@ async fn accept_loop(
             match tokio::time::timeout(settings.header_read_timeout, handshake).await {
                 Ok(Ok(stream)) => connection::serve(stream, api, &settings, shutdown).await,
                 Ok(Err((e, tcp))) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    note_handshake_failure(peer, handshake_failure_reason(&e), Some(&e));
                     // Let the client read the alert (a refused client certificate must
                     // end in an alert it can name), then close.
                     connection::linger_close(tcp, settings.body_read_timeout).await;
                 }
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                Err(_) => note_handshake_failure(peer, "timeout", None),
             }
         });
     }
@@ -454,14 +463,80 @@ async fn accept_loop(
     }
 }
 
-/// Counts and logs a refused connection. Debug level for the per-source cap: an
-/// attacker must not be able to flood the log by trying.
+/// The reasons of `xks_tls_handshake_failures_total`, all exported from the start.
+pub const HANDSHAKE_FAILURE_REASONS: &[&str] = &[
+    "client_certificate_refused",
+    "no_client_certificate",
+    "certificate_rejected_by_client",
+    "incompatible_client",
+    "protocol_error",
+    "closed_by_client",
+    "timeout",
+    "io_error",
+];
+
+/// Why a TLS handshake failed, as a metric label an operator can act on.
+fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::AlertDescription as A;
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        // Our mTLS verifier refuses with a general error (see tls.rs: it makes rustls
+        // send handshake_failure, which clients can name).
+        Some(rustls::Error::General(_) | rustls::Error::InvalidCertificate(_)) => {
+            "client_certificate_refused"
+        }
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA,
+        )) => "certificate_rejected_by_client",
+        Some(rustls::Error::PeerIncompatible(_)) => "incompatible_client",
+        Some(_) => "protocol_error",
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "closed_by_client",
+        None => "io_error",
+    }
+}
+
+/// At most 10 handshake-failure lines per 10 s: strangers trigger them at will.
+static HANDSHAKE_LOG: crate::telemetry::LogBudget =
+    crate::telemetry::LogBudget::new(Duration::from_secs(10), 10);
+
+/// Counts a failed TLS handshake and logs it at warn (within [`HANDSHAKE_LOG`]): a
+/// wrong client certificate, KMS refusing our certificate, an old TLS version — each
+/// is something an operator must see without turning on debug logging.
+fn note_handshake_failure(peer: SocketAddr, reason: &'static str, error: Option<&std::io::Error>) {
+    metrics::counter!("xks_tls_handshake_failures_total", "listener" => "xks", "reason" => reason)
+        .increment(1);
+    if let Some(left_out) = HANDSHAKE_LOG.admit() {
+        match error {
+            Some(e) => {
+                tracing::warn!(%peer, reason, error = %e, left_out, "TLS handshake failed")
+            }
+            None => tracing::warn!(%peer, reason, left_out, "TLS handshake failed"),
+        }
+    }
+}
+
+/// At most 10 "connection limit reached" lines per 10 s.
+static REFUSED_LOG: crate::telemetry::LogBudget =
+    crate::telemetry::LogBudget::new(Duration::from_secs(10), 10);
+
+/// Counts and logs a refused connection. Debug level for the per-source cap, and a
+/// budget for the total cap: an attacker must not be able to flood the log by trying.
 fn note_refused(refused: Refused, listener: &'static str, peer: SocketAddr, gate: &Gate) {
     match refused {
         Refused::Total => {
             metrics::counter!("xks_connections_refused_total", "listener" => listener, "reason" => "total")
                 .increment(1);
-            tracing::warn!(%peer, listener, limit = gate.limit(), "connection limit reached; closing new connection");
+            if let Some(left_out) = REFUSED_LOG.admit() {
+                tracing::warn!(%peer, listener, limit = gate.limit(), left_out, "connection limit reached; closing new connection");
+            }
         }
         Refused::Source => {
             metrics::counter!("xks_connections_refused_total", "listener" => listener, "reason" => "per_source")
