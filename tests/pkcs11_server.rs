@@ -865,6 +865,46 @@ async fn a_backend_slower_than_the_deadline_times_out_without_pile_up_and_recove
     assert!(t.is_running(), "same process");
 }
 
+/// Issue 12: a start that cannot open its token says why exactly once and exits: no
+/// "will keep trying" before an exit, no second line repeating the PIN's refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_cannot_open_its_token_says_why_once() {
+    let (dir, text, _creds) = prepare(&Options::default());
+    let hsm = dir.path().join("hsm");
+    let out = std::process::Command::new("bash")
+        .arg(repo().join("tests/softhsm/setup.sh"))
+        .arg(&hsm)
+        .args(["start-srv", "12345678", USER_PIN])
+        .output()
+        .expect("setup.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf = hsm.join("softhsm2.conf");
+    let config = dir.path().join("proxy.toml");
+    let serve = |label: &str, pin: &str| {
+        std::fs::write(dir.path().join("pin"), pin).expect("pin");
+        std::fs::write(&config, with_pkcs11_backend(&text, label)).expect("config");
+        std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .expect("serve")
+    };
+    let wrong_pin = serve("start-srv", "24680");
+    let err = String::from_utf8_lossy(&wrong_pin.stderr);
+    assert!(!wrong_pin.status.success(), "{err}");
+    assert_eq!(err.matches("CKR_PIN_INCORRECT").count(), 1, "{err}");
+    let absent = serve("no-such-token", USER_PIN);
+    let err = String::from_utf8_lossy(&absent.stderr);
+    assert!(!absent.status.success(), "{err}");
+    assert_eq!(err.matches("no-such-token").count(), 1, "{err}");
+    assert!(!err.contains("keep trying"), "{err}");
+}
+
 /// Issue 11 §3: the module's C_Initialize failing at start-up (here: SoftHSM with a
 /// config file that does not exist) is a clear error naming the call and its code, said
 /// once, and a non-zero exit — not a hang and not a proxy serving without a key manager.

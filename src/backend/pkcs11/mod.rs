@@ -167,9 +167,13 @@ impl Pkcs11Backend {
             backoff_max: Duration::from_millis(settings.recovery_backoff_max_ms),
             stats: Counters::default(),
             wake: Wake::default(),
+            serving: AtomicBool::new(false),
         });
         let mut tokens = Vec::with_capacity(plans.len());
         let mut first_error: Option<Pkcs11Error> = None;
+        // Tokens absent at start, said only once we know the proxy will serve anyway
+        // (if none can be opened, the start fails with the first reason, once).
+        let mut not_yet = Vec::new();
         for (index, plan) in plans.iter().enumerate() {
             let pin = plan.pin.resolve(&plan.key_prefix)?;
             let module = Module::load(&plan.module)?;
@@ -207,8 +211,8 @@ impl Pkcs11Backend {
                     Err(token::SlotError::Call(e)) => Pkcs11Error::call(&e),
                     Ok(_) => Pkcs11Error::Unavailable(code.clone()),
                 };
-                tracing::warn!(token = %plan.selector, error = %err, "PKCS#11 token not available at start; will keep trying");
                 token.note_down(&code);
+                not_yet.push((plan.selector.clone(), err.to_string()));
                 first_error.get_or_insert(err);
             }
             drop(guard);
@@ -217,6 +221,9 @@ impl Pkcs11Backend {
         if !tokens.iter().any(|t| t.is_up()) {
             return Err(first_error
                 .unwrap_or_else(|| Pkcs11Error::Unavailable("no token could be opened".into())));
+        }
+        for (selector, error) in not_yet {
+            tracing::warn!(token = %selector, %error, "PKCS#11 token not available at start; serving with the others and will keep trying");
         }
         let inner = Arc::new(Inner {
             tokens,
@@ -235,6 +242,13 @@ impl Pkcs11Backend {
             monitor: Some(monitor),
         };
         backend.check_disabled_keys(&settings.disabled_keys)?;
+        // From here on a refused login is news for the log; before, the start's error
+        // said it.
+        backend
+            .inner
+            .shared
+            .serving
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(backend)
     }
 

@@ -51,6 +51,9 @@ pub(crate) struct Shared {
     pub stats: Counters,
     /// Wakes the recovery thread when a token goes down.
     pub wake: Wake,
+    /// The backend finished opening: failures are now the log's to report (during
+    /// the start, the start's own error reports them, once).
+    pub serving: AtomicBool,
 }
 
 impl Shared {
@@ -544,7 +547,9 @@ impl Token {
                     _,
                 ) = e
                 {
-                    tracing::error!(token = %self.selector, %code, "PKCS#11 login refused; not retrying (would lock the token)");
+                    if self.shared.serving.load(Ordering::Acquire) {
+                        tracing::error!(token = %self.selector, %code, "PKCS#11 login refused; not retrying (would lock the token)");
+                    }
                     self.state().login_refused = Some(code.clone());
                 }
                 Err(code)
