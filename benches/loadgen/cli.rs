@@ -1,7 +1,8 @@
 //! The command line of `xks-bench` (clap derive): one subcommand per role — the load
 //! generator (`run`), the same load under an unauthenticated flood (`flood`), the
 //! servers it measures against (`null-server`, `proxy-server`), the figure suite behind
-//! benches/README.md (`figures`) and the plain PKCS#11 loop (`softhsm-loop`).
+//! benches/README.md (`figures`), the plain PKCS#11 loop (`softhsm-loop`) and the
+//! KMS-level soak through the emulator with a proxy restart (`soak`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -39,6 +40,15 @@ pub enum Command {
     /// A plain PKCS#11 AES-GCM loop in-process (cached key handle): what a SoftHSM-backed
     /// proxy is compared with.
     SofthsmLoop(SofthsmLoopArgs),
+    /// Nothing lost: GenerateDataKey + Decrypt round trips through `kms-emulator` and
+    /// `xks-proxy` (real binaries), each Decrypt of an earlier ciphertext, the proxy
+    /// restarted once midway; counts mismatches and failed decrypts (both must be 0),
+    /// reports throughput, latency and the RSS of both servers.
+    Soak(Box<SoakArgs>),
+    /// Many idle keep-alive connections of KMS's kind (each carried one signed request)
+    /// held open, and a normal load from a new client meanwhile: the server's RSS per
+    /// idle connection, whether it is given back, and whether new clients are served.
+    Hold(Box<HoldArgs>),
 }
 
 /// Which XKS call to make.
@@ -385,6 +395,37 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct HoldArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The new client's load while the connections are held.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Idle keep-alive connections to hold.
+    #[arg(long, default_value_t = 10_000)]
+    pub hold_connections: usize,
+    /// Loopback source addresses to spread them over (127.0.0.2 ...), so a per-source
+    /// connection cap sees a fleet, as it would see KMS's.
+    #[arg(long, default_value_t = 64)]
+    pub hold_sources: usize,
+    /// Hold HTTP/2 connections (default HTTP/1.1).
+    #[arg(long)]
+    pub hold_http2: bool,
+    /// A name for this run in reports.
+    #[arg(long, default_value = "hold")]
+    pub label: String,
+    /// Print the report as JSON on stdout (default: markdown).
+    #[arg(long)]
+    pub json: bool,
+    /// The server's process id: its RSS before, while holding and after.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
 /// What every server subcommand shares.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -521,4 +562,96 @@ pub struct SofthsmLoopArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The key manager behind the soak's proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SoakBackend {
+    /// A fresh software keystore in the work directory.
+    Software,
+    /// A PKCS#11 token: the one tests/softhsm/setup.sh made (its exported variables).
+    Softhsm,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    /// Round trips (one GenerateDataKey and one Decrypt each).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub round_trips: u64,
+    /// Round trips in flight at once (workers).
+    #[arg(long, short = 'c', default_value_t = 16)]
+    pub concurrency: usize,
+    /// The proxy's key manager.
+    #[arg(long, value_enum, default_value = "software")]
+    pub backend: SoakBackend,
+    /// PKCS#11 module, for --backend softhsm.
+    #[arg(long, env = "XKS_TEST_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// Token label, for --backend softhsm.
+    #[arg(long, env = "XKS_TEST_SOFTHSM_TOKEN_LABEL")]
+    pub token_label: Option<String>,
+    /// The token's user PIN, for --backend softhsm (a test token's).
+    #[arg(long, env = "XKS_TEST_SOFTHSM_USER_PIN", hide_env_values = true)]
+    pub pin: Option<String>,
+    /// The external key (CKA_LABEL on a token). Default: `bench-key-1` in the fresh
+    /// software keystore; `soak-<pid>-<time>` made on the token, so runs never share one.
+    #[arg(long)]
+    pub key_label: Option<String>,
+    /// Restart the proxy (SIGTERM, wait for its exit, start it again on the same
+    /// config, port and key manager) when this fraction of the round trips is done.
+    #[arg(long, default_value_t = 0.5)]
+    pub restart_at: f64,
+    /// Never restart the proxy.
+    #[arg(long)]
+    pub no_restart: bool,
+    /// After the new proxy is up, how long errors of an unreachable or slow proxy are
+    /// still put down to the restart (and retried) rather than counted as failures.
+    #[arg(long, default_value_t = 2000)]
+    pub restart_grace_ms: u64,
+    /// Ciphertexts kept for Decrypt targets: a uniform sample of everything made so far
+    /// (half the Decrypts) next to the most recent ones (the other half). The sample
+    /// taken when the restart begins is decrypted again at the end.
+    #[arg(long, default_value_t = 10_000)]
+    pub sample: usize,
+    /// The emulator's per-attempt proxy timeout (KMS: 250 ms; raise only for debug
+    /// builds).
+    #[arg(long, default_value_t = 250)]
+    pub xks_timeout_ms: u64,
+    /// The emulator's per-key-store request quota (KMS: 1800/s); 0: unlimited.
+    /// Throttled requests are retried, and counted apart.
+    #[arg(long, default_value_t = 0)]
+    pub store_rps: u32,
+    /// Client timeout of one KMS call (the emulator answers within ~2x the proxy timeout).
+    #[arg(long, default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+    /// Log filter of both servers (RUST_LOG). Their logs are read and counted, never
+    /// stored; warnings and errors are kept for the report.
+    #[arg(long, default_value = "info")]
+    pub server_log: String,
+    /// The `xks-proxy` binary (default: next to this one).
+    #[arg(long, env = "XKS_PROXY_BIN")]
+    pub proxy_bin: Option<PathBuf>,
+    /// The `kms-emulator` binary (default: next to this one).
+    #[arg(long, env = "KMS_EMULATOR_BIN")]
+    pub emulator_bin: Option<PathBuf>,
+    /// Work directory for the proxy's config, keystore and secret (default: a fresh
+    /// temporary directory, removed at the end).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Give up (and fail) after this many minutes.
+    #[arg(long, default_value_t = 240.0)]
+    pub max_minutes: f64,
+    /// A name for this run in reports.
+    #[arg(long, default_value = "soak")]
+    pub label: String,
+    /// Print the report as JSON on stdout (default: markdown).
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
 }

@@ -221,7 +221,7 @@ fn scenarios(a: &FiguresArgs) -> Vec<Scenario> {
 }
 
 /// Facts about the machine for the README.
-fn machine() -> String {
+pub fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()

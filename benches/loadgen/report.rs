@@ -88,6 +88,9 @@ pub struct Report {
     /// Open loop: from the actual send time (what the server and network took).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_latency: Option<Latency>,
+    /// Failures (error answers, timeouts), timed like `latency`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_latency: Option<Latency>,
     pub client_cpu_us_per_request: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerSide>,
@@ -117,6 +120,7 @@ impl Report {
             throughput_rps: stats.ok as f64 / elapsed,
             latency: Latency::from_histogram(&stats.latency),
             service_latency: Latency::from_histogram(&stats.service),
+            error_latency: Latency::from_histogram(&stats.error_latency),
             client_cpu_us_per_request: outcome.client_cpu.as_secs_f64() * 1e6 / all,
             server: outcome.server.map(|s| ServerSide {
                 cpu_s: s.cpu.as_secs_f64(),
@@ -204,6 +208,13 @@ pub fn markdown(r: &Report) -> String {
             out,
             "service time (from actual send): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
             sl.p50_ms, sl.p99_ms, sl.p99_9_ms, sl.max_ms
+        );
+    }
+    if let Some(el) = &r.error_latency {
+        let _ = writeln!(
+            out,
+            "failures answered in: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            el.p50_ms, el.p99_ms, el.p99_9_ms, el.max_ms
         );
     }
     if let Some(sv) = &r.server {

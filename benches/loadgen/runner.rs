@@ -38,6 +38,10 @@ pub struct Stats {
     pub latency: Histogram<u64>,
     /// Open loop only: from the actual send (what the server and network took).
     pub service: Histogram<u64>,
+    /// Failed requests (an error answer, a timeout, a refused connection), timed like
+    /// `latency`: how long until the client knew. Overload figures need it: an excess
+    /// refused at once is not the same as one that timed out.
+    pub error_latency: Histogram<u64>,
     pub ok: u64,
     pub errors: BTreeMap<String, u64>,
     /// Open loop: requests whose slot came after the hard stop.
@@ -49,6 +53,7 @@ impl Stats {
         Self {
             latency: new_histogram(),
             service: new_histogram(),
+            error_latency: new_histogram(),
             ok: 0,
             errors: BTreeMap::new(),
             unsent: 0,
@@ -62,6 +67,7 @@ impl Stats {
     fn merge(&mut self, other: &Stats) {
         let _ = self.latency.add(&other.latency);
         let _ = self.service.add(&other.service);
+        let _ = self.error_latency.add(&other.error_latency);
         self.ok += other.ok;
         for (k, v) in &other.errors {
             *self.errors.entry(k.clone()).or_default() += v;
@@ -356,7 +362,10 @@ async fn closed_worker(shared: &Shared, mut conn: Option<Conn>, mut rng: Rng) ->
                     let _ = stats.latency.record(micros(done - sent));
                     stats.ok += 1;
                 }
-                Err(e) => stats.error(e),
+                Err(e) => {
+                    let _ = stats.error_latency.record(micros(done - sent));
+                    stats.error(e);
+                }
             }
         } else if result.is_err() {
             // Do not spin on a dead server during warm-up.
@@ -410,7 +419,10 @@ async fn open_worker(shared: &Shared, mut conn: Option<Conn>, mut rng: Rng, rate
                     let _ = stats.service.record(micros(done - sent));
                     stats.ok += 1;
                 }
-                Err(e) => stats.error(e),
+                Err(e) => {
+                    let _ = stats.error_latency.record(micros(done - start));
+                    stats.error(e);
+                }
             }
         }
     }

@@ -15,6 +15,11 @@
 //! - `flood.rs`: `flood`, the signed workload unloaded and under attack, and the
 //!   verdict; `attack.rs`: the unauthenticated attackers it runs (fast and slow,
 //!   HTTP/1.1 and HTTP/2, from several loopback addresses).
+//! - `soak.rs`: `soak`, GenerateDataKey + Decrypt round trips through the real
+//!   `kms-emulator` and `xks-proxy` with a proxy restart midway: nothing lost, RSS
+//!   flat; `kms.rs`: the small signed client for the KMS JSON API it uses.
+//! - `hold.rs`: `hold`, thousands of idle keep-alive connections of KMS's kind and a
+//!   new client's load meanwhile: RSS per idle connection, new clients still served.
 #![forbid(unsafe_code)]
 
 mod attack;
@@ -22,11 +27,14 @@ mod cli;
 mod conn;
 mod figures;
 mod flood;
+mod hold;
+mod kms;
 mod plot;
 mod procstat;
 mod report;
 mod runner;
 mod servers;
+mod soak;
 mod softhsm;
 mod target;
 mod workload;
@@ -54,6 +62,8 @@ fn main() -> ExitCode {
         Command::ProxyServer(args) => servers::proxy_server(&args),
         Command::Figures(args) => figures::figures(&args),
         Command::SofthsmLoop(args) => softhsm::softhsm_loop(&args),
+        Command::Soak(args) => soak::soak(&args),
+        Command::Hold(args) => hold::hold(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
