@@ -46,6 +46,8 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod doctor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kms;
 pub mod policy;
 pub mod secret;

@@ -4,6 +4,7 @@
 #   python3 + venv with boto3/pytest/awscli (the KMS-emulator end-to-end tests),
 #   jq, xxd, uuid-runtime (AWS's XKS conformance client, tests/conformance-client.sh).
 #   opensc (pkcs11-tool: an operator's tool changing a token's PIN under the proxy).
+#   cargo-fuzz (the fuzz smoke stage; cached in target/tools, see fuzz/README.md).
 # Usage: ./tests/run-all.sh        (from anywhere; works on a fresh Debian with Rust)
 #
 # Installing and preparing stop at the first error. The test stages do not: each one
@@ -79,6 +80,10 @@ stage "cargo test" cargo test --all-targets --locked --no-fail-fast
 # The software-only build (no PKCS#11 backend, no cryptoki).
 stage "cargo test --no-default-features" \
   cargo test --all-targets --locked --no-default-features --no-fail-fast
+
+# Coverage-guided fuzzing (fuzz/README.md): builds the cargo-fuzz targets (libFuzzer +
+# AddressSanitizer, stable toolchain) and runs each 20 s from its committed seeds.
+stage "fuzz smoke (every target 20 s)" tests/fuzz-smoke.sh
 
 # The stages below drive the built binaries. Built last, with the default features, so
 # target/debug/xks-proxy has the PKCS#11 backend whatever an earlier stage built.

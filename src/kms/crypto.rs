@@ -229,9 +229,9 @@ fn open_inner(material: &SecretBytes, inner: &[u8], aad: &[u8]) -> Option<Secret
     Some(buf)
 }
 
-/// A parsed blob.
+/// A parsed blob. `pub(crate)` only for [`crate::fuzzing`].
 #[derive(Debug)]
-enum Blob<'a> {
+pub(crate) enum Blob<'a> {
     Local { header: &'a [u8], inner: &'a [u8] },
     Xks { header: &'a [u8], sealed: Sealed },
 }
@@ -243,13 +243,13 @@ impl Blob<'_> {
         }
     }
 
-    fn key_uuid(&self) -> uuid::Uuid {
+    pub(crate) fn key_uuid(&self) -> uuid::Uuid {
         let mut b = [0u8; 16];
         b.copy_from_slice(&self.header()[1..17]);
         uuid::Uuid::from_bytes(b)
     }
 
-    fn backing_key_id(&self) -> &[u8] {
+    pub(crate) fn backing_key_id(&self) -> &[u8] {
         &self.header()[17..HEADER_LEN]
     }
 }
@@ -262,7 +262,7 @@ fn invalid_ciphertext() -> KmsError {
     )
 }
 
-fn parse_blob(blob: &[u8]) -> Result<Blob<'_>, KmsError> {
+pub(crate) fn parse_blob(blob: &[u8]) -> Result<Blob<'_>, KmsError> {
     if blob.len() < HEADER_LEN {
         return Err(invalid_ciphertext());
     }
