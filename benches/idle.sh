@@ -28,52 +28,9 @@ if [[ "$hard" != unlimited && "$hard" -lt "$need" ]]; then
   exit 1
 fi
 ulimit -n "$need"
-work=$(mktemp -d)
-PROXY_PID=
-cleanup() {
-  [[ -n "$PROXY_PID" ]] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-port=$((20000 + RANDOM % 20000))
-XKS_MASTER_KEY=$("$P" keys generate-master-key)
-export XKS_MASTER_KEY
-creds=$("$P" credentials new --json)
-akid=$(jq -r .AccessKeyId <<<"$creds")
-jq -r .RawSecretAccessKey <<<"$creds" >"$work/secret"
-chmod 600 "$work/secret"
-cat >"$work/proxy.toml" <<EOF
-[server]
-listen = "127.0.0.1:$port"
-max_connections = $((CONNECTIONS + 100))
-[server.tls]
-certificate = "$PWD/certs/server-ecdsa.pem"
-private_key = "$PWD/certs/server-ecdsa.key"
-
-[backend]
-kind = "software"
-keystore = "keystore.json"
-master_key_env = "XKS_MASTER_KEY"
-
-[logging]
-level = "warn"
-
-[[keystores]]
-path_prefix = "/idle"
-[[keystores.credentials]]
-access_key_id = "$akid"
-secret_file = "secret"
-EOF
-"$P" keys create --config "$work/proxy.toml" idle-key >/dev/null 2>&1
-"$P" config check --config "$work/proxy.toml" >/dev/null
-
-taskset -c 1 "$P" serve --config "$work/proxy.toml" 2>"$OUT/proxy.log" &
-PROXY_PID=$!
-for _ in $(seq 1 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
+# shellcheck source=benches/bench-proxy.sh
+. benches/bench-proxy.sh
+bench_proxy_start "$P" "$OUT" /idle idle-key "max_connections = $((CONNECTIONS + 100))" "" ""
 h2=""
 [[ -n "${HTTP2:-}" ]] && h2="--hold-http2"
 # shellcheck disable=SC2086 # $h2 is empty or one flag

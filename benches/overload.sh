@@ -24,60 +24,16 @@ DURATION=${5:-10}
 SERVICE_MS=${SERVICE_MS:-50}
 FACTOR=${FACTOR:-10}
 mkdir -p "$OUT"
-work=$(mktemp -d)
-PROXY_PID=
-cleanup() {
-  [[ -n "$PROXY_PID" ]] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=benches/bench-proxy.sh
+. benches/bench-proxy.sh
 
 capacity=$((64 * 1000 / (2 * SERVICE_MS)))
 rate=$((capacity * FACTOR))
-port=$((20000 + RANDOM % 20000))
-XKS_MASTER_KEY=$("$P" keys generate-master-key)
-export XKS_MASTER_KEY
-creds=$("$P" credentials new --json)
-akid=$(jq -r .AccessKeyId <<<"$creds")
-jq -r .RawSecretAccessKey <<<"$creds" >"$work/secret"
-chmod 600 "$work/secret"
 waiting=""
 [[ -n "${MAX_WAITING:-}" ]] && waiting="backend_max_waiting = $MAX_WAITING"
-cat >"$work/proxy.toml" <<EOF
-[server]
-listen = "127.0.0.1:$port"
-[server.tls]
-certificate = "$PWD/certs/server-ecdsa.pem"
-private_key = "$PWD/certs/server-ecdsa.key"
-
-[backend]
-kind = "software"
-keystore = "keystore.json"
-master_key_env = "XKS_MASTER_KEY"
-simulated_latency_ms = $SERVICE_MS
-
-[limits]
-$waiting
-
-[logging]
-level = "warn"
-
-[[keystores]]
-path_prefix = "/overload"
-[[keystores.credentials]]
-access_key_id = "$akid"
-secret_file = "secret"
-EOF
-"$P" keys create --config "$work/proxy.toml" overload-key >/dev/null 2>&1
-"$P" config check --config "$work/proxy.toml" >/dev/null
-
-taskset -c 1 "$P" serve --config "$work/proxy.toml" 2>"$OUT/proxy.log" &
-PROXY_PID=$!
-for _ in $(seq 1 100); do
-  grep -q "listening on" "$OUT/proxy.log" 2>/dev/null && break
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
+bench_proxy_start "$P" "$OUT" /overload overload-key "" \
+  "simulated_latency_ms = $SERVICE_MS" "[limits]
+$waiting"
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$PROXY_PID/status"; }
 rss_before=$(rss)
 echo "capacity $capacity Encrypts/s (64 threads, 2 × $SERVICE_MS ms each), offered $rate/s; proxy RSS before: $rss_before KiB" >&2

@@ -425,6 +425,26 @@ async fn a_disabled_key_list_naming_no_key_is_refused_at_reload_and_at_start() {
 // Issue 3: "if the token disappears the backend reports UNAVAILABLE in health and
 // /ping, ... and recovers without a restart", seen from outside a running server.
 
+/// A SoftHSM token directory of its own under `dir` (tests/softhsm/setup.sh, the one
+/// token helper) holding one token `label` with [`USER_PIN`]: its directory and the
+/// `SOFTHSM2_CONF` a child process must be given.
+fn token_dir_of_its_own(dir: &std::path::Path, label: &str) -> (PathBuf, PathBuf) {
+    let hsm = dir.join("hsm");
+    let out = std::process::Command::new("bash")
+        .arg(repo().join("tests/softhsm/setup.sh"))
+        .arg(&hsm)
+        .args([label, "12345678", USER_PIN])
+        .output()
+        .expect("setup.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf = hsm.join("softhsm2.conf");
+    (hsm, conf)
+}
+
 /// A child `xks-proxy serve` on a SoftHSM token directory of its own (its own
 /// `SOFTHSM2_CONF`), so that a test can move, lock or re-PIN the token without
 /// disturbing the other tests of this process. `extra` is appended to the config; the
@@ -442,19 +462,7 @@ struct OwnToken {
 impl OwnToken {
     fn serve(label: &str, extra: &str) -> OwnToken {
         let (dir, text, creds) = prepare(&Options::default());
-        let hsm = dir.path().join("hsm");
-        let out = std::process::Command::new("bash")
-            .arg(repo().join("tests/softhsm/setup.sh"))
-            .arg(&hsm)
-            .args([label, "12345678", USER_PIN])
-            .output()
-            .expect("setup.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let conf = hsm.join("softhsm2.conf");
+        let (hsm, conf) = token_dir_of_its_own(dir.path(), label);
         std::fs::write(dir.path().join("pin"), USER_PIN).expect("pin");
         let text =
             with_pkcs11_backend(&text, label) + "\n[health]\ncheck_interval_secs = 50\n" + extra;
@@ -870,19 +878,7 @@ async fn a_backend_slower_than_the_deadline_times_out_without_pile_up_and_recove
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_that_cannot_open_its_token_says_why_once() {
     let (dir, text, _creds) = prepare(&Options::default());
-    let hsm = dir.path().join("hsm");
-    let out = std::process::Command::new("bash")
-        .arg(repo().join("tests/softhsm/setup.sh"))
-        .arg(&hsm)
-        .args(["start-srv", "12345678", USER_PIN])
-        .output()
-        .expect("setup.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let conf = hsm.join("softhsm2.conf");
+    let (_hsm, conf) = token_dir_of_its_own(dir.path(), "start-srv");
     let config = dir.path().join("proxy.toml");
     let serve = |label: &str, pin: &str| {
         std::fs::write(dir.path().join("pin"), pin).expect("pin");

@@ -40,6 +40,24 @@ fn with_stand_ins(text: &str, tmp: &std::path::Path) -> String {
     text
 }
 
+/// Creates the software keystore a staged config names, with the key it serves.
+fn create_key(config: &std::path::Path) {
+    let made = Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+        .args(["keys", "create", "app-key-1", "--config"])
+        .arg(config)
+        .env(
+            "XKS_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .output()
+        .expect("keys create");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
 fn config_check(path: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
         .args(["config", "check", "--config"])
@@ -97,20 +115,7 @@ fn every_shipped_config_passes_config_check() {
         let staged = tmp.path().join(path.file_name().expect("name"));
         std::fs::write(&staged, with_stand_ins(&text, tmp.path())).expect("write");
         if text.contains("kind = \"software\"") {
-            let made = Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
-                .args(["keys", "create", "app-key-1", "--config"])
-                .arg(&staged)
-                .env(
-                    "XKS_MASTER_KEY",
-                    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-                )
-                .output()
-                .expect("keys create");
-            assert!(
-                made.status.success(),
-                "{}",
-                String::from_utf8_lossy(&made.stderr)
-            );
+            create_key(&staged);
         }
         let out = config_check(&staged);
         assert!(
@@ -146,20 +151,7 @@ fn the_reference_configs_second_tenant_needs_both_tenants_to_name_their_keys() {
         let path = tmp.path().join("proxy.toml");
         std::fs::write(&path, with_stand_ins(toml, tmp.path())).expect("write");
         if !tmp.path().join("keystore.json").exists() {
-            let made = Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
-                .args(["keys", "create", "app-key-1", "--config"])
-                .arg(&path)
-                .env(
-                    "XKS_MASTER_KEY",
-                    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-                )
-                .output()
-                .expect("keys create");
-            assert!(
-                made.status.success(),
-                "{}",
-                String::from_utf8_lossy(&made.stderr)
-            );
+            create_key(&path);
         }
         config_check(&path)
     };
