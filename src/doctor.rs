@@ -71,9 +71,20 @@ pub enum Connectivity {
     VpcEndpointService,
 }
 
+/// How KMS will reach the proxy: what the TLS checks check against.
+#[derive(Debug, Clone, Copy)]
+pub struct Kms<'a> {
+    /// The DNS name KMS uses (XksProxyUriEndpoint's host); `None`: name checks skipped.
+    pub endpoint: Option<&'a str>,
+    pub connectivity: Connectivity,
+    /// The roots that KMS trusts: `None` for real KMS (Mozilla's public roots), or a PEM
+    /// bundle for a KMS stand-in with a private CA (the emulator's `--xks-ca-bundle`).
+    pub ca_bundle: Option<&'a Path>,
+}
+
 /// Runs every check and prints the report.
-pub fn run(config_path: &Path, endpoint: Option<&str>, connectivity: Connectivity) -> ExitCode {
-    let report = check(config_path, endpoint, connectivity);
+pub fn run(config_path: &Path, kms: &Kms<'_>) -> ExitCode {
+    let report = check(config_path, kms);
     print!("{}", report.render());
     if report.failed() {
         ExitCode::from(1)
@@ -82,7 +93,7 @@ pub fn run(config_path: &Path, endpoint: Option<&str>, connectivity: Connectivit
     }
 }
 
-fn check(config_path: &Path, endpoint: Option<&str>, connectivity: Connectivity) -> Report {
+fn check(config_path: &Path, kms: &Kms<'_>) -> Report {
     let mut r = Report::default();
     let cfg = match Config::load(config_path) {
         Ok(c) => {
@@ -125,7 +136,7 @@ fn check(config_path: &Path, endpoint: Option<&str>, connectivity: Connectivity)
         ));
     }
     check_secret_files(&mut r, &cfg);
-    check_tls(&mut r, &cfg, endpoint, connectivity);
+    check_tls(&mut r, &cfg, kms);
     check_backend(&mut r, &cfg);
     r
 }
@@ -218,7 +229,8 @@ fn check_clock(r: &mut Report) {
     }
 }
 
-fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>, connectivity: Connectivity) {
+fn check_tls(r: &mut Report, cfg: &Config, kms: &Kms<'_>) {
+    let endpoint = kms.endpoint;
     let Some(t) = &cfg.server.tls else {
         r.warn(
             "TLS is off (insecure_plain_http): only correct behind a TLS-terminating load balancer",
@@ -254,7 +266,7 @@ fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>, connectivity:
                     let host = host.trim_start_matches("https://").to_ascii_lowercase();
                     if names.iter().any(|n| name_matches(n, &host)) {
                         r.pass(format!("TLS: the certificate names {host}"));
-                        check_public_chain(r, &certs, &host, connectivity);
+                        check_chain(r, &certs, &host, kms);
                     } else {
                         r.fail(format!(
                             "TLS: the certificate does not name {host} (it names: {})",
@@ -294,18 +306,42 @@ fn check_tls(r: &mut Report, cfg: &Config, endpoint: Option<&str>, connectivity:
 /// XKS_PROXY_INVALID_TLS_CONFIGURATION here). Checked the way a TLS client checks it:
 /// the chain as served, against Mozilla's public roots (not this host's store), for
 /// the endpoint's name, now.
-fn check_public_chain(
+fn check_chain(
     r: &mut Report,
     certs: &[rustls_pki_types::CertificateDer<'static>],
     host: &str,
-    connectivity: Connectivity,
+    kms: &Kms<'_>,
 ) {
     use rustls::client::danger::ServerCertVerifier as _;
+    use rustls_pki_types::pem::PemObject as _;
     let Some((leaf, intermediates)) = certs.split_first() else {
         return;
     };
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    let (roots, trusted) = match kms.ca_bundle {
+        None => (
+            rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            },
+            "a public root CA".to_owned(),
+        ),
+        Some(bundle) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(bundle)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>());
+            match certs {
+                Ok(certs) => {
+                    roots.add_parsable_certificates(certs);
+                }
+                Err(e) => {
+                    r.fail(format!(
+                        "TLS: cannot read --kms-ca-bundle {}: {e}",
+                        bundle.display()
+                    ));
+                    return;
+                }
+            }
+            (roots, format!("a root in {}", bundle.display()))
+        }
     };
     let verifier = match rustls::client::WebPkiServerVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
@@ -315,7 +351,7 @@ fn check_public_chain(
     {
         Ok(v) => v,
         Err(e) => {
-            r.fail(format!("TLS: cannot build the public-CA check: {e}"));
+            r.fail(format!("TLS: cannot build the chain check: {e}"));
             return;
         }
     };
@@ -323,7 +359,7 @@ fn check_public_chain(
         r.fail(format!("TLS: {host} is not a DNS name KMS can use"));
         return;
     };
-    let what_kms_needs = match connectivity {
+    let what_kms_needs = match kms.connectivity {
         Connectivity::PublicEndpoint => {
             "with a public endpoint, KMS connects only to a certificate issued by a public CA it trusts, sent with its intermediates"
         }
@@ -339,10 +375,10 @@ fn check_public_chain(
         rustls_pki_types::UnixTime::now(),
     ) {
         Ok(_) => r.pass(format!(
-            "TLS: the chain as served reaches a public root CA for {host}"
+            "TLS: the chain as served reaches {trusted} for {host}"
         )),
         Err(e) => r.fail(format!(
-            "TLS: the chain as served does not reach a public root CA ({e}); {what_kms_needs} (issuer of the leaf: {})",
+            "TLS: the chain as served does not reach {trusted} ({e}); {what_kms_needs} (issuer of the leaf: {})",
             tls::certificate_issuer(leaf).unwrap_or_else(|_| "unreadable".into())
         )),
     }

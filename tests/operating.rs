@@ -582,6 +582,21 @@ fn doctor_passes_a_good_config_and_fails_a_bad_key() {
         assert!(fails[0].contains("xks-proxy dev CA"), "{report}");
         assert!(fails[0].contains(says), "{report}");
     }
+    // Against a KMS stand-in that trusts the dev CA (the emulator's --xks-ca-bundle),
+    // the same chain passes: the check is the chain, not a blanket refusal.
+    let out = bin()
+        .args(["doctor", "--endpoint", "localhost", "--kms-ca-bundle"])
+        .arg(repo().join("certs/ca.pem"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains("[PASS] TLS: the chain as served reaches a root in"),
+        "{report}"
+    );
     // A disabled / encrypt-only key on the allow-list, and a wrong endpoint name, fail.
     let bad = text.replace(
         &format!("allowed_keys = [\"{KEY}\"]"),

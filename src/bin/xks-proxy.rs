@@ -77,6 +77,11 @@ enum Command {
         /// said for this option.
         #[arg(long, value_enum, default_value = "public-endpoint")]
         connectivity: xks_proxy::doctor::Connectivity,
+        /// The CA bundle (PEM) the KMS you test against trusts, instead of the public
+        /// roots real KMS trusts: the KMS emulator's `--xks-ca-bundle`, for a staging
+        /// setup with a private CA. Never what production KMS does.
+        #[arg(long)]
+        kms_ca_bundle: Option<PathBuf>,
     },
 }
 
@@ -268,10 +273,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             endpoint,
             connectivity,
+            kms_ca_bundle,
         } => Ok(xks_proxy::doctor::run(
             &config,
-            endpoint.as_deref(),
-            connectivity,
+            &xks_proxy::doctor::Kms {
+                endpoint: endpoint.as_deref(),
+                connectivity,
+                ca_bundle: kms_ca_bundle.as_deref(),
+            },
         )),
     }
 }

@@ -299,8 +299,15 @@ def test_the_runbook_steps_work_against_the_kms_emulator(tmp_path):
                          check=True, capture_output=True, text=True).stdout
     assert f"DNS:{HOST}" in csr
 
-    # Section 3: keys, checks, the KMS proxy configuration file.
-    out = run_bash(marked["prepare"], env, work)
+    # Section 3: keys, checks, the KMS proxy configuration file. KMS here is the
+    # emulator, which trusts the test CA (--xks-ca-bundle), not a public one: doctor is
+    # told so, as the runbook says for a staging setup with a private CA.
+    prepare = marked["prepare"].replace(
+        'doctor --config "$XKS_CONFIG" --endpoint "$XKS_HOST"',
+        f'doctor --config "$XKS_CONFIG" --endpoint "$XKS_HOST" --kms-ca-bundle {CERTS / "ca.pem"}',
+    )
+    assert prepare != marked["prepare"], "the runbook's doctor line changed"
+    out = run_bash(prepare, env, work)
     assert "app-key-1" in out and "OK" in out
     console = json.loads((work / "kms-proxy-config.json").read_text())
     assert console["XksProxyUriPath"] == "/prod/kms/xks/v1"
