@@ -125,9 +125,17 @@ pub struct RawAdmin {
     /// `listen` is set.
     pub enabled: Option<bool>,
     /// Address of the admin listener serving `GET /metrics` (Prometheus text) and
-    /// `GET /ping`: `IP:port`, or a bare port for loopback (`9464` = 127.0.0.1:9464).
-    /// Keep it on loopback or a private network.
-    pub listen: Option<String>,
+    /// `GET /ping`: `"IP:port"`, or a bare port for loopback (`9464` or `"9464"` =
+    /// 127.0.0.1:9464). Keep it on loopback or a private network.
+    pub listen: Option<PortOrAddress>,
+}
+
+/// A listen setting written as a TOML integer (a port) or a string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PortOrAddress {
+    Port(u16),
+    Address(String),
 }
 
 /// Where the admin listener binds when it is enabled without an address: loopback, so
@@ -783,10 +791,11 @@ impl RawConfig {
                 "must be greater than 0",
             ));
         }
-        let admin_listen = match (self.admin.enabled, self.admin.listen.as_deref()) {
+        let admin_listen = match (self.admin.enabled, &self.admin.listen) {
             (Some(false), _) | (None, None) => None,
             (_, None) => Some(parse_addr("admin.listen", DEFAULT_ADMIN_LISTEN)?),
-            (_, Some(a)) => Some(match a.trim().parse::<u16>() {
+            (_, Some(PortOrAddress::Port(port))) => Some(SocketAddr::from(([127, 0, 0, 1], *port))),
+            (_, Some(PortOrAddress::Address(a))) => Some(match a.trim().parse::<u16>() {
                 Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
                 Err(_) => parse_addr("admin.listen", a)?,
             }),
@@ -1242,6 +1251,11 @@ secret_file = "SECRETFILE"
         assert_eq!(
             admin("listen = \"9100\"").map(|a| a.to_string()).as_deref(),
             Some("127.0.0.1:9100")
+        );
+        // A bare TOML integer, as the shipped configs' comments write it.
+        assert_eq!(
+            admin("listen = 9465").map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:9465")
         );
         assert_eq!(
             admin("listen = \"[::1]:9100\"")

@@ -140,12 +140,12 @@ fn describe() {
     describe_histogram!(
         "xks_request_duration_seconds",
         Unit::Seconds,
-        "Time from request head to response, by operation and prefix; mirrors KMS's XksProxyLatency"
+        "Time from request head to response, by operation, prefix and outcome (ok or the spec errorName); mirrors KMS's XksProxyLatency"
     );
     describe_histogram!(
         "xks_backend_call_duration_seconds",
         Unit::Seconds,
-        "One key-manager call through the backend boundary, waiting included"
+        "One key-manager call through the backend boundary, waiting included (no labels)"
     );
     describe_gauge!(
         "xks_backend_calls_in_flight",
@@ -164,12 +164,40 @@ fn describe() {
         "Days until the server certificate expires; mirrors KMS's XksProxyCertificateDaysToExpire"
     );
     describe_counter!(
-        "xks_tls_handshake_failures_total",
-        "TLS handshakes that failed, by listener and reason (client_certificate_refused, no_client_certificate, certificate_rejected_by_client, incompatible_client, protocol_error, closed_by_client, timeout, io_error)"
+        "xks_backend_calls_skipped_total",
+        "Key-manager calls dropped unstarted because their caller's deadline had passed or it had gone"
     );
     describe_gauge!(
-        "xks_credential_age_days",
-        "Days since each access key id's secret was set (secret file mtime, or proxy start for env secrets); mirrors KMS's XksProxyCredentialAge"
+        "xks_requests_in_flight",
+        "Authenticated XKS requests being processed (out of server.max_in_flight)"
+    );
+    describe_gauge!(
+        "xks_requests_awaiting_body",
+        "XKS requests whose body is still arriving (not yet authenticated)"
+    );
+    describe_counter!(
+        "xks_connections_refused_total",
+        "Connections closed at accept because a connection limit was reached, by listener (xks, ping, admin) and reason (total = max_connections, per_source = max_connections_per_source)"
+    );
+    describe_counter!(
+        "xks_connections_closed_total",
+        "Unauthenticated connections dropped at a deadline, by reason (head_timeout, no_authenticated_request)"
+    );
+    describe_counter!(
+        "xks_unauthenticated_rejections_total",
+        "XKS requests refused before their SigV4 signature verified, by reason (signature, unknown_path, method_not_allowed, body_too_large, body_unreadable)"
+    );
+    describe_counter!(
+        "xks_reloads_total",
+        "Config reloads (SIGHUP or file watch), by outcome (ok, failed); a failed reload changes nothing"
+    );
+    describe_gauge!(
+        "xks_config_last_reload_successful",
+        "1 if the last reload (or the start) applied the config file, 0 if it was refused and the proxy runs an older config"
+    );
+    describe_counter!(
+        "xks_tls_handshake_failures_total",
+        "TLS handshakes that failed, by listener and reason (client_certificate_refused, no_client_certificate, certificate_rejected_by_client, incompatible_client, protocol_error, closed_by_client, timeout, io_error)"
     );
 }
 

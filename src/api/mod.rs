@@ -87,7 +87,19 @@ pub struct Tenant {
     /// The prefix's request quota, if configured.
     pub quota: Option<TokenBucket>,
     /// When each credential's secret was set (for the credential-age metric).
-    pub credential_since: Vec<(String, SystemTime)>,
+    pub credential_since: Vec<CredentialSince>,
+}
+
+/// When a credential's secret was set, as far as the proxy can tell.
+#[derive(Debug, Clone)]
+pub struct CredentialSince {
+    pub access_key_id: String,
+    pub since: SystemTime,
+    /// `file`: the secret file's modification time (the time it was written, which on
+    /// Kubernetes is when the Secret was updated). `env`: when this process read the
+    /// variable (start or the last reload): the real age of an environment secret
+    /// cannot be known, so age alerts should use file secrets.
+    pub source: &'static str,
 }
 
 /// A token bucket: `rate` tokens per second, at most `burst` banked. One short lock per
@@ -147,13 +159,20 @@ impl Tenants {
                     .credentials
                     .iter()
                     .map(|c| {
-                        let since = match &c.source {
-                            SecretSource::File(f) => std::fs::metadata(f)
-                                .and_then(|m| m.modified())
-                                .unwrap_or_else(|_| SystemTime::now()),
-                            SecretSource::Env(_) => SystemTime::now(),
+                        let (since, source) = match &c.source {
+                            SecretSource::File(f) => (
+                                std::fs::metadata(f)
+                                    .and_then(|m| m.modified())
+                                    .unwrap_or_else(|_| SystemTime::now()),
+                                "file",
+                            ),
+                            SecretSource::Env(_) => (SystemTime::now(), "env"),
                         };
-                        (c.access_key_id.clone(), since)
+                        CredentialSince {
+                            access_key_id: c.access_key_id.clone(),
+                            since,
+                            source,
+                        }
                     })
                     .collect();
                 let tenant = Tenant {
@@ -227,6 +246,46 @@ struct RequestLog {
     kms_request_id: Option<String>,
     kms_operation: Option<String>,
     principal: Option<String>,
+    /// Why a request was refused before its signature verified (a label of
+    /// `xks_unauthenticated_rejections_total`).
+    unauthenticated: Option<UnauthenticatedRejection>,
+}
+
+/// Why a request was refused before its SigV4 signature verified: the `reason` label
+/// of `xks_unauthenticated_rejections_total` (every value exists from start, at 0).
+/// A flood of these is strangers, not KMS: it costs no permit, quota or backend slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnauthenticatedRejection {
+    /// The signature, credential scope, date or access key id did not verify (401).
+    Signature,
+    /// The path names no configured prefix or operation (404).
+    UnknownPath,
+    /// A configured path with a method other than POST.
+    MethodNotAllowed,
+    /// A body over `limits.max_body`.
+    BodyTooLarge,
+    /// A body that did not arrive whole within `body_timeout`, or broke off.
+    BodyUnreadable,
+}
+
+impl UnauthenticatedRejection {
+    pub const ALL: [UnauthenticatedRejection; 5] = [
+        UnauthenticatedRejection::Signature,
+        UnauthenticatedRejection::UnknownPath,
+        UnauthenticatedRejection::MethodNotAllowed,
+        UnauthenticatedRejection::BodyTooLarge,
+        UnauthenticatedRejection::BodyUnreadable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            UnauthenticatedRejection::Signature => "signature",
+            UnauthenticatedRejection::UnknownPath => "unknown_path",
+            UnauthenticatedRejection::MethodNotAllowed => "method_not_allowed",
+            UnauthenticatedRejection::BodyTooLarge => "body_too_large",
+            UnauthenticatedRejection::BodyUnreadable => "body_unreadable",
+        }
+    }
 }
 
 impl Api {
@@ -330,6 +389,10 @@ impl Api {
             "outcome" => outcome
         )
         .record(elapsed.as_secs_f64());
+        if let Some(why) = log.unauthenticated {
+            metrics::counter!("xks_unauthenticated_rejections_total", "reason" => why.label())
+                .increment(1);
+        }
         tracing::info!(
             target: "xks_proxy::request",
             kms_request_id = log.kms_request_id.as_deref().unwrap_or("-"),
@@ -395,7 +458,12 @@ impl Api {
             let mut body = std::pin::pin!(body);
             let drain = discard(body.as_mut(), DRAIN_LIMIT_FACTOR * self.max_body);
             let _ = tokio::time::timeout(self.body_timeout, drain).await;
-            return Err(early.unwrap_or(ApiError::UnknownPath).into());
+            let early = early.unwrap_or(ApiError::UnknownPath);
+            log.unauthenticated = Some(match early {
+                ApiError::MethodNotAllowed => UnauthenticatedRejection::MethodNotAllowed,
+                _ => UnauthenticatedRejection::UnknownPath,
+            });
+            return Err(early.into());
         };
         let operation = route.operation;
         let key_id = route.key_id.map(str::to_owned);
@@ -423,12 +491,21 @@ impl Api {
                 let drain = discard(body.as_mut(), len);
                 let _ = tokio::time::timeout(self.body_timeout, drain).await;
             }
+            log.unauthenticated = Some(UnauthenticatedRejection::BodyTooLarge);
             return Err(ApiError::BodyTooLarge(self.max_body).into());
         }
         let reading = Counted::enter(&self.awaiting_body);
         let body = tokio::time::timeout(self.body_timeout, read_capped(body, self.max_body))
             .await
-            .map_err(|_| ApiError::BodyUnreadable)??;
+            .map_err(|_| ApiError::BodyUnreadable)
+            .and_then(|read| read)
+            .map_err(|e| {
+                log.unauthenticated = Some(match e {
+                    ApiError::BodyTooLarge(_) => UnauthenticatedRejection::BodyTooLarge,
+                    _ => UnauthenticatedRejection::BodyUnreadable,
+                });
+                e
+            })?;
         drop(reading);
 
         let verified = crate::sigv4::verify(
@@ -445,6 +522,7 @@ impl Api {
             log.auth_failure = Some(e.to_string());
             log.access_key_id = crate::sigv4::presented_access_key_id(&parts);
             log.kms_request_id = peek_kms_request_id(&body);
+            log.unauthenticated = Some(UnauthenticatedRejection::Signature);
             ApiError::Auth(e)
         })?;
         log.authenticated = true;

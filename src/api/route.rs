@@ -15,6 +15,13 @@ pub enum Operation {
 }
 
 impl Operation {
+    pub const ALL: [Operation; 4] = [
+        Operation::GetHealthStatus,
+        Operation::GetKeyMetadata,
+        Operation::Encrypt,
+        Operation::Decrypt,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Operation::GetHealthStatus => "GetHealthStatus",

@@ -396,14 +396,8 @@ async fn reload(
         // The demo has no file: only the backend's keys can change.
         return None;
     };
-    match Config::load(path) {
-        Ok(new) => match reloader.reload(&new).await {
-            Ok(()) => Some(new.watched_files),
-            Err(e) => {
-                tracing::error!(error = %e, "reload refused; keeping the old config");
-                None
-            }
-        },
+    match reloader.reload_file(path).await {
+        Ok(new) => Some(new.watched_files),
         Err(e) => {
             tracing::error!(error = %e, "reload refused; keeping the old config");
             None

@@ -106,7 +106,7 @@ impl Activity {
         if head != 0 && self.proto.load(Ordering::Acquire) != PROTO_H2 {
             let due = head - 1 + ms(limits.header);
             return if now >= due {
-                Verdict::Close("request head not complete within header_read_timeout")
+                Verdict::Close(CloseReason::HeadTimeout)
             } else {
                 Verdict::CheckIn(Duration::from_millis(due - now))
             };
@@ -117,7 +117,7 @@ impl Activity {
         match (now >= due, trusted) {
             (false, _) => Verdict::CheckIn(Duration::from_millis(due - now)),
             (true, true) => Verdict::Retire,
-            (true, false) => Verdict::Close("no authenticated request within header_read_timeout"),
+            (true, false) => Verdict::Close(CloseReason::NoAuthenticatedRequest),
         }
     }
 }
@@ -132,7 +132,40 @@ enum Verdict {
     /// Idle past its keep-alive: close politely (HTTP/2 GOAWAY).
     Retire,
     /// A stranger past its deadline: drop the connection.
-    Close(&'static str),
+    Close(CloseReason),
+}
+
+/// Why a stranger's connection was dropped: the `reason` label of
+/// `xks_connections_closed_total` (every value exists from start, at 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// An HTTP/1.1 request head still incomplete after `header_read_timeout`.
+    HeadTimeout,
+    /// No authenticated request within `header_read_timeout` of the last activity.
+    NoAuthenticatedRequest,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 2] = [
+        CloseReason::HeadTimeout,
+        CloseReason::NoAuthenticatedRequest,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::HeadTimeout => "head_timeout",
+            CloseReason::NoAuthenticatedRequest => "no_authenticated_request",
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            CloseReason::HeadTimeout => "request head not complete within header_read_timeout",
+            CloseReason::NoAuthenticatedRequest => {
+                "no authenticated request within header_read_timeout"
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -315,9 +348,9 @@ pub async fn serve<S>(
                         conn.as_mut().graceful_shutdown();
                     }
                     Verdict::Close(why) => {
-                        metrics::counter!("xks_connections_closed_total", "reason" => why)
+                        metrics::counter!("xks_connections_closed_total", "reason" => why.label())
                             .increment(1);
-                        tracing::debug!(reason = why, "closing connection");
+                        tracing::debug!(reason = why.label(), "closing connection: {}", why.explain());
                         return;
                     }
                 }

@@ -49,6 +49,8 @@ pub enum ServeError {
     CallThreads(std::io::Error),
     #[error("the backend refused the reload: {0}")]
     BackendReload(crate::backend::BackendError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A started proxy: its addresses and the way to stop it.
@@ -139,6 +141,20 @@ impl Reloader {
     /// All or nothing: the new credentials, policy and TLS config are built first, then
     /// the backend reloads, and only if that worked is the rest swapped in.
     pub async fn reload(&self, config: &Config) -> Result<(), ServeError> {
+        let result = self.apply(config).await;
+        note_reload(result.is_ok());
+        result
+    }
+
+    /// Reads the config file and applies it ([`Reloader::reload`]); a file that does
+    /// not load or validate changes nothing and counts as a failed reload.
+    pub async fn reload_file(&self, path: &std::path::Path) -> Result<Config, ServeError> {
+        let config = Config::load(path).inspect_err(|_| note_reload(false))?;
+        self.reload(&config).await?;
+        Ok(config)
+    }
+
+    async fn apply(&self, config: &Config) -> Result<(), ServeError> {
         let tenants = crate::api::Tenants::from_config(&config.keystores)?;
         let policy = load_policy(config)?;
         let tls = match (&self.tls, &config.server.tls) {
@@ -164,6 +180,7 @@ impl Reloader {
         // Everything built and the backend agreed: swap. In-flight requests keep what
         // they started with; new handshakes get the new certificate.
         self.api.replace_tenants(tenants);
+        register_series(&self.api);
         self.api.replace_policy(policy);
         if let (Some(slot), Some((cfg, days))) = (&self.tls, tls) {
             slot.store(cfg);
@@ -365,12 +382,8 @@ pub async fn start_on(
             if crate::telemetry::prometheus().is_none() {
                 tracing::warn!("another metrics recorder is installed; /metrics will be empty");
             }
-            // Counters an alert watches exist from the start, at 0: a rate() over a
-            // series that appears only at its first increment misses that increment.
-            for reason in HANDSHAKE_FAILURE_REASONS {
-                metrics::counter!("xks_tls_handshake_failures_total", "listener" => "xks", "reason" => *reason)
-                    .increment(0);
-            }
+            register_series(&api);
+            metrics::gauge!("xks_config_last_reload_successful").set(1.0);
             tasks.spawn(side_loop(
                 l,
                 Side::Admin,
@@ -503,6 +516,56 @@ fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// Counts a reload (SIGHUP or file watch) and keeps the last outcome as a gauge, so an
+/// alert can say "the running config is not the file on disk" until a reload works.
+fn note_reload(ok: bool) {
+    metrics::counter!("xks_reloads_total", "outcome" => if ok { "ok" } else { "failed" })
+        .increment(1);
+    metrics::gauge!("xks_config_last_reload_successful").set(if ok { 1.0 } else { 0.0 });
+}
+
+/// Makes every counter series whose labels are known in advance exist, at 0: a
+/// `rate()` or `increase()` over a series that appears only at its first increment
+/// misses that increment, so an alert on the first failure would never fire. Called
+/// at start and after each reload (new prefixes).
+fn register_series(api: &Api) {
+    for listener in ["xks", "ping", "admin"] {
+        for reason in ["total", "per_source"] {
+            metrics::counter!("xks_connections_refused_total", "listener" => listener, "reason" => reason)
+                .increment(0);
+        }
+    }
+    for reason in HANDSHAKE_FAILURE_REASONS {
+        metrics::counter!("xks_tls_handshake_failures_total", "listener" => "xks", "reason" => *reason)
+            .increment(0);
+    }
+    for why in connection::CloseReason::ALL {
+        metrics::counter!("xks_connections_closed_total", "reason" => why.label()).increment(0);
+    }
+    for why in crate::api::UnauthenticatedRejection::ALL {
+        metrics::counter!("xks_unauthenticated_rejections_total", "reason" => why.label())
+            .increment(0);
+    }
+    for outcome in ["ok", "failed"] {
+        metrics::counter!("xks_reloads_total", "outcome" => outcome).increment(0);
+    }
+    metrics::counter!("xks_backend_calls_skipped_total").increment(0);
+    // Per prefix and operation, the success series: the denominator of every error
+    // ratio. Error series appear with their first error (a rate over them is then
+    // read against this one).
+    for prefix in api.tenants().prefixes() {
+        for operation in crate::api::route::Operation::ALL {
+            metrics::counter!(
+                "xks_requests_total",
+                "operation" => operation.as_str(),
+                "prefix" => prefix.to_owned(),
+                "outcome" => "ok"
+            )
+            .increment(0);
+        }
+    }
+}
+
 /// At most 10 handshake-failure lines per 10 s: strangers trigger them at will.
 static HANDSHAKE_LOG: crate::telemetry::LogBudget =
     crate::telemetry::LogBudget::new(Duration::from_secs(10), 10);
@@ -631,6 +694,46 @@ async fn side_loop(
     }
 }
 
+/// Appends `xks_credential_age_days` for the credentials configured now. Rendered here
+/// rather than kept in the registry, which has no removal: a credential a reload
+/// removed must disappear with it, or an age alert on it would fire forever.
+fn render_credential_ages(
+    out: &mut String,
+    tenants: &crate::api::Tenants,
+    now: std::time::SystemTime,
+) {
+    use std::fmt::Write;
+    out.push_str(
+        "# HELP xks_credential_age_days Whole days since each configured credential's secret was set, by prefix, access_key_id and source: \"file\" = the secret file's modification time, \"env\" = when the proxy read the variable (start or last reload; the real age is unknowable). Mirrors KMS's XksProxyCredentialAge\n# TYPE xks_credential_age_days gauge\n",
+    );
+    let mut rows: Vec<_> = tenants
+        .iter()
+        .flat_map(|t| {
+            t.credential_since
+                .iter()
+                .map(move |c| (t.prefix.as_str(), c))
+        })
+        .collect();
+    rows.sort_by(|a, b| (a.0, &a.1.access_key_id).cmp(&(b.0, &b.1.access_key_id)));
+    for (prefix, c) in rows {
+        let days = now.duration_since(c.since).unwrap_or_default().as_secs() / 86_400;
+        let _ = writeln!(
+            out,
+            "xks_credential_age_days{{prefix=\"{}\",access_key_id=\"{}\",source=\"{}\"}} {days}",
+            label_value(prefix),
+            label_value(&c.access_key_id),
+            c.source
+        );
+    }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Refreshes the gauges that are read, not counted, then renders the registry.
 fn metrics_response(api: &Api, cert_days: &std::sync::atomic::AtomicI64) -> Response<Full<Bytes>> {
     let Some(handle) = crate::telemetry::prometheus() else {
@@ -664,19 +767,9 @@ fn metrics_response(api: &Api, cert_days: &std::sync::atomic::AtomicI64) -> Resp
     if days != i64::MIN {
         metrics::gauge!("xks_tls_certificate_days_to_expiry").set(days as f64);
     }
-    let now = std::time::SystemTime::now();
-    for tenant in api.tenants().iter() {
-        for (akid, since) in &tenant.credential_since {
-            let age = now.duration_since(*since).unwrap_or_default().as_secs_f64() / 86_400.0;
-            metrics::gauge!(
-                "xks_credential_age_days",
-                "prefix" => tenant.prefix.clone(),
-                "access_key_id" => akid.clone()
-            )
-            .set(age.floor());
-        }
-    }
-    let mut r = Response::new(Full::new(Bytes::from(handle.render())));
+    let mut text = handle.render();
+    render_credential_ages(&mut text, &api.tenants(), std::time::SystemTime::now());
+    let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; version=0.0.4"),
