@@ -191,18 +191,18 @@ fn read_client_credentials(path: &PathBuf) -> Result<Vec<(String, SecretString)>
 }
 
 fn init_logging(cli: &Cli) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
-        .context("invalid --log-level")?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = if cli.log_format == "json" {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
+    // The proxy's logger, so both behave alike: colour only on a terminal (no escape
+    // codes in redirected logs), request-derived strings escaped, RUST_LOG wins.
+    let config = xks_proxy::config::LoggingConfig {
+        format: if cli.log_format == "json" {
+            xks_proxy::config::LogFormat::Json
+        } else {
+            xks_proxy::config::LogFormat::Human
+        },
+        level: cli.log_level.clone(),
     };
-    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+    xks_proxy::telemetry::init(&config)
+        .map_err(|e| anyhow::anyhow!("cannot install the logger (--log-level?): {e}"))
 }
 
 fn config_from(cli: &Cli) -> Result<Config> {
