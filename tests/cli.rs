@@ -654,3 +654,36 @@ fn key_admin_commands_need_no_sigv4_secret() {
         }
     }
 }
+
+/// Issue 12: the key commands that exist only for the software keystore say so in
+/// their help, and on a PKCS#11 config they fail with what to do instead (the
+/// troubleshooting table's fix per backend), without touching the token.
+#[cfg(feature = "pkcs11")]
+#[test]
+fn software_only_key_commands_say_what_to_do_on_pkcs11() {
+    for cmd in ["rotate", "enable", "disable"] {
+        let help = bin().args(["keys", cmd, "--help"]).output().expect("run");
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("software keystore"), "{cmd}: {help}");
+        assert!(
+            !help.contains("CKA_LABEL"),
+            "{cmd} does not act on PKCS#11: {help}"
+        );
+    }
+    let config = repo().join("config/softhsm.toml");
+    for (cmd, says) in [
+        ("rotate", "create a new key"),
+        ("enable", "remove \"app-key-1\" from backend.disabled_keys"),
+        ("disable", "add \"app-key-1\" to backend.disabled_keys"),
+    ] {
+        let out = bin()
+            .args(["keys", cmd, "--config"])
+            .arg(&config)
+            .arg("app-key-1")
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(err.contains(says), "{cmd}: {err}");
+    }
+}

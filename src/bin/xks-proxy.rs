@@ -149,21 +149,28 @@ enum KeysCommand {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
     },
-    /// Enable a key (software keystore; PKCS#11 keys are disabled in config).
+    /// Enable a key in the software keystore. PKCS#11: remove it from
+    /// backend.disabled_keys, then reload.
+    #[command(mut_arg("key", |a| a.help("The external key id in the software keystore")))]
     Enable {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
         #[command(flatten)]
         key: KeyName,
     },
-    /// Disable a key (software keystore). A running proxy picks it up on SIGHUP.
+    /// Disable a key in the software keystore (a running proxy picks it up on SIGHUP).
+    /// PKCS#11: list it in backend.disabled_keys, then reload.
+    #[command(mut_arg("key", |a| a.help("The external key id in the software keystore")))]
     Disable {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
         #[command(flatten)]
         key: KeyName,
     },
-    /// Add a new version to a key; new encryptions use it, old ciphertexts still open.
+    /// Add a new version to a key in the software keystore; new encryptions use it, old
+    /// ciphertexts still open. PKCS#11 keys have one version: create a new key and a new
+    /// KMS key for it.
+    #[command(mut_arg("key", |a| a.help("The external key id in the software keystore")))]
     Rotate {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
@@ -591,7 +598,14 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
         }
         KeysCommand::Rotate { config, key } => {
             let label = key.id();
-            let (mut ks, _) = open_keystore(&load_admin(&config)?.backend)?;
+            let backend = load_admin(&config)?.backend;
+            #[cfg(feature = "pkcs11")]
+            if let BackendConfig::Pkcs11(_) = backend {
+                bail!(
+                    "PKCS#11 keys have one version, so they do not rotate in place: create a new key (`xks-proxy keys create --config FILE NEW-LABEL`), create a new KMS key in the external key store for it, and move your application to that KMS key; {label} keeps decrypting what it encrypted until you list it in backend.disabled_keys"
+                );
+            }
+            let (mut ks, _) = open_keystore(&backend)?;
             let v = ks.rotate(&label)?;
             ks.save()?;
             println!("key {label} now at version {v}; send SIGHUP to running proxies");
@@ -710,8 +724,12 @@ fn set_enabled(backend: &BackendConfig, label: &str, enabled: bool) -> Result<Ex
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "pkcs11")]
+        BackendConfig::Pkcs11(_) if enabled => bail!(
+            "a PKCS#11 key is enabled in the config, not on the token: remove {label:?} from backend.disabled_keys, then reload (`systemctl reload xks-proxy` or SIGHUP); a key past its CKA_END_DATE needs that date changed on the token"
+        ),
+        #[cfg(feature = "pkcs11")]
         BackendConfig::Pkcs11(_) => bail!(
-            "PKCS#11 keys are disabled by listing them in backend.disabled_keys (then SIGHUP), or by CKA_END_DATE"
+            "a PKCS#11 key is disabled in the config, not on the token: add {label:?} to backend.disabled_keys, then reload (`systemctl reload xks-proxy` or SIGHUP)"
         ),
     }
 }
