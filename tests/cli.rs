@@ -687,3 +687,176 @@ fn software_only_key_commands_say_what_to_do_on_pkcs11() {
         assert!(err.contains(says), "{cmd}: {err}");
     }
 }
+
+/// Kills a whole process group when dropped: the README block runs in `bash`, whose
+/// last command (`serve`) is bash's child, and must not outlive a failed test.
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .status();
+    }
+}
+
+/// Issue 12: README "Running it for real", pasted as written into a scratch directory
+/// holding only `server.pem` and `server.key`, makes a keystore, a key and a
+/// credential, passes `config check` (which says which secrets rotate with a reload),
+/// prints the KMS import file, and serves requests signed with that file's credential.
+/// The one substitution: the listen address becomes loopback with a free port (tests
+/// never bind a public interface).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_running_it_for_real_block_works_as_written() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README");
+    let section = &readme[readme.find("## Running it for real").expect("section")..];
+    let start = section.find("```sh\n").expect("sh block") + "```sh\n".len();
+    let block = &section[start..start + section[start..].find("\n```").expect("end")];
+    assert!(
+        block
+            .trim_end()
+            .ends_with("xks-proxy serve --config proxy.toml")
+    );
+    let listen = "listen = \"0.0.0.0:8443\"";
+    assert_eq!(block.matches(listen).count(), 1, "the block's listen line");
+    let script = block.replace(listen, "listen = \"127.0.0.1:0\"");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = repo().join("certs");
+    std::fs::copy(
+        certs.join("server-ecdsa.pem"),
+        dir.path().join("server.pem"),
+    )
+    .expect("cert");
+    std::fs::copy(
+        certs.join("server-ecdsa.key"),
+        dir.path().join("server.key"),
+    )
+    .expect("key");
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_xks-proxy"))
+        .parent()
+        .expect("bin dir");
+    let mut cmd = Command::new("bash");
+    cmd.args(["-euc", &script])
+        .current_dir(dir.path())
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("RUST_LOG", "info");
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let proxy = Proc::spawn(cmd, "listening on https://");
+    let _group = Group(proxy.pid());
+
+    // config check said OK and which secrets rotate with a reload.
+    let log = proxy.output();
+    assert!(log.contains("proxy.toml: OK"), "{log}");
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle} line in:\n{log}"))
+            .to_owned()
+    };
+    assert!(
+        line("kms.secret").contains("rotates with a reload"),
+        "{log}"
+    );
+    assert!(
+        line("backend.master_key_file").contains("needs a restart"),
+        "{log}"
+    );
+    assert!(
+        line("server.tls.private_key").contains("rotates with a reload"),
+        "{log}"
+    );
+    // Secrets were made owner-only.
+    for f in ["master.key", "kms.secret", "kms-import.json"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(f))
+                .expect(f)
+                .permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "{f} is readable by others: {mode:o}");
+    }
+
+    // The import file's credential is what KMS would sign with; the key is served.
+    let import: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("kms-import.json")).expect("kms-import.json"),
+    )
+    .expect("json");
+    assert_eq!(import["XksProxyUriPath"], "/example/kms/xks/v1");
+    let cred = Cred {
+        akid: import["XksProxyAuthenticationCredential"]["AccessKeyId"]
+            .as_str()
+            .expect("akid")
+            .to_owned(),
+        secret: xks_proxy::secret::SecretString::new(
+            import["XksProxyAuthenticationCredential"]["RawSecretAccessKey"]
+                .as_str()
+                .expect("secret")
+                .to_owned(),
+        ),
+    };
+    let c = Client::new(proxy.addr, false, cred);
+    let url = format!(
+        "https://localhost:{}/example/kms/xks/v1/keys/app-key-1/encrypt",
+        proxy.addr.port()
+    );
+    let r = c
+        .post(&url, &encrypt_body(b"running it for real", None))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+/// Issue 12: every option the operator CLI takes appears in the README's "Operator CLI"
+/// table (`--kms-ca-bundle` was missing), so the table is the whole interface.
+#[test]
+fn the_readme_cli_table_names_every_option() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README");
+    let table = &readme[readme.find("### Operator CLI").expect("section")..];
+    let table = &table[..table[4..].find("\n#").map_or(table.len(), |i| i + 4)];
+    let commands: &[&[&str]] = &[
+        &["serve"],
+        &["demo"],
+        &["config", "check"],
+        &["doctor"],
+        &["credentials", "new"],
+        &["kms-config"],
+        &["keys", "create"],
+        &["keys", "list"],
+        &["keys", "enable"],
+        &["keys", "disable"],
+        &["keys", "rotate"],
+        &["keys", "generate-master-key"],
+    ];
+    let mut missing = Vec::new();
+    for args in commands {
+        let out = bin().args(*args).arg("--help").output().expect("help");
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{args:?} --help");
+        for word in help.split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']') {
+            let Some(name) = word.strip_prefix("--") else {
+                continue;
+            };
+            let name: String = name
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            if name.is_empty() || name == "help" || name == "version" {
+                continue;
+            }
+            if !table.contains(&format!("--{name}")) {
+                missing.push(format!("{} --{name}", args.join(" ")));
+            }
+        }
+    }
+    missing.dedup();
+    assert!(
+        missing.is_empty(),
+        "not in the README's Operator CLI table: {missing:?}"
+    );
+}

@@ -90,8 +90,12 @@ enum CredentialsCommand {
     /// Make a new access key id (20 chars of A-Z2-7) and secret (44 chars, 256 bits).
     New {
         /// Print JSON instead of two lines.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "secret_file")]
         json: bool,
+        /// Write the secret to this new file (mode 0600; refused if it exists) and print
+        /// only the access key id, for `secret_file = "..."` in the config.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
     },
 }
 
@@ -223,6 +227,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
+                // Which secrets rotate with `systemctl reload` and which need a restart:
+                // the question an operator has before rotating, answered for this file.
+                println!(
+                    "secrets (a reload picks up a new value from a file, never from the environment):"
+                );
+                let secrets = xks_proxy::server::secret_uses(&cfg);
+                let w1 = secrets.iter().map(|s| s.setting.len()).max().unwrap_or(0);
+                let w2 = secrets.iter().map(|s| s.source.len()).max().unwrap_or(0);
+                for s in secrets {
+                    println!(
+                        "  {:<w1$}  {:<w2$}  {}",
+                        s.setting,
+                        s.source,
+                        if s.rotates_on_reload {
+                            "rotates with a reload"
+                        } else if s.source.starts_with("env") {
+                            "needs a restart (a running process cannot see a changed environment)"
+                        } else {
+                            "needs a restart (read once at start)"
+                        }
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
@@ -232,10 +258,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
         Command::Keys { command } => keys(command),
         Command::Credentials {
-            command: CredentialsCommand::New { json },
+            command: CredentialsCommand::New { json, secret_file },
         } => {
             let (akid, secret) = xks_proxy::config::generate_credential();
-            if json {
+            if let Some(path) = secret_file {
+                write_new_secret_file(&path, secret.expose())?;
+                println!("{akid}");
+            } else if json {
                 println!(
                     "{}",
                     serde_json::json!({"AccessKeyId": akid, "RawSecretAccessKey": secret.expose()})
@@ -612,6 +641,22 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Creates `path` with only its owner able to read it, and writes `secret` to it. An
+/// existing file is never overwritten: it may be a live credential.
+fn write_new_secret_file(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create the secret file {}", path.display()))?;
+    file.write_all(secret.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write the secret file {}", path.display()))
 }
 
 /// The key admin commands need the `[backend]` table only: never the SigV4 secrets.

@@ -239,6 +239,73 @@ pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
     })
 }
 
+/// A secret the config names: the setting, where its value comes from, and whether a
+/// reload (SIGHUP, `systemctl reload`, the file watch) picks up a new value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretUse {
+    pub setting: String,
+    /// `file PATH` or `env VAR`.
+    pub source: String,
+    pub rotates_on_reload: bool,
+}
+
+/// Every secret `config`, for `config check` and the README's rotation rule: a value in
+/// a file rotates with a reload; an environment variable cannot change under a running
+/// process, and the backend's own secrets (the master key) are read once at start.
+pub fn secret_uses(config: &Config) -> Vec<SecretUse> {
+    use crate::config::{BackendConfig, SecretSource};
+    let from = |s: &SecretSource| match s {
+        SecretSource::File(f) => (format!("file {}", f.display()), true),
+        SecretSource::Env(v) => (format!("env {v}"), false),
+    };
+    let mut out = Vec::new();
+    for k in &config.keystores {
+        for c in &k.credentials {
+            let (source, rotates_on_reload) = from(&c.source);
+            out.push(SecretUse {
+                setting: format!(
+                    "keystores[{:?}].credentials[{}]",
+                    k.path_prefix, c.access_key_id
+                ),
+                source,
+                rotates_on_reload,
+            });
+        }
+    }
+    if let Some(crate::config::TlsConfig::Files { private_key, .. }) = &config.server.tls {
+        out.push(SecretUse {
+            setting: "server.tls.private_key".to_owned(),
+            source: format!("file {}", private_key.display()),
+            rotates_on_reload: true,
+        });
+    }
+    match &config.backend {
+        BackendConfig::Software { master_key, .. } => {
+            let (source, _) = from(master_key);
+            let setting = match master_key {
+                SecretSource::File(_) => "backend.master_key_file",
+                SecretSource::Env(_) => "backend.master_key_env",
+            };
+            out.push(SecretUse {
+                setting: setting.to_owned(),
+                source,
+                rotates_on_reload: false,
+            });
+        }
+        #[cfg(feature = "pkcs11")]
+        BackendConfig::Pkcs11(settings) => {
+            for (setting, source, rotates_on_reload) in settings.pin_sources() {
+                out.push(SecretUse {
+                    setting,
+                    source,
+                    rotates_on_reload,
+                });
+            }
+        }
+    }
+    out
+}
+
 fn load_policy(config: &Config) -> Result<Option<Arc<crate::policy::Policy>>, ServeError> {
     match &config.policy_file {
         None => Ok(None),

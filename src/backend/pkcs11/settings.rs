@@ -253,6 +253,29 @@ impl Pkcs11Settings {
     }
 
     /// Validates and resolves the tokens to open, primary first.
+    /// Each token's PIN setting and where it comes from (for `config check`'s list of
+    /// secrets): `(setting, "file PATH" | "env VAR", re-read on reload)`. A PIN file is
+    /// re-read at every reload; an environment variable cannot change under a running
+    /// process. Settings that do not plan (an error `plan` reports) list nothing.
+    pub fn pin_sources(&self) -> Vec<(String, String, bool)> {
+        self.plan()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| match p.pin {
+                PinSource::File(f) => (
+                    format!("backend.{}user_pin_file", p.key_prefix),
+                    format!("file {}", f.display()),
+                    true,
+                ),
+                PinSource::Env(v) => (
+                    format!("backend.{}user_pin_env", p.key_prefix),
+                    format!("env {v}"),
+                    false,
+                ),
+            })
+            .collect()
+    }
+
     pub(crate) fn plan(&self) -> Result<Vec<TokenPlan>, Pkcs11Error> {
         check_module("module", &self.module)?;
         let selector = token_selector("", &self.token_label, &self.token_serial)?;
