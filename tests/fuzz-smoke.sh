@@ -9,6 +9,10 @@
 #   --long     the documented long run: each target to FUZZ_RUNS (10,000,000)
 #              executions, under `nice -n 10`; FUZZ_MAX_TIME (seconds, 0 = none) caps
 #              each target's wall time
+# FUZZ_SANITIZER: address (default; AddressSanitizer, which includes LeakSanitizer)
+#   or leak (LeakSanitizer only: about twice the executions per second, for the long
+#   runs; panics, debug assertions, leaks, timeouts and OOMs are caught the same way).
+#   Each sanitizer builds into its own directory (fuzz/target, fuzz/target-leak).
 # Fails on any crash, panic, leak, per-input timeout (FUZZ_TIMEOUT, 10 s) or
 # out-of-memory (FUZZ_RSS_MB, 2048); the input that did it is left in
 # target/fuzz/artifacts/<target>/. Prints executions, exec/s, peak RSS, corpus size
@@ -41,12 +45,16 @@ command -v c++ >/dev/null || tests/apt-install.sh g++
 # RUSTC_BOOTSTRAP=1 lets the stable compiler accept them. 16 codegen units instead of
 # cargo-fuzz's default 1: the cold build is about twice as fast, the runs barely slower.
 export RUSTC_BOOTSTRAP=1
+sanitizer=${FUZZ_SANITIZER:-address}
+target_dir="$root/fuzz/target"
+[ "$sanitizer" = address ] || target_dir="$root/fuzz/target-$sanitizer"
 started=$SECONDS
-echo "==> building the fuzz targets"
-cargo fuzz build --fuzz-dir fuzz --debug-assertions --codegen-units 16
+echo "==> building the fuzz targets (sanitizer: $sanitizer)"
+cargo fuzz build --fuzz-dir fuzz --debug-assertions --codegen-units 16 \
+  --sanitizer "$sanitizer" --target-dir "$target_dir"
 echo "==> built in $((SECONDS - started)) s"
 
-bin_dir="$root/fuzz/target/x86_64-unknown-linux-gnu/release"
+bin_dir="$target_dir/x86_64-unknown-linux-gnu/release"
 work="$root/target/fuzz"
 failed=()
 summary=()
