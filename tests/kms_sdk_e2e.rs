@@ -403,8 +403,14 @@ async fn lifecycle(backend: Backend) {
     );
     assert!(!log.contains("end to end"), "plaintext in the log");
     // Redirected to a pipe (a file, journald), neither binary writes colour codes.
-    assert!(!log.contains('\u{1b}'), "ANSI escape in the emulator's log:\n{log}");
-    assert!(!proxy.output().contains('\u{1b}'), "ANSI escape in the proxy's log");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escape in the emulator's log:\n{log}"
+    );
+    assert!(
+        !proxy.output().contains('\u{1b}'),
+        "ANSI escape in the proxy's log"
+    );
 }
 
 #[tokio::test]
