@@ -92,7 +92,24 @@ fn systemd_unit_is_hardened() {
     assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
     assert!(one("ExecStart").ends_with("xks-proxy serve --config /etc/xks-proxy/xks-proxy.toml"));
     assert!(one("ExecStartPre").contains("xks-proxy config check --config"));
-    assert!(one("EnvironmentFile").starts_with("/etc/xks-proxy/"));
+    // Secrets are files the proxy re-reads on reload, never the environment: a running
+    // process cannot see a changed variable, so a credential there could not rotate.
+    // (tests/deploy_rotation.rs runs the rotation with this unit's ExecReload.)
+    for k in [
+        "EnvironmentFile",
+        "Environment",
+        "LoadCredential",
+        "SetCredential",
+    ] {
+        assert!(
+            !service.contains_key(k),
+            "[Service] {k}=: secrets are files in /etc/xks-proxy/secrets/"
+        );
+    }
+    assert!(
+        text.contains("install -d -m 0750 -g xks-proxy /etc/xks-proxy /etc/xks-proxy/tls /etc/xks-proxy/secrets"),
+        "the unit's install notes create the secrets directory"
+    );
     // The drain (shutdown_grace_ms = 10 s) must fit in the stop timeout.
     let stop: u64 = one("TimeoutStopSec")
         .trim_end_matches('s')
@@ -193,9 +210,32 @@ fn systemd_sysusers_file_creates_the_service_user() {
 // ------------------------------------------------------------- configs we ship in deploy/
 
 /// The deploy configs name production paths; map them into a scratch root holding
-/// the dev certificate, a keystore and secrets, as an operator's host would.
+/// the dev certificate, a keystore and the secret files each config names, as an
+/// operator's host would.
 struct Scratch {
     dir: tempfile::TempDir,
+}
+
+/// The secret files a config names: (TOML key, path) of every `*_file` secret.
+fn secret_files(text: &str) -> Vec<(String, String)> {
+    let v: toml::Value = toml::from_str(text).expect("TOML");
+    let mut out = Vec::new();
+    for k in ["master_key_file", "user_pin_file"] {
+        if let Some(p) = v["backend"].get(k) {
+            out.push((k.to_owned(), p.as_str().expect("path").to_owned()));
+        }
+    }
+    for ks in v["keystores"].as_array().expect("keystores") {
+        for c in ks["credentials"].as_array().expect("credentials") {
+            if let Some(p) = c.get("secret_file") {
+                out.push((
+                    format!("secret_file of {}", c["access_key_id"]),
+                    p.as_str().expect("path").to_owned(),
+                ));
+            }
+        }
+    }
+    out
 }
 
 const MASTER_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -205,7 +245,7 @@ impl Scratch {
     fn new() -> Scratch {
         let dir = tempfile::tempdir().expect("tmp");
         let etc = dir.path().join("etc/xks-proxy");
-        for d in ["tls", "secrets"] {
+        for d in ["tls", "secrets", "config"] {
             std::fs::create_dir_all(etc.join(d)).expect("mkdir");
         }
         std::fs::create_dir_all(dir.path().join("var/lib/xks-proxy")).expect("mkdir");
@@ -218,9 +258,19 @@ impl Scratch {
         ] {
             std::fs::copy(certs.join(src), etc.join("tls").join(dst)).expect("copy cert");
         }
-        write_private(&etc.join("secrets/master-key"), MASTER_KEY);
-        write_private(&etc.join("secrets/sigv4-secret-primary"), SECRET);
         Scratch { dir }
+    }
+
+    /// Writes the secret files `config` (rewritten) names.
+    fn write_secrets(&self, config: &str) {
+        for (key, path) in secret_files(config) {
+            let value = if key == "master_key_file" {
+                MASTER_KEY
+            } else {
+                SECRET
+            };
+            write_private(Path::new(&path), value);
+        }
     }
 
     fn rewrite(&self, text: &str) -> String {
@@ -234,9 +284,7 @@ impl Scratch {
 
     fn proxy(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_xks-proxy"));
-        c.env("XKS_MASTER_KEY", MASTER_KEY)
-            .env("XKS_SECRET_PRIMARY", SECRET)
-            .env_remove("XKS_PROXY_FLEET_SIZE");
+        c.env_remove("XKS_PROXY_FLEET_SIZE");
         c
     }
 
@@ -244,7 +292,9 @@ impl Scratch {
     /// runs `config check`; returns the check's output.
     fn check(&self, name: &str, text: &str) -> String {
         let path = self.dir.path().join(name);
-        std::fs::write(&path, self.rewrite(text)).expect("write config");
+        let text = self.rewrite(text);
+        self.write_secrets(&text);
+        std::fs::write(&path, &text).expect("write config");
         let _ = std::fs::remove_file(self.dir.path().join("var/lib/xks-proxy/keystore.json"));
         run_ok(
             self.proxy()
@@ -300,42 +350,50 @@ fn every_deploy_config_passes_config_check() {
 }
 
 #[test]
-fn systemd_env_example_names_every_secret_and_its_placeholders_are_refused() {
-    let config = std::fs::read_to_string(deploy().join("systemd/xks-proxy.toml")).expect("toml");
-    let env = std::fs::read_to_string(deploy().join("systemd/xks-proxy.env.example")).expect("env");
-    let assigned: BTreeMap<&str, &str> = env
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
-        .map(|l| l.split_once('=').expect("="))
-        .collect();
-    let mut names = 0;
-    for line in config.lines().filter(|l| !l.trim_start().starts_with('#')) {
-        if let Some((k, v)) = line.split_once('=')
-            && k.trim().ends_with("_env")
-        {
-            let var = v.trim().trim_matches('"');
+fn deploy_configs_name_every_secret_by_a_file_in_etc_xks_proxy_secrets() {
+    // A running proxy re-reads files on reload but never sees a changed environment,
+    // so secrets in env vars could not rotate without a restart (issue 12). Every
+    // shipped config therefore names each secret by a file: in /etc/xks-proxy/secrets/,
+    // a SigV4 secret's file named after its access key id (nothing is ever renamed in
+    // a rotation). The softhsm-demo template is the one exception: a throw-away demo.
+    for rel in [
+        "systemd/xks-proxy.toml",
+        "container/xks-proxy.toml",
+        "kubernetes/xks-proxy.toml",
+    ] {
+        let text = std::fs::read_to_string(deploy().join(rel)).expect(rel);
+        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            if let Some((k, _)) = line.split_once('=') {
+                assert!(
+                    !k.trim().ends_with("_env"),
+                    "{rel}: {}: name a file (*_file), not an environment variable",
+                    line.trim()
+                );
+            }
+        }
+        let files = secret_files(&text);
+        assert!(files.len() >= 2, "{rel}: the master key and a SigV4 secret");
+        for (key, path) in &files {
             assert!(
-                assigned.contains_key(var),
-                "env example lacks {var} ({})",
-                k.trim()
+                path.starts_with("/etc/xks-proxy/secrets/"),
+                "{rel}: {key} = {path}: secrets live in /etc/xks-proxy/secrets/"
             );
-            names += 1;
+        }
+        let v: toml::Value = toml::from_str(&text).expect("TOML");
+        for ks in v["keystores"].as_array().expect("keystores") {
+            for c in ks["credentials"].as_array().expect("credentials") {
+                let id = c["access_key_id"].as_str().expect("id");
+                assert_eq!(
+                    c["secret_file"].as_str(),
+                    Some(format!("/etc/xks-proxy/secrets/sigv4-{id}").as_str()),
+                    "{rel}: the secret file of {id} is named after it"
+                );
+            }
         }
     }
-    assert!(names >= 2, "expected the master key and a SigV4 secret");
-    // An env file copied without editing must not start a proxy.
-    let scratch = Scratch::new();
-    let path = scratch.dir.path().join("systemd.toml");
-    std::fs::write(&path, scratch.rewrite(&config)).expect("write");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xks-proxy"));
-    cmd.args(["config", "check", "--config"]).arg(&path);
-    for (k, v) in &assigned {
-        cmd.env(k, v);
-    }
-    let out = run(&mut cmd, MIN);
     assert!(
-        !out.status.success(),
-        "the placeholder env file passed config check"
+        !deploy().join("systemd/xks-proxy.env.example").exists(),
+        "no env file for secrets"
     );
 }
 
@@ -353,7 +411,7 @@ fn dockerfile_passes_hadolint() {
 }
 
 #[test]
-fn dockerfile_is_multi_stage_non_root_with_a_ping_healthcheck() {
+fn dockerfile_is_multi_stage_non_root_and_its_runtime_has_no_shell() {
     let text = std::fs::read_to_string(deploy().join("container/Dockerfile")).expect("Dockerfile");
     // Logical lines (continuations joined), comments dropped.
     let joined = text.replace("\\\n", " ");
@@ -384,30 +442,90 @@ fn dockerfile_is_multi_stage_non_root_with_a_ping_healthcheck() {
         "final stage: {last}"
     );
     assert!(stages.iter().any(|(_, l)| l.ends_with(" AS softhsm-demo")));
-    // Every stage that runs the proxy runs it as a non-root user and health-checks /ping.
-    for (n, (start, from)) in stages.iter().enumerate() {
-        if from.contains(" AS build") || from.starts_with("FROM busybox") {
+    // Every stage that runs the proxy runs it as a non-root user.
+    let body_of = |n: usize| -> &[&str] {
+        let end = stages.get(n + 1).map_or(lines.len(), |s| s.0);
+        &lines[stages[n].0..end]
+    };
+    for (n, (_, from)) in stages.iter().enumerate() {
+        if from.contains(" AS build") {
             continue;
         }
-        let end = stages.get(n + 1).map_or(lines.len(), |s| s.0);
-        let body = &lines[*start..end];
-        let user = body
+        let user = body_of(n)
             .iter()
             .rev()
             .find(|l| l.starts_with("USER "))
             .unwrap_or_else(|| panic!("{from}: no USER"));
         let uid = user[5..].split(':').next().expect("uid");
         assert!(uid != "0" && uid != "root", "{from}: runs as {user}");
-        let hc = body
-            .iter()
-            .find(|l| l.starts_with("HEALTHCHECK "))
-            .unwrap_or_else(|| panic!("{from}: no HEALTHCHECK"));
-        assert!(
-            hc.contains("127.0.0.1/8080") || hc.contains("127.0.0.1:8080/ping"),
-            "{hc}"
-        );
-        assert!(hc.contains("/ping") || hc.contains("GET /ping"), "{hc}");
     }
+    // The demo (Debian, with bash) health-checks /ping itself.
+    let demo = stages
+        .iter()
+        .position(|(_, l)| l.ends_with(" AS softhsm-demo"))
+        .expect("demo");
+    let hc = body_of(demo)
+        .iter()
+        .find(|l| l.starts_with("HEALTHCHECK "))
+        .expect("softhsm-demo: HEALTHCHECK");
+    assert!(
+        hc.contains("127.0.0.1/8080") && hc.contains("GET /ping"),
+        "{hc}"
+    );
+
+    // "Distroless, no shell" (the Dockerfile's header, deploy/README.md section 5) is
+    // true of the runtime: a distroless base without a shell (not a :debug tag, which
+    // adds busybox), nothing copied in but the proxy and its config, nothing RUN (RUN
+    // needs a shell), and so no HEALTHCHECK, which would need a program to GET /ping.
+    let readme = std::fs::read_to_string(deploy().join("README.md")).expect("README");
+    assert!(
+        text.contains("no shell, no busybox") && readme.contains("no shell, no busybox"),
+        "the Dockerfile and deploy/README.md state the claim this test checks"
+    );
+    let image = last.split_whitespace().nth(1).expect("image");
+    assert!(
+        image.starts_with("gcr.io/distroless/") && !image.contains("debug"),
+        "runtime base {image}: a distroless tag without busybox"
+    );
+    let runtime = body_of(stages.len() - 1);
+    for l in runtime {
+        let instr = l.split_whitespace().next().expect("instruction");
+        assert!(
+            [
+                "FROM",
+                "COPY",
+                "USER",
+                "EXPOSE",
+                "ENTRYPOINT",
+                "CMD",
+                "LABEL",
+                "ENV"
+            ]
+            .contains(&instr),
+            "runtime stage: {l}: nothing that needs a shell or adds a tool"
+        );
+        if instr == "COPY" {
+            assert!(
+                !l.contains("--from=") || l.contains("--from=build "),
+                "runtime copies only from the build stage: {l}"
+            );
+            let dst = l.split_whitespace().last().expect("destination");
+            assert!(
+                dst == "/usr/local/bin/xks-proxy" || dst.starts_with("/etc/xks-proxy/"),
+                "runtime stage adds only the proxy and its config: {l}"
+            );
+        }
+        if instr == "ENTRYPOINT" || instr == "CMD" {
+            assert!(l.contains('['), "exec form, no shell: {l}");
+            assert!(!l.contains("sh\"") && !l.contains("busybox"), "{l}");
+        }
+    }
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.to_ascii_lowercase().contains("busybox")),
+        "no busybox anywhere in the image build"
+    );
     assert!(last_i > 0);
     // Every COPY from the build context names a file that exists in the repository.
     for l in &lines {
@@ -587,29 +705,40 @@ fn kubernetes_manifests_pass_checkov() {
     );
 }
 
-/// `kubectl kustomize` of a copy of deploy/kubernetes with throw-away secrets.
-fn render(replicas: Option<u32>) -> (tempfile::TempDir, PathBuf, Vec<Value>) {
+/// `kubectl kustomize` of a copy of deploy/kubernetes with throw-away secrets (every
+/// `secrets/` file the generators read), the HPA floor optionally changed.
+fn render(min_replicas: Option<u32>) -> (tempfile::TempDir, PathBuf, Vec<Value>) {
     let kubectl = require_tool("kubectl");
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("kubernetes");
     copy_dir(&k8s(), &dir);
-    if let Some(n) = replicas {
-        let path = dir.join("deployment.yaml");
-        let text = std::fs::read_to_string(&path).expect("deployment");
-        assert!(text.contains("\n  replicas: 3\n"));
+    if let Some(n) = min_replicas {
+        let path = dir.join("horizontalpodautoscaler.yaml");
+        let text = std::fs::read_to_string(&path).expect("hpa");
+        assert!(text.contains("\n  minReplicas: 3\n"));
         std::fs::write(
             &path,
-            text.replace("\n  replicas: 3\n", &format!("\n  replicas: {n}\n")),
+            text.replace("\n  minReplicas: 3\n", &format!("\n  minReplicas: {n}\n")),
         )
         .expect("write");
     }
-    let secrets = dir.join("secrets");
     let certs = repo().join("certs");
-    std::fs::copy(certs.join("server-ecdsa.pem"), secrets.join("tls.crt")).expect("crt");
-    std::fs::copy(certs.join("server-ecdsa.key"), secrets.join("tls.key")).expect("key");
-    std::fs::write(secrets.join("master-key"), MASTER_KEY).expect("mk");
-    std::fs::write(secrets.join("sigv4-secret-primary"), SECRET).expect("secret");
-    std::fs::write(secrets.join("keystore.json"), "{}").expect("keystore");
+    let kust = &yaml_docs(&k8s().join("kustomization.yaml"))[0];
+    for g in kust["secretGenerator"].as_array().expect("secretGenerator") {
+        for f in g["files"].as_array().expect("files") {
+            let f = f.as_str().expect("file");
+            let (key, path) = f.split_once('=').unwrap_or((f, f));
+            let value = match key {
+                "tls.crt" => std::fs::read(certs.join("server-ecdsa.pem")).expect("crt"),
+                "tls.key" => std::fs::read(certs.join("server-ecdsa.key")).expect("key"),
+                "master-key" => MASTER_KEY.into(),
+                "keystore.json" => "{}".into(),
+                k if k.starts_with("sigv4-") => SECRET.into(),
+                k => panic!("a secret this test does not know: {k}"),
+            };
+            std::fs::write(dir.join(path), value).expect("secret");
+        }
+    }
     let out = run_ok(Command::new(kubectl).arg("kustomize").arg(&dir), MIN);
     let rendered = tmp.path().join("rendered.yaml");
     std::fs::write(&rendered, &out).expect("write rendered");
@@ -663,6 +792,25 @@ fn kustomization_renders_a_valid_fleet() {
     let dep = find(&docs, "Deployment", "xks-proxy");
     let pod = &dep["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
+    // The autoscaler owns the replica count: a Deployment an HPA targets has no
+    // spec.replicas, or every `kubectl apply -k` (each rotation) resets the fleet.
+    for hpa in docs
+        .iter()
+        .filter(|d| d["kind"] == "HorizontalPodAutoscaler")
+    {
+        let target = &hpa["spec"]["scaleTargetRef"];
+        let scaled = docs
+            .iter()
+            .find(|d| d["kind"] == target["kind"] && d["metadata"]["name"] == target["name"])
+            .unwrap_or_else(|| panic!("the HPA targets a missing {target}"));
+        assert!(
+            scaled["spec"].get("replicas").is_none(),
+            "{} {} has spec.replicas beside the HPA {}",
+            target["kind"],
+            target["name"],
+            hpa["metadata"]["name"]
+        );
+    }
     // Readiness on /ping; liveness that does not restart on a key-manager outage.
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ping");
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], "ping");
@@ -692,23 +840,28 @@ fn kustomization_renders_a_valid_fleet() {
         grace > pause + 10,
         "grace {grace}s < preStop {pause}s + 10 s drain"
     );
-    // Prometheus scraping of the metrics port.
+    // Prometheus scraping of the metrics port (the ports themselves:
+    // ports_agree_across_every_deploy_file).
     let ann = &dep["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(ann["prometheus.io/scrape"], "true");
-    assert_eq!(ann["prometheus.io/port"], "9100");
-    assert!(
-        c["ports"]
-            .as_array()
-            .expect("ports")
-            .iter()
-            .any(|p| p["name"] == "metrics" && p["containerPort"] == 9100)
-    );
-    let metrics = find(&docs, "Service", "xks-proxy-metrics");
-    assert_eq!(metrics["spec"]["ports"][0]["port"], 9100);
 
     // Config, credentials and the shared keystore come from the generated ConfigMap and
-    // Secrets, under their hashed names.
-    let cm = find(&docs, "ConfigMap", "xks-proxy-config-");
+    // Secrets. The config and the SigV4 secrets keep their names, so an apply updates
+    // them in place and the pods reload (no restart); the keystore and the certificate
+    // carry a content hash, so a new one rolls the pods.
+    let cm = find(&docs, "ConfigMap", "xks-proxy-config");
+    assert_eq!(
+        cm["metadata"]["name"], "xks-proxy-config",
+        "updated in place"
+    );
+    assert_eq!(
+        find(&docs, "Secret", "xks-proxy-secrets")["metadata"]["name"],
+        "xks-proxy-secrets",
+        "updated in place"
+    );
+    for hashed in ["xks-proxy-keystore-", "xks-proxy-tls-"] {
+        find(&docs, "Secret", hashed);
+    }
     let toml = cm["data"]["xks-proxy.toml"].as_str().expect("toml");
     assert!(toml.contains("[admin]") && toml.contains("ping_listen = \"0.0.0.0:8080\""));
     let vols = pod["volumes"].as_array().expect("volumes");
@@ -720,7 +873,7 @@ fn kustomization_renders_a_valid_fleet() {
     assert_eq!(vol("config")["configMap"]["name"], cm["metadata"]["name"]);
     for (v, secret) in [
         ("keystore", "xks-proxy-keystore-"),
-        ("secrets", "xks-proxy-secrets-"),
+        ("secrets", "xks-proxy-secrets"),
         ("tls", "xks-proxy-tls-"),
     ] {
         let s = find(&docs, "Secret", secret);
@@ -738,6 +891,10 @@ fn kustomization_renders_a_valid_fleet() {
     assert!(
         mounts.iter().all(|m| m["readOnly"] == true),
         "every mount read-only"
+    );
+    assert!(
+        mounts.iter().all(|m| m.get("subPath").is_none()),
+        "no subPath: such a mount never sees an update of its ConfigMap or Secret"
     );
 
     // The NLB Service: TCP 443 passed through to the TLS port, health on /ping.
@@ -775,11 +932,18 @@ fn kustomization_renders_a_valid_fleet() {
 }
 
 #[test]
-fn fleet_size_follows_the_replica_count() {
-    for replicas in [3u32, 5] {
-        let (_tmp, _, docs) = render((replicas != 3).then_some(replicas));
+fn fleet_size_follows_the_autoscalers_floor() {
+    // The Deployment has no replicas of its own (the HPA owns the count); the baseline
+    // fleet is the HPA's minReplicas, and the pods report it as xksProxyFleetSize.
+    let raw = &yaml_docs(&k8s().join("deployment.yaml"))[0];
+    assert!(
+        raw["spec"].get("replicas").is_none(),
+        "deployment.yaml: no replicas"
+    );
+    for floor in [3u32, 5] {
+        let (_tmp, _, docs) = render((floor != 3).then_some(floor));
         let dep = find(&docs, "Deployment", "xks-proxy");
-        assert_eq!(dep["spec"]["replicas"], replicas);
+        assert!(dep["spec"].get("replicas").is_none());
         let env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
             .as_array()
             .expect("env");
@@ -787,13 +951,91 @@ fn fleet_size_follows_the_replica_count() {
             .iter()
             .find(|e| e["name"] == "XKS_PROXY_FLEET_SIZE")
             .expect("XKS_PROXY_FLEET_SIZE");
-        assert_eq!(fleet["value"], replicas.to_string(), "env follows replicas");
-        let hpa = find(&docs, "HorizontalPodAutoscaler", "xks-proxy");
         assert_eq!(
-            hpa["spec"]["minReplicas"], replicas,
-            "HPA floor follows replicas"
+            fleet["value"],
+            floor.to_string(),
+            "env follows the HPA floor"
+        );
+        let hpa = find(&docs, "HorizontalPodAutoscaler", "xks-proxy");
+        assert_eq!(hpa["spec"]["minReplicas"], floor);
+    }
+}
+
+/// The file a mount path serves in a rendered pod: (volume, key in its ConfigMap or
+/// Secret), if some mount holds `path`.
+fn served_by<'a>(docs: &'a [Value], pod: &'a Value, path: &str) -> Option<(&'a Value, String)> {
+    let c = &pod["containers"][0];
+    let (dir, file) = path.rsplit_once('/')?;
+    let mount = c["volumeMounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["mountPath"] == dir)?;
+    let vol = pod["volumes"]
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == mount["name"])?;
+    let (kind, name) = if let Some(cm) = vol.get("configMap") {
+        ("ConfigMap", &cm["name"])
+    } else {
+        ("Secret", &vol["secret"]["secretName"])
+    };
+    let obj = docs
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == *name)?;
+    obj["data"].get(file)?;
+    Some((vol, file.to_owned()))
+}
+
+#[test]
+fn kubernetes_mounts_hold_every_file_the_config_names() {
+    // The config the pods run names its files by path; each must be a key of the
+    // ConfigMap or Secret mounted at its directory (tests/deploy_rotation.rs lays the
+    // volumes out this way and swaps them as the kubelet does).
+    let (_tmp, _, docs) = render(None);
+    let dep = find(&docs, "Deployment", "xks-proxy");
+    let pod = &dep["spec"]["template"]["spec"];
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("arg"))
+        .collect();
+    let config = args[args
+        .iter()
+        .position(|a| *a == "--config")
+        .expect("--config")
+        + 1];
+    assert_eq!(config, "/etc/xks-proxy/config/xks-proxy.toml");
+    let (vol, _) = served_by(&docs, pod, config).expect("the config is mounted");
+    assert!(vol.get("configMap").is_some(), "{vol}");
+    let cm = find(&docs, "ConfigMap", "xks-proxy-config");
+    let text = cm["data"]["xks-proxy.toml"].as_str().expect("toml");
+    let v: toml::Value = toml::from_str(text).expect("TOML");
+    let mut paths: Vec<String> = secret_files(text).into_iter().map(|(_, p)| p).collect();
+    for p in [
+        &v["server"]["tls"]["certificate"],
+        &v["server"]["tls"]["private_key"],
+        &v["backend"]["keystore"],
+    ] {
+        paths.push(p.as_str().expect("path").to_owned());
+    }
+    for p in &paths {
+        assert!(
+            served_by(&docs, pod, p).is_some(),
+            "{p}: no mounted ConfigMap or Secret holds it"
         );
     }
+    // The reloadable files are in the objects that keep their names (updated in place),
+    // and the pods watch them: Kubernetes cannot send SIGHUP.
+    for p in secret_files(text).iter().map(|(_, p)| p) {
+        let (vol, _) = served_by(&docs, pod, p).expect("mounted");
+        assert_eq!(vol["secret"]["secretName"], "xks-proxy-secrets", "{p}");
+    }
+    let watch = v["reload"]["watch_interval_secs"].as_integer().unwrap_or(0);
+    assert!(
+        (1..=30).contains(&watch),
+        "[reload] watch_interval_secs = {watch}: the pods must notice an in-place update"
+    );
 }
 
 // ---------------------------------------------------------------------------------- AWS
@@ -925,4 +1167,278 @@ fn cloudformation_template_builds_what_kms_requires() {
         lb["Scheme"],
         serde_json::json!({"Fn::If": ["IsVpcEndpointService", "internal", "internet-facing"]})
     );
+}
+
+// ------------------------------------------------------------------ ports, end to end
+
+/// The port of a listen setting: `"IP:port"`, or a bare port (integer or string).
+fn port_of(v: &toml::Value) -> u16 {
+    match v {
+        toml::Value::Integer(n) => u16::try_from(*n).expect("a port"),
+        toml::Value::String(s) => s
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {s:?}")),
+        other => panic!("not a listen setting: {other}"),
+    }
+}
+
+/// (XKS API, /ping, /metrics) ports of a shipped config.
+fn config_ports(rel: &str) -> (u16, u16, u16) {
+    let text = std::fs::read_to_string(deploy().join(rel)).expect(rel);
+    let v: toml::Value = toml::from_str(&text).expect("TOML");
+    (
+        port_of(&v["server"]["listen"]),
+        port_of(&v["server"]["ping_listen"]),
+        port_of(&v["admin"]["listen"]),
+    )
+}
+
+/// The ports a Dockerfile stage EXPOSEs.
+fn exposed(stage: &str) -> Vec<u16> {
+    let text = std::fs::read_to_string(deploy().join("container/Dockerfile")).expect("Dockerfile");
+    let from = text
+        .find(&format!(" AS {stage}\n"))
+        .unwrap_or_else(|| panic!("stage {stage}"));
+    let body = &text[from..];
+    let body = &body[..body.find("\nFROM ").unwrap_or(body.len())];
+    let line = body
+        .lines()
+        .find_map(|l| l.strip_prefix("EXPOSE "))
+        .unwrap_or_else(|| panic!("{stage}: EXPOSE"));
+    line.split_whitespace()
+        .map(|p| p.parse().expect("port"))
+        .collect()
+}
+
+/// A CloudFormation condition, evaluated for the given parameter values.
+fn condition(t: &Value, cond: &Value, params: &BTreeMap<&str, &str>) -> bool {
+    let value = |v: &Value| -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            _ => params[v["Ref"].as_str().expect("Ref")].to_owned(),
+        }
+    };
+    let args = |k: &str| cond[k].as_array().expect("arguments").clone();
+    if let Some(name) = cond.get("Condition").and_then(Value::as_str) {
+        condition(t, &t["Conditions"][name], params)
+    } else if cond.get("Fn::Equals").is_some() {
+        let a = args("Fn::Equals");
+        value(&a[0]) == value(&a[1])
+    } else if cond.get("Fn::Not").is_some() {
+        !condition(t, &args("Fn::Not")[0], params)
+    } else if cond.get("Fn::And").is_some() {
+        args("Fn::And").iter().all(|c| condition(t, c, params))
+    } else if cond.get("Fn::Or").is_some() {
+        args("Fn::Or").iter().any(|c| condition(t, c, params))
+    } else {
+        panic!("condition this test cannot evaluate: {cond}")
+    }
+}
+
+#[test]
+fn ports_agree_across_every_deploy_file() {
+    // What KMS reaches, what the health checks probe and where metrics are must be the
+    // same port in every file that names it: an NLB health-checking /ping on one port
+    // while forwarding KMS to another passes its checks and serves nothing.
+    let host = config_ports("systemd/xks-proxy.toml");
+    let container = config_ports("container/xks-proxy.toml");
+    let pod = config_ports("kubernetes/xks-proxy.toml");
+    assert_eq!(
+        host.0, 443,
+        "systemd: KMS dials 443, and the host listens there"
+    );
+    assert_eq!(container.0, pod.0, "the pods run the container image");
+    for (rel, (_, ping, admin)) in [
+        ("systemd", host),
+        ("container", container),
+        ("kubernetes", pod),
+    ] {
+        assert_eq!(ping, 8080, "{rel}: /ping");
+        // The proxy's default admin port ([admin] enabled = true), clear of
+        // node_exporter's 9100 on the same host.
+        assert_eq!(admin, 9464, "{rel}: /metrics");
+    }
+
+    // The image: EXPOSE is what the default config listens on; the softhsm demo's
+    // entrypoint listens on the same XKS and /ping ports (it has no metrics listener).
+    assert_eq!(exposed("runtime"), [container.0, container.1, container.2]);
+    assert_eq!(exposed("softhsm-demo"), [container.0, container.1]);
+    let entrypoint = std::fs::read_to_string(deploy().join("container/softhsm-demo-entrypoint.sh"))
+        .expect("entrypoint");
+    assert!(entrypoint.contains(&format!("XKS_DEMO_LISTEN:-0.0.0.0:{}", container.0)));
+    assert!(entrypoint.contains(&format!("XKS_DEMO_PING:-0.0.0.0:{}", container.1)));
+    // deploy/README.md's `docker run` publishes the XKS port as 443 and /ping as is.
+    let readme = std::fs::read_to_string(deploy().join("README.md")).expect("README");
+    let run = readme
+        .lines()
+        .find(|l| l.starts_with("docker run -d --name xks-proxy"))
+        .expect("the docker run line");
+    assert!(run.contains(&format!("-p 443:{}", container.0)), "{run}");
+    assert!(run.contains(&format!("-p {0}:{0}", container.1)), "{run}");
+
+    // Kubernetes, rendered.
+    let (_tmp, _, docs) = render(None);
+    let dep = find(&docs, "Deployment", "xks-proxy");
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    let named_port = |name: &str| {
+        c["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("container port {name}"))["containerPort"]
+            .as_u64()
+            .expect("number")
+    };
+    assert_eq!(named_port("xks"), u64::from(pod.0));
+    assert_eq!(named_port("ping"), u64::from(pod.1));
+    assert_eq!(named_port("metrics"), u64::from(pod.2));
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "ping");
+    assert_eq!(c["livenessProbe"]["tcpSocket"]["port"], "xks");
+    assert_eq!(
+        dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        pod.2.to_string()
+    );
+    let svc = find(&docs, "Service", "xks-proxy");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 443);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "xks");
+    assert_eq!(
+        svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-healthcheck-port"],
+        pod.1.to_string()
+    );
+    let metrics = find(&docs, "Service", "xks-proxy-metrics");
+    assert_eq!(metrics["spec"]["ports"][0]["port"], pod.2);
+    assert_eq!(metrics["spec"]["ports"][0]["targetPort"], "metrics");
+    let np = find(&docs, "NetworkPolicy", "xks-proxy");
+    let rules = np["spec"]["ingress"].as_array().expect("ingress");
+    let ports_of = |r: &Value| -> Vec<u64> {
+        r["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .map(|p| p["port"].as_u64().expect("port"))
+            .collect()
+    };
+    let open: Vec<&Value> = rules.iter().filter(|r| r.get("from").is_none()).collect();
+    assert_eq!(open.len(), 1, "one rule open to the NLB's sources");
+    assert_eq!(ports_of(open[0]), [u64::from(pod.0), u64::from(pod.1)]);
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.get("from").is_some() && ports_of(r) == [u64::from(pod.2)]),
+        "metrics only from the monitoring namespace"
+    );
+
+    // CloudFormation: its defaults forward to the systemd host's ports (and to the
+    // container's as published), and deploy/README.md does not override them.
+    let t = template_json();
+    let p = &t["Parameters"];
+    assert_eq!(p["ProxyPort"]["Default"], host.0);
+    assert_eq!(p["PingPort"]["Default"], host.1);
+    assert_eq!(t["Resources"]["Listener"]["Properties"]["Port"], 443);
+    for l in readme.lines().filter(|l| l.contains("Port=")) {
+        for w in l.split_whitespace() {
+            if let Some(v) = w.strip_prefix("ProxyPort=") {
+                assert_eq!(v, host.0.to_string(), "{l}");
+            }
+            if let Some(v) = w.strip_prefix("PingPort=") {
+                assert_eq!(v, host.1.to_string(), "{l}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_nlb_admits_kms_on_a_public_endpoint_by_default() {
+    // KMS calls a public endpoint from AWS addresses that are not published for it, so
+    // PUBLIC_ENDPOINT must admit 0.0.0.0/0 on 443 unless told otherwise; an endpoint
+    // service admits no address by default (KMS arrives over PrivateLink, which the
+    // security group does not filter), and AllowedClientCidr adds (or, public, replaces)
+    // a range.
+    let t = template_json();
+    let p = &t["Parameters"]["AllowedClientCidr"];
+    assert_eq!(p["Default"], "", "empty: decided by the connectivity");
+    let pattern = full_match(p["AllowedPattern"].as_str().expect("pattern"));
+    assert!(pattern("") && pattern("10.0.0.0/16") && !pattern("10.0.0.0"));
+    let r = &t["Resources"];
+    let sg = &r["LoadBalancerSecurityGroup"]["Properties"];
+    assert!(
+        sg.get("SecurityGroupIngress").is_none(),
+        "the NLB's only ingress rule is LoadBalancerIngress"
+    );
+    let ingress: Vec<(&String, &Value)> = r
+        .as_object()
+        .expect("resources")
+        .iter()
+        .filter(|(_, v)| v["Type"] == "AWS::EC2::SecurityGroupIngress")
+        .filter(|(_, v)| {
+            v["Properties"]["GroupId"]
+                == serde_json::json!({"Fn::GetAtt": ["LoadBalancerSecurityGroup", "GroupId"]})
+        })
+        .collect();
+    assert_eq!(ingress.len(), 1, "{ingress:?}");
+    let rule = ingress[0].1;
+    assert_eq!(rule["Properties"]["FromPort"], 443);
+    assert_eq!(rule["Properties"]["ToPort"], 443);
+    assert_eq!(
+        t["Resources"]["LoadBalancer"]["Properties"]["EnforceSecurityGroupInboundRulesOnPrivateLinkTraffic"],
+        serde_json::json!({"Fn::If": ["IsVpcEndpointService", "off", {"Ref": "AWS::NoValue"}]}),
+        "PrivateLink traffic (KMS through the endpoint service) bypasses the rules"
+    );
+    let cidr_for = |params: &BTreeMap<&str, &str>| -> Option<String> {
+        let cond = rule["Condition"].as_str().expect("a conditional rule");
+        if !condition(&t, &serde_json::json!({ "Condition": cond }), params) {
+            return None;
+        }
+        let cidr = &rule["Properties"]["CidrIp"];
+        let branches = cidr["Fn::If"].as_array().expect("Fn::If");
+        let pick = condition(&t, &serde_json::json!({ "Condition": branches[0] }), params);
+        let chosen = &branches[if pick { 1 } else { 2 }];
+        Some(match chosen {
+            Value::String(s) => s.clone(),
+            _ => params[chosen["Ref"].as_str().expect("Ref")].to_owned(),
+        })
+    };
+    for (connectivity, given, want) in [
+        ("PUBLIC_ENDPOINT", "", Some("0.0.0.0/0")),
+        (
+            "PUBLIC_ENDPOINT",
+            "198.51.100.0/24",
+            Some("198.51.100.0/24"),
+        ),
+        ("VPC_ENDPOINT_SERVICE", "", None),
+        ("VPC_ENDPOINT_SERVICE", "10.0.0.0/16", Some("10.0.0.0/16")),
+    ] {
+        let params = BTreeMap::from([
+            ("Connectivity", connectivity),
+            ("AllowedClientCidr", given),
+            ("ExistingLoadBalancerArn", ""),
+            ("HostedZoneId", ""),
+        ]);
+        assert_eq!(
+            cidr_for(&params).as_deref(),
+            want,
+            "{connectivity} with AllowedClientCidr={given:?}"
+        );
+    }
+}
+
+/// Whether the template's AllowedPattern accepts a whole value, by Python's `re` (the
+/// crate has no regex engine, and Cargo.toml is not this test's to change).
+fn full_match(pattern: &str) -> impl Fn(&str) -> bool {
+    let python = require_tool("python");
+    let pattern = pattern.to_owned();
+    move |s: &str| {
+        let out = run(
+            Command::new(&python)
+                .arg("-c")
+                .arg("import re, sys\nsys.exit(0 if re.fullmatch(sys.argv[1], sys.argv[2]) else 1)")
+                .arg(&pattern)
+                .arg(s),
+            MIN,
+        );
+        out.status.success()
+    }
 }
