@@ -7,8 +7,9 @@
 //! - [`protocol`]: HTTP request → operation → HTTP response; the **only** place an
 //!   [`error::Exception`] becomes a status code and a `{"__type","message"}` body.
 //! - [`server`]: HTTP and HTTPS accept loops, graceful shutdown.
-//! - [`keystores`]: the six custom-key-store operations, the background connect
-//!   attempt and the periodic `KmsHealthCheck`.
+//! - [`keystores`]: the six custom-key-store operations and the connection state
+//!   machine common to every store type; [`keystores::xks`]: what only external key
+//!   stores have (proxy settings, Update's rules, the periodic `KmsHealthCheck`).
 //! - [`keys`]: CreateKey, DescribeKey, ListKeys, Enable/DisableKey,
 //!   Schedule/CancelKeyDeletion.
 //! - [`crypto`]: Encrypt, Decrypt, GenerateDataKey*, ReEncrypt; double encryption
