@@ -266,12 +266,22 @@ def test_the_runbook_steps_work_against_the_kms_emulator(tmp_path):
     config = (REPO / "deploy/systemd/xks-proxy.toml").read_text()
     config = config.replace('"0.0.0.0:443"', f'"127.0.0.1:{port}"')
     config = config.replace('"0.0.0.0:8080"', f'"127.0.0.1:{ping_port}"')
-    config = config.replace('"127.0.0.1:9100"', '"127.0.0.1:0"')
+    config = config.replace('"127.0.0.1:9464"', '"127.0.0.1:0"')
     config = config.replace('"/etc/xks-proxy/tls/fullchain.pem"', f'"{CERTS / "server-ecdsa.pem"}"')
     config = config.replace('"/etc/xks-proxy/tls/privkey.pem"', f'"{CERTS / "server-ecdsa.key"}"')
     config = config.replace('"/var/lib/xks-proxy/', f'"{root}/')
-    config = config.replace('access_key_id = "EXAMPLEEXAMPLEEXAMPL"', f'access_key_id = "{cred["AccessKeyId"]}"')
+    # Secrets are files (section 4): the master key, and the credential's secret in a
+    # file named after its access key id.
+    secrets = tmp_path / "secrets"
+    config = config.replace('"/etc/xks-proxy/secrets/', f'"{secrets}/')
+    assert 'access_key_id = "EXAMPLEEXAMPLEEXAMPL"' in config and "sigv4-EXAMPLEEXAMPLEEXAMPL" in config
+    config = config.replace("EXAMPLEEXAMPLEEXAMPL", cred["AccessKeyId"])
     root.mkdir()
+    secrets.mkdir(mode=0o700)
+    (secrets / "master-key").write_text(master + "\n")
+    (secrets / f"sigv4-{cred['AccessKeyId']}").write_text(cred["RawSecretAccessKey"] + "\n")
+    for f in secrets.iterdir():
+        f.chmod(0o400)
     config_path = tmp_path / "xks-proxy.toml"
     config_path.write_text(config)
 
@@ -288,9 +298,6 @@ def test_the_runbook_steps_work_against_the_kms_emulator(tmp_path):
         "AWS_SECRET_ACCESS_KEY": "runbook-test-secret",
         "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
-        "XKS_MASTER_KEY": master,
-        "XKS_SECRET_PRIMARY": cred["RawSecretAccessKey"],
-        "XKS_SECRET_NEXT": new["RawSecretAccessKey"],
     }
 
     # Section 2: key + CSR for the endpoint name.
@@ -333,12 +340,16 @@ def test_the_runbook_steps_work_against_the_kms_emulator(tmp_path):
         env["AWS_ENDPOINT_URL_KMS"] = m.group(1)
 
         # Section 8, then section 9 in the same shell (it reuses $CKS_ID). Between them,
-        # the operator's manual step 1 of the rotation: a second credential, then reload.
+        # the operator's manual step 1 of the rotation: the new secret in a file named
+        # after its id (written beside, renamed in), a second entry naming it, reload.
+        new_file = secrets / f"sigv4-{new['AccessKeyId']}"
         hook = tmp_path / "add-credential.sh"
         hook.write_text(
             "#!/bin/sh\nset -e\n"
+            f"(umask 077; printf '%s\\n' '{new['RawSecretAccessKey']}' > '{new_file}.new')\n"
+            f"mv '{new_file}.new' '{new_file}'\n"
             f"printf '\\n[[keystores.credentials]]\\naccess_key_id = \"{new['AccessKeyId']}\"\\n"
-            f"secret_env = \"XKS_SECRET_NEXT\"\\n' >> '{config_path}'\n"
+            f"secret_file = \"{new_file}\"\\n' >> '{config_path}'\n"
             f"kill -HUP {proxy.pid}\n"
             f"for i in $(seq 1 100); do grep -q 'configuration reloaded' '{tmp_path / 'proxy.log'}' && exit 0; /bin/sleep 0.1; done\n"
             "echo 'proxy did not reload' >&2; exit 1\n"
