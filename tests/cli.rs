@@ -336,6 +336,47 @@ async fn with_a_file_watch_a_changed_config_or_secret_file_reloads_without_a_sig
         "old secret gone"
     );
 
+    // 3. The config arrives before its new secret file (Kubernetes adds a new key's
+    // link after the `..data` swap): that reload is refused; the file's arrival, in a
+    // directory being watched, must bring the next one — nothing else changes after it.
+    let (akid2, secret2) = xks_proxy::config::generate_credential();
+    let current = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(
+        &config,
+        current.replacen(
+            "[[keystores.credentials]]",
+            &format!(
+                "[[keystores.credentials]]\naccess_key_id = \"{akid2}\"\nsecret_file = \"secret2\"\n\n[[keystores.credentials]]"
+            ),
+            1,
+        ),
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proxy.output().contains("reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refused reload:\n{}",
+            proxy.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(dir.path().join("secret2"), secret2.expose()).expect("write");
+    let c2 = Client::new(
+        addr,
+        false,
+        Cred {
+            akid: akid2,
+            secret: secret2,
+        },
+    );
+    wait_for(
+        c2,
+        200,
+        "a secret file that arrived after its config is never read",
+    )
+    .await;
+
     signal(&proxy.child, "-TERM");
     let status =
         tokio::task::block_in_place(|| wait_exit(&mut proxy.child, Duration::from_secs(15)));

@@ -415,9 +415,17 @@ async fn wait_for_signals(
     }
 }
 
+/// Modification times of the watched files and of their directories. The directories
+/// matter on Kubernetes: the kubelet swaps a volume's `..data` link and only then adds
+/// the links of new keys, so a poll between the two sees the new config before its new
+/// secret file, the reload is refused, and no file changes again; the directory does.
 fn watched_stamps(files: &[PathBuf]) -> Vec<Option<std::time::SystemTime>> {
-    files
-        .iter()
+    let mut paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    paths.extend(files.iter().filter_map(|f| f.parent()));
+    paths.sort();
+    paths.dedup();
+    paths
+        .into_iter()
         .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
         .collect()
 }
