@@ -727,6 +727,16 @@ fn software_only_key_commands_say_what_to_do_on_pkcs11() {
         assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
         assert!(err.contains(says), "{cmd}: {err}");
     }
+    // The troubleshooting table gives the fix per backend too.
+    let runbook = std::fs::read_to_string(repo().join("deploy/README.md")).expect("runbook");
+    let row = runbook
+        .lines()
+        .find(|l| l.starts_with("| `XksKeyInvalidConfigurationException`"))
+        .expect("troubleshooting row");
+    assert!(
+        row.contains("keys enable") && row.contains("backend.disabled_keys"),
+        "{row}"
+    );
 }
 
 /// Kills a whole process group when dropped: the README block runs in `bash`, whose
