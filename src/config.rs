@@ -287,6 +287,20 @@ pub struct RawKeystore {
     pub quota_rps: Option<u32>,
     /// Burst size of the bucket (default: one second's worth, `quota_rps`).
     pub quota_burst: Option<u32>,
+    /// Migration from AWS's sample proxy (aws-samples/aws-kms-xks-proxy): Decrypt also
+    /// opens the ciphertexts it made for this prefix. New encryptions always use this
+    /// project's scheme. PKCS#11 backends only (the sample had no other).
+    pub aws_sample_ciphertexts: Option<RawAwsSample>,
+}
+
+/// `[keystores.aws_sample_ciphertexts]`: what identifies the sample's ciphertexts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAwsSample {
+    /// The sample's `[server] ciphertext_metadata_b64`, exactly as it was configured:
+    /// the `ciphertextMetadata` every one of its ciphertexts carries. `""` if it was
+    /// unset (its ciphertexts then carry none).
+    pub ciphertext_metadata_b64: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -507,6 +521,9 @@ pub struct KeystoreConfig {
     pub allowed_keys: Option<Vec<String>>,
     /// (requests per second, burst) when a quota is configured.
     pub quota: Option<(u32, u32)>,
+    /// The `ciphertextMetadata` (decoded; empty when the sample had none) that marks a
+    /// ciphertext made by AWS's sample proxy, when Decrypt should open those too.
+    pub aws_sample_metadata: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -975,6 +992,14 @@ impl RawConfig {
                     ));
                 }
             };
+            let aws_sample_metadata = match &ks.aws_sample_ciphertexts {
+                None => None,
+                Some(sample) => Some(aws_sample_metadata(
+                    &format!("{key}.aws_sample_ciphertexts.ciphertext_metadata_b64"),
+                    &sample.ciphertext_metadata_b64,
+                    &backend,
+                )?),
+            };
             let served = served_keys(ks.allowed_keys.as_deref(), ks.shared_keys.as_deref());
             assignments.push(KeyLists {
                 allowed: ks.allowed_keys,
@@ -985,6 +1010,7 @@ impl RawConfig {
                 credentials,
                 allowed_keys: served,
                 quota,
+                aws_sample_metadata,
             });
         }
         check_key_ownership(&keystores, &assignments)?;
@@ -1037,6 +1063,42 @@ impl RawConfig {
             keystores,
         })
     }
+}
+
+/// Validates `[keystores.aws_sample_ciphertexts]`: the sample's static metadata must be
+/// Base64 of at most 20 bytes (the spec's limit, which the sample's length byte also
+/// needs), must never look like this proxy's own metadata (so a ciphertext of ours can
+/// never be opened the sample's way: no downgrade), and the backend must be PKCS#11.
+fn aws_sample_metadata(
+    key: &str,
+    b64: &str,
+    backend: &BackendConfig,
+) -> Result<Vec<u8>, ConfigError> {
+    use base64::Engine as _;
+    if matches!(backend, BackendConfig::Software { .. }) {
+        return Err(ConfigError::new(
+            key,
+            "AWS's sample proxy only ran on PKCS#11: its ciphertexts need the same HSM keys (a PKCS#11 [backend])",
+        ));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| {
+            ConfigError::new(
+                key,
+                "must be the sample's ciphertext_metadata_b64 (Base64) or \"\"",
+            )
+        })?;
+    if bytes.len() > crate::api::aad::MAX_METADATA_LEN {
+        return Err(ConfigError::new(key, "decodes to more than 20 bytes"));
+    }
+    if crate::api::aad::Metadata::decode(&bytes).is_some() {
+        return Err(ConfigError::new(
+            key,
+            "decodes to bytes this proxy writes as its own ciphertextMetadata; the two could not be told apart",
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The keys a keystore serves: `allowed_keys` and `shared_keys` together, each once, in
@@ -1194,6 +1256,50 @@ secret_file = "SECRETFILE"
     }
 
     const GOOD_SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY4242\n";
+
+    /// Issue 14 §1: `[keystores.aws_sample_ciphertexts]` takes the sample's static
+    /// metadata as it was configured, on a PKCS#11 backend only, and never a value that
+    /// could be mistaken for this proxy's own metadata (no downgrade).
+    #[cfg(feature = "pkcs11")]
+    #[test]
+    fn aws_sample_ciphertexts_takes_the_samples_metadata_on_pkcs11_only() {
+        let pkcs11 = MINIMAL.replace(
+            "kind = \"software\"\nkeystore = \"ks.json\"\nmaster_key_env = \"XKS_TEST_MASTER_KEY_UNUSED\"",
+            "kind = \"pkcs11\"\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"t\"\nuser_pin_env = \"XKS_TEST_PIN_UNUSED\"",
+        );
+        assert_ne!(pkcs11, MINIMAL);
+        let with = |base: &str, b64: &str| {
+            let text = format!(
+                "{base}[keystores.aws_sample_ciphertexts]\nciphertext_metadata_b64 = \"{b64}\"\n"
+            );
+            let (_d, r) = with_secret(&text, GOOD_SECRET);
+            r
+        };
+        let cfg = with(&pkcs11, "djAuMC4x").expect("the sample's own example value");
+        assert_eq!(
+            cfg.keystores[0].aws_sample_metadata.as_deref(),
+            Some(&b"v0.0.1"[..])
+        );
+        let cfg = with(&pkcs11, "").expect("unset in the sample: no metadata");
+        assert_eq!(
+            cfg.keystores[0].aws_sample_metadata.as_deref(),
+            Some(&b""[..])
+        );
+        let (_d, cfg) = with_secret(&pkcs11, GOOD_SECRET);
+        assert_eq!(cfg.expect("valid").keystores[0].aws_sample_metadata, None);
+        let key = "keystores[0].aws_sample_ciphertexts.ciphertext_metadata_b64";
+        for (base, b64, why) in [
+            (MINIMAL, "djAuMC4x", "PKCS#11"),
+            (pkcs11.as_str(), "not base64!", "Base64"),
+            (pkcs11.as_str(), "AAECAwQFBgcICQoLDA0ODxAREhMU", "20 bytes"),
+            // [1, 0, 0, 0, 0]: exactly what this proxy writes for key version 0.
+            (pkcs11.as_str(), "AQAAAAA=", "its own"),
+        ] {
+            let e = with(base, b64).expect_err(why);
+            assert_eq!(e.key, key);
+            assert!(e.to_string().contains(why), "{e}");
+        }
+    }
 
     #[test]
     fn minimal_config_validates_with_defaults() {

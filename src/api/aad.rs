@@ -66,6 +66,27 @@ pub fn encode(aad: &[u8], metadata: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The AAD AWS's sample proxy (aws-samples/aws-kms-xks-proxy, `build_full_aad`) gave
+/// the HSM: `u16_be(len aad) || SHA-256(aad) || u8(len md) || md`, where the digest is
+/// there whenever the request carried the AAD field, even empty, and not when it did
+/// not. Used only to open ciphertexts that proxy made (a keystore's
+/// `aws_sample_ciphertexts`); never to seal.
+pub fn aws_sample(aad: Option<&[u8]>, metadata: &[u8]) -> Vec<u8> {
+    debug_assert!(metadata.len() <= u8::MAX as usize);
+    let mut out = Vec::with_capacity(3 + 32 + metadata.len());
+    match aad {
+        Some(a) => {
+            debug_assert!(a.len() <= u16::MAX as usize);
+            out.extend_from_slice(&(a.len() as u16).to_be_bytes());
+            out.extend_from_slice(digest::digest(&digest::SHA256, a).as_ref());
+        }
+        None => out.extend_from_slice(&[0, 0]),
+    }
+    out.push(metadata.len() as u8);
+    out.extend_from_slice(metadata);
+    out
+}
+
 /// CDIV = SHA-256(aad || ciphertextMetadata || iv || ciphertext || tag), absent = empty.
 pub fn cdiv(aad: &[u8], metadata: &[u8], iv: &[u8], ciphertext: &[u8], tag: &[u8]) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
@@ -99,6 +120,23 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(got),
             "qHA/ImC9h5HsLRXqCyPmWgYx7tzyoTplzILbP0fPXsc="
         );
+    }
+
+    #[test]
+    fn the_aws_sample_aad_digests_a_present_aad_even_when_empty() {
+        // ../shared/vectors/aws-sample/README.md: absent → no digest; present but empty
+        // → the length 0 and SHA-256("") follow; the static metadata closes it.
+        assert_eq!(aws_sample(None, b""), vec![0, 0, 0]);
+        let empty = aws_sample(Some(b""), b"v0.0.1");
+        assert_eq!(&empty[..2], &[0, 0]);
+        assert_eq!(
+            hex::encode(&empty[2..34]),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(&empty[34..], b"\x06v0.0.1");
+        let some = aws_sample(Some(&[7u8; 33]), b"");
+        assert_eq!(&some[..2], &33u16.to_be_bytes());
+        assert_eq!(some.len(), 2 + 32 + 1);
     }
 
     #[test]

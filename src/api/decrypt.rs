@@ -39,6 +39,8 @@ pub async fn handle(call: &Call<'_>, req: DecryptRequest) -> Result<DecryptRespo
             "authenticationTag is missing or not 16 bytes",
         ));
     }
+    // Present-but-empty and absent differ for the sample's AAD (a digest or none).
+    let aad_present = req.additional_authenticated_data.is_some();
     let user_aad = req
         .additional_authenticated_data
         .map(|a| a.0)
@@ -54,11 +56,22 @@ pub async fn handle(call: &Call<'_>, req: DecryptRequest) -> Result<DecryptRespo
             "ciphertextMetadata must be at most 20 bytes".into(),
         ));
     }
-    // Every ciphertext we make carries our metadata; anything else cannot be ours.
-    let md = Metadata::decode(&md_bytes).ok_or(ApiError::InvalidCiphertext(
-        "ciphertextMetadata is missing or not in a format this proxy wrote",
-    ))?;
-    let full_aad = aad::encode(&user_aad, &md_bytes);
+    // Every ciphertext we make carries our metadata. The only other kind we open is
+    // one AWS's sample proxy made, recognised by exactly its static metadata (config
+    // validation keeps that from ever looking like ours, so none of ours is ever tried
+    // the sample's way). PKCS#11 keys have the one version 0.
+    let (key_version, full_aad) = match Metadata::decode(&md_bytes) {
+        Some(md) => (md.key_version, aad::encode(&user_aad, &md_bytes)),
+        None if call.aws_sample_metadata == Some(md_bytes.as_slice()) => (
+            0,
+            aad::aws_sample(aad_present.then_some(user_aad.as_slice()), &md_bytes),
+        ),
+        None => {
+            return Err(ApiError::InvalidCiphertext(
+                "ciphertextMetadata is missing or not in a format this proxy wrote",
+            ));
+        }
+    };
     let key = call.key_id.to_owned();
     let plaintext = call
         .backend
@@ -66,7 +79,7 @@ pub async fn handle(call: &Call<'_>, req: DecryptRequest) -> Result<DecryptRespo
             b.decrypt(
                 &key,
                 Opening {
-                    key_version: md.key_version,
+                    key_version,
                     iv: &iv,
                     ciphertext: &ciphertext,
                     tag: &tag,

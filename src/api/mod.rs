@@ -88,6 +88,8 @@ pub struct Tenant {
     pub quota: Option<TokenBucket>,
     /// When each credential's secret was set (for the credential-age metric).
     pub credential_since: Vec<CredentialSince>,
+    /// See [`Call::aws_sample_metadata`].
+    pub aws_sample_metadata: Option<Vec<u8>>,
 }
 
 /// When a credential's secret was set, as far as the proxy can tell.
@@ -177,6 +179,7 @@ impl Tenants {
                     .collect();
                 let tenant = Tenant {
                     credential_since,
+                    aws_sample_metadata: k.aws_sample_metadata.clone(),
                     prefix: k.path_prefix.clone(),
                     credentials: CredentialSet::new(creds)?,
                     allowed_keys: k.allowed_keys.as_ref().map(|v| v.iter().cloned().collect()),
@@ -225,6 +228,9 @@ pub struct Api {
 pub struct Call<'a> {
     pub key_id: &'a str,
     pub backend: &'a Handle,
+    /// The prefix's `aws_sample_ciphertexts` metadata, if its Decrypt also opens
+    /// ciphertexts made by AWS's sample proxy.
+    pub aws_sample_metadata: Option<&'a [u8]>,
 }
 
 /// What the request log line reports; filled in as the request is understood.
@@ -564,6 +570,7 @@ impl Api {
         let call = Call {
             key_id: key_id.as_deref().unwrap_or(""),
             backend: &self.backend,
+            aws_sample_metadata: tenant.aws_sample_metadata.as_deref(),
         };
         match operation {
             Operation::GetHealthStatus => {
