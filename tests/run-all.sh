@@ -104,6 +104,7 @@ if [ "$bins_ok" = 0 ]; then
   skip "boto3 / AWS CLI end-to-end tests" "cargo build --bins failed"
   skip "boto3 lifecycle on SoftHSM" "cargo build --bins failed"
   skip "AWS XKS conformance client" "cargo build --bins failed"
+  skip "Prometheus: alert rules, live scrape, dashboard queries" "cargo build --bins failed"
 else
   if [ -f tests/e2e_py/requirements.txt ]; then
     stage "boto3 / AWS CLI end-to-end tests" "$venv/bin/python" -m pytest -q tests/e2e_py
@@ -111,6 +112,9 @@ else
   fi
   # software keystore, SoftHSM token, and mTLS (with the client's negative mTLS tests).
   stage "AWS XKS conformance client (software, softhsm, mtls)" tests/conformance-client.sh
+  # deploy/prometheus rules (promtool check + test) and the Grafana dashboard's queries,
+  # against a real Prometheus scraping the proxy (installs Debian's prometheus).
+  stage "Prometheus: alert rules, live scrape, dashboard queries" tests/prometheus.sh
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then
