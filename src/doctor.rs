@@ -137,7 +137,7 @@ fn check(config_path: &Path, kms: &Kms<'_>) -> Report {
     }
     check_secret_files(&mut r, &cfg);
     check_tls(&mut r, &cfg, kms);
-    check_backend(&mut r, &cfg);
+    check_backend(&mut r, &cfg, config_path);
     r
 }
 
@@ -394,7 +394,27 @@ fn name_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
-fn check_backend(r: &mut Report, cfg: &Config) {
+/// What a DEGRADED or UNAVAILABLE PKCS#11 backend line adds. The deep check needs this
+/// proxy's own key on each token; an HSM whose keys were all made elsewhere (AWS's
+/// sample proxy) has none yet, and reports so for that alone.
+#[cfg(feature = "pkcs11")]
+fn health_hint(cfg: &Config, config_path: &Path) -> String {
+    match &cfg.backend {
+        crate::config::BackendConfig::Pkcs11(settings) => format!(
+            ": its deep check round-trips with the health-check key {:?}; if this HSM's keys were made by something else (e.g. AWS's sample proxy) it has none yet: `xks-proxy keys create-health-check-key --config {}`; otherwise the token is unreachable or refused the login (serve's log names the PKCS#11 code)",
+            settings.health_check_key_label.as_deref().unwrap_or("-"),
+            config_path.display()
+        ),
+        crate::config::BackendConfig::Software { .. } => String::new(),
+    }
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn health_hint(_: &Config, _: &Path) -> String {
+    String::new()
+}
+
+fn check_backend(r: &mut Report, cfg: &Config, config_path: &Path) {
     let backend = match crate::backend::open(&cfg.backend) {
         Ok(b) => {
             r.pass("backend: opened");
@@ -405,6 +425,7 @@ fn check_backend(r: &mut Report, cfg: &Config) {
             return;
         }
     };
+    let hint = health_hint(cfg, config_path);
     let health = backend.health();
     for e in &health {
         match e.state {
@@ -412,10 +433,13 @@ fn check_backend(r: &mut Report, cfg: &Config) {
                 "backend: {} ({}) passed a real AES-GCM round trip",
                 e.id, e.model
             )),
-            HealthState::Degraded => r.warn(format!("backend: {} ({}) is DEGRADED", e.id, e.model)),
-            HealthState::Unavailable => {
-                r.fail(format!("backend: {} ({}) is UNAVAILABLE", e.id, e.model))
+            HealthState::Degraded => {
+                r.warn(format!("backend: {} ({}) is DEGRADED{hint}", e.id, e.model))
             }
+            HealthState::Unavailable => r.fail(format!(
+                "backend: {} ({}) is UNAVAILABLE{hint}",
+                e.id, e.model
+            )),
         }
     }
     for ks in &cfg.keystores {

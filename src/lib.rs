@@ -18,6 +18,7 @@
 //! | [`secret`] | zeroizing, `Debug`-redacted secret types |
 //! | [`telemetry`] | tracing setup (human or JSON), the Prometheus registry |
 //! | [`doctor`] | `xks-proxy doctor`: an end-to-end check of a config |
+//! | [`aws_sample`] | moving from AWS's sample proxy: its `settings.toml` read into this config (`config import-aws-sample`) |
 //! | [`kms`] | the KMS emulator: KMS's JSON API, custom key stores, XKS keys, and [`kms::xks_client`] which calls the proxy exactly as KMS does |
 //!
 //! # One Encrypt request
@@ -43,6 +44,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod aws_sample;
 pub mod backend;
 pub mod config;
 pub mod doctor;

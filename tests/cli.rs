@@ -883,6 +883,8 @@ fn the_readme_cli_table_names_every_option() {
         &["keys", "disable"],
         &["keys", "rotate"],
         &["keys", "generate-master-key"],
+        &["keys", "create-health-check-key"],
+        &["config", "import-aws-sample"],
     ];
     let mut missing = Vec::new();
     for args in commands {

@@ -937,3 +937,166 @@ async fn a_module_that_cannot_initialise_stops_the_start_with_a_clear_error() {
     assert!(!status.success(), "{err}");
     assert_eq!(err.matches("C_Initialize failed: CKR_").count(), 1, "{err}");
 }
+
+// ---------------------------------------------------------------------------------
+// Issue 14 §2: "`xks-proxy config import-aws-sample` ... Test it on every settings file
+// the sample ships ... The result passes `config check`."
+
+/// Every settings file AWS's sample ships (../shared/vectors/aws-sample/settings/,
+/// unmodified copies) converts into a config that passes `config check`, with every
+/// secret in an owner-only file, after the one command the importer names for the
+/// health-check key. Stand-ins, as for our own shipped configs: the HSM libraries they
+/// name become this machine's SoftHSM (a token of the test's own, found the way the
+/// sample found it: the first token), and the placeholder PIN becomes that token's.
+#[test]
+fn every_settings_file_the_aws_sample_ships_imports_and_passes_config_check() {
+    let settings = repo()
+        .parent()
+        .expect("repo parent")
+        .join("shared/vectors/aws-sample/settings");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&settings)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (../shared must be beside the repo)",
+                settings.display()
+            )
+        })
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 7, "{files:?}");
+    let module = module();
+    let run = |args: &[&std::ffi::OsStr], conf: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+            .args(args)
+            .env("SOFTHSM2_CONF", conf)
+            .output()
+            .expect("run")
+    };
+    let mut imported = 0;
+    for file in &files {
+        let name = file
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_hsm, conf) = token_dir_of_its_own(dir.path(), "sample-hsm");
+        // The sample's layout: its install directory with configuration/ and tls/.
+        let root = dir.path().join("sample");
+        std::fs::create_dir_all(root.join("configuration")).expect("mkdir");
+        std::fs::create_dir_all(root.join("tls")).expect("mkdir");
+        let certs = repo().join("certs");
+        for (from, to) in [
+            ("server-ecdsa.pem", "server_cert.pem"),
+            ("server-ecdsa.key", "server_key.pem"),
+            ("ca.pem", "client_ca.pem"),
+        ] {
+            std::fs::copy(certs.join(from), root.join("tls").join(to)).expect("copy");
+        }
+        let text: String = std::fs::read_to_string(file)
+            .expect("read")
+            .lines()
+            .map(|line| {
+                let key = line.split('=').next().unwrap_or("").trim();
+                match key {
+                    "PKCS11_HSM_MODULE" => format!("{key} = \"{}\"", module.display()),
+                    "PKCS11_LOGGER_LIBRARY_PATH" if !line.contains("\"\"") => {
+                        format!("{key} = \"{}\"", module.display())
+                    }
+                    "user_pin" => format!("user_pin = \"{USER_PIN}\""),
+                    _ => line.to_owned(),
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        let sample = root.join("configuration/settings.toml");
+        std::fs::write(&sample, text).expect("write");
+        let out_dir = dir.path().join("imported");
+        let out = run(
+            &[
+                "config".as_ref(),
+                "import-aws-sample".as_ref(),
+                sample.as_os_str(),
+                "--out".as_ref(),
+                out_dir.as_os_str(),
+            ],
+            &conf,
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if name == "bootstrap.toml" {
+            // It only names the settings file: refused, saying so.
+            assert!(!out.status.success(), "{name}");
+            assert!(stderr.contains("bootstrap.toml"), "{name}: {stderr}");
+            continue;
+        }
+        assert!(out.status.success(), "{name}: {stderr}");
+        // What cannot be carried is said, and the health-check key's fix named.
+        assert!(
+            stderr.contains("keys create-health-check-key"),
+            "{name}: {stderr}"
+        );
+        let config = out_dir.join("xks-proxy.toml");
+        let text = std::fs::read_to_string(&config).expect("config");
+        assert!(
+            text.contains("[keystores.aws_sample_ciphertexts]"),
+            "{name}:\n{text}"
+        );
+        assert!(
+            text.contains("token_label = \"sample-hsm\""),
+            "{name}:\n{text}"
+        );
+        assert!(
+            !text.contains(USER_PIN),
+            "{name}: the PIN is inline:\n{text}"
+        );
+        for f in std::fs::read_dir(out_dir.join("secrets")).expect("secrets") {
+            let f = f.expect("entry").path();
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(&f).expect("meta").permissions(),
+            );
+            assert_eq!(mode & 0o077, 0, "{}: {mode:o}", f.display());
+        }
+        // doctor says the same before the fix, naming the one command.
+        let doctor = run(
+            &["doctor".as_ref(), "--config".as_ref(), config.as_os_str()],
+            &conf,
+        );
+        let report = String::from_utf8_lossy(&doctor.stdout).into_owned();
+        assert!(!doctor.status.success(), "{name}: {report}");
+        assert!(
+            report.contains("keys create-health-check-key"),
+            "{name}: {report}"
+        );
+        let made = run(
+            &[
+                "keys".as_ref(),
+                "create-health-check-key".as_ref(),
+                "--config".as_ref(),
+                config.as_os_str(),
+            ],
+            &conf,
+        );
+        assert!(
+            made.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let check = run(
+            &[
+                "config".as_ref(),
+                "check".as_ref(),
+                "--config".as_ref(),
+                config.as_os_str(),
+            ],
+            &conf,
+        );
+        assert!(
+            check.status.success(),
+            "{name}: config check: {}\n{text}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        imported += 1;
+    }
+    assert_eq!(imported, files.len() - 1);
+}

@@ -3,9 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[cfg(feature = "pkcs11")]
-use anyhow::bail;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use xks_proxy::backend::KeyUsage;
@@ -110,6 +108,24 @@ enum ConfigCommand {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
         config: PathBuf,
     },
+    /// Read AWS's sample proxy settings (aws-kms-xks-proxy's settings.toml) into a new
+    /// config in DIR: every secret moved to a file (mode 0600), its ciphertexts kept
+    /// decrypting; what cannot be carried over is listed as warnings
+    ImportAwsSample {
+        /// The sample's settings file (its configuration/settings.toml)
+        settings: PathBuf,
+        /// A new or empty directory for xks-proxy.toml and secrets/
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The token's label (default: the first token the module shows, as the sample
+        /// took it)
+        #[arg(long, value_name = "LABEL")]
+        token_label: Option<String>,
+        /// Where the sample ran: its relative paths (tls/...) are resolved here
+        /// (default: the settings file's directory's parent)
+        #[arg(long, value_name = "DIR")]
+        sample_root: Option<PathBuf>,
+    },
 }
 
 /// The key a `keys` subcommand acts on: `keys rotate ID`, or `--label ID` / `--id ID`.
@@ -138,6 +154,13 @@ impl KeyName {
 enum KeysCommand {
     /// Print a new random master key (Base64) for the software keystore.
     GenerateMasterKey,
+    /// Create the deep health check's own key on every PKCS#11 token that lacks it
+    /// (needed once on an HSM whose keys were made by something else, e.g. AWS's
+    /// sample proxy).
+    CreateHealthCheckKey {
+        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+        config: PathBuf,
+    },
     /// Create an AES-256 key (the software keystore file is created if missing).
     Create {
         #[arg(long, short, env = "XKS_PROXY_CONFIG")]
@@ -256,6 +279,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        Command::Config {
+            command:
+                ConfigCommand::ImportAwsSample {
+                    settings,
+                    out,
+                    token_label,
+                    sample_root,
+                },
+        } => import_aws_sample(&settings, &out, token_label, sample_root),
         Command::Keys { command } => keys(command),
         Command::Credentials {
             command: CredentialsCommand::New { json, secret_file },
@@ -588,6 +620,18 @@ fn parse_usages(s: &str) -> Result<Vec<KeyUsage>> {
 
 fn keys(command: KeysCommand) -> Result<ExitCode> {
     match command {
+        KeysCommand::CreateHealthCheckKey { config } => match load_admin(&config)?.backend {
+            BackendConfig::Software { .. } => {
+                bail!("the software keystore needs no health-check key (its deep check needs none)")
+            }
+            #[cfg(feature = "pkcs11")]
+            BackendConfig::Pkcs11(settings) => {
+                let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(&settings)?;
+                let made = backend.create_health_check_key()?;
+                println!("created the health-check key on {made} token(s) (the others had it)");
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         KeysCommand::GenerateMasterKey => {
             println!(
                 "{}",
@@ -649,6 +693,72 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `config import-aws-sample`: converts, then writes the config and its secret files
+/// into `out` (never over an existing file), and says what needs doing.
+fn import_aws_sample(
+    settings: &Path,
+    out: &Path,
+    token_label: Option<String>,
+    sample_root: Option<PathBuf>,
+) -> Result<ExitCode> {
+    use xks_proxy::aws_sample::{Import, import};
+    let text = std::fs::read_to_string(settings)
+        .with_context(|| format!("cannot read {}", settings.display()))?;
+    let how = Import {
+        token_label,
+        sample_root,
+    };
+    #[cfg(feature = "pkcs11")]
+    let discover = xks_proxy::aws_sample::first_token_label;
+    #[cfg(not(feature = "pkcs11"))]
+    let discover = |_: &Path| -> Result<String, String> {
+        Err("this build has no PKCS#11 support".to_owned())
+    };
+    let imported = import(settings, &text, &how, discover)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", settings.display()))?;
+    let config = out.join("xks-proxy.toml");
+    let mut secrets_dir = std::fs::DirBuilder::new();
+    secrets_dir.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut secrets_dir, 0o700);
+    secrets_dir
+        .create(out.join("secrets"))
+        .with_context(|| format!("cannot create {}", out.join("secrets").display()))?;
+    for (path, secret) in &imported.secret_files {
+        write_new_secret_file(&out.join(path), secret.expose())?;
+    }
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&config)
+            .with_context(|| format!("cannot create {}", config.display()))?;
+        file.write_all(imported.config.as_bytes())
+            .with_context(|| format!("cannot write {}", config.display()))?;
+    }
+    for w in &imported.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "wrote {} and {} secret file(s) in {}",
+        config.display(),
+        imported.secret_files.len(),
+        out.join("secrets").display()
+    );
+    for (prefix, akid) in &imported.new_credentials {
+        println!(
+            "new credential {akid} for prefix {prefix:?}: `xks-proxy kms-config --config {} --prefix {prefix:?}` prints what KMS needs",
+            config.display()
+        );
+    }
+    println!(
+        "next: `xks-proxy keys create-health-check-key --config {0}`, then `xks-proxy config check --config {0}`",
+        config.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Creates `path` with only its owner able to read it, and writes `secret` to it. An
