@@ -18,8 +18,7 @@
 //! | [`secret`] | zeroizing, `Debug`-redacted secret types |
 //! | [`telemetry`] | tracing setup (human or JSON), the Prometheus registry |
 //! | [`doctor`] | `xks-proxy doctor`: an end-to-end check of a config |
-//! | [`aws_sample`] | moving from AWS's sample proxy: its `settings.toml` read into this config (`config import-aws-sample`) |
-//! | [`kms`] | the KMS emulator: KMS's JSON API, custom key stores, XKS keys, and [`kms::xks_client`] which calls the proxy exactly as KMS does |
+//! | [`kms`] | the KMS emulator: KMS's JSON API, custom key stores (external and CloudHSM), XKS keys, [`kms::xks_client`] which calls the proxy exactly as KMS does, and `kms::hsm`, the kmsuser login on a PKCS#11 token standing in for a CloudHSM cluster |
 //!
 //! # One Encrypt request
 //!
@@ -34,8 +33,10 @@
 //! still consumes the body first, bounded, so HTTP/2 clients receive it.
 //!
 //! Dependency directions: `server` → `api` → (`sigv4`, `policy`, `backend` via `Handle`);
-//! `backend` knows nothing of HTTP, Base64 or the spec's AAD layout; `kms` uses only
-//! `sigv4` (signing) and `api::wire`, reaching keys through the proxy's HTTP API like KMS.
+//! `backend` knows nothing of HTTP, Base64 or the spec's AAD layout; `kms` reaches XKS
+//! keys only through the proxy's HTTP API like KMS (using `sigv4` and `api::wire`); for
+//! CloudHSM key stores it uses the PKCS#11 module directly, like KMS uses the CloudHSM
+//! client (`backend::pkcs11`'s token selection, not its request path).
 //!
 //! Binaries: `xks-proxy` (`src/bin/xks-proxy.rs`), `kms-emulator`
 //! (`src/bin/kms-emulator.rs`), and the load generator `xks-bench` (`benches/loadgen/`).
@@ -44,7 +45,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod aws_sample;
 pub mod backend;
 pub mod config;
 pub mod doctor;

@@ -1,6 +1,8 @@
-//! The emulator never logs, describes or `Debug`-prints an XKS secret or a caller's
-//! plaintext: this test captures every log line (TRACE level) of a run that creates,
-//! rotates and uses a store — failures included — and searches it.
+//! The emulator never logs, describes or `Debug`-prints an XKS secret, a CloudHSM
+//! key store password or a caller's plaintext: this test captures every log line
+//! (TRACE level) of a run that creates, rotates and uses a store — failures included —
+//! and searches it. (A CloudHSM store's whole life on a real token, rotated passwords
+//! included, is searched the same way in `kms_cloudhsm_sdk`.)
 
 mod kms_support;
 
@@ -73,6 +75,30 @@ async fn secrets_and_plaintext_never_reach_logs_describe_or_debug() {
     )
     .await;
 
+    // CloudHSM passwords in refused requests: unknown cluster, too long, wrong type.
+    const HSM_PASSWORD: &str = "kmsuserHygienePw7";
+    let mut messages = String::new();
+    for body in [
+        json!({"CustomKeyStoreName": "h", "CloudHsmClusterId": "cluster-abcdefghijk",
+               "TrustAnchorCertificate": "x", "KeyStorePassword": HSM_PASSWORD}),
+        json!({"CustomKeyStoreName": "h", "CloudHsmClusterId": "cluster-abcdefghijk",
+               "TrustAnchorCertificate": "x", "KeyStorePassword": format!("{HSM_PASSWORD}{HSM_PASSWORD}")}),
+    ] {
+        messages.push_str(&e.err("CreateCustomKeyStore", body).await.1);
+    }
+    messages.push_str(
+        &e.err(
+            "UpdateCustomKeyStore",
+            json!({"CustomKeyStoreId": store, "KeyStorePassword": HSM_PASSWORD}),
+        )
+        .await
+        .1,
+    );
+    assert!(
+        !messages.contains(HSM_PASSWORD),
+        "password in an error: {messages}"
+    );
+
     let described = e.ok("DescribeCustomKeyStores", json!({})).await.to_string();
     let debug = format!("{:?} {:?}", e.emulator, cfg);
     let with_creds = xks_proxy::kms::Config {
@@ -93,6 +119,7 @@ async fn secrets_and_plaintext_never_reach_logs_describe_or_debug() {
         for secret in [SECRET, SECRET2] {
             assert!(!text.contains(secret), "XKS secret in {what}");
         }
+        assert!(!text.contains(HSM_PASSWORD), "CloudHSM password in {what}");
         assert!(!text.contains("attack at dawn"), "plaintext in {what}");
         assert!(
             !text.contains(&b64(plaintext)),

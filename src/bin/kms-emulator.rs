@@ -100,6 +100,11 @@ struct Cli {
     /// Send this kmsViaService in proxy Encrypt/Decrypt metadata (policy tests).
     #[arg(long)]
     xks_via_service: Option<String>,
+    /// TOML file of stand-in CloudHSM clusters (PKCS#11 tokens) for AWS_CLOUDHSM key
+    /// stores; see the README's emulator section.
+    #[cfg(feature = "pkcs11")]
+    #[arg(long, env = "KMS_EMULATOR_CLOUDHSM_CLUSTERS")]
+    cloudhsm_clusters: Option<PathBuf>,
     /// Log format.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     log_format: String,
@@ -235,7 +240,21 @@ fn config_from(cli: &Cli) -> Result<Config> {
             cdiv: !cli.xks_no_cdiv,
             via_service: cli.xks_via_service.clone(),
         },
+        clusters: clusters_from(cli)?,
     })
+}
+
+#[cfg(feature = "pkcs11")]
+fn clusters_from(cli: &Cli) -> Result<kms::clusters::Clusters> {
+    match &cli.cloudhsm_clusters {
+        None => Ok(kms::clusters::Clusters::default()),
+        Some(path) => Ok(kms::clusters::Clusters::load(path)?),
+    }
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn clusters_from(_cli: &Cli) -> Result<kms::clusters::Clusters> {
+    Ok(kms::clusters::Clusters::default())
 }
 
 async fn shutdown_signal() {

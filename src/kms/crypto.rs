@@ -382,7 +382,9 @@ impl Emulator {
                 Some((
                     store_id,
                     k.xks_key_id.clone().unwrap_or_default(),
-                    target_of(s),
+                    target_of(s).ok_or_else(|| {
+                        KmsError::internal(&"an external key in a store that is not external")
+                    })?,
                 ))
             }
         };

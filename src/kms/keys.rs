@@ -488,22 +488,24 @@ impl Emulator {
                         "Origin AWS_CLOUDHSM requires a CustomKeyStoreId.",
                     ));
                 };
-                // Every store here is an external key store.
-                return Err(self.store().read(|st| {
-                    if st.stores.contains_key(store_id) {
-                        KmsError::new(
-                            Exception::UnsupportedOperation,
-                            format!(
-                                "Custom key store {store_id} is an EXTERNAL_KEY_STORE; use \
-                                 Origin EXTERNAL_KEY_STORE."
-                            ),
-                        )
-                    } else {
-                        KmsError::new(
-                            Exception::CustomKeyStoreNotFound,
-                            format!("Custom key store {store_id} does not exist."),
-                        )
-                    }
+                // Keys in CloudHSM key stores are not emulated yet (issue 13's next step).
+                return Err(self.store().read(|st| match st.stores.get(store_id) {
+                    Some(s) if s.xks().is_some() => KmsError::new(
+                        Exception::UnsupportedOperation,
+                        format!(
+                            "Custom key store {store_id} is an EXTERNAL_KEY_STORE; use \
+                             Origin EXTERNAL_KEY_STORE."
+                        ),
+                    ),
+                    Some(_) => KmsError::new(
+                        Exception::UnsupportedOperation,
+                        "KMS keys in AWS CloudHSM key stores are not supported by this KMS \
+                         emulator yet.",
+                    ),
+                    None => KmsError::new(
+                        Exception::CustomKeyStoreNotFound,
+                        format!("Custom key store {store_id} does not exist."),
+                    ),
                 }));
             }
             _ => {}
@@ -552,6 +554,15 @@ impl Emulator {
                         format!("Custom key store {store_id} does not exist."),
                     )
                 })?;
+                if s.xks().is_none() {
+                    return Err(KmsError::new(
+                        Exception::UnsupportedOperation,
+                        format!(
+                            "Custom key store {store_id} is an AWS_CLOUDHSM key store; use \
+                             Origin AWS_CLOUDHSM."
+                        ),
+                    ));
+                }
                 if s.connection_state != ConnectionState::Connected {
                     return Err(KmsError::new(
                         Exception::CustomKeyStoreInvalidState,
@@ -574,7 +585,7 @@ impl Emulator {
                         ),
                     ));
                 }
-                Ok(target_of(s))
+                target_of(s).ok_or_else(|| KmsError::internal(&"store type changed"))
             };
             let target = self.store().read(check)?;
             let md = RequestMetadata {

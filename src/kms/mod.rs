@@ -1,7 +1,8 @@
 //! The KMS emulator: AWS KMS's JSON API (awsJson1.1, `X-Amz-Target:
 //! TrentService.<Op>`) for external key stores, calling an XKS proxy exactly as KMS
 //! does, so boto3, the AWS CLI and `aws-sdk-kms` can drive the whole
-//! external-key-store lifecycle on one machine.
+//! external-key-store lifecycle on one machine — and for CloudHSM key stores, with a
+//! PKCS#11 token standing in for the cluster.
 //!
 //! # Layout
 //! - [`protocol`]: HTTP request → operation → HTTP response; the **only** place an
@@ -9,7 +10,11 @@
 //! - [`server`]: HTTP and HTTPS accept loops, graceful shutdown.
 //! - [`keystores`]: the six custom-key-store operations and the connection state
 //!   machine common to every store type; [`keystores::xks`]: what only external key
-//!   stores have (proxy settings, Update's rules, the periodic `KmsHealthCheck`).
+//!   stores have (proxy settings, Update's rules, the periodic `KmsHealthCheck`);
+//!   [`keystores::cloudhsm`]: what only CloudHSM key stores have (cluster checks,
+//!   Update's rules, the kmsuser login with password rotation and lockout).
+//! - [`clusters`]: the stand-in CloudHSM clusters (`--cloudhsm-clusters`);
+//!   [`hsm`]: the kmsuser sessions on their PKCS#11 tokens (`pkcs11` feature).
 //! - [`keys`]: CreateKey, DescribeKey, ListKeys, Enable/DisableKey,
 //!   Schedule/CancelKeyDeletion.
 //! - [`crypto`]: Encrypt, Decrypt, GenerateDataKey*, ReEncrypt; double encryption
@@ -19,14 +24,20 @@
 //! - [`store`]: state and its crash-safe persistence; [`quota`]: per-store rate
 //!   limit; [`validate`]: model constraints → `ValidationException`.
 //!
-//! Dependency rule: this module uses only `sigv4` (signing, caller verification) and
-//! `api::wire` (the XKS JSON shapes) from the crate; it never reaches the proxy's
-//! backends or server — the proxy is only ever called over HTTPS, like KMS does.
+//! Dependency rule: the emulator reaches XKS keys only through the proxy — over
+//! HTTPS, like KMS, using only `sigv4` (signing, caller verification) and `api::wire`
+//! (the XKS JSON shapes) from the crate, never the proxy's server or its backends'
+//! request path. For CloudHSM stores it uses the PKCS#11 module directly, like KMS uses
+//! the CloudHSM client: [`hsm`] reuses `backend::pkcs11`'s token selection and return
+//! code names, nothing else.
 //!
 //! Entry point: [`run`] with bound listeners, a [`Config`] and a shutdown future.
 
+pub mod clusters;
 pub mod crypto;
 pub mod error;
+#[cfg_attr(not(feature = "pkcs11"), path = "hsm_off.rs")]
+pub mod hsm;
 pub mod keys;
 pub mod keystores;
 pub mod protocol;
@@ -79,6 +90,8 @@ pub struct Config {
     /// KMS). The reported `DeletionDate` always uses real days.
     pub deletion_day_length: Duration,
     pub xks: XksClientConfig,
+    /// The stand-in CloudHSM clusters (`--cloudhsm-clusters`); empty: none.
+    pub clusters: clusters::Clusters,
 }
 
 impl Default for Config {
@@ -95,6 +108,7 @@ impl Default for Config {
             store_rps: 1800,
             deletion_day_length: Duration::from_secs(86_400),
             xks: XksClientConfig::default(),
+            clusters: clusters::Clusters::default(),
         }
     }
 }
@@ -145,6 +159,8 @@ struct Shared {
     /// Caller credentials when `--verify-client-sigv4` is on.
     client_credentials: Option<CredentialSet>,
     health_stats: Mutex<HashMap<String, HealthCheckStats>>,
+    /// The kmsuser sessions of CONNECTED CloudHSM key stores.
+    hsm: hsm::Sessions,
     /// Flipped to `true` when serving stops; background tasks (connect attempts,
     /// health checks) watch it so none outlives the server.
     stop: tokio::sync::watch::Sender<bool>,
@@ -199,6 +215,7 @@ impl Emulator {
                 xks,
                 client_credentials,
                 health_stats: Mutex::new(HashMap::new()),
+                hsm: hsm::Sessions::default(),
                 stop: tokio::sync::watch::Sender::new(false),
             }),
         })

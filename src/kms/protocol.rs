@@ -35,6 +35,13 @@ pub fn wire(e: Exception) -> (&'static str, StatusCode) {
         E::CustomKeyStoreNameInUse => ("CustomKeyStoreNameInUseException", BAD),
         E::CustomKeyStoreHasCmks => ("CustomKeyStoreHasCMKsException", BAD),
         E::CloudHsmClusterNotFound => ("CloudHsmClusterNotFoundException", BAD),
+        E::CloudHsmClusterNotActive => ("CloudHsmClusterNotActiveException", BAD),
+        E::CloudHsmClusterInUse => ("CloudHsmClusterInUseException", BAD),
+        E::CloudHsmClusterInvalidConfiguration => {
+            ("CloudHsmClusterInvalidConfigurationException", BAD)
+        }
+        E::CloudHsmClusterNotRelated => ("CloudHsmClusterNotRelatedException", BAD),
+        E::IncorrectTrustAnchor => ("IncorrectTrustAnchorException", BAD),
         E::XksProxyUriInUse => ("XksProxyUriInUseException", BAD),
         E::XksProxyUriEndpointInUse => ("XksProxyUriEndpointInUseException", BAD),
         E::XksProxyUriUnreachable => ("XksProxyUriUnreachableException", BAD),

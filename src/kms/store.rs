@@ -54,14 +54,20 @@ pub enum ConnectionState {
     Disconnecting,
 }
 
-/// The XKS subset of the model's `ConnectionErrorCodeType` (CloudHSM codes are for a
-/// later issue).
+/// The model's `ConnectionErrorCodeType`, in the model's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConnectionErrorCode {
-    InternalError,
-    NetworkErrors,
     InvalidCredentials,
+    ClusterNotFound,
+    NetworkErrors,
+    InternalError,
+    InsufficientCloudhsmHsms,
+    UserLockedOut,
+    UserNotFound,
+    UserLoggedIn,
+    SubnetNotFound,
+    InsufficientFreeAddressesInSubnet,
     XksProxyAccessDenied,
     XksProxyInvalidConfiguration,
     XksProxyInvalidResponse,
@@ -112,8 +118,30 @@ pub struct XksSettings {
     pub vpc_service_owner: Option<String>,
 }
 
-/// One custom key store (XKS only for now; the type field keeps the door open for
-/// CloudHSM stores).
+/// How KMS reaches one CloudHSM key store's cluster. The password is the kmsuser
+/// password KMS believes current (after a connect: the one it rotated to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudHsmSettings {
+    pub cluster_id: String,
+    /// `TrustAnchorCertificate` exactly as the caller supplied it (Describe echoes it).
+    pub trust_anchor: String,
+    pub password: SecretString,
+    /// Consecutive refused logins on the current cluster. CloudHSM locks kmsuser out
+    /// after 5; SoftHSM never locks, so the emulator counts (see `keystores::cloudhsm`).
+    pub failed_logins: u32,
+    /// Set by UpdateCustomKeyStore `KeyStorePassword`: a locked-out store may try one
+    /// login with the new password (the operator has reset it on the cluster).
+    pub retry_after_lockout: bool,
+}
+
+/// The store type and its own settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    External(XksSettings),
+    CloudHsm(CloudHsmSettings),
+}
+
+/// One custom key store.
 #[derive(Debug, Clone)]
 pub struct CustomKeyStore {
     pub id: String,
@@ -125,7 +153,47 @@ pub struct CustomKeyStore {
     /// Bumped by every connect and disconnect, so a connect attempt that finishes
     /// after a disconnect (or a newer connect) knows its result is stale and drops it.
     pub attempt: u64,
-    pub xks: XksSettings,
+    pub kind: StoreKind,
+}
+
+impl StoreKind {
+    pub fn xks(&self) -> Option<&XksSettings> {
+        match self {
+            StoreKind::External(x) => Some(x),
+            StoreKind::CloudHsm(_) => None,
+        }
+    }
+}
+
+impl CustomKeyStore {
+    /// The proxy settings of an external key store.
+    pub fn xks(&self) -> Option<&XksSettings> {
+        match &self.kind {
+            StoreKind::External(x) => Some(x),
+            StoreKind::CloudHsm(_) => None,
+        }
+    }
+
+    pub fn xks_mut(&mut self) -> Option<&mut XksSettings> {
+        match &mut self.kind {
+            StoreKind::External(x) => Some(x),
+            StoreKind::CloudHsm(_) => None,
+        }
+    }
+
+    pub fn cloudhsm(&self) -> Option<&CloudHsmSettings> {
+        match &self.kind {
+            StoreKind::CloudHsm(c) => Some(c),
+            StoreKind::External(_) => None,
+        }
+    }
+
+    pub fn cloudhsm_mut(&mut self) -> Option<&mut CloudHsmSettings> {
+        match &mut self.kind {
+            StoreKind::CloudHsm(c) => Some(c),
+            StoreKind::External(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,6 +462,9 @@ fn load(db: &redb::Database) -> Result<State, StoreError> {
 // the only path from a secret to bytes is these encoders, whose output goes straight
 // into the database and is wiped afterwards.
 
+/// A store. The XKS fields are the record's original shape (every record written
+/// before CloudHSM stores existed is an external key store with them set); a CloudHSM
+/// store leaves them absent and sets `cloudhsm` instead.
 #[derive(Serialize, Deserialize)]
 struct StoreRecord {
     id: String,
@@ -402,13 +473,31 @@ struct StoreRecord {
     connection_state: ConnectionState,
     connection_error_code: Option<ConnectionErrorCode>,
     attempt: u64,
-    endpoint: String,
-    path: String,
-    connectivity: Connectivity,
-    access_key_id: String,
-    secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    connectivity: Option<Connectivity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+    #[serde(default)]
     vpc_service_name: Option<String>,
+    #[serde(default)]
     vpc_service_owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cloudhsm: Option<CloudHsmRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CloudHsmRecord {
+    cluster_id: String,
+    trust_anchor: String,
+    password: String,
+    failed_logins: u32,
+    retry_after_lockout: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -439,21 +528,63 @@ fn encode_store(s: &CustomKeyStore) -> Result<Vec<u8>, StoreError> {
         connection_state: s.connection_state,
         connection_error_code: s.connection_error_code,
         attempt: s.attempt,
-        endpoint: s.xks.endpoint.clone(),
-        path: s.xks.path.clone(),
-        connectivity: s.xks.connectivity,
-        access_key_id: s.xks.access_key_id.clone(),
-        secret: s.xks.secret.expose().to_owned(),
-        vpc_service_name: s.xks.vpc_service_name.clone(),
-        vpc_service_owner: s.xks.vpc_service_owner.clone(),
+        endpoint: None,
+        path: None,
+        connectivity: None,
+        access_key_id: None,
+        secret: None,
+        vpc_service_name: None,
+        vpc_service_owner: None,
+        cloudhsm: None,
     };
+    match &s.kind {
+        StoreKind::External(x) => {
+            rec.endpoint = Some(x.endpoint.clone());
+            rec.path = Some(x.path.clone());
+            rec.connectivity = Some(x.connectivity);
+            rec.access_key_id = Some(x.access_key_id.clone());
+            rec.secret = Some(x.secret.expose().to_owned());
+            rec.vpc_service_name = x.vpc_service_name.clone();
+            rec.vpc_service_owner = x.vpc_service_owner.clone();
+        }
+        StoreKind::CloudHsm(c) => {
+            rec.cloudhsm = Some(CloudHsmRecord {
+                cluster_id: c.cluster_id.clone(),
+                trust_anchor: c.trust_anchor.clone(),
+                password: c.password.expose().to_owned(),
+                failed_logins: c.failed_logins,
+                retry_after_lockout: c.retry_after_lockout,
+            });
+        }
+    }
     let out = serde_json::to_vec(&rec).map_err(db_err);
     rec.secret.zeroize();
+    if let Some(c) = &mut rec.cloudhsm {
+        c.password.zeroize();
+    }
     out
 }
 
 fn decode_store(bytes: &[u8]) -> Option<CustomKeyStore> {
     let rec: StoreRecord = serde_json::from_slice(bytes).ok()?;
+    let kind = match rec.cloudhsm {
+        Some(c) => StoreKind::CloudHsm(CloudHsmSettings {
+            cluster_id: c.cluster_id,
+            trust_anchor: c.trust_anchor,
+            password: SecretString::new(c.password),
+            failed_logins: c.failed_logins,
+            retry_after_lockout: c.retry_after_lockout,
+        }),
+        None => StoreKind::External(XksSettings {
+            endpoint: rec.endpoint?,
+            path: rec.path?,
+            connectivity: rec.connectivity?,
+            access_key_id: rec.access_key_id?,
+            secret: SecretString::new(rec.secret?),
+            vpc_service_name: rec.vpc_service_name,
+            vpc_service_owner: rec.vpc_service_owner,
+        }),
+    };
     Some(CustomKeyStore {
         id: rec.id,
         name: rec.name,
@@ -461,15 +592,7 @@ fn decode_store(bytes: &[u8]) -> Option<CustomKeyStore> {
         connection_state: rec.connection_state,
         connection_error_code: rec.connection_error_code,
         attempt: rec.attempt,
-        xks: XksSettings {
-            endpoint: rec.endpoint,
-            path: rec.path,
-            connectivity: rec.connectivity,
-            access_key_id: rec.access_key_id,
-            secret: SecretString::new(rec.secret),
-            vpc_service_name: rec.vpc_service_name,
-            vpc_service_owner: rec.vpc_service_owner,
-        },
+        kind,
     })
 }
 
@@ -535,7 +658,7 @@ mod tests {
             connection_state: ConnectionState::Disconnected,
             connection_error_code: None,
             attempt: 0,
-            xks: XksSettings {
+            kind: StoreKind::External(XksSettings {
                 endpoint: "https://xks.test.example".into(),
                 path: "/kms/xks/v1".into(),
                 connectivity: Connectivity::PublicEndpoint,
@@ -543,8 +666,92 @@ mod tests {
                 secret: SecretString::from("very-secret-value-that-must-not-leak-000000"),
                 vpc_service_name: None,
                 vpc_service_owner: None,
-            },
+            }),
         }
+    }
+
+    fn sample_cloudhsm_store() -> CustomKeyStore {
+        CustomKeyStore {
+            id: "cks-1123456789abcdef0".into(),
+            name: "h".into(),
+            creation_date: 2.5,
+            connection_state: ConnectionState::Failed,
+            connection_error_code: Some(ConnectionErrorCode::UserLockedOut),
+            attempt: 3,
+            kind: StoreKind::CloudHsm(CloudHsmSettings {
+                cluster_id: "cluster-abcdefghijk".into(),
+                trust_anchor: "-----BEGIN CERTIFICATE-----".into(),
+                password: SecretString::from("kmsuserPasswordNeverShown"),
+                failed_logins: 5,
+                retry_after_lockout: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn debug_of_a_cloudhsm_store_hides_the_password() {
+        let shown = format!("{:?}", sample_cloudhsm_store());
+        assert!(!shown.contains("kmsuserPassword"), "{shown}");
+    }
+
+    #[test]
+    fn a_cloudhsm_store_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store
+                .transact(|st, ch| {
+                    let s = sample_cloudhsm_store();
+                    ch.store(&s.id);
+                    st.stores.insert(s.id.clone(), s);
+                    Ok(())
+                })
+                .expect("commit");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let s = store
+            .read(|st| st.stores.get("cks-1123456789abcdef0").cloned())
+            .expect("store persisted");
+        assert_eq!(s.kind, sample_cloudhsm_store().kind);
+        assert_eq!(
+            s.connection_error_code,
+            Some(ConnectionErrorCode::UserLockedOut)
+        );
+    }
+
+    /// A data dir written before CloudHSM stores existed: the record as that code
+    /// wrote it (every XKS field, no `cloudhsm`) still opens as the same XKS store.
+    #[test]
+    fn an_xks_record_of_the_original_shape_still_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = serde_json::json!({
+            "id": "cks-0123456789abcdef0", "name": "old", "creation_date": 1.5,
+            "connection_state": "CONNECTED", "connection_error_code": null, "attempt": 7,
+            "endpoint": "https://xks.test.example", "path": "/kms/xks/v1",
+            "connectivity": "PUBLIC_ENDPOINT", "access_key_id": "AKIA4GBY3I6JCE5M2HPM",
+            "secret": "very-secret-value-that-must-not-leak-000000",
+            "vpc_service_name": null, "vpc_service_owner": null
+        })
+        .to_string();
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let tx = store.db.begin_write().expect("tx");
+            {
+                let mut t = tx.open_table(STORES).expect("table");
+                t.insert("cks-0123456789abcdef0", old.as_bytes())
+                    .expect("insert");
+            }
+            tx.commit().expect("commit");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let s = store
+            .read(|st| st.stores.get("cks-0123456789abcdef0").cloned())
+            .expect("loaded");
+        let mut want = sample_store();
+        want.name = "old".into();
+        assert_eq!(s.kind, want.kind);
+        assert_eq!(s.attempt, 7);
+        assert_eq!(s.connection_state, ConnectionState::Connected);
     }
 
     #[test]
@@ -572,7 +779,7 @@ mod tests {
             .read(|st| st.stores.get("cks-0123456789abcdef0").cloned())
             .expect("store persisted");
         assert_eq!(
-            s.xks.secret.expose(),
+            s.xks().expect("xks").secret.expose(),
             "very-secret-value-that-must-not-leak-000000"
         );
         assert_eq!(s.connection_state, ConnectionState::Disconnected);

@@ -57,7 +57,10 @@ use self::errors::{Fault, Op};
 use self::keys::{KeyInfo, id_attribute_type, id_template};
 use self::module::Module;
 use self::settings::check_key_id;
-use self::token::{Counters, OpCtx, Shared, Token, Wake, find_slot};
+use self::token::{Counters, OpCtx, Shared, Token, Wake};
+// Token selection, shared with the KMS emulator's CloudHSM stand-in clusters.
+pub(crate) use self::settings::Selector;
+pub(crate) use self::token::{SlotError, find_slot};
 use crate::backend::{
     BackendError, CryptoBackend, EkmHealth, KeyMetadata, KeySpec, KeyStatus, KeyUsage, KeyVersion,
     Opening, Sealed, TAG_LEN,

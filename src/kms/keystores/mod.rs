@@ -3,12 +3,15 @@
 //! their uniqueness, the connection state machine and the background connect attempt,
 //! Describe's paging, Delete's rules. What only external key stores have (the proxy
 //! settings, their validation and uniqueness, Update's rules, the periodic
-//! `KmsHealthCheck`) lives in [`xks`], so the rules of each store type read apart.
+//! `KmsHealthCheck`) lives in [`xks`]; what only CloudHSM key stores have (the cluster
+//! checks, Update's rules, the kmsuser login and password rotation) in [`cloudhsm`];
+//! so the rules of each store type read apart.
 //!
 //! Pattern for every operation that calls the proxy: check everything under the
 //! lock, release it for the network call, then re-check under the lock before
 //! applying — another request may have changed the store meanwhile.
 
+pub mod cloudhsm;
 pub mod xks;
 
 use std::time::Duration;
@@ -17,8 +20,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::error::{Exception, KmsError};
 use super::store::{
-    ConnectionErrorCode, ConnectionState, Connectivity, CustomKeyStore, State, XksSettings,
-    now_epoch,
+    ConnectionErrorCode, ConnectionState, Connectivity, CustomKeyStore, State, StoreKind,
+    XksSettings, now_epoch,
 };
 use super::validate::{self as v, Shown, Violations};
 use super::{Ctx, Emulator};
@@ -115,7 +118,8 @@ pub struct DescribeCustomKeyStoresResponse {
     pub truncated: bool,
 }
 
-/// One store as Describe shows it. There is deliberately no field for the secret.
+/// One store as Describe shows it. There is deliberately no field for the XKS secret
+/// or the CloudHSM password.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct CustomKeyStoresListEntry {
@@ -126,7 +130,12 @@ pub struct CustomKeyStoresListEntry {
     pub connection_state: ConnectionState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_error_code: Option<ConnectionErrorCode>,
-    pub xks_proxy_configuration: XksProxyConfiguration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xks_proxy_configuration: Option<XksProxyConfiguration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_hsm_cluster_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_anchor_certificate: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -363,16 +372,11 @@ impl Emulator {
             check_unique(st, None, Some(&name), None)
         })?;
 
-        if !is_xks {
-            // CloudHSM key stores are a later issue; fail in KMS's own terms.
-            return Err(KmsError::new(
-                Exception::CloudHsmClusterNotFound,
-                "AWS CloudHSM key stores are not supported by this KMS emulator yet; \
-                 create an EXTERNAL_KEY_STORE instead.",
-            ));
-        }
-
-        let xks = self.new_xks_settings(ctx, req, connectivity).await?;
+        let kind = if is_xks {
+            StoreKind::External(self.new_xks_settings(ctx, req, connectivity).await?)
+        } else {
+            StoreKind::CloudHsm(self.new_cloudhsm_settings(req)?)
+        };
 
         // 5. Store it DISCONNECTED (re-checking: the world moved during the call).
         let id = new_store_id()?;
@@ -383,7 +387,12 @@ impl Emulator {
                     format!("You have reached the maximum of {MAX_STORES} custom key stores."),
                 ));
             }
-            check_unique(st, None, Some(&name), Some(&xks))?;
+            check_unique(st, None, Some(&name), kind.xks())?;
+            if let StoreKind::CloudHsm(c) = &kind
+                && let Some(cluster) = self.config().clusters.get(&c.cluster_id)
+            {
+                cloudhsm::check_cluster_free(self, st, None, cluster)?;
+            }
             st.stores.insert(
                 id.clone(),
                 CustomKeyStore {
@@ -393,7 +402,7 @@ impl Emulator {
                     connection_state: ConnectionState::Disconnected,
                     connection_error_code: None,
                     attempt: 0,
-                    xks: xks.clone(),
+                    kind: kind.clone(),
                 },
             );
             ch.store(&id);
@@ -416,6 +425,9 @@ impl Emulator {
             let s = st.stores.get_mut(&id).ok_or_else(|| not_found(&id))?;
             match s.connection_state {
                 ConnectionState::Disconnected => {
+                    if let Some(c) = s.cloudhsm() {
+                        self.cloudhsm_connect_check(c)?;
+                    }
                     s.connection_state = ConnectionState::Connecting;
                     s.connection_error_code = None;
                     s.attempt += 1;
@@ -456,12 +468,18 @@ impl Emulator {
 
     async fn connect_attempt(&self, id: &str, attempt: u64, request_id: &str) {
         tokio::time::sleep(self.config().connect_delay).await;
+        if self
+            .store()
+            .read(|st| st.stores.get(id).is_some_and(|s| s.cloudhsm().is_some()))
+        {
+            return self.cloudhsm_connect_attempt(id, attempt).await;
+        }
         let current = |s: &CustomKeyStore| {
             s.attempt == attempt && s.connection_state == ConnectionState::Connecting
         };
         let Some(target) = self
             .store()
-            .read(|st| st.stores.get(id).filter(|s| current(s)).map(target_of))
+            .read(|st| st.stores.get(id).filter(|s| current(s)).and_then(target_of))
         else {
             return;
         };
@@ -537,6 +555,12 @@ impl Emulator {
             Ok((!delay.is_zero()).then_some(s.attempt))
         })?;
         tracing::info!(custom_key_store_id = %id, "custom key store disconnecting");
+        // A CloudHSM store's kmsuser session ends now (KMS logs out on disconnect).
+        if self.shared.hsm.holds(&id) {
+            let emu = self.clone();
+            let store_id = id.clone();
+            tokio::task::spawn_blocking(move || emu.shared.hsm.release(&store_id));
+        }
         if let Some(attempt) = pending {
             self.spawn_finish_disconnect(id, attempt, delay);
         }
@@ -685,6 +709,36 @@ impl Emulator {
         })
     }
 
+    /// UpdateCustomKeyStore: the store's type decides which rules apply.
+    pub async fn update_custom_key_store(
+        &self,
+        ctx: &Ctx,
+        req: UpdateCustomKeyStoreRequest,
+    ) -> Result<Empty, KmsError> {
+        let mut vs = Violations::new();
+        vs.required("customKeyStoreId", &req.custom_key_store_id);
+        vs.length(
+            "customKeyStoreId",
+            req.custom_key_store_id.as_deref(),
+            1,
+            64,
+            Shown::Yes,
+        );
+        vs.finish()?;
+        let id = req.custom_key_store_id.clone().unwrap_or_default();
+        let is_cloudhsm = self.store().read(|st| {
+            st.stores
+                .get(&id)
+                .map(|s| s.cloudhsm().is_some())
+                .ok_or_else(|| not_found(&id))
+        })?;
+        if is_cloudhsm {
+            self.update_cloudhsm_store(ctx, req)
+        } else {
+            self.update_xks_store(ctx, req).await
+        }
+    }
+
     pub fn delete_custom_key_store(&self, req: StoreIdRequest) -> Result<Empty, KmsError> {
         let id = store_id_of(&req)?;
         self.purge_expired_keys()?;
@@ -720,7 +774,10 @@ fn entry(s: &CustomKeyStore) -> CustomKeyStoresListEntry {
     CustomKeyStoresListEntry {
         custom_key_store_id: s.id.clone(),
         custom_key_store_name: s.name.clone(),
-        custom_key_store_type: XKS_TYPE,
+        custom_key_store_type: match s.kind {
+            StoreKind::External(_) => XKS_TYPE,
+            StoreKind::CloudHsm(_) => CLOUDHSM_TYPE,
+        },
         creation_date: s.creation_date,
         connection_state: s.connection_state,
         connection_error_code: if s.connection_state == ConnectionState::Failed {
@@ -728,13 +785,15 @@ fn entry(s: &CustomKeyStore) -> CustomKeyStoresListEntry {
         } else {
             None
         },
-        xks_proxy_configuration: XksProxyConfiguration {
-            connectivity: s.xks.connectivity,
-            access_key_id: s.xks.access_key_id.clone(),
-            uri_endpoint: s.xks.endpoint.clone(),
-            uri_path: s.xks.path.clone(),
-            vpc_endpoint_service_name: s.xks.vpc_service_name.clone(),
-            vpc_endpoint_service_owner: s.xks.vpc_service_owner.clone(),
-        },
+        xks_proxy_configuration: s.xks().map(|x| XksProxyConfiguration {
+            connectivity: x.connectivity,
+            access_key_id: x.access_key_id.clone(),
+            uri_endpoint: x.endpoint.clone(),
+            uri_path: x.path.clone(),
+            vpc_endpoint_service_name: x.vpc_service_name.clone(),
+            vpc_endpoint_service_owner: x.vpc_service_owner.clone(),
+        }),
+        cloud_hsm_cluster_id: s.cloudhsm().map(|c| c.cluster_id.clone()),
+        trust_anchor_certificate: s.cloudhsm().map(|c| c.trust_anchor.clone()),
     }
 }

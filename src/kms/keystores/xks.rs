@@ -139,8 +139,9 @@ pub(super) fn check_unique(
             .stores
             .values()
             .filter(move |s| Some(s.id.as_str()) != exclude)
+            .filter_map(|s| s.xks())
     };
-    if others().any(|s| s.xks.endpoint.eq_ignore_ascii_case(&x.endpoint) && s.xks.path == x.path) {
+    if others().any(|s| s.endpoint.eq_ignore_ascii_case(&x.endpoint) && s.path == x.path) {
         return Err(KmsError::new(
             Exception::XksProxyUriInUse,
             "The combination of XksProxyUriEndpoint and XksProxyUriPath is already used by \
@@ -149,8 +150,8 @@ pub(super) fn check_unique(
     }
     let vpc = Connectivity::VpcEndpointService;
     if others().any(|s| {
-        s.xks.endpoint.eq_ignore_ascii_case(&x.endpoint)
-            && (s.xks.connectivity == vpc || x.connectivity == vpc)
+        s.endpoint.eq_ignore_ascii_case(&x.endpoint)
+            && (s.connectivity == vpc || x.connectivity == vpc)
     }) {
         return Err(KmsError::new(
             Exception::XksProxyUriEndpointInUse,
@@ -159,7 +160,7 @@ pub(super) fn check_unique(
         ));
     }
     if let Some(svc) = &x.vpc_service_name
-        && others().any(|s| s.xks.vpc_service_name.as_deref() == Some(svc.as_str()))
+        && others().any(|s| s.vpc_service_name.as_deref() == Some(svc.as_str()))
     {
         return Err(KmsError::new(
             Exception::XksProxyVpcEndpointServiceInUse,
@@ -170,13 +171,15 @@ pub(super) fn check_unique(
     Ok(())
 }
 
-pub(in crate::kms) fn target_of(s: &CustomKeyStore) -> XksTarget {
-    XksTarget {
-        endpoint: s.xks.endpoint.clone(),
-        path: s.xks.path.clone(),
-        access_key_id: s.xks.access_key_id.clone(),
-        secret: s.xks.secret.clone(),
-    }
+/// Where an external key store's calls go; `None` for other store types.
+pub(in crate::kms) fn target_of(s: &CustomKeyStore) -> Option<XksTarget> {
+    let x = s.xks()?;
+    Some(XksTarget {
+        endpoint: x.endpoint.clone(),
+        path: x.path.clone(),
+        access_key_id: x.access_key_id.clone(),
+        secret: x.secret.clone(),
+    })
 }
 
 pub(super) fn health_metadata(request_id: &str, operation: &str) -> RequestMetadata {
@@ -215,7 +218,7 @@ pub(in crate::kms) async fn health_loop(emu: Emulator) {
         let ids: Vec<String> = emu.store().read(|st| {
             st.stores
                 .values()
-                .filter(|s| s.connection_state == ConnectionState::Connected)
+                .filter(|s| s.connection_state == ConnectionState::Connected && s.xks().is_some())
                 .map(|s| s.id.clone())
                 .collect()
         });
@@ -225,7 +228,7 @@ pub(in crate::kms) async fn health_loop(emu: Emulator) {
                 st.stores
                     .get(&id)
                     .filter(|s| s.connection_state == ConnectionState::Connected)
-                    .map(target_of)
+                    .and_then(target_of)
             }) else {
                 continue;
             };
@@ -318,7 +321,8 @@ impl Emulator {
         Ok(xks)
     }
 
-    pub async fn update_custom_key_store(
+    /// UpdateCustomKeyStore for an external key store (`keystores` dispatches here).
+    pub(super) async fn update_xks_store(
         &self,
         ctx: &Ctx,
         req: UpdateCustomKeyStoreRequest,
@@ -370,7 +374,7 @@ impl Emulator {
         vs.finish()?;
         let id = req.custom_key_store_id.clone().unwrap_or_default();
 
-        // Fields of the wrong store type (every store is XKS for now).
+        // Fields of the wrong store type.
         let mut vs = Violations::new();
         if req.key_store_password.is_some() {
             vs.custom(
@@ -427,26 +431,32 @@ impl Emulator {
             if let Some(n) = &req.new_custom_key_store_name {
                 next.name = n.clone();
             }
+            let before = s
+                .xks()
+                .ok_or_else(|| KmsError::internal(&"store type changed"))?
+                .connectivity;
+            let nx = next
+                .xks_mut()
+                .ok_or_else(|| KmsError::internal(&"store type changed"))?;
             if let Some(c) = &req.xks_proxy_authentication_credential {
                 let (Some(a), Some(k)) = (&c.access_key_id, &c.raw_secret_access_key) else {
                     return Err(KmsError::validation("credential incomplete"));
                 };
-                next.xks.access_key_id = a.0.expose().to_owned();
-                next.xks.secret = k.0.clone();
+                nx.access_key_id = a.0.expose().to_owned();
+                nx.secret = k.0.clone();
             }
             if let Some(p) = &req.xks_proxy_uri_path {
-                next.xks.path = p.clone();
+                nx.path = p.clone();
             }
             if let Some(e) = &req.xks_proxy_uri_endpoint {
-                next.xks.endpoint = e.clone();
+                nx.endpoint = e.clone();
             }
-            let before = s.xks.connectivity;
             let after = req
                 .xks_proxy_connectivity
                 .as_deref()
                 .and_then(Connectivity::parse)
                 .unwrap_or(before);
-            next.xks.connectivity = after;
+            nx.connectivity = after;
             let svc = req.xks_proxy_vpc_endpoint_service_name.as_deref();
             let mut vs = Violations::new();
             match after {
@@ -462,12 +472,12 @@ impl Emulator {
                         vs.length("xksProxyVpcEndpointServiceName", svc, 20, 64, Shown::Yes);
                     }
                     if let Some(svc) = svc {
-                        next.xks.vpc_service_name = Some(svc.to_owned());
+                        nx.vpc_service_name = Some(svc.to_owned());
                     }
                     if let Some(o) = &req.xks_proxy_vpc_endpoint_service_owner {
-                        next.xks.vpc_service_owner = Some(o.clone());
-                    } else if next.xks.vpc_service_owner.is_none() {
-                        next.xks.vpc_service_owner = Some(self.config().account_id.clone());
+                        nx.vpc_service_owner = Some(o.clone());
+                    } else if nx.vpc_service_owner.is_none() {
+                        nx.vpc_service_owner = Some(self.config().account_id.clone());
                     }
                 }
                 Connectivity::PublicEndpoint => {
@@ -490,25 +500,30 @@ impl Emulator {
                             "Member is only valid with VPC_ENDPOINT_SERVICE connectivity",
                         );
                     }
-                    next.xks.vpc_service_name = None;
-                    next.xks.vpc_service_owner = None;
+                    nx.vpc_service_name = None;
+                    nx.vpc_service_owner = None;
                 }
             }
             vs.finish()?;
             let name = renames.then_some(next.name.as_str());
-            let xks = connection_fields.then_some(&next.xks);
+            let xks = connection_fields.then(|| next.xks()).flatten();
             check_any_unique(st, Some(&id), name, xks)?;
             Ok((next, s.attempt))
         };
 
         let (next, attempt) = self.store().read(build)?;
-        warn_if_ip(&next.xks.endpoint);
+        let Some(target) = target_of(&next) else {
+            return Err(KmsError::internal(&"store type changed"));
+        };
+        warn_if_ip(&target.endpoint);
 
         // Health check with the NEW values before anything is applied.
-        if connection_fields && next.xks.connectivity == Connectivity::PublicEndpoint {
+        if connection_fields
+            && next.xks().map(|x| x.connectivity) == Some(Connectivity::PublicEndpoint)
+        {
             self.xks()
                 .health(
-                    &target_of(&next),
+                    &target,
                     health_metadata(&ctx.request_id, "UpdateCustomKeyStore"),
                 )
                 .await

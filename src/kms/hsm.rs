@@ -1,0 +1,233 @@
+//! The emulator's side of a CloudHSM key store's connection: log in to the stand-in
+//! cluster's token as kmsuser (CKU_USER), rotate the password with C_SetPIN, and keep
+//! the logged-in session while the store is CONNECTED — what KMS does with the
+//! CloudHSM client. Token selection is the proxy backend's (`backend::pkcs11::find_slot`).
+//!
+//! Why not the proxy backend's module registry: that keeps every module initialised
+//! for the life of the process, and SoftHSMv2 loads a token's PIN once per
+//! C_Initialize, so a long-lived context would keep accepting a kmsuser password the
+//! operator has since reset on the token. Here each connect attempt re-initialises the
+//! module (C_Finalize + C_Initialize) when no other store holds a session on it; while
+//! another store on the same module stays connected the context is reused (and an
+//! external reset may then go unseen until that store disconnects too).
+//!
+//! Every call here blocks; callers run it on a blocking thread. Nothing here logs or
+//! returns a password: failures carry a `CKR_*` name only.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+
+use super::clusters::{Cluster, TokenSelector};
+use super::store::ConnectionErrorCode;
+use crate::backend::pkcs11::{Selector, SlotError, ckr_name, find_slot};
+use crate::secret::SecretString;
+
+/// Why a login attempt failed: the store's `ConnectionErrorCode` and a loggable reason.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: ConnectionErrorCode,
+    pub reason: String,
+}
+
+fn refuse(code: ConnectionErrorCode, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        reason: reason.into(),
+    }
+}
+
+fn ck_code(e: &CkError) -> String {
+    match e {
+        CkError::Pkcs11(rv, f) => format!("{f:?}: {}", ckr_name(*rv)),
+        other => other.to_string(),
+    }
+}
+
+struct ModuleCtx {
+    ctx: Pkcs11,
+    /// The logged-in session of each CONNECTED store on this module, by store id.
+    held: HashMap<String, Session>,
+}
+
+/// Every module the emulator has loaded and the sessions it holds.
+#[derive(Default)]
+pub struct Sessions {
+    modules: Mutex<HashMap<PathBuf, ModuleCtx>>,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").finish_non_exhaustive()
+    }
+}
+
+fn initialize(ctx: &Pkcs11) -> Result<(), CkError> {
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) | Ok(()) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A random kmsuser password: 32 characters of `[A-Za-z0-9]` (CloudHSM and KMS accept
+/// 7–32 alphanumerics).
+fn new_password() -> Result<SecretString, Refusal> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let rng = ring::rand::SystemRandom::new();
+    let mut out = String::with_capacity(32);
+    while out.len() < 32 {
+        let mut b = [0u8; 1];
+        ring::rand::SecureRandom::fill(&rng, &mut b).map_err(|_| {
+            refuse(
+                ConnectionErrorCode::InternalError,
+                "the system random number generator failed",
+            )
+        })?;
+        // 62 * 4 = 248: reject 248..=255 so every character is equally likely.
+        if b[0] < 248 {
+            out.push(ALPHABET[usize::from(b[0] % 62)] as char);
+        }
+    }
+    Ok(SecretString::new(out))
+}
+
+impl Sessions {
+    /// Logs in to `cluster`'s token as kmsuser with `password`, rotates the password,
+    /// and keeps the session for `store_id`. Returns the new password.
+    pub fn connect(
+        &self,
+        store_id: &str,
+        cluster: &Cluster,
+        password: &SecretString,
+    ) -> Result<SecretString, Refusal> {
+        let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        // A previous session of this store (should not exist: disconnect releases it).
+        for m in modules.values_mut() {
+            m.held.remove(store_id);
+        }
+        let fresh = match modules.remove(&cluster.module) {
+            Some(m) if !m.held.is_empty() => m,
+            Some(m) => {
+                // Nobody holds a session: start over so the token's PIN is re-read.
+                if let Err(e) = m.ctx.clone().finalize() {
+                    tracing::debug!(code = %ck_code(&e), "C_Finalize before a connect attempt failed");
+                }
+                initialize(&m.ctx).map_err(|e| {
+                    refuse(
+                        ConnectionErrorCode::InternalError,
+                        format!("C_Initialize failed: {}", ck_code(&e)),
+                    )
+                })?;
+                m
+            }
+            None => {
+                let ctx = Pkcs11::new(&cluster.module).map_err(|e| {
+                    refuse(
+                        ConnectionErrorCode::InternalError,
+                        format!(
+                            "cannot load PKCS#11 module {}: {e}",
+                            cluster.module.display()
+                        ),
+                    )
+                })?;
+                initialize(&ctx).map_err(|e| {
+                    refuse(
+                        ConnectionErrorCode::InternalError,
+                        format!("C_Initialize failed: {}", ck_code(&e)),
+                    )
+                })?;
+                ModuleCtx {
+                    ctx,
+                    held: HashMap::new(),
+                }
+            }
+        };
+        let entry = modules.entry(cluster.module.clone()).or_insert(fresh);
+        let session = login(&entry.ctx, cluster, password)?;
+        let new = new_password()?;
+        if let Err(e) = session.set_pin(
+            &AuthPin::from(password.expose()),
+            &AuthPin::from(new.expose()),
+        ) {
+            let _ = session.logout();
+            return Err(refuse(
+                ConnectionErrorCode::InternalError,
+                format!("rotating the kmsuser password failed: {}", ck_code(&e)),
+            ));
+        }
+        entry.held.insert(store_id.to_owned(), session);
+        Ok(new)
+    }
+
+    /// Logs out and closes the session `store_id` holds, if any.
+    pub fn release(&self, store_id: &str) {
+        let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        for m in modules.values_mut() {
+            // Dropping the session closes it.
+            if let Some(session) = m.held.remove(store_id)
+                && let Err(e) = session.logout()
+            {
+                tracing::debug!(custom_key_store_id = %store_id, code = %ck_code(&e), "C_Logout failed");
+            }
+        }
+    }
+
+    /// Whether `store_id` holds a logged-in session (tests, status).
+    pub fn holds(&self, store_id: &str) -> bool {
+        let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        modules.values().any(|m| m.held.contains_key(store_id))
+    }
+}
+
+/// Opens a read-write session on the cluster's token and logs in as CKU_USER.
+/// C_Login's refusals become the CloudHSM connection error codes; a token the module
+/// cannot find or talk to is `NETWORK_ERRORS` ("KMS cannot communicate with your
+/// CloudHSM cluster"), while a module that cannot be loaded or initialised is
+/// `INTERNAL_ERROR` (KMS's own client is broken, nothing on the cluster to fix).
+fn login(ctx: &Pkcs11, cluster: &Cluster, password: &SecretString) -> Result<Session, Refusal> {
+    let selector = match &cluster.token {
+        TokenSelector::Label(l) => Selector::Label(l.clone()),
+        TokenSelector::Serial(s) => Selector::Serial(s.clone()),
+    };
+    let (slot, _) = find_slot(ctx, &selector).map_err(|e| {
+        refuse(
+            ConnectionErrorCode::NetworkErrors,
+            match e {
+                SlotError::NotFound => format!("no token with {selector}"),
+                other => format!("token {selector}: {}", other.code()),
+            },
+        )
+    })?;
+    let session = ctx.open_rw_session(slot).map_err(|e| {
+        refuse(
+            ConnectionErrorCode::NetworkErrors,
+            format!("C_OpenSession failed: {}", ck_code(&e)),
+        )
+    })?;
+    match session.login(UserType::User, Some(&AuthPin::from(password.expose()))) {
+        Ok(()) => Ok(session),
+        Err(e) => {
+            let code = match &e {
+                CkError::Pkcs11(
+                    RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
+                    _,
+                ) => ConnectionErrorCode::InvalidCredentials,
+                CkError::Pkcs11(RvError::PinLocked, _) => ConnectionErrorCode::UserLockedOut,
+                CkError::Pkcs11(RvError::UserPinNotInitialized, _) => {
+                    ConnectionErrorCode::UserNotFound
+                }
+                CkError::Pkcs11(
+                    RvError::UserAlreadyLoggedIn | RvError::UserAnotherAlreadyLoggedIn,
+                    _,
+                ) => ConnectionErrorCode::UserLoggedIn,
+                _ => ConnectionErrorCode::NetworkErrors,
+            };
+            Err(refuse(code, format!("C_Login failed: {}", ck_code(&e))))
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! What only CloudHSM key stores have: Create's checks against the stand-in cluster
+//! registry ([`crate::kms::clusters`]), Update's rules (name while CONNECTED or
+//! DISCONNECTED; password and cluster only while DISCONNECTED; only a related
+//! cluster), Connect's synchronous cluster check, and the background connect attempt
+//! that logs in as kmsuser and rotates its password ([`crate::kms::hsm`]).
+//!
+//! Lockout: CloudHSM locks kmsuser out after 5 failed logins; SoftHSMv2 never locks a
+//! PIN, so the emulator counts refused logins itself (per store, persisted). The 5th
+//! consecutive refusal, and every attempt after it, ends FAILED `USER_LOCKED_OUT`
+//! without touching the token, until UpdateCustomKeyStore `KeyStorePassword` (the
+//! operator reset the password on the cluster): the next attempt then logs in once,
+//! and success clears the count. A token that itself answers CKR_PIN_LOCKED is
+//! `USER_LOCKED_OUT` too.
+
+use super::{
+    CreateCustomKeyStoreRequest, Empty, UpdateCustomKeyStoreRequest, check_unique, invalid_state,
+    not_found,
+};
+use crate::kms::clusters::{Cluster, certificate_der};
+use crate::kms::error::{Exception, KmsError};
+use crate::kms::hsm::Refusal;
+use crate::kms::store::{CloudHsmSettings, ConnectionErrorCode, ConnectionState, State};
+use crate::kms::validate::{self as v, Shown, Violations};
+use crate::kms::{Ctx, Emulator};
+
+/// Refused logins after which CloudHSM locks kmsuser out.
+pub const LOCKOUT_AFTER: u32 = 5;
+
+fn cluster_not_found() -> KmsError {
+    KmsError::new(
+        Exception::CloudHsmClusterNotFound,
+        "The request was rejected because KMS cannot find the CloudHSM cluster with the \
+         specified cluster ID. Retry the request with a different cluster ID.",
+    )
+}
+
+fn cluster_not_active() -> KmsError {
+    KmsError::new(
+        Exception::CloudHsmClusterNotActive,
+        "The request was rejected because the CloudHSM cluster associated with the CloudHSM \
+         key store is not active. Initialize and activate the cluster and try the command \
+         again. For detailed instructions, see Getting Started in the CloudHSM User Guide.",
+    )
+}
+
+fn cluster_invalid_configuration() -> KmsError {
+    KmsError::new(
+        Exception::CloudHsmClusterInvalidConfiguration,
+        "The request was rejected because the associated CloudHSM cluster did not meet the \
+         configuration requirements for an CloudHSM key store. The CloudHSM cluster must \
+         contain at least two active HSMs, each in a different Availability Zone in the \
+         Region.",
+    )
+}
+
+fn cluster_in_use() -> KmsError {
+    KmsError::new(
+        Exception::CloudHsmClusterInUse,
+        "The request was rejected because the specified CloudHSM cluster is already \
+         associated with an CloudHSM key store in the account, or it shares a backup history \
+         with an CloudHSM key store in the account. Each CloudHSM key store in the account \
+         must be associated with a different CloudHSM cluster.",
+    )
+}
+
+fn incorrect_trust_anchor() -> KmsError {
+    KmsError::new(
+        Exception::IncorrectTrustAnchor,
+        "The request was rejected because the trust anchor certificate in the request to \
+         create an CloudHSM key store is not the trust anchor certificate for the specified \
+         CloudHSM cluster. When you initialize the CloudHSM cluster, you create the trust \
+         anchor certificate and save it in the customerCA.crt file.",
+    )
+}
+
+fn cluster_not_related() -> KmsError {
+    KmsError::new(
+        Exception::CloudHsmClusterNotRelated,
+        "The request was rejected because the specified CloudHSM cluster has a different \
+         cluster certificate than the original cluster. You cannot use the operation to \
+         specify an unrelated cluster for an CloudHSM key store. Specify an CloudHSM cluster \
+         that shares a backup history with the original cluster.",
+    )
+}
+
+/// A cluster backs at most one store, and so does every cluster sharing its backup
+/// history (checked against every store but `exclude`).
+pub(super) fn check_cluster_free(
+    emu: &Emulator,
+    st: &State,
+    exclude: Option<&str>,
+    cluster: &Cluster,
+) -> Result<(), KmsError> {
+    let clusters = &emu.config().clusters;
+    let taken = st
+        .stores
+        .values()
+        .filter(|s| Some(s.id.as_str()) != exclude)
+        .filter_map(|s| s.cloudhsm())
+        .any(|c| {
+            c.cluster_id == cluster.id
+                || clusters
+                    .get(&c.cluster_id)
+                    .is_some_and(|other| other.is_related(cluster))
+        });
+    if taken {
+        return Err(cluster_in_use());
+    }
+    Ok(())
+}
+
+impl Emulator {
+    /// CreateCustomKeyStore's CloudHSM part, after the common checks: the cluster
+    /// exists, is active, the trust anchor is its own, no store uses it (or a related
+    /// cluster), and it has two active HSMs in different AZs. Does not log in (KMS
+    /// checks kmsuser only at Connect).
+    pub(super) fn new_cloudhsm_settings(
+        &self,
+        req: CreateCustomKeyStoreRequest,
+    ) -> Result<CloudHsmSettings, KmsError> {
+        if !cfg!(feature = "pkcs11") {
+            return Err(KmsError::new(
+                Exception::CloudHsmClusterNotFound,
+                "AWS CloudHSM key stores need the pkcs11 feature, which this KMS emulator \
+                 was built without; create an EXTERNAL_KEY_STORE instead.",
+            ));
+        }
+        let cluster_id = req.cloud_hsm_cluster_id.unwrap_or_default();
+        let anchor = req.trust_anchor_certificate.unwrap_or_default();
+        let password = req
+            .key_store_password
+            .ok_or_else(|| KmsError::validation("keyStorePassword missing"))?
+            .0;
+        let cluster = self
+            .config()
+            .clusters
+            .get(&cluster_id)
+            .ok_or_else(cluster_not_found)?;
+        if !cluster.is_active() {
+            return Err(cluster_not_active());
+        }
+        if certificate_der(anchor.as_bytes()).as_deref() != Some(&cluster.trust_anchor_der[..]) {
+            return Err(incorrect_trust_anchor());
+        }
+        self.store()
+            .read(|st| check_cluster_free(self, st, None, cluster))?;
+        if !cluster.meets_hsm_requirement() {
+            return Err(cluster_invalid_configuration());
+        }
+        Ok(CloudHsmSettings {
+            cluster_id,
+            trust_anchor: anchor,
+            password,
+            failed_logins: 0,
+            retry_after_lockout: false,
+        })
+    }
+
+    /// Connect's synchronous part for a CloudHSM store: an inactive cluster fails the
+    /// call (the store stays DISCONNECTED). A cluster missing from the registry or
+    /// without active HSMs fails later, in the attempt, with a ConnectionErrorCode.
+    pub(super) fn cloudhsm_connect_check(&self, c: &CloudHsmSettings) -> Result<(), KmsError> {
+        match self.config().clusters.get(&c.cluster_id) {
+            Some(cluster) if !cluster.is_active() => Err(cluster_not_active()),
+            _ => Ok(()),
+        }
+    }
+
+    /// One background connect attempt: log in as kmsuser, rotate the password, keep
+    /// the session. The rotated password and the failed-login count are recorded even
+    /// when the attempt has gone stale (the token changed either way).
+    pub(super) async fn cloudhsm_connect_attempt(&self, id: &str, attempt: u64) {
+        let current = |s: &crate::kms::store::CustomKeyStore| {
+            s.attempt == attempt && s.connection_state == ConnectionState::Connecting
+        };
+        let Some(c) = self.store().read(|st| {
+            st.stores
+                .get(id)
+                .filter(|s| current(s))
+                .and_then(|s| s.cloudhsm().cloned())
+        }) else {
+            return;
+        };
+        let cluster = self.config().clusters.get(&c.cluster_id).cloned();
+        let mut logged_in = false;
+        let outcome = match cluster {
+            None => Err(Refusal {
+                code: ConnectionErrorCode::ClusterNotFound,
+                reason: format!("cluster {} is not in the registry", c.cluster_id),
+            }),
+            Some(cl) if cl.active_hsms() == 0 => Err(Refusal {
+                code: ConnectionErrorCode::InsufficientCloudhsmHsms,
+                reason: format!("cluster {} has no active HSM", cl.id),
+            }),
+            Some(_) if c.failed_logins >= LOCKOUT_AFTER && !c.retry_after_lockout => Err(Refusal {
+                code: ConnectionErrorCode::UserLockedOut,
+                reason: "kmsuser is locked out; reset its password on the cluster, then \
+                             UpdateCustomKeyStore KeyStorePassword"
+                    .to_owned(),
+            }),
+            Some(cl) => {
+                logged_in = true;
+                let emu = self.clone();
+                let store_id = id.to_owned();
+                let password = c.password.clone();
+                tokio::task::spawn_blocking(move || {
+                    emu.shared.hsm.connect(&store_id, &cl, &password)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Refusal {
+                        code: ConnectionErrorCode::InternalError,
+                        reason: format!("login task failed: {e}"),
+                    })
+                })
+            }
+        };
+        let applied = self.store().transact(|st, ch| {
+            let Some(s) = st.stores.get_mut(id) else {
+                return Ok((false, None));
+            };
+            let is_current = current(s);
+            let Some(h) = s.cloudhsm_mut() else {
+                return Ok((false, None));
+            };
+            let mut code = None;
+            match &outcome {
+                Ok(new_password) => {
+                    h.password = new_password.clone();
+                    h.failed_logins = 0;
+                    h.retry_after_lockout = false;
+                }
+                Err(r) => {
+                    let mut c = r.code;
+                    if logged_in {
+                        h.retry_after_lockout = false;
+                        if c == ConnectionErrorCode::InvalidCredentials {
+                            h.failed_logins = h.failed_logins.saturating_add(1);
+                            if h.failed_logins >= LOCKOUT_AFTER {
+                                c = ConnectionErrorCode::UserLockedOut;
+                            }
+                        } else if c == ConnectionErrorCode::UserLockedOut {
+                            h.failed_logins = h.failed_logins.max(LOCKOUT_AFTER);
+                        }
+                    }
+                    code = Some(c);
+                }
+            }
+            if is_current {
+                match code {
+                    None => {
+                        s.connection_state = ConnectionState::Connected;
+                        s.connection_error_code = None;
+                    }
+                    Some(c) => {
+                        s.connection_state = ConnectionState::Failed;
+                        s.connection_error_code = Some(c);
+                    }
+                }
+            }
+            ch.store(id);
+            Ok((is_current, code))
+        });
+        match (&applied, &outcome) {
+            (Ok((true, None)), _) => {
+                tracing::info!(custom_key_store_id = %id, "custom key store connected; kmsuser password rotated")
+            }
+            (Ok((true, Some(code))), Err(r)) => tracing::info!(
+                custom_key_store_id = %id,
+                code = ?code,
+                reason = %r.reason,
+                "custom key store connection failed"
+            ),
+            (Ok(_), _) => {
+                tracing::debug!(custom_key_store_id = %id, "stale connect result recorded")
+            }
+            (Err(e), _) => {
+                tracing::error!(custom_key_store_id = %id, error = %e, "cannot record the connect result")
+            }
+        }
+        // A session nobody wants any more: the attempt went stale, or was not recorded.
+        let keep = matches!(applied, Ok((true, None)));
+        if outcome.is_ok() && !keep {
+            let emu = self.clone();
+            let store_id = id.to_owned();
+            let _ = tokio::task::spawn_blocking(move || emu.shared.hsm.release(&store_id)).await;
+        }
+    }
+
+    /// UpdateCustomKeyStore for a CloudHSM key store (`keystores` dispatches here).
+    pub(super) fn update_cloudhsm_store(
+        &self,
+        _ctx: &Ctx,
+        req: UpdateCustomKeyStoreRequest,
+    ) -> Result<Empty, KmsError> {
+        let mut vs = Violations::new();
+        vs.length(
+            "newCustomKeyStoreName",
+            req.new_custom_key_store_name.as_deref(),
+            1,
+            256,
+            Shown::Yes,
+        );
+        vs.length(
+            "keyStorePassword",
+            req.key_store_password.as_ref().map(|p| p.0.expose()),
+            7,
+            32,
+            Shown::Redacted,
+        );
+        vs.string(
+            "cloudHsmClusterId",
+            req.cloud_hsm_cluster_id.as_deref(),
+            19,
+            24,
+            v::is_cluster_id,
+            v::CLUSTER_ID_PATTERN,
+            Shown::Yes,
+        );
+        let foreign = [
+            ("xksProxyUriEndpoint", req.xks_proxy_uri_endpoint.is_some()),
+            ("xksProxyUriPath", req.xks_proxy_uri_path.is_some()),
+            (
+                "xksProxyAuthenticationCredential",
+                req.xks_proxy_authentication_credential.is_some(),
+            ),
+            ("xksProxyConnectivity", req.xks_proxy_connectivity.is_some()),
+            (
+                "xksProxyVpcEndpointServiceName",
+                req.xks_proxy_vpc_endpoint_service_name.is_some(),
+            ),
+            (
+                "xksProxyVpcEndpointServiceOwner",
+                req.xks_proxy_vpc_endpoint_service_owner.is_some(),
+            ),
+        ];
+        for (member, present) in foreign {
+            if present {
+                vs.custom(
+                    member,
+                    Some(""),
+                    Shown::Redacted,
+                    "Member is not valid for an AWS_CLOUDHSM custom key store",
+                );
+            }
+        }
+        vs.finish()?;
+        let id = req.custom_key_store_id.clone().unwrap_or_default();
+        let offline = req.key_store_password.is_some() || req.cloud_hsm_cluster_id.is_some();
+
+        self.store().transact(|st, ch| {
+            let s = st.stores.get(&id).ok_or_else(|| not_found(&id))?;
+            match s.connection_state {
+                ConnectionState::Disconnected => {}
+                ConnectionState::Connected if offline => {
+                    return Err(invalid_state(
+                        &id,
+                        s.connection_state,
+                        "the key store password and the CloudHSM cluster can be changed only \
+                         while the store is DISCONNECTED.",
+                    ));
+                }
+                ConnectionState::Connected => {}
+                ConnectionState::Connecting
+                | ConnectionState::Disconnecting
+                | ConnectionState::Failed => {
+                    return Err(invalid_state(
+                        &id,
+                        s.connection_state,
+                        "a store can be updated only while CONNECTED or DISCONNECTED.",
+                    ));
+                }
+            }
+            let current = s
+                .cloudhsm()
+                .ok_or_else(|| KmsError::internal(&"store type changed"))?
+                .clone();
+            if let Some(new_id) = &req.cloud_hsm_cluster_id
+                && *new_id != current.cluster_id
+            {
+                let clusters = &self.config().clusters;
+                let new = clusters.get(new_id).ok_or_else(cluster_not_found)?;
+                if !new.is_active() {
+                    return Err(cluster_not_active());
+                }
+                let related = clusters
+                    .get(&current.cluster_id)
+                    .is_some_and(|old| old.is_related(new));
+                if !related {
+                    return Err(cluster_not_related());
+                }
+                if !new.meets_hsm_requirement() {
+                    return Err(cluster_invalid_configuration());
+                }
+                check_cluster_free(self, st, Some(&id), new)?;
+            }
+            check_unique(
+                st,
+                Some(&id),
+                req.new_custom_key_store_name.as_deref(),
+                None,
+            )?;
+
+            let s = st.stores.get_mut(&id).ok_or_else(|| not_found(&id))?;
+            if let Some(n) = &req.new_custom_key_store_name {
+                s.name = n.clone();
+            }
+            let h = s
+                .cloudhsm_mut()
+                .ok_or_else(|| KmsError::internal(&"store type changed"))?;
+            if let Some(c) = &req.cloud_hsm_cluster_id {
+                h.cluster_id = c.clone();
+            }
+            if let Some(p) = &req.key_store_password {
+                // Tells KMS the password the operator set; never changes it on the cluster.
+                h.password = p.0.clone();
+                h.retry_after_lockout = h.failed_logins >= LOCKOUT_AFTER;
+            }
+            ch.store(&id);
+            Ok(())
+        })?;
+        tracing::info!(custom_key_store_id = %id, "custom key store updated");
+        Ok(Empty {})
+    }
+}

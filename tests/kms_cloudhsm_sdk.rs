@@ -1,0 +1,666 @@
+//! CloudHSM key stores end to end: the real `kms-emulator` binary with stand-in
+//! clusters on real SoftHSMv2 tokens (`tests/softhsm/setup.sh`, one throw-away
+//! directory per test), driven by `aws-sdk-kms`. The token is also checked from
+//! outside the emulator with OpenSC's `pkcs11-tool` (the password rotation, the
+//! operator's reset), so the emulator is not its own oracle.
+#![cfg(feature = "pkcs11")]
+
+mod kms_support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kms::Client;
+use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_kms::error::ProvideErrorMetadata;
+use aws_sdk_kms::types::{
+    ConnectionErrorCodeType, ConnectionStateType, CustomKeyStoresListEntry, OriginType,
+};
+use kms_support::procs::{Proc, emulator_bin};
+
+const SO_PIN: &str = "12345678";
+const CLUSTER_A: &str = "cluster-aaaaaaaaaaaa";
+/// Same backup lineage as A: related.
+const CLUSTER_B: &str = "cluster-bbbbbbbbbbbb";
+/// Another lineage: unrelated.
+const CLUSTER_C: &str = "cluster-cccccccccccc";
+/// Two HSMs, both in one AZ.
+const CLUSTER_ONE_AZ: &str = "cluster-dddddddddddd";
+const CLUSTER_UNINITIALIZED: &str = "cluster-eeeeeeeeeeee";
+/// Related to A, but one HSM only.
+const CLUSTER_B_SMALL: &str = "cluster-ffffffffffff";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn anchor() -> String {
+    std::fs::read_to_string(repo().join("certs/cloudhsm-trust-anchor.pem")).expect("anchor")
+}
+
+/// A SoftHSM directory with one token per label (each with its own user PIN).
+struct Hsm {
+    dir: tempfile::TempDir,
+    conf: String,
+    module: String,
+}
+
+impl Hsm {
+    fn new(tokens: &[(&str, &str)]) -> Hsm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conf = String::new();
+        let mut module = String::new();
+        for (label, pin) in tokens {
+            let out = Command::new(repo().join("tests/softhsm/setup.sh"))
+                .arg(dir.path())
+                .args([label, SO_PIN, pin])
+                .output()
+                .expect("run tests/softhsm/setup.sh (needs softhsm2)");
+            assert!(
+                out.status.success(),
+                "setup.sh: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(v) = line.strip_prefix("export SOFTHSM2_CONF=") {
+                    conf = v.to_owned();
+                }
+                if let Some(v) = line.strip_prefix("export XKS_TEST_PKCS11_MODULE=") {
+                    module = v.to_owned();
+                }
+            }
+        }
+        Hsm { dir, conf, module }
+    }
+
+    /// `pkcs11-tool` against this token directory.
+    fn tool(&self, label: &str) -> Command {
+        let mut c = Command::new("pkcs11-tool");
+        c.env("SOFTHSM2_CONF", &self.conf)
+            .args(["--module", &self.module, "--token-label", label]);
+        c
+    }
+
+    /// Whether `pin` logs in as the user, from a process of its own (a fresh
+    /// C_Initialize, so nothing cached).
+    fn user_pin_works(&self, label: &str, pin: &str) -> bool {
+        self.tool(label)
+            .args(["--login", "--pin", pin, "--list-objects"])
+            .output()
+            .expect("pkcs11-tool (OpenSC)")
+            .status
+            .success()
+    }
+
+    /// The operator resets kmsuser's password on the cluster (C_InitPIN as SO).
+    fn operator_reset(&self, label: &str, new_pin: &str) {
+        let out = self
+            .tool(label)
+            .args(["--login", "--login-type", "so", "--so-pin", SO_PIN])
+            .args(["--init-pin", "--new-pin", new_pin])
+            .output()
+            .expect("pkcs11-tool (OpenSC)");
+        assert!(
+            out.status.success(),
+            "init-pin: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Writes a cluster file; each entry: (id, token label, hsms_per_az, lineage, state).
+    fn clusters(&self, name: &str, entries: &[(&str, &str, &str, &str, &str)]) -> PathBuf {
+        let mut text = String::new();
+        for (id, label, hsms, lineage, state) in entries {
+            text.push_str(&format!(
+                "[[cluster]]\nid = \"{id}\"\nmodule = \"{}\"\ntoken_label = \"{label}\"\n\
+                 trust_anchor = \"{}\"\nhsms_per_az = {hsms}\nbackup_lineage = \"{lineage}\"\n\
+                 state = \"{state}\"\n\n",
+                self.module,
+                repo().join("certs/cloudhsm-trust-anchor.pem").display()
+            ));
+        }
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write clusters");
+        path
+    }
+
+    fn emulator(&self, clusters: &Path, data_dir: Option<&Path>) -> Proc {
+        let mut cmd = Command::new(emulator_bin());
+        cmd.args(["--listen", "127.0.0.1:0", "--xks-health-interval", "0"])
+            .arg("--cloudhsm-clusters")
+            .arg(clusters)
+            .env("SOFTHSM2_CONF", &self.conf)
+            .env("RUST_LOG", "debug");
+        if let Some(d) = data_dir {
+            cmd.arg("--data-dir").arg(d);
+        }
+        Proc::spawn(cmd, "listening on http://")
+    }
+}
+
+/// The registry most tests use.
+fn standard_clusters(hsm: &Hsm) -> PathBuf {
+    hsm.clusters(
+        "clusters.toml",
+        &[
+            (CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE"),
+            (CLUSTER_B, "hsm-b", "[1, 2]", "lineage-1", "ACTIVE"),
+            (CLUSTER_C, "hsm-c", "[1, 1]", "lineage-2", "ACTIVE"),
+            (CLUSTER_ONE_AZ, "hsm-c", "[2, 0]", "lineage-3", "ACTIVE"),
+            (
+                CLUSTER_UNINITIALIZED,
+                "hsm-c",
+                "[1, 1]",
+                "lineage-4",
+                "UNINITIALIZED",
+            ),
+            (CLUSTER_B_SMALL, "hsm-b", "[1]", "lineage-1", "ACTIVE"),
+        ],
+    )
+}
+
+fn sdk(emulator: &Proc) -> Client {
+    let conf = aws_sdk_kms::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(format!("http://{}", emulator.addr))
+        .credentials_provider(Credentials::new("AKIDSDK", "sdk-secret", None, None, "t"))
+        .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
+        .build();
+    Client::from_conf(conf)
+}
+
+fn code<E: ProvideErrorMetadata, R>(r: Result<R, aws_sdk_kms::error::SdkError<E>>) -> String {
+    match r {
+        Ok(_) => panic!("call unexpectedly succeeded"),
+        Err(e) => e
+            .as_service_error()
+            .and_then(|s| s.code())
+            .unwrap_or_else(|| panic!("not a service error"))
+            .to_owned(),
+    }
+}
+
+async fn create(
+    kms: &Client,
+    name: &str,
+    cluster: &str,
+    anchor: &str,
+    pw: &str,
+) -> Result<String, String> {
+    kms.create_custom_key_store()
+        .custom_key_store_name(name)
+        .cloud_hsm_cluster_id(cluster)
+        .trust_anchor_certificate(anchor)
+        .key_store_password(pw)
+        .send()
+        .await
+        .map(|o| o.custom_key_store_id().expect("id").to_owned())
+        .map_err(|e| {
+            e.as_service_error()
+                .and_then(|s| s.code())
+                .unwrap_or("not a service error")
+                .to_owned()
+        })
+}
+
+async fn describe(kms: &Client, id: &str) -> CustomKeyStoresListEntry {
+    kms.describe_custom_key_stores()
+        .custom_key_store_id(id)
+        .send()
+        .await
+        .expect("describe")
+        .custom_key_stores()[0]
+        .clone()
+}
+
+/// Polls until the store leaves CONNECTING/DISCONNECTING (bounded).
+async fn settled(kms: &Client, id: &str) -> CustomKeyStoresListEntry {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = describe(kms, id).await;
+        match s.connection_state() {
+            Some(ConnectionStateType::Connecting | ConnectionStateType::Disconnecting) => {}
+            _ => return s,
+        }
+        assert!(Instant::now() < deadline, "store {id} never settled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn connect(kms: &Client, id: &str) -> CustomKeyStoresListEntry {
+    kms.connect_custom_key_store()
+        .custom_key_store_id(id)
+        .send()
+        .await
+        .expect("connect");
+    settled(kms, id).await
+}
+
+async fn disconnect(kms: &Client, id: &str) {
+    kms.disconnect_custom_key_store()
+        .custom_key_store_id(id)
+        .send()
+        .await
+        .expect("disconnect");
+    let s = settled(kms, id).await;
+    assert_eq!(
+        s.connection_state(),
+        Some(&ConnectionStateType::Disconnected)
+    );
+}
+
+fn assert_failed(s: &CustomKeyStoresListEntry, want: ConnectionErrorCodeType) {
+    assert_eq!(
+        s.connection_state(),
+        Some(&ConnectionStateType::Failed),
+        "{s:?}"
+    );
+    assert_eq!(s.connection_error_code(), Some(&want), "{s:?}");
+}
+
+fn assert_connected(s: &CustomKeyStoresListEntry) {
+    assert_eq!(
+        s.connection_state(),
+        Some(&ConnectionStateType::Connected),
+        "{s:?}"
+    );
+    assert!(s.connection_error_code().is_none());
+}
+
+#[tokio::test]
+async fn cloudhsm_store_lifecycle_rotates_the_password_and_follows_an_operator_reset() {
+    const ORIGINAL: &str = "kmsuserOriginal1";
+    const RESET: &str = "operatorReset22";
+    let hsm = Hsm::new(&[
+        ("hsm-a", ORIGINAL),
+        ("hsm-b", "unusedPin1"),
+        ("hsm-c", "unusedPin2"),
+    ]);
+    let emu = hsm.emulator(&standard_clusters(&hsm), None);
+    let kms = sdk(&emu);
+
+    // Create: type omitted means AWS_CLOUDHSM.
+    let id = create(&kms, "hsm-store", CLUSTER_A, &anchor(), ORIGINAL)
+        .await
+        .expect("create");
+    let s = describe(&kms, &id).await;
+    assert_eq!(
+        s.custom_key_store_type().map(|t| t.as_str()),
+        Some("AWS_CLOUDHSM")
+    );
+    assert_eq!(s.cloud_hsm_cluster_id(), Some(CLUSTER_A));
+    assert_eq!(s.trust_anchor_certificate(), Some(anchor().as_str()));
+    assert!(s.xks_proxy_configuration().is_none());
+    assert_eq!(
+        s.connection_state(),
+        Some(&ConnectionStateType::Disconnected)
+    );
+
+    // Connect: KMS logs in as kmsuser and rotates its password.
+    assert_connected(&connect(&kms, &id).await);
+    assert!(
+        !hsm.user_pin_works("hsm-a", ORIGINAL),
+        "after CONNECTED the original kmsuser password must no longer log in"
+    );
+    // Renaming is allowed while CONNECTED; the password and cluster are not.
+    kms.update_custom_key_store()
+        .custom_key_store_id(&id)
+        .new_custom_key_store_name("hsm-store-renamed")
+        .send()
+        .await
+        .expect("rename while connected");
+    assert_eq!(
+        code(
+            kms.update_custom_key_store()
+                .custom_key_store_id(&id)
+                .key_store_password(RESET)
+                .send()
+                .await
+        ),
+        "CustomKeyStoreInvalidStateException"
+    );
+    assert_eq!(
+        code(
+            kms.update_custom_key_store()
+                .custom_key_store_id(&id)
+                .cloud_hsm_cluster_id(CLUSTER_B)
+                .send()
+                .await
+        ),
+        "CustomKeyStoreInvalidStateException"
+    );
+    assert_eq!(
+        code(
+            kms.delete_custom_key_store()
+                .custom_key_store_id(&id)
+                .send()
+                .await
+        ),
+        "CustomKeyStoreInvalidStateException"
+    );
+
+    // The operator resets kmsuser's password on the cluster: KMS's one is stale.
+    disconnect(&kms, &id).await;
+    hsm.operator_reset("hsm-a", RESET);
+    assert_failed(
+        &connect(&kms, &id).await,
+        ConnectionErrorCodeType::InvalidCredentials,
+    );
+    assert_eq!(
+        code(
+            kms.connect_custom_key_store()
+                .custom_key_store_id(&id)
+                .send()
+                .await
+        ),
+        "CustomKeyStoreInvalidStateException",
+        "a FAILED store must be disconnected before it connects again"
+    );
+    disconnect(&kms, &id).await;
+
+    // Tell KMS the current password, reconnect: connected, and rotated again.
+    kms.update_custom_key_store()
+        .custom_key_store_id(&id)
+        .key_store_password(RESET)
+        .send()
+        .await
+        .expect("update password");
+    assert_connected(&connect(&kms, &id).await);
+    assert!(
+        !hsm.user_pin_works("hsm-a", RESET),
+        "rotated again on connect"
+    );
+
+    // CreateKey in a CloudHSM store is not emulated yet: it says so.
+    assert_eq!(
+        code(
+            kms.create_key()
+                .origin(OriginType::AwsCloudhsm)
+                .custom_key_store_id(&id)
+                .send()
+                .await
+        ),
+        "UnsupportedOperationException"
+    );
+
+    disconnect(&kms, &id).await;
+    kms.delete_custom_key_store()
+        .custom_key_store_id(&id)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(
+        code(
+            kms.describe_custom_key_stores()
+                .custom_key_store_id(&id)
+                .send()
+                .await
+        ),
+        "CustomKeyStoreNotFoundException"
+    );
+
+    // No password, original, reset or rotated, in anything the emulator wrote.
+    let logs = emu.output.lock().expect("lock").join("\n");
+    assert!(
+        logs.contains("kmsuser password rotated"),
+        "the capture works"
+    );
+    for pw in [ORIGINAL, RESET] {
+        assert!(!logs.contains(pw), "a kmsuser password reached the logs");
+    }
+}
+
+#[tokio::test]
+async fn cloudhsm_create_and_update_errors_follow_the_model() {
+    let hsm = Hsm::new(&[
+        ("hsm-a", "kmsuserPw1"),
+        ("hsm-b", "kmsuserPw2"),
+        ("hsm-c", "kmsuserPw3"),
+    ]);
+    let emu = hsm.emulator(&standard_clusters(&hsm), None);
+    let kms = sdk(&emu);
+    let a = anchor();
+    let other =
+        std::fs::read_to_string(repo().join("certs/cloudhsm-other-anchor.pem")).expect("pem");
+
+    let cases: [(&str, &str, &str, &str); 7] = [
+        (
+            "cluster-unknownunknown",
+            &a,
+            "kmsuserPw1",
+            "CloudHsmClusterNotFoundException",
+        ),
+        (
+            CLUSTER_UNINITIALIZED,
+            &a,
+            "kmsuserPw1",
+            "CloudHsmClusterNotActiveException",
+        ),
+        (
+            CLUSTER_A,
+            &other,
+            "kmsuserPw1",
+            "IncorrectTrustAnchorException",
+        ),
+        (
+            CLUSTER_A,
+            "not a certificate",
+            "kmsuserPw1",
+            "IncorrectTrustAnchorException",
+        ),
+        (
+            CLUSTER_ONE_AZ,
+            &a,
+            "kmsuserPw1",
+            "CloudHsmClusterInvalidConfigurationException",
+        ),
+        (CLUSTER_A, &a, "short6", "ValidationException"),
+        (CLUSTER_A, &a, &"x".repeat(33), "ValidationException"),
+    ];
+    for (cluster, anchor, pw, want) in cases {
+        assert_eq!(
+            create(&kms, "s", cluster, anchor, pw)
+                .await
+                .expect_err(want),
+            want,
+            "{cluster}"
+        );
+    }
+
+    let id = create(&kms, "first", CLUSTER_A, &a, "kmsuserPw1")
+        .await
+        .expect("create");
+    // The same cluster, or one sharing its backup history, backs one store only.
+    for cluster in [CLUSTER_A, CLUSTER_B] {
+        assert_eq!(
+            create(&kms, "second", cluster, &a, "kmsuserPw2")
+                .await
+                .expect_err("in use"),
+            "CloudHsmClusterInUseException"
+        );
+    }
+    assert_eq!(
+        create(&kms, "first", CLUSTER_C, &a, "kmsuserPw3")
+            .await
+            .expect_err("name"),
+        "CustomKeyStoreNameInUseException"
+    );
+    let third = create(&kms, "third", CLUSTER_C, &a, "kmsuserPw3")
+        .await
+        .expect("create C");
+
+    let update = |cluster: &'static str| {
+        kms.update_custom_key_store()
+            .custom_key_store_id(&id)
+            .cloud_hsm_cluster_id(cluster)
+            .send()
+    };
+    assert_eq!(
+        code(update(CLUSTER_C).await),
+        "CloudHsmClusterNotRelatedException"
+    );
+    assert_eq!(
+        code(update(CLUSTER_B_SMALL).await),
+        "CloudHsmClusterInvalidConfigurationException"
+    );
+    assert_eq!(
+        code(update("cluster-unknownunknown").await),
+        "CloudHsmClusterNotFoundException"
+    );
+    update(CLUSTER_B).await.expect("a related cluster");
+    assert_eq!(
+        describe(&kms, &id).await.cloud_hsm_cluster_id(),
+        Some(CLUSTER_B)
+    );
+    assert_eq!(
+        code(
+            kms.update_custom_key_store()
+                .custom_key_store_id(&id)
+                .new_custom_key_store_name("third")
+                .send()
+                .await
+        ),
+        "CustomKeyStoreNameInUseException"
+    );
+    assert_eq!(
+        code(
+            kms.update_custom_key_store()
+                .custom_key_store_id(&id)
+                .key_store_password("short6")
+                .send()
+                .await
+        ),
+        "ValidationException"
+    );
+    assert_eq!(
+        code(
+            kms.update_custom_key_store()
+                .custom_key_store_id(&third)
+                .xks_proxy_uri_path("/kms/xks/v1")
+                .send()
+                .await
+        ),
+        "ValidationException",
+        "XKS members on a CloudHSM store"
+    );
+}
+
+#[tokio::test]
+async fn cloudhsm_kmsuser_is_locked_out_after_five_refused_logins() {
+    const RIGHT: &str = "kmsuserRight1";
+    let hsm = Hsm::new(&[("hsm-a", RIGHT)]);
+    let clusters = hsm.clusters(
+        "clusters.toml",
+        &[(CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE")],
+    );
+    let emu = hsm.emulator(&clusters, None);
+    let kms = sdk(&emu);
+    let id = create(&kms, "locked", CLUSTER_A, &anchor(), "kmsuserWrong1")
+        .await
+        .expect("create");
+
+    for _ in 0..4 {
+        assert_failed(
+            &connect(&kms, &id).await,
+            ConnectionErrorCodeType::InvalidCredentials,
+        );
+        disconnect(&kms, &id).await;
+    }
+    assert_failed(
+        &connect(&kms, &id).await,
+        ConnectionErrorCodeType::UserLockedOut,
+    );
+    disconnect(&kms, &id).await;
+    // Locked: even without a password change nothing reaches the token.
+    assert_failed(
+        &connect(&kms, &id).await,
+        ConnectionErrorCodeType::UserLockedOut,
+    );
+    disconnect(&kms, &id).await;
+    // A password update allows one login; a wrong one keeps the lock.
+    kms.update_custom_key_store()
+        .custom_key_store_id(&id)
+        .key_store_password("kmsuserWrong2")
+        .send()
+        .await
+        .expect("update");
+    assert_failed(
+        &connect(&kms, &id).await,
+        ConnectionErrorCodeType::UserLockedOut,
+    );
+    disconnect(&kms, &id).await;
+    kms.update_custom_key_store()
+        .custom_key_store_id(&id)
+        .key_store_password(RIGHT)
+        .send()
+        .await
+        .expect("update");
+    assert_connected(&connect(&kms, &id).await);
+}
+
+#[tokio::test]
+async fn cloudhsm_connect_failures_and_the_rotated_password_survive_a_restart() {
+    let hsm = Hsm::new(&[("hsm-a", "kmsuserPw1")]);
+    let data = tempfile::tempdir().expect("data dir");
+    let entry =
+        |hsms: &'static str, state: &'static str| [(CLUSTER_A, "hsm-a", hsms, "lineage-1", state)];
+    let good = hsm.clusters("good.toml", &entry("[1, 1]", "ACTIVE"));
+    let id = {
+        let emu = hsm.emulator(&good, Some(data.path()));
+        let kms = sdk(&emu);
+        let id = create(&kms, "restart", CLUSTER_A, &anchor(), "kmsuserPw1")
+            .await
+            .expect("create");
+        assert_connected(&connect(&kms, &id).await);
+        disconnect(&kms, &id).await;
+        id
+    };
+    // Only the emulator's state knows the rotated password now.
+    assert!(!hsm.user_pin_works("hsm-a", "kmsuserPw1"));
+    {
+        let emu = hsm.emulator(&good, Some(data.path()));
+        let kms = sdk(&emu);
+        assert_connected(&connect(&kms, &id).await);
+        disconnect(&kms, &id).await;
+    }
+    {
+        let none = hsm.clusters("none.toml", &entry("[0, 0]", "ACTIVE"));
+        let emu = hsm.emulator(&none, Some(data.path()));
+        let kms = sdk(&emu);
+        assert_failed(
+            &connect(&kms, &id).await,
+            ConnectionErrorCodeType::InsufficientCloudhsmHsms,
+        );
+        disconnect(&kms, &id).await;
+    }
+    {
+        let inactive = hsm.clusters("inactive.toml", &entry("[1, 1]", "DEGRADED"));
+        let emu = hsm.emulator(&inactive, Some(data.path()));
+        let kms = sdk(&emu);
+        assert_eq!(
+            code(
+                kms.connect_custom_key_store()
+                    .custom_key_store_id(&id)
+                    .send()
+                    .await
+            ),
+            "CloudHsmClusterNotActiveException"
+        );
+        assert_eq!(
+            describe(&kms, &id).await.connection_state(),
+            Some(&ConnectionStateType::Disconnected)
+        );
+    }
+    {
+        let gone = hsm.clusters("gone.toml", &[]);
+        let emu = hsm.emulator(&gone, Some(data.path()));
+        let kms = sdk(&emu);
+        assert_failed(
+            &connect(&kms, &id).await,
+            ConnectionErrorCodeType::ClusterNotFound,
+        );
+    }
+}
