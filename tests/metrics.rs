@@ -159,6 +159,27 @@ async fn what_an_alert_watches_exists_at_zero_counts_failures_and_forgets_remove
         series(&m, "xks_config_last_reload_successful", &[]),
         Some(1.0)
     );
+    // The latency histograms too, with no observation yet.
+    let encrypt_ok = [
+        ("operation", "Encrypt"),
+        ("prefix", PREFIX),
+        ("outcome", "ok"),
+    ];
+    assert_eq!(
+        series(&m, "xks_request_duration_seconds_count", &encrypt_ok),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        series(&m, "xks_backend_call_duration_seconds_count", &[]),
+        Some(0.0),
+        "{m}"
+    );
+    // The certificate's days to expiry, from its notAfter at this scrape.
+    assert!(
+        series(&m, "xks_tls_certificate_days_to_expiry", &[]).is_some_and(|d| d > 0.0),
+        "{m}"
+    );
     // Both configured credentials have an age, from their secret files (just written).
     for c in &p.creds {
         let labels = [

@@ -76,7 +76,7 @@ pub struct Running {
 pub struct Reloader {
     api: Arc<Api>,
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
-    cert_days: Arc<std::sync::atomic::AtomicI64>,
+    cert_not_after: Arc<std::sync::atomic::AtomicI64>,
     /// What the running process was started with, of the settings only a restart applies.
     started_with: Arc<Vec<(&'static str, String)>>,
 }
@@ -160,7 +160,7 @@ impl Reloader {
         let tls = match (&self.tls, &config.server.tls) {
             (Some(_), Some(t)) => Some((
                 tls::server_config(t, config.server.client_auth.as_ref())?,
-                tls::days_to_expiry(t).unwrap_or(i64::MIN),
+                tls::not_after(t).unwrap_or(i64::MIN),
             )),
             _ => None,
         };
@@ -182,9 +182,9 @@ impl Reloader {
         self.api.replace_tenants(tenants);
         register_series(&self.api);
         self.api.replace_policy(policy);
-        if let (Some(slot), Some((cfg, days))) = (&self.tls, tls) {
+        if let (Some(slot), Some((cfg, not_after))) = (&self.tls, tls) {
             slot.store(cfg);
-            self.cert_days.store(days, Ordering::Release);
+            self.cert_not_after.store(not_after, Ordering::Release);
         }
         for ((key, was), (_, now)) in self.started_with.iter().zip(restart_only(config)) {
             if *was != now {
@@ -374,14 +374,11 @@ pub async fn start_on(
     ping_listener: Option<TcpListener>,
     admin_listener: Option<TcpListener>,
 ) -> Result<Running, ServeError> {
-    let cert_days = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
+    let cert_not_after = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
     let tls = match &config.server.tls {
         Some(t) => {
             let cfg = tls::server_config(t, config.server.client_auth.as_ref())?;
-            cert_days.store(
-                tls::days_to_expiry(t).unwrap_or(i64::MIN),
-                Ordering::Release,
-            );
+            cert_not_after.store(tls::not_after(t).unwrap_or(i64::MIN), Ordering::Release);
             if config.server.client_auth.is_some() {
                 tracing::info!(
                     "mTLS on: clients must present a certificate with a configured subject name"
@@ -407,7 +404,7 @@ pub async fn start_on(
         started_with: Arc::new(restart_only(config)),
         api: Arc::clone(&api),
         tls: tls.clone(),
-        cert_days: Arc::clone(&cert_days),
+        cert_not_after: Arc::clone(&cert_not_after),
     };
 
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
@@ -432,7 +429,7 @@ pub async fn start_on(
                 l,
                 Side::Ping,
                 Arc::clone(&api),
-                Arc::clone(&cert_days),
+                Arc::clone(&cert_not_after),
                 config.server.clone(),
                 shutdown_rx.clone(),
             ));
@@ -455,7 +452,7 @@ pub async fn start_on(
                 l,
                 Side::Admin,
                 Arc::clone(&api),
-                Arc::clone(&cert_days),
+                Arc::clone(&cert_not_after),
                 config.server.clone(),
                 shutdown_rx,
             ));
@@ -629,8 +626,17 @@ fn register_series(api: &Api) {
                 "outcome" => "ok"
             )
             .increment(0);
+            // Registered, not recorded: the latency series exist before the first
+            // request, so a rate() over them sees the first burst.
+            let _ = metrics::histogram!(
+                "xks_request_duration_seconds",
+                "operation" => operation.as_str(),
+                "prefix" => prefix.to_owned(),
+                "outcome" => "ok"
+            );
         }
     }
+    let _ = metrics::histogram!("xks_backend_call_duration_seconds");
 }
 
 /// At most 10 handshake-failure lines per 10 s: strangers trigger them at will.
@@ -692,7 +698,7 @@ async fn side_loop(
     listener: TcpListener,
     side: Side,
     api: Arc<Api>,
-    cert_days: Arc<std::sync::atomic::AtomicI64>,
+    cert_not_after: Arc<std::sync::atomic::AtomicI64>,
     settings: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -726,19 +732,19 @@ async fn side_loop(
         };
         let _ = tcp.set_nodelay(true);
         let api = Arc::clone(&api);
-        let cert_days = Arc::clone(&cert_days);
+        let cert_not_after = Arc::clone(&cert_not_after);
         let header_timeout = settings.header_read_timeout;
         tokio::spawn(async move {
             let _admission = admission;
             let service = service_fn(move |req: Request<Incoming>| {
                 let api = Arc::clone(&api);
-                let cert_days = Arc::clone(&cert_days);
+                let cert_not_after = Arc::clone(&cert_not_after);
                 async move {
                     let get =
                         req.method() == http::Method::GET || req.method() == http::Method::HEAD;
                     let resp = match (side, req.uri().path(), get) {
                         (_, "/ping", true) => crate::api::ping_response(api.health().serving()),
-                        (Side::Admin, "/metrics", true) => metrics_response(&api, &cert_days),
+                        (Side::Admin, "/metrics", true) => metrics_response(&api, &cert_not_after),
                         _ => {
                             let mut r =
                                 Response::new(Full::new(Bytes::from_static(b"not found\n")));
@@ -802,7 +808,10 @@ fn label_value(v: &str) -> String {
 }
 
 /// Refreshes the gauges that are read, not counted, then renders the registry.
-fn metrics_response(api: &Api, cert_days: &std::sync::atomic::AtomicI64) -> Response<Full<Bytes>> {
+fn metrics_response(
+    api: &Api,
+    cert_not_after: &std::sync::atomic::AtomicI64,
+) -> Response<Full<Bytes>> {
     let Some(handle) = crate::telemetry::prometheus() else {
         let mut r = Response::new(Full::new(Bytes::from_static(
             b"metrics recorder unavailable\n",
@@ -830,8 +839,11 @@ fn metrics_response(api: &Api, cert_days: &std::sync::atomic::AtomicI64) -> Resp
             .set(if e.state == state { 1.0 } else { 0.0 });
         }
     }
-    let days = cert_days.load(Ordering::Acquire);
-    if days != i64::MIN {
+    // From the certificate's notAfter at each scrape: a proxy that runs for months
+    // without a reload still counts down towards the expiry alert.
+    let not_after = cert_not_after.load(Ordering::Acquire);
+    if not_after != i64::MIN {
+        let days = tls::days_until(not_after, std::time::SystemTime::now());
         metrics::gauge!("xks_tls_certificate_days_to_expiry").set(days as f64);
     }
     let mut text = handle.render();

@@ -266,6 +266,20 @@ fn refused() -> rustls::Error {
 
 /// Days until the leaf certificate expires (negative once expired).
 pub fn days_to_expiry(tls: &TlsConfig) -> Result<i64, TlsError> {
+    Ok(days_until(not_after(tls)?, std::time::SystemTime::now()))
+}
+
+/// Whole days from `now` until `not_after` (Unix seconds); negative once expired.
+pub fn days_until(not_after: i64, now: std::time::SystemTime) -> i64 {
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    (not_after - now).div_euclid(86_400)
+}
+
+/// The leaf certificate's notAfter, in Unix seconds.
+pub fn not_after(tls: &TlsConfig) -> Result<i64, TlsError> {
     let (certs, _key) = load_identity(tls)?;
     let leaf = certs.first().ok_or_else(|| TlsError::Certificate {
         path: "(leaf)".into(),
@@ -276,10 +290,31 @@ pub fn days_to_expiry(tls: &TlsConfig) -> Result<i64, TlsError> {
             path: "(leaf)".into(),
             reason: e.to_string(),
         })?;
-    let not_after = cert.validity().not_after.timestamp();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    Ok((not_after - now).div_euclid(86_400))
+    Ok(cert.validity().not_after.timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::days_until;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    const DAY: u64 = 86_400;
+
+    #[test]
+    fn days_to_expiry_count_down_with_the_clock_not_with_reloads() {
+        // The metric is computed at scrape time from notAfter, so a proxy that runs
+        // for months without a reload still reaches the expiry alert's threshold.
+        let now = UNIX_EPOCH + Duration::from_secs(20_000 * DAY);
+        let not_after = (20_010 * DAY + 1) as i64;
+        assert_eq!(days_until(not_after, now), 10);
+        assert_eq!(days_until(not_after, now + Duration::from_secs(9 * DAY)), 1);
+        assert_eq!(
+            days_until(not_after, now + Duration::from_secs(10 * DAY)),
+            0
+        );
+        assert_eq!(
+            days_until(not_after, now + Duration::from_secs(11 * DAY)),
+            -1
+        );
+    }
 }
