@@ -18,6 +18,7 @@
 //! | [`secret`] | zeroizing, `Debug`-redacted secret types |
 //! | [`telemetry`] | tracing setup (human or JSON), the Prometheus registry |
 //! | [`doctor`] | `xks-proxy doctor`: an end-to-end check of a config |
+//! | [`aws_sample`] | moving from AWS's sample proxy: its `settings.toml` read into this config (`config import-aws-sample`) |
 //! | [`kms`] | the KMS emulator: KMS's JSON API, custom key stores (external and CloudHSM), XKS keys, [`kms::xks_client`] which calls the proxy exactly as KMS does, and `kms::hsm`, the kmsuser login on a PKCS#11 token standing in for a CloudHSM cluster |
 //!
 //! # One Encrypt request
@@ -45,6 +46,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod aws_sample;
 pub mod backend;
 pub mod config;
 pub mod doctor;
