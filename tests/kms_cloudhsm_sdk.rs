@@ -19,6 +19,12 @@ use aws_sdk_kms::types::{
 };
 use kms_support::procs::{Proc, emulator_bin};
 
+/// The emulator binary: `KMS_EMULATOR_BIN` when set (as for the boto3 suite), else
+/// the one Cargo built for this test.
+fn emulator() -> PathBuf {
+    std::env::var_os("KMS_EMULATOR_BIN").map_or_else(emulator_bin, PathBuf::from)
+}
+
 const SO_PIN: &str = "12345678";
 const CLUSTER_A: &str = "cluster-aaaaaaaaaaaa";
 /// Same backup lineage as A: related.
@@ -127,7 +133,7 @@ impl Hsm {
     }
 
     fn emulator(&self, clusters: &Path, data_dir: Option<&Path>) -> Proc {
-        let mut cmd = Command::new(emulator_bin());
+        let mut cmd = Command::new(emulator());
         cmd.args(["--listen", "127.0.0.1:0", "--xks-health-interval", "0"])
             .arg("--cloudhsm-clusters")
             .arg(clusters)
@@ -662,5 +668,56 @@ async fn cloudhsm_connect_failures_and_the_rotated_password_survive_a_restart() 
             &connect(&kms, &id).await,
             ConnectionErrorCodeType::ClusterNotFound,
         );
+    }
+}
+
+#[tokio::test]
+async fn cloudhsm_connect_reports_a_missing_user_token_and_module() {
+    let hsm = Hsm::new(&[("hsm-a", "kmsuserPw1")]);
+    // A second token with no user PIN: the cluster has no kmsuser.
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .args(["--module", &hsm.module, "--slot-index", "1", "--init-token"])
+        .args(["--label", "hsm-nouser", "--so-pin", SO_PIN])
+        .output()
+        .expect("pkcs11-tool (OpenSC)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut clusters = hsm.clusters(
+        "clusters.toml",
+        &[
+            (CLUSTER_A, "hsm-nouser", "[1, 1]", "lineage-1", "ACTIVE"),
+            (CLUSTER_B, "hsm-absent", "[1, 1]", "lineage-2", "ACTIVE"),
+            (CLUSTER_C, "hsm-a", "[1, 1]", "lineage-3", "ACTIVE"),
+        ],
+    );
+    // Cluster C's module cannot be loaded.
+    let text = std::fs::read_to_string(&clusters).expect("read");
+    let broken = text.replacen(
+        &format!("id = \"{CLUSTER_C}\"\nmodule = \"{}\"", hsm.module),
+        &format!("id = \"{CLUSTER_C}\"\nmodule = \"/nonexistent/libnothing.so\""),
+        1,
+    );
+    assert_ne!(broken, text);
+    clusters = hsm.dir.path().join("broken.toml");
+    std::fs::write(&clusters, broken).expect("write");
+    let emu = hsm.emulator(&clusters, None);
+    let kms = sdk(&emu);
+    for (name, cluster, want) in [
+        ("nouser", CLUSTER_A, ConnectionErrorCodeType::UserNotFound),
+        ("absent", CLUSTER_B, ConnectionErrorCodeType::NetworkErrors),
+        (
+            "nomodule",
+            CLUSTER_C,
+            ConnectionErrorCodeType::InternalError,
+        ),
+    ] {
+        let id = create(&kms, name, cluster, &anchor(), "kmsuserPw1")
+            .await
+            .expect(name);
+        assert_failed(&connect(&kms, &id).await, want);
     }
 }
