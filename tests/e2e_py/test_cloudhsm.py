@@ -1,0 +1,201 @@
+"""CloudHSM key stores through boto3: the real kms-emulator with stand-in clusters on
+SoftHSMv2 tokens (tests/softhsm/setup.sh, one throw-away directory per test), and
+OpenSC's pkcs11-tool as the oracle outside the emulator (password rotation, the
+operator's reset). Every wait is bounded."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import CERTS, REPO, WAIT_SECONDS, describe_store, error_code, kms_client, start_emulator
+
+SO_PIN = "12345678"
+CLUSTER_A = "cluster-aaaaaaaaaaaa"
+CLUSTER_B = "cluster-bbbbbbbbbbbb"  # same lineage as A: related
+CLUSTER_C = "cluster-cccccccccccc"  # another lineage
+CLUSTER_ONE_AZ = "cluster-dddddddddddd"
+CLUSTER_UNINITIALIZED = "cluster-eeeeeeeeeeee"
+ANCHOR = (CERTS / "cloudhsm-trust-anchor.pem").read_text()
+OTHER_ANCHOR = (CERTS / "cloudhsm-other-anchor.pem").read_text()
+
+# Needs softhsm2 and opensc (tests/run-all.sh installs both); a missing tool fails
+# the test rather than skipping it.
+
+
+class Hsm:
+    def __init__(self, tmp_path, tokens):
+        self.dir = tmp_path / "softhsm"
+        env = {}
+        for label, pin in tokens:
+            out = subprocess.run(
+                [str(REPO / "tests/softhsm/setup.sh"), str(self.dir), label, SO_PIN, pin],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            for line in out.splitlines():
+                k, _, v = line.removeprefix("export ").partition("=")
+                env[k] = v
+        self.conf = env["SOFTHSM2_CONF"]
+        self.module = env["XKS_TEST_PKCS11_MODULE"]
+
+    def tool(self, label, *args):
+        return subprocess.run(
+            ["pkcs11-tool", "--module", self.module, "--token-label", label, *args],
+            env={**os.environ, "SOFTHSM2_CONF": self.conf},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def user_pin_works(self, label, pin):
+        return self.tool(label, "--login", "--pin", pin, "--list-objects").returncode == 0
+
+    def operator_reset(self, label, new_pin):
+        r = self.tool(label, "--login", "--login-type", "so", "--so-pin", SO_PIN, "--init-pin", "--new-pin", new_pin)
+        assert r.returncode == 0, r.stderr
+
+    def clusters(self, entries):
+        text = ""
+        for cid, label, hsms, lineage, state in entries:
+            text += (
+                f'[[cluster]]\nid = "{cid}"\nmodule = "{self.module}"\ntoken_label = "{label}"\n'
+                f'trust_anchor = "{CERTS / "cloudhsm-trust-anchor.pem"}"\nhsms_per_az = {hsms}\n'
+                f'backup_lineage = "{lineage}"\nstate = "{state}"\n\n'
+            )
+        path = self.dir / "clusters.toml"
+        path.write_text(text)
+        return path
+
+
+@pytest.fixture
+def hsm_emulator(tmp_path, monkeypatch):
+    """(hsm, emulator, boto3 client) with clusters A, B (related), C, one-AZ, uninitialized."""
+    hsm = Hsm(tmp_path, [("hsm-a", "kmsuserPyOne1"), ("hsm-b", "kmsuserPyTwo2"), ("hsm-c", "kmsuserPy3")])
+    path = hsm.clusters(
+        [
+            (CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE"),
+            (CLUSTER_B, "hsm-b", "[1, 1]", "lineage-1", "ACTIVE"),
+            (CLUSTER_C, "hsm-c", "[1, 1]", "lineage-2", "ACTIVE"),
+            (CLUSTER_ONE_AZ, "hsm-c", "[2, 0]", "lineage-3", "ACTIVE"),
+            (CLUSTER_UNINITIALIZED, "hsm-c", "[1, 1]", "lineage-4", "UNINITIALIZED"),
+        ]
+    )
+    monkeypatch.setenv("SOFTHSM2_CONF", hsm.conf)
+    emu = start_emulator(9, "--cloudhsm-clusters", str(path))
+    try:
+        yield hsm, emu, kms_client(emu, validate=False)
+    finally:
+        emu.stop()
+
+
+def create(kms, name, cluster, password, anchor=ANCHOR):
+    return kms.create_custom_key_store(
+        CustomKeyStoreName=name,
+        CloudHsmClusterId=cluster,
+        TrustAnchorCertificate=anchor,
+        KeyStorePassword=password,
+    )["CustomKeyStoreId"]
+
+
+def settle(kms, store_id):
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        s = describe_store(kms, store_id)
+        if s["ConnectionState"] not in ("CONNECTING", "DISCONNECTING"):
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"store {store_id} never settled")
+
+
+def connect(kms, store_id):
+    kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+    return settle(kms, store_id)
+
+
+def disconnect(kms, store_id):
+    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    assert settle(kms, store_id)["ConnectionState"] == "DISCONNECTED"
+
+
+def test_cloudhsm_lifecycle_rotation_and_operator_reset(hsm_emulator):
+    hsm, emu, kms = hsm_emulator
+    original, reset = "kmsuserPyOne1", "operatorReset9"
+    store = create(kms, "py-hsm", CLUSTER_A, original)
+    s = describe_store(kms, store)
+    assert s["CustomKeyStoreType"] == "AWS_CLOUDHSM"
+    assert s["CloudHsmClusterId"] == CLUSTER_A
+    assert s["TrustAnchorCertificate"] == ANCHOR
+    assert "XksProxyConfiguration" not in s
+    assert s["ConnectionState"] == "DISCONNECTED"
+
+    s = connect(kms, store)
+    assert s["ConnectionState"] == "CONNECTED", s
+    assert not hsm.user_pin_works("hsm-a", original), "the password was not rotated"
+
+    disconnect(kms, store)
+    hsm.operator_reset("hsm-a", reset)
+    s = connect(kms, store)
+    assert (s["ConnectionState"], s.get("ConnectionErrorCode")) == ("FAILED", "INVALID_CREDENTIALS")
+    disconnect(kms, store)
+    kms.update_custom_key_store(CustomKeyStoreId=store, KeyStorePassword=reset)
+    assert connect(kms, store)["ConnectionState"] == "CONNECTED"
+    assert not hsm.user_pin_works("hsm-a", reset)
+
+    with pytest.raises(kms.exceptions.UnsupportedOperationException):
+        kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)
+    disconnect(kms, store)
+    kms.delete_custom_key_store(CustomKeyStoreId=store)
+    with pytest.raises(kms.exceptions.CustomKeyStoreNotFoundException):
+        describe_store(kms, store)
+    logs = emu.output()
+    assert "kmsuser password rotated" in logs
+    assert original not in logs and reset not in logs
+
+
+def test_cloudhsm_create_and_update_errors(hsm_emulator):
+    _, _, kms = hsm_emulator
+    for cluster, anchor, password, want in [
+        ("cluster-unknownunknown", ANCHOR, "kmsuserPw1", "CloudHsmClusterNotFoundException"),
+        (CLUSTER_UNINITIALIZED, ANCHOR, "kmsuserPw1", "CloudHsmClusterNotActiveException"),
+        (CLUSTER_A, OTHER_ANCHOR, "kmsuserPw1", "IncorrectTrustAnchorException"),
+        (CLUSTER_ONE_AZ, ANCHOR, "kmsuserPw1", "CloudHsmClusterInvalidConfigurationException"),
+        (CLUSTER_A, ANCHOR, "short6", "ValidationException"),
+        (CLUSTER_A, ANCHOR, "x" * 33, "ValidationException"),
+    ]:
+        with pytest.raises(Exception) as e:
+            create(kms, "s", cluster, password, anchor)
+        assert error_code(e) == want, cluster
+
+    store = create(kms, "first", CLUSTER_A, "kmsuserPyOne1")
+    for cluster in (CLUSTER_A, CLUSTER_B):
+        with pytest.raises(kms.exceptions.CloudHsmClusterInUseException):
+            create(kms, "second", cluster, "kmsuserPw2")
+    with pytest.raises(kms.exceptions.CustomKeyStoreNameInUseException):
+        create(kms, "first", CLUSTER_C, "kmsuserPw3")
+
+    with pytest.raises(kms.exceptions.CloudHsmClusterNotRelatedException):
+        kms.update_custom_key_store(CustomKeyStoreId=store, CloudHsmClusterId=CLUSTER_C)
+    kms.update_custom_key_store(CustomKeyStoreId=store, CloudHsmClusterId=CLUSTER_B)
+    kms.update_custom_key_store(CustomKeyStoreId=store, CloudHsmClusterId=CLUSTER_A)
+    assert connect(kms, store)["ConnectionState"] == "CONNECTED"
+    kms.update_custom_key_store(CustomKeyStoreId=store, NewCustomKeyStoreName="renamed")
+    for field in ({"KeyStorePassword": "kmsuserPw9"}, {"CloudHsmClusterId": CLUSTER_B}):
+        with pytest.raises(kms.exceptions.CustomKeyStoreInvalidStateException):
+            kms.update_custom_key_store(CustomKeyStoreId=store, **field)
+
+
+def test_cloudhsm_lockout_after_five_refused_logins(hsm_emulator):
+    _, _, kms = hsm_emulator
+    store = create(kms, "locked", CLUSTER_A, "kmsuserWrong1")
+    codes = []
+    for _ in range(6):
+        s = connect(kms, store)
+        codes.append(s.get("ConnectionErrorCode"))
+        disconnect(kms, store)
+    assert codes == ["INVALID_CREDENTIALS"] * 4 + ["USER_LOCKED_OUT"] * 2
+    kms.update_custom_key_store(CustomKeyStoreId=store, KeyStorePassword="kmsuserPyOne1")
+    assert connect(kms, store)["ConnectionState"] == "CONNECTED"
