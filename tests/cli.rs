@@ -251,6 +251,11 @@ async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
         .output()
         .expect("disable");
     assert!(out.status.success());
+    // The same reload brings a log level a running process cannot change (issue 12:
+    // "make the level reloadable or warn that it is not"): it says so, naming it.
+    let config = dir.path().join("proxy.toml");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, text + "\n[logging]\nlevel = \"debug\"\n").expect("write");
     signal(&proxy.child, "-HUP");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -265,6 +270,23 @@ async fn serve_reloads_on_sighup_and_exits_0_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Logged as the reload ends, and read from the pipe by another thread: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let warned = loop {
+        let log = proxy.output();
+        if let Some(l) = log.lines().find(|l| l.contains("needs a restart")) {
+            break l.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no needs-a-restart warning:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        warned.contains("logging.level") && warned.contains("WARN"),
+        "{warned}"
+    );
     signal(&proxy.child, "-TERM");
     let status =
         tokio::task::block_in_place(|| wait_exit(&mut proxy.child, Duration::from_secs(15)));
