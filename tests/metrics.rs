@@ -216,7 +216,37 @@ async fn what_an_alert_watches_exists_at_zero_counts_failures_and_forgets_remove
         404
     );
     assert_eq!(c.post(&health_url(&p), &health_body()).await.status, 200);
+    // KMS with a stale secret: one of the prefix's access key ids, a wrong signature.
+    let stale = c.with_cred(Cred {
+        akid: p.creds[0].akid.clone(),
+        secret: xks_proxy::config::generate_credential().1,
+    });
+    assert_eq!(
+        stale.post(&health_url(&p), &health_body()).await.status,
+        401
+    );
     let m = scrape(admin).await;
+    // Strangers count under prefix and operation "-": nobody without a credential can
+    // move a tenant's error ratio (or its alerts); KMS's own failures count for it.
+    let stranger = |outcome| {
+        series(
+            &m,
+            "xks_requests_total",
+            &[("operation", "-"), ("prefix", "-"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(stranger("AuthenticationFailedException"), Some(1.0), "{m}");
+    assert_eq!(stranger("InvalidUriPathException"), Some(1.0), "{m}");
+    let kms_auth = [
+        ("operation", "GetHealthStatus"),
+        ("prefix", PREFIX),
+        ("outcome", "AuthenticationFailedException"),
+    ];
+    assert_eq!(
+        series(&m, "xks_requests_total", &kms_auth),
+        Some(1.0),
+        "{m}"
+    );
     let rejected = |reason| {
         series(
             &m,
@@ -224,7 +254,7 @@ async fn what_an_alert_watches_exists_at_zero_counts_failures_and_forgets_remove
             &[("reason", reason)],
         )
     };
-    assert_eq!(rejected("signature"), Some(1.0), "{m}");
+    assert_eq!(rejected("signature"), Some(2.0), "{m}");
     assert_eq!(rejected("unknown_path"), Some(1.0), "{m}");
     assert_eq!(rejected("body_too_large"), Some(0.0), "{m}");
     // The latency histogram's HELP names the labels it carries.

@@ -238,6 +238,11 @@ pub struct Call<'a> {
 struct RequestLog {
     /// The request's SigV4 signature verified (its connection is then KMS's).
     authenticated: bool,
+    /// The request counts in its prefix's metrics: it verified, or it failed SigV4 while
+    /// naming one of the prefix's access key ids (KMS with a stale secret or a skewed
+    /// clock). Anything else is a stranger's and counts under prefix and operation
+    /// "-", so nobody without a credential can move a tenant's error ratio or alerts.
+    attributed: bool,
     /// The path asked for, when it names no configured prefix (a 404): truncated, and
     /// logged as a field (escaped), never as a metric label.
     unknown_path: Option<String>,
@@ -380,17 +385,20 @@ impl Api {
         };
         let elapsed = started.elapsed();
         let operation = log.operation.unwrap_or("-");
-        let prefix_label = log.prefix.clone().unwrap_or_else(|| "-".to_owned());
+        let (metric_operation, prefix_label) = match &log.prefix {
+            Some(p) if log.attributed => (operation, p.clone()),
+            _ => ("-", "-".to_owned()),
+        };
         metrics::counter!(
             "xks_requests_total",
-            "operation" => operation,
+            "operation" => metric_operation,
             "prefix" => prefix_label.clone(),
             "outcome" => outcome
         )
         .increment(1);
         metrics::histogram!(
             "xks_request_duration_seconds",
-            "operation" => operation,
+            "operation" => metric_operation,
             "prefix" => prefix_label,
             "outcome" => outcome
         )
@@ -529,9 +537,14 @@ impl Api {
             log.access_key_id = crate::sigv4::presented_access_key_id(&parts);
             log.kms_request_id = peek_kms_request_id(&body);
             log.unauthenticated = Some(UnauthenticatedRejection::Signature);
+            log.attributed = log
+                .access_key_id
+                .as_deref()
+                .is_some_and(|a| tenant.credentials.get(a).is_some());
             ApiError::Auth(e)
         })?;
         log.authenticated = true;
+        log.attributed = true;
         log.access_key_id = Some(verified.access_key_id);
         // Load shedding, now that the request is a client's: over the global limit,
         // answer 429 at once rather than queue towards KMS's 250 ms timeout. Taken only
