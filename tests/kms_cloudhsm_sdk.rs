@@ -305,8 +305,28 @@ async fn cloudhsm_store_lifecycle_rotates_the_password_and_follows_an_operator_r
         Some(&ConnectionStateType::Disconnected)
     );
 
+    // GenerateRandom from the cluster needs a connected store.
+    assert_eq!(
+        code(
+            kms.generate_random()
+                .number_of_bytes(32)
+                .custom_key_store_id(&id)
+                .send()
+                .await
+        ),
+        "CustomKeyStoreInvalidStateException"
+    );
+
     // Connect: KMS logs in as kmsuser and rotates its password.
     assert_connected(&connect(&kms, &id).await);
+    let random = kms
+        .generate_random()
+        .number_of_bytes(48)
+        .custom_key_store_id(&id)
+        .send()
+        .await
+        .expect("GenerateRandom from the token");
+    assert_eq!(random.plaintext().map(|b| b.as_ref().len()), Some(48));
     assert!(
         !hsm.user_pin_works("hsm-a", ORIGINAL),
         "after CONNECTED the original kmsuser password must no longer log in"

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{Exception, KmsError};
 use super::keys::{KeyState, check_grant_tokens, check_key_id, reported_state};
 use super::keystores::{random, target_of};
-use super::store::{Origin, State};
+use super::store::{ConnectionState, Origin, State};
 use super::validate::{Shown, Violations};
 use super::xks_client::{MSG_CORRUPT_PROXY_CIPHERTEXT, Sealed, XksTarget};
 use super::{Ctx, Emulator};
@@ -778,31 +778,75 @@ impl Emulator {
             Shown::Yes,
         );
         vs.finish()?;
+        let n = req.number_of_bytes.unwrap_or(32);
         if let Some(id) = &req.custom_key_store_id {
-            let exists = self.store().read(|st| st.stores.contains_key(id));
-            return Err(if exists {
-                KmsError::new(
-                    Exception::UnsupportedOperation,
-                    format!(
-                        "GenerateRandom is not supported with custom key store {id}: it is an \
-                         external key store."
-                    ),
-                )
-            } else {
-                KmsError::new(
-                    Exception::CustomKeyStoreNotFound,
-                    format!("Custom key store {id} does not exist."),
-                )
-            });
+            return self.generate_random_in_store(id, n);
         }
-        let n = usize::try_from(req.number_of_bytes.unwrap_or(32))
-            .map_err(|e| KmsError::internal(&e))?;
+        let n = usize::try_from(n).map_err(|e| KmsError::internal(&e))?;
         let mut data = SecretBytes::new(vec![0u8; n]);
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), data.expose_mut())
             .map_err(|_| KmsError::internal(&"the system random number generator failed"))?;
         Ok(GenerateRandomResponse {
             plaintext: Base64Secret(data),
         })
+    }
+}
+
+impl Emulator {
+    /// GenerateRandom with a `CustomKeyStoreId`: an external key store cannot (KMS's
+    /// rule); a CloudHSM key store must be CONNECTED, and the bytes come from its
+    /// cluster (C_GenerateRandom on the kmsuser session).
+    fn generate_random_in_store(
+        &self,
+        id: &str,
+        n: i64,
+    ) -> Result<GenerateRandomResponse, KmsError> {
+        let state = self.store().read(|st| {
+            st.stores
+                .get(id)
+                .map(|s| (s.cloudhsm().is_some(), s.connection_state))
+        });
+        match state {
+            None => Err(KmsError::new(
+                Exception::CustomKeyStoreNotFound,
+                format!("Custom key store {id} does not exist."),
+            )),
+            Some((false, _)) => Err(KmsError::new(
+                Exception::UnsupportedOperation,
+                format!(
+                    "GenerateRandom is not supported with custom key store {id}: it is an \
+                     external key store."
+                ),
+            )),
+            Some((true, state)) if state != ConnectionState::Connected => Err(KmsError::new(
+                Exception::CustomKeyStoreInvalidState,
+                format!(
+                    "Custom key store {id} is not connected to its CloudHSM cluster. Connect \
+                     the custom key store and try the request again."
+                ),
+            )),
+            Some((true, _)) => {
+                let n = u32::try_from(n).map_err(|e| KmsError::internal(&e))?;
+                match self.shared.hsm.generate_random(id, n) {
+                    Some(Ok(bytes)) => Ok(GenerateRandomResponse {
+                        plaintext: Base64Secret(SecretBytes::new(bytes)),
+                    }),
+                    // CONNECTED without a session: the emulator restarted (sessions are
+                    // not re-opened at start yet) or the cluster failed under it.
+                    None => Err(KmsError::new(
+                        Exception::CustomKeyStoreInvalidState,
+                        format!(
+                            "Custom key store {id} has no session with its CloudHSM cluster; \
+                             disconnect and connect it again."
+                        ),
+                    )),
+                    Some(Err(code)) => Err(KmsError::new(
+                        Exception::KmsInternal,
+                        format!("KMS cannot communicate with your CloudHSM cluster ({code})."),
+                    )),
+                }
+            }
+        }
     }
 }
 

@@ -177,6 +177,13 @@ impl Sessions {
         }
     }
 
+    /// C_GenerateRandom on the session `store_id` holds; `None` when it holds none.
+    pub fn generate_random(&self, store_id: &str, n: u32) -> Option<Result<Vec<u8>, String>> {
+        let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        let session = modules.values().find_map(|m| m.held.get(store_id))?;
+        Some(session.generate_random_vec(n).map_err(|e| ck_code(&e)))
+    }
+
     /// Whether `store_id` holds a logged-in session (tests, status).
     pub fn holds(&self, store_id: &str) -> bool {
         let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);

@@ -34,6 +34,10 @@ impl Sessions {
 
     pub fn release(&self, _store_id: &str) {}
 
+    pub fn generate_random(&self, _store_id: &str, _n: u32) -> Option<Result<Vec<u8>, String>> {
+        None
+    }
+
     pub fn holds(&self, _store_id: &str) -> bool {
         false
     }
