@@ -650,6 +650,24 @@ async fn cloudhsm_connect_failures_and_the_rotated_password_survive_a_restart() 
         let emu = hsm.emulator(&good, Some(data.path()));
         let kms = sdk(&emu);
         assert_connected(&connect(&kms, &id).await);
+    }
+    {
+        // Restarted while CONNECTED: the emulator logs in again by itself.
+        let emu = hsm.emulator(&good, Some(data.path()));
+        let kms = sdk(&emu);
+        assert_connected(&describe(&kms, &id).await);
+        let deadline = Instant::now() + WAIT;
+        while kms
+            .generate_random()
+            .number_of_bytes(16)
+            .custom_key_store_id(&id)
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the session never came back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         disconnect(&kms, &id).await;
     }
     {

@@ -164,6 +164,46 @@ impl Sessions {
         Ok(new)
     }
 
+    /// Logs in again for a store that was CONNECTED before a restart: no rotation.
+    pub fn reopen(
+        &self,
+        store_id: &str,
+        cluster: &Cluster,
+        password: &SecretString,
+    ) -> Result<(), Refusal> {
+        let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        if !modules.contains_key(&cluster.module) {
+            let ctx = Pkcs11::new(&cluster.module).map_err(|e| {
+                refuse(
+                    ConnectionErrorCode::InternalError,
+                    format!(
+                        "cannot load PKCS#11 module {}: {e}",
+                        cluster.module.display()
+                    ),
+                )
+            })?;
+            initialize(&ctx).map_err(|e| {
+                refuse(
+                    ConnectionErrorCode::InternalError,
+                    format!("C_Initialize failed: {}", ck_code(&e)),
+                )
+            })?;
+            modules.insert(
+                cluster.module.clone(),
+                ModuleCtx {
+                    ctx,
+                    held: HashMap::new(),
+                },
+            );
+        }
+        let entry = modules
+            .get_mut(&cluster.module)
+            .ok_or_else(|| refuse(ConnectionErrorCode::InternalError, "module vanished"))?;
+        let session = login(&entry.ctx, cluster, password)?;
+        entry.held.insert(store_id.to_owned(), session);
+        Ok(())
+    }
+
     /// Logs out and closes the session `store_id` holds, if any.
     pub fn release(&self, store_id: &str) {
         let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);

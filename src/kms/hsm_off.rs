@@ -32,6 +32,18 @@ impl Sessions {
         })
     }
 
+    pub fn reopen(
+        &self,
+        _store_id: &str,
+        _cluster: &Cluster,
+        _password: &SecretString,
+    ) -> Result<(), Refusal> {
+        Err(Refusal {
+            code: ConnectionErrorCode::InternalError,
+            reason: "this kms-emulator was built without the pkcs11 feature".to_owned(),
+        })
+    }
+
     pub fn release(&self, _store_id: &str) {}
 
     pub fn generate_random(&self, _store_id: &str, _n: u32) -> Option<Result<Vec<u8>, String>> {

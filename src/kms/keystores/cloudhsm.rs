@@ -287,6 +287,37 @@ impl Emulator {
         }
     }
 
+    /// After a restart, CONNECTED CloudHSM stores have no session: log in again with
+    /// the (rotated, persisted) password, without rotating it. A refusal is logged and
+    /// changes nothing — like KMS, the store stays CONNECTED until disconnected, and
+    /// operations needing the cluster fail meanwhile.
+    pub(super) fn spawn_cloudhsm_resume(&self) {
+        let connected: Vec<(String, CloudHsmSettings)> = self.store().read(|st| {
+            st.stores
+                .values()
+                .filter(|s| s.connection_state == ConnectionState::Connected)
+                .filter_map(|s| s.cloudhsm().map(|c| (s.id.clone(), c.clone())))
+                .collect()
+        });
+        for (id, c) in connected {
+            let Some(cluster) = self.config().clusters.get(&c.cluster_id).cloned() else {
+                tracing::warn!(custom_key_store_id = %id, cluster_id = %c.cluster_id, "CONNECTED store's cluster is not in the registry");
+                continue;
+            };
+            let emu = self.clone();
+            tokio::task::spawn_blocking(move || {
+                match emu.shared.hsm.reopen(&id, &cluster, &c.password) {
+                    Ok(()) => {
+                        tracing::info!(custom_key_store_id = %id, "kmsuser session re-opened after restart")
+                    }
+                    Err(r) => {
+                        tracing::warn!(custom_key_store_id = %id, code = ?r.code, reason = %r.reason, "cannot re-open the kmsuser session after restart")
+                    }
+                }
+            });
+        }
+    }
+
     /// UpdateCustomKeyStore for a CloudHSM key store (`keystores` dispatches here).
     pub(super) fn update_cloudhsm_store(
         &self,

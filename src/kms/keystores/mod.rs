@@ -591,8 +591,10 @@ impl Emulator {
         });
     }
 
-    /// After a restart: CONNECTING stores try again, DISCONNECTING ones finish.
+    /// After a restart: CONNECTING stores try again, DISCONNECTING ones finish, and
+    /// CONNECTED CloudHSM stores log in to their clusters again.
     pub(super) fn resume_background_work(&self) {
+        self.spawn_cloudhsm_resume();
         let pending: Vec<(String, u64, ConnectionState)> = self.store().read(|st| {
             st.stores
                 .values()
