@@ -199,3 +199,53 @@ def test_cloudhsm_lockout_after_five_refused_logins(hsm_emulator):
     assert codes == ["INVALID_CREDENTIALS"] * 4 + ["USER_LOCKED_OUT"] * 2
     kms.update_custom_key_store(CustomKeyStoreId=store, KeyStorePassword="kmsuserPyOne1")
     assert connect(kms, store)["ConnectionState"] == "CONNECTED"
+
+
+def test_cloudhsm_lifecycle_with_the_aws_cli(hsm_emulator, tmp_path):
+    from test_cli import aws
+
+    hsm, emu, kms = hsm_emulator
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\nregion = us-east-1\ncli_follow_urlparam = false\n")
+    anchor = f"file://{CERTS / 'cloudhsm-trust-anchor.pem'}"
+
+    def cli(*args, **kw):
+        return aws(emu, config, *args, **kw)
+
+    def cli_state(store):
+        deadline = time.monotonic() + WAIT_SECONDS
+        while time.monotonic() < deadline:
+            s = cli("describe-custom-key-stores", "--custom-key-store-id", store)["CustomKeyStores"][0]
+            if s["ConnectionState"] not in ("CONNECTING", "DISCONNECTING"):
+                return s
+            time.sleep(0.05)
+        raise AssertionError("never settled")
+
+    out = cli(
+        "create-custom-key-store", "--custom-key-store-name", "cli-hsm",
+        "--cloud-hsm-cluster-id", CLUSTER_A, "--trust-anchor-certificate",
+        f"file://{CERTS / 'cloudhsm-other-anchor.pem'}", "--key-store-password", "kmsuserPyOne1",
+        check=False,
+    )
+    assert out.returncode == 255 and "IncorrectTrustAnchorException" in out.stderr, out.stderr
+    store = cli(
+        "create-custom-key-store", "--custom-key-store-name", "cli-hsm",
+        "--cloud-hsm-cluster-id", CLUSTER_A, "--trust-anchor-certificate", anchor,
+        "--key-store-password", "kmsuserPyOne1",
+    )["CustomKeyStoreId"]
+    cli("connect-custom-key-store", "--custom-key-store-id", store)
+    s = cli_state(store)
+    assert s["ConnectionState"] == "CONNECTED" and s["CloudHsmClusterId"] == CLUSTER_A
+    cli("disconnect-custom-key-store", "--custom-key-store-id", store)
+    assert cli_state(store)["ConnectionState"] == "DISCONNECTED"
+    hsm.operator_reset("hsm-a", "operatorCli42")
+    cli("connect-custom-key-store", "--custom-key-store-id", store)
+    assert cli_state(store).get("ConnectionErrorCode") == "INVALID_CREDENTIALS"
+    cli("disconnect-custom-key-store", "--custom-key-store-id", store)
+    cli_state(store)
+    cli("update-custom-key-store", "--custom-key-store-id", store, "--key-store-password", "operatorCli42")
+    cli("connect-custom-key-store", "--custom-key-store-id", store)
+    assert cli_state(store)["ConnectionState"] == "CONNECTED"
+    cli("disconnect-custom-key-store", "--custom-key-store-id", store)
+    cli_state(store)
+    cli("delete-custom-key-store", "--custom-key-store-id", store)
