@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use aws_sdk_kms::Client;
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kms::error::ProvideErrorMetadata;
+use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{
-    ConnectionErrorCodeType, ConnectionStateType, CustomKeyStoresListEntry, OriginType,
+    ConnectionErrorCodeType, ConnectionStateType, CustomKeyStoresListEntry, KeyState, OriginType,
 };
 use kms_support::procs::{Proc, emulator_bin};
 
@@ -100,6 +101,51 @@ impl Hsm {
             .success()
     }
 
+    /// `pkcs11-tool --list-objects` of the secret keys kmsuser (password `pin`) owns,
+    /// from a process of its own.
+    fn secret_keys(&self, label: &str, pin: &str) -> String {
+        let out = self
+            .tool(label)
+            .args([
+                "--login",
+                "--pin",
+                pin,
+                "--list-objects",
+                "--type",
+                "secrkey",
+            ])
+            .output()
+            .expect("pkcs11-tool (OpenSC)");
+        assert!(
+            out.status.success(),
+            "list-objects: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Deletes the secret key labelled `object` behind the emulator's back.
+    fn delete_secret_key(&self, label: &str, pin: &str, object: &str) {
+        let out = self
+            .tool(label)
+            .args([
+                "--login",
+                "--pin",
+                pin,
+                "--delete-object",
+                "--type",
+                "secrkey",
+            ])
+            .args(["--label", object])
+            .output()
+            .expect("pkcs11-tool (OpenSC)");
+        assert!(
+            out.status.success(),
+            "delete-object: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The operator resets kmsuser's password on the cluster (C_InitPIN as SO).
     fn operator_reset(&self, label: &str, new_pin: &str) {
         let out = self
@@ -133,8 +179,13 @@ impl Hsm {
     }
 
     fn emulator(&self, clusters: &Path, data_dir: Option<&Path>) -> Proc {
+        self.emulator_with(clusters, data_dir, &[])
+    }
+
+    fn emulator_with(&self, clusters: &Path, data_dir: Option<&Path>, extra: &[&str]) -> Proc {
         let mut cmd = Command::new(emulator());
         cmd.args(["--listen", "127.0.0.1:0", "--xks-health-interval", "0"])
+            .args(extra)
             .arg("--cloudhsm-clusters")
             .arg(clusters)
             .env("SOFTHSM2_CONF", &self.conf)
@@ -400,7 +451,8 @@ async fn cloudhsm_store_lifecycle_rotates_the_password_and_follows_an_operator_r
         "rotated again on connect"
     );
 
-    // CreateKey in a CloudHSM store is not emulated yet: it says so.
+    disconnect(&kms, &id).await;
+    // No key can be created in a store that is not connected.
     assert_eq!(
         code(
             kms.create_key()
@@ -409,10 +461,8 @@ async fn cloudhsm_store_lifecycle_rotates_the_password_and_follows_an_operator_r
                 .send()
                 .await
         ),
-        "UnsupportedOperationException"
+        "CustomKeyStoreInvalidStateException"
     );
-
-    disconnect(&kms, &id).await;
     kms.delete_custom_key_store()
         .custom_key_store_id(&id)
         .send()
@@ -757,5 +807,295 @@ async fn cloudhsm_connect_reports_a_missing_user_token_and_module() {
             .await
             .expect(name);
         assert_failed(&connect(&kms, &id).await, want);
+    }
+}
+
+/// The `label:` lines of a `pkcs11-tool --list-objects` listing.
+fn labels(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("label:"))
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn cloudhsm_keys_live_in_the_token_under_their_arn() {
+    const PIN: &str = "kmsuserKeys11";
+    // The operator resets kmsuser's password to look into the token (the emulator
+    // rotated the one it was given); its logged-in session keeps working meanwhile.
+    const LOOK: &str = "operatorLook1";
+    const LOOK2: &str = "operatorLook2";
+    let hsm = Hsm::new(&[
+        ("hsm-a", PIN),
+        ("hsm-b", "unusedPin1"),
+        ("hsm-c", "unusedPin2"),
+    ]);
+    // One "day" of a deletion waiting period lasts 100 ms: 7 days = 0.7 s.
+    let emu = hsm.emulator_with(
+        &standard_clusters(&hsm),
+        None,
+        &["--deletion-day-length", "100ms"],
+    );
+    let kms = sdk(&emu);
+    let store = create(&kms, "keys", CLUSTER_A, &anchor(), PIN)
+        .await
+        .expect("create store");
+    let new_key = || {
+        kms.create_key()
+            .origin(OriginType::AwsCloudhsm)
+            .custom_key_store_id(&store)
+    };
+    assert_eq!(
+        code(new_key().send().await),
+        "CustomKeyStoreInvalidStateException"
+    );
+    assert_eq!(
+        code(
+            kms.create_key()
+                .origin(OriginType::AwsCloudhsm)
+                .custom_key_store_id("cks-0123456789abcdef0")
+                .send()
+                .await
+        ),
+        "CustomKeyStoreNotFoundException"
+    );
+    assert_connected(&connect(&kms, &store).await);
+
+    let md = new_key()
+        .description("in the cluster")
+        .send()
+        .await
+        .expect("create key")
+        .key_metadata()
+        .expect("metadata")
+        .clone();
+    let arn = md.arn().expect("arn").to_owned();
+    assert_eq!(md.origin(), Some(&OriginType::AwsCloudhsm));
+    assert_eq!(md.custom_key_store_id(), Some(store.as_str()));
+    assert_eq!(md.cloud_hsm_cluster_id(), Some(CLUSTER_A));
+    assert_eq!(md.key_state(), Some(&KeyState::Enabled));
+
+    // Encrypt / Decrypt / GenerateDataKey(WithoutPlaintext) / ReEncrypt, with context.
+    let ctx = |v: &str| {
+        let mut m = std::collections::HashMap::new();
+        m.insert("purpose".to_owned(), v.to_owned());
+        m
+    };
+    let enc = kms
+        .encrypt()
+        .key_id(&arn)
+        .plaintext(Blob::new(b"cloudhsm plaintext".to_vec()))
+        .set_encryption_context(Some(ctx("a")))
+        .send()
+        .await
+        .expect("encrypt");
+    assert_eq!(enc.key_id(), Some(arn.as_str()));
+    let blob = enc.ciphertext_blob().expect("blob").clone();
+    let dec = kms
+        .decrypt()
+        .ciphertext_blob(blob.clone())
+        .set_encryption_context(Some(ctx("a")))
+        .send()
+        .await
+        .expect("decrypt");
+    assert_eq!(dec.plaintext().expect("pt").as_ref(), b"cloudhsm plaintext");
+    assert_eq!(dec.key_id(), Some(arn.as_str()));
+    assert_eq!(
+        code(
+            kms.decrypt()
+                .ciphertext_blob(blob.clone())
+                .set_encryption_context(Some(ctx("b")))
+                .send()
+                .await
+        ),
+        "InvalidCiphertextException"
+    );
+    let gdk = kms
+        .generate_data_key()
+        .key_id(&arn)
+        .number_of_bytes(32)
+        .send()
+        .await
+        .expect("generate data key");
+    let opened = kms
+        .decrypt()
+        .ciphertext_blob(gdk.ciphertext_blob().expect("blob").clone())
+        .send()
+        .await
+        .expect("decrypt data key");
+    assert_eq!(opened.plaintext(), gdk.plaintext());
+    let wp = kms
+        .generate_data_key_without_plaintext()
+        .key_id(&arn)
+        .number_of_bytes(16)
+        .send()
+        .await
+        .expect("generate data key without plaintext");
+    let wp_blob = wp.ciphertext_blob().expect("blob").clone();
+    let opened = kms
+        .decrypt()
+        .ciphertext_blob(wp_blob.clone())
+        .send()
+        .await
+        .expect("decrypt data key");
+    assert_eq!(opened.plaintext().expect("pt").as_ref().len(), 16);
+    // ReEncrypt: CloudHSM -> AWS_KMS -> CloudHSM.
+    let local = kms.create_key().send().await.expect("aws_kms key");
+    let local_arn = local.key_metadata().and_then(|m| m.arn()).expect("arn");
+    let to_local = kms
+        .re_encrypt()
+        .ciphertext_blob(blob.clone())
+        .set_source_encryption_context(Some(ctx("a")))
+        .destination_key_id(local_arn)
+        .send()
+        .await
+        .expect("re-encrypt to AWS_KMS");
+    assert_eq!(to_local.source_key_id(), Some(arn.as_str()));
+    let back = kms
+        .re_encrypt()
+        .ciphertext_blob(to_local.ciphertext_blob().expect("blob").clone())
+        .destination_key_id(&arn)
+        .send()
+        .await
+        .expect("re-encrypt to CloudHSM");
+    let reblob = back.ciphertext_blob().expect("blob").clone();
+    let dec = kms
+        .decrypt()
+        .ciphertext_blob(reblob.clone())
+        .send()
+        .await
+        .expect("decrypt re-encrypted");
+    assert_eq!(dec.plaintext().expect("pt").as_ref(), b"cloudhsm plaintext");
+
+    // Outside the emulator: one AES key labelled with the ARN, sensitive, never
+    // extractable, owned by kmsuser.
+    hsm.operator_reset("hsm-a", LOOK);
+    let listing = hsm.secret_keys("hsm-a", LOOK);
+    assert_eq!(labels(&listing), vec![arn.clone()], "{listing}");
+    assert!(listing.contains("AES length 32"), "{listing}");
+    assert!(listing.contains("never extractable"), "{listing}");
+    assert!(listing.contains("sensitive"), "{listing}");
+    // The emulator's session outlives the reset.
+    kms.encrypt()
+        .key_id(&arn)
+        .plaintext(Blob::new(b"x".to_vec()))
+        .send()
+        .await
+        .expect("encrypt after the reset");
+
+    // Disconnected: the key is Unavailable and unusable; no key can be made.
+    disconnect(&kms, &store).await;
+    let described = kms
+        .describe_key()
+        .key_id(&arn)
+        .send()
+        .await
+        .expect("describe");
+    assert_eq!(
+        described.key_metadata().and_then(|m| m.key_state()),
+        Some(&KeyState::Unavailable)
+    );
+    assert_eq!(
+        code(
+            kms.encrypt()
+                .key_id(&arn)
+                .plaintext(Blob::new(b"x".to_vec()))
+                .send()
+                .await
+        ),
+        "KMSInvalidStateException"
+    );
+    assert_eq!(
+        code(kms.decrypt().ciphertext_blob(blob.clone()).send().await),
+        "KMSInvalidStateException"
+    );
+
+    // Reconnect (the operator's reset password told to KMS): old ciphertexts open.
+    kms.update_custom_key_store()
+        .custom_key_store_id(&store)
+        .key_store_password(LOOK)
+        .send()
+        .await
+        .expect("update password");
+    assert_connected(&connect(&kms, &store).await);
+    for (b, ec) in [(&blob, Some(ctx("a"))), (&wp_blob, None), (&reblob, None)] {
+        kms.decrypt()
+            .ciphertext_blob(b.clone())
+            .set_encryption_context(ec)
+            .send()
+            .await
+            .expect("old ciphertext after reconnect");
+    }
+
+    // The material deleted behind KMS's back: KMSInvalidStateException.
+    hsm.operator_reset("hsm-a", LOOK2);
+    hsm.delete_secret_key("hsm-a", LOOK2, &arn);
+    assert!(labels(&hsm.secret_keys("hsm-a", LOOK2)).is_empty());
+    let gone = kms
+        .encrypt()
+        .key_id(&arn)
+        .plaintext(Blob::new(b"x".to_vec()))
+        .send()
+        .await
+        .expect_err("material deleted");
+    let svc = gone.as_service_error().expect("service error");
+    assert_eq!(svc.code(), Some("KMSInvalidStateException"));
+    assert!(
+        svc.message().is_some_and(|m| m.contains("key material")),
+        "{svc:?}"
+    );
+    assert_eq!(
+        code(
+            kms.decrypt()
+                .ciphertext_blob(blob.clone())
+                .set_encryption_context(Some(ctx("a")))
+                .send()
+                .await
+        ),
+        "KMSInvalidStateException"
+    );
+
+    // ScheduleKeyDeletion: at the end of the waiting period the material is destroyed
+    // in the token.
+    let doomed = new_key()
+        .send()
+        .await
+        .expect("create key")
+        .key_metadata()
+        .and_then(|m| m.arn())
+        .expect("arn")
+        .to_owned();
+    assert_eq!(
+        labels(&hsm.secret_keys("hsm-a", LOOK2)),
+        vec![doomed.clone()]
+    );
+    kms.schedule_key_deletion()
+        .key_id(&doomed)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .expect("schedule deletion");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match kms.describe_key().key_id(&doomed).send().await {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(
+                    e.as_service_error().and_then(|s| s.code()),
+                    Some("NotFoundException")
+                );
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the key was never deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(labels(&hsm.secret_keys("hsm-a", LOOK2)).is_empty());
+
+    let logs = emu.output.lock().expect("lock").join("\n");
+    assert!(logs.contains("key material destroyed in the CloudHSM cluster"));
+    for secret in [PIN, LOOK, LOOK2, "cloudhsm plaintext"] {
+        assert!(!logs.contains(secret), "a secret reached the logs");
     }
 }

@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let Some(parsed) = xks_proxy::fuzzing::kms_blob(data) else {
         return;
     };
-    assert!(matches!(parsed.format, 1 | 2), "format {}", parsed.format);
+    assert!(matches!(parsed.format, 1..=3), "format {}", parsed.format);
     assert_eq!(&data[1..17], parsed.key_uuid.as_bytes());
     assert_eq!(&data[17..33], &parsed.backing_key_id[..]);
     assert_eq!(

@@ -10,7 +10,12 @@
 //! format 1, AWS_KMS key: blob = header ‖ inner
 //! format 2, XKS key:     blob = header ‖ u8 ivLen ‖ IV ‖ tag(16) ‖ u8 mdLen ‖
 //!                               ciphertextMetadata ‖ proxy ciphertext of `inner`
+//! format 3, CloudHSM key: blob = header ‖ inner, where `inner` is computed in the
+//!                               store's cluster (C_Encrypt, CKM_AES_GCM) with the
+//!                               key labelled with the KMS key's ARN
 //! ```
+//! Formats 1 and 3 share a layout, so both parse to [`Blob::Local`] (one layer, no
+//! proxy); the format byte, which is part of the AAD, tells them apart.
 //! `canon` sorts the context by key and length-prefixes every string (u16 BE), so
 //! two different contexts never encode the same. For an XKS key the proxy gets the
 //! same `aad` as `additionalAuthenticatedData`: a wrong context fails inside the
@@ -23,7 +28,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::error::{Exception, KmsError};
-use super::keys::{KeyState, check_grant_tokens, check_key_id, reported_state};
+use super::keys::{KeyState, check_grant_tokens, check_key_id, cloudhsm_key_fault, reported_state};
 use super::keystores::{random, target_of};
 use super::store::{ConnectionState, Origin, State};
 use super::validate::{Shown, Violations};
@@ -34,6 +39,7 @@ use crate::secret::SecretBytes;
 
 const FORMAT_LOCAL: u8 = 1;
 const FORMAT_XKS: u8 = 2;
+const FORMAT_CLOUDHSM: u8 = 3;
 const HEADER_LEN: usize = 33;
 const IV_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -158,9 +164,20 @@ struct UsableKey {
     material: SecretBytes,
     /// For keys in an external key store: store ID, external key ID, proxy target.
     xks: Option<(String, String, XksTarget)>,
+    /// For keys in a CloudHSM key store: the store ID (the token key's label is `arn`).
+    cloudhsm: Option<String>,
 }
 
 impl UsableKey {
+    /// The blob format this key writes and reads.
+    fn format(&self) -> u8 {
+        match (&self.xks, &self.cloudhsm) {
+            (Some(_), _) => FORMAT_XKS,
+            (None, Some(_)) => FORMAT_CLOUDHSM,
+            (None, None) => FORMAT_LOCAL,
+        }
+    }
+
     fn header(&self, format: u8) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0] = format;
@@ -229,7 +246,8 @@ fn open_inner(material: &SecretBytes, inner: &[u8], aad: &[u8]) -> Option<Secret
     Some(buf)
 }
 
-/// A parsed blob. `pub(crate)` only for [`crate::fuzzing`].
+/// A parsed blob (`Local`: formats 1 and 3, one AES-GCM layer). `pub(crate)` only
+/// for [`crate::fuzzing`].
 #[derive(Debug)]
 pub(crate) enum Blob<'a> {
     Local { header: &'a [u8], inner: &'a [u8] },
@@ -268,7 +286,7 @@ pub(crate) fn parse_blob(blob: &[u8]) -> Result<Blob<'_>, KmsError> {
     }
     let (header, rest) = blob.split_at(HEADER_LEN);
     match header[0] {
-        FORMAT_LOCAL if rest.len() >= IV_LEN + TAG_LEN => Ok(Blob::Local {
+        FORMAT_LOCAL | FORMAT_CLOUDHSM if rest.len() >= IV_LEN + TAG_LEN => Ok(Blob::Local {
             header,
             inner: rest,
         }),
@@ -356,6 +374,17 @@ impl Emulator {
                     format!("{} is pending deletion.", k.arn),
                 ));
             }
+            KeyState::Unavailable if k.origin == Origin::AwsCloudHsm => {
+                return Err(KmsError::new(
+                    Exception::KmsInvalidState,
+                    format!(
+                        "{} is unavailable. This KMS key is in a custom key store that is not \
+                         connected to its CloudHSM cluster. Connect the custom key store and \
+                         try the request again.",
+                        k.arn
+                    ),
+                ));
+            }
             KeyState::Unavailable => {
                 return Err(KmsError::new(
                     Exception::KmsInvalidState,
@@ -372,7 +401,7 @@ impl Emulator {
             .map_err(|e| KmsError::internal(&e))?
             .into_bytes();
         let xks = match k.origin {
-            Origin::AwsKms => None,
+            Origin::AwsKms | Origin::AwsCloudHsm => None,
             Origin::ExternalKeyStore => {
                 let store_id = k.custom_key_store_id.clone().unwrap_or_default();
                 let s = st
@@ -394,6 +423,10 @@ impl Emulator {
             backing_key_id: k.backing_key_id,
             material: k.material.clone(),
             xks,
+            cloudhsm: match k.origin {
+                Origin::AwsCloudHsm => k.custom_key_store_id.clone(),
+                Origin::AwsKms | Origin::ExternalKeyStore => None,
+            },
         })
     }
 
@@ -423,14 +456,30 @@ impl Emulator {
         data: &[u8],
         ec: &Context,
     ) -> Result<Vec<u8>, KmsError> {
-        let format = if key.xks.is_some() {
-            FORMAT_XKS
-        } else {
-            FORMAT_LOCAL
-        };
-        let header = key.header(format);
+        let header = key.header(key.format());
         let mut aad = header.to_vec();
         aad.extend_from_slice(&canon(ec));
+        if let Some(store_id) = &key.cloudhsm {
+            let iv: [u8; IV_LEN] = random()?;
+            let (emu, sid, label) = (self.clone(), store_id.clone(), key.arn.clone());
+            let data = SecretBytes::from_slice(data);
+            let aad2 = aad.clone();
+            let sealed = tokio::task::spawn_blocking(move || {
+                emu.shared
+                    .hsm
+                    .encrypt(&sid, &label, iv, data.expose(), &aad2)
+            })
+            .await
+            .map_err(|e| KmsError::internal(&e))?
+            .map_err(|f| {
+                tracing::info!(key_arn = %key.arn, fault = ?f, "CloudHSM Encrypt failed");
+                cloudhsm_key_fault(&key.arn, &f)
+            })?;
+            let mut blob = header.to_vec();
+            blob.extend_from_slice(&iv);
+            blob.extend_from_slice(&sealed);
+            return Ok(blob);
+        }
         let inner = seal_inner(&key.material, data, &aad)?;
         let Some((_, xks_key_id, target)) = &key.xks else {
             let mut blob = header.to_vec();
@@ -473,6 +522,24 @@ impl Emulator {
     ) -> Result<SecretBytes, KmsError> {
         let mut aad = blob.header().to_vec();
         aad.extend_from_slice(&canon(ec));
+        // A blob of another format than the key's was not made by it.
+        if blob.header()[0] != key.format() {
+            return Err(invalid_ciphertext());
+        }
+        if let (Some(store_id), Blob::Local { inner, .. }) = (&key.cloudhsm, blob) {
+            let (iv, sealed) = inner.split_at(IV_LEN);
+            let (emu, sid, label) = (self.clone(), store_id.clone(), key.arn.clone());
+            let (iv, sealed) = (iv.to_vec(), sealed.to_vec());
+            return tokio::task::spawn_blocking(move || {
+                emu.shared.hsm.decrypt(&sid, &label, &iv, &sealed, &aad)
+            })
+            .await
+            .map_err(|e| KmsError::internal(&e))?
+            .map_err(|f| {
+                tracing::info!(key_arn = %key.arn, fault = ?f, "CloudHSM Decrypt failed");
+                cloudhsm_key_fault(&key.arn, &f)
+            });
+        }
         match (blob, &key.xks) {
             (Blob::Local { inner, .. }, None) => {
                 open_inner(&key.material, inner, &aad).ok_or_else(invalid_ciphertext)
@@ -876,6 +943,21 @@ mod tests {
         assert_eq!(out.expose(), b"hello");
         assert!(open_inner(&material, &inner, b"other").is_none());
         assert!(open_inner(&SecretBytes::new(vec![8u8; 32]), &inner, b"aad").is_none());
+    }
+
+    #[test]
+    fn cloudhsm_blob_is_one_layer_and_keeps_its_format_byte() {
+        let mut blob = vec![FORMAT_CLOUDHSM];
+        blob.extend_from_slice(&[1u8; 32]);
+        blob.extend_from_slice(&[5u8; IV_LEN + TAG_LEN + 3]);
+        let parsed = parse_blob(&blob).expect("parse");
+        let Blob::Local { header, inner } = &parsed else {
+            panic!("wrong shape");
+        };
+        assert_eq!(header[0], FORMAT_CLOUDHSM);
+        assert_eq!(inner.len(), IV_LEN + TAG_LEN + 3);
+        // Shorter than IV + tag: refused like a format-1 blob.
+        assert!(parse_blob(&blob[..HEADER_LEN + IV_LEN + TAG_LEN - 1]).is_err());
     }
 
     #[test]

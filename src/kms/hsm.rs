@@ -20,13 +20,74 @@ use std::sync::{Mutex, PoisonError};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 
 use super::clusters::{Cluster, TokenSelector};
 use super::store::ConnectionErrorCode;
 use crate::backend::pkcs11::{Selector, SlotError, ckr_name, find_slot};
-use crate::secret::SecretString;
+use crate::secret::{SecretBytes, SecretString};
+
+/// Why an operation with a KMS key's material in the token failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyFault {
+    /// The store holds no logged-in session (not CONNECTED, or lost at a restart).
+    NoSession,
+    /// No secret key labelled with the KMS key's ARN: deleted behind KMS's back.
+    MaterialMissing,
+    /// AES-GCM did not authenticate (wrong context, or a tampered blob).
+    NotAuthentic,
+    /// Any other refusal of the token: a `CKR_*` name.
+    Token(String),
+}
+
+/// AES-GCM tag length in bits (KMS and this emulator use 128-bit tags).
+const TAG_BITS: u64 = 128;
+
+/// The template of a KMS key's material in the cluster: what KMS documents for keys in
+/// CloudHSM key stores (persistent, owned by kmsuser, never leaves the HSM in the
+/// clear), labelled with the key's ARN so an operator can find it.
+fn key_template(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
+/// The secret keys labelled `label` on `session`.
+fn find_key(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, KeyFault> {
+    session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(|e| KeyFault::Token(ck_code(&e)))
+}
+
+/// The one key labelled `label`; none is `MaterialMissing`. Several (an operator
+/// copied one in) is refused rather than guessed at.
+fn the_key(session: &Session, label: &str) -> Result<ObjectHandle, KeyFault> {
+    match find_key(session, label)?.as_slice() {
+        [] => Err(KeyFault::MaterialMissing),
+        [one] => Ok(*one),
+        _ => Err(KeyFault::Token(
+            "more than one key carries this label".to_owned(),
+        )),
+    }
+}
 
 /// Why a login attempt failed: the store's `ConnectionErrorCode` and a loggable reason.
 #[derive(Debug, Clone)]
@@ -222,6 +283,91 @@ impl Sessions {
         let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
         let session = modules.values().find_map(|m| m.held.get(store_id))?;
         Some(session.generate_random_vec(n).map_err(|e| ck_code(&e)))
+    }
+
+    /// Runs `f` on the session `store_id` holds.
+    fn with_session<T>(
+        &self,
+        store_id: &str,
+        f: impl FnOnce(&Session) -> Result<T, KeyFault>,
+    ) -> Result<T, KeyFault> {
+        let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        let session = modules
+            .values()
+            .find_map(|m| m.held.get(store_id))
+            .ok_or(KeyFault::NoSession)?;
+        f(session)
+    }
+
+    /// C_GenerateKey: a persistent, sensitive, non-extractable AES-256 key labelled
+    /// `label` (the KMS key's ARN) on the kmsuser session of `store_id`.
+    pub fn create_key(&self, store_id: &str, label: &str) -> Result<(), KeyFault> {
+        self.with_session(store_id, |s| {
+            s.generate_key(&Mechanism::AesKeyGen, &key_template(label))
+                .map(|_| ())
+                .map_err(|e| KeyFault::Token(ck_code(&e)))
+        })
+    }
+
+    /// AES-256-GCM in the token with the key labelled `label`: `ciphertext ‖ tag`.
+    pub fn encrypt(
+        &self,
+        store_id: &str,
+        label: &str,
+        iv: [u8; 12],
+        data: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, KeyFault> {
+        self.with_session(store_id, |s| {
+            let key = the_key(s, label)?;
+            let mut iv = iv;
+            let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())
+                .map_err(|e| KeyFault::Token(ck_code(&e)))?;
+            s.encrypt(&Mechanism::AesGcm(params), key, data)
+                .map_err(|e| KeyFault::Token(ck_code(&e)))
+        })
+    }
+
+    /// Opens `encrypt`'s output. A tag that does not verify is `NotAuthentic`
+    /// (SoftHSMv2 reports it as CKR_ENCRYPTED_DATA_INVALID or a general failure).
+    pub fn decrypt(
+        &self,
+        store_id: &str,
+        label: &str,
+        iv: &[u8],
+        ciphertext_and_tag: &[u8],
+        aad: &[u8],
+    ) -> Result<SecretBytes, KeyFault> {
+        self.with_session(store_id, |s| {
+            let key = the_key(s, label)?;
+            let mut iv = iv.to_vec();
+            let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())
+                .map_err(|e| KeyFault::Token(ck_code(&e)))?;
+            s.decrypt(&Mechanism::AesGcm(params), key, ciphertext_and_tag)
+                .map(SecretBytes::new)
+                .map_err(|e| match e {
+                    CkError::Pkcs11(
+                        RvError::EncryptedDataInvalid
+                        | RvError::EncryptedDataLenRange
+                        | RvError::GeneralError
+                        | RvError::FunctionFailed,
+                        _,
+                    ) => KeyFault::NotAuthentic,
+                    other => KeyFault::Token(ck_code(&other)),
+                })
+        })
+    }
+
+    /// C_DestroyObject on every key labelled `label`; returns how many there were.
+    pub fn destroy_key(&self, store_id: &str, label: &str) -> Result<usize, KeyFault> {
+        self.with_session(store_id, |s| {
+            let keys = find_key(s, label)?;
+            for k in &keys {
+                s.destroy_object(*k)
+                    .map_err(|e| KeyFault::Token(ck_code(&e)))?;
+            }
+            Ok(keys.len())
+        })
     }
 
     /// Whether `store_id` holds a logged-in session (tests, status).

@@ -4,7 +4,20 @@
 
 use super::clusters::Cluster;
 use super::store::ConnectionErrorCode;
-use crate::secret::SecretString;
+use crate::secret::{SecretBytes, SecretString};
+
+/// Why an operation with a KMS key's material in the token failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyFault {
+    /// The store holds no logged-in session (always, in this build).
+    NoSession,
+    /// No secret key labelled with the KMS key's ARN.
+    MaterialMissing,
+    /// AES-GCM did not authenticate.
+    NotAuthentic,
+    /// Any other refusal of the token.
+    Token(String),
+}
 
 /// Why a login attempt failed: the store's `ConnectionErrorCode` and a loggable reason.
 #[derive(Debug, Clone)]
@@ -48,6 +61,36 @@ impl Sessions {
 
     pub fn generate_random(&self, _store_id: &str, _n: u32) -> Option<Result<Vec<u8>, String>> {
         None
+    }
+
+    pub fn create_key(&self, _store_id: &str, _label: &str) -> Result<(), KeyFault> {
+        Err(KeyFault::NoSession)
+    }
+
+    pub fn encrypt(
+        &self,
+        _store_id: &str,
+        _label: &str,
+        _iv: [u8; 12],
+        _data: &[u8],
+        _aad: &[u8],
+    ) -> Result<Vec<u8>, KeyFault> {
+        Err(KeyFault::NoSession)
+    }
+
+    pub fn decrypt(
+        &self,
+        _store_id: &str,
+        _label: &str,
+        _iv: &[u8],
+        _ciphertext_and_tag: &[u8],
+        _aad: &[u8],
+    ) -> Result<SecretBytes, KeyFault> {
+        Err(KeyFault::NoSession)
+    }
+
+    pub fn destroy_key(&self, _store_id: &str, _label: &str) -> Result<usize, KeyFault> {
+        Err(KeyFault::NoSession)
     }
 
     pub fn holds(&self, _store_id: &str) -> bool {

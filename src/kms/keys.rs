@@ -6,6 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::{Exception, KmsError};
+use super::hsm::KeyFault;
+use super::keystores::cloudhsm::cluster_invalid_configuration;
 use super::keystores::{Empty, random, target_of};
 use super::store::{ConnectionState, KmsKey, Origin, State, StoredKeyState, now_epoch};
 use super::validate::{self as v, Shown, Violations};
@@ -135,6 +137,8 @@ pub struct KeyMetadata {
     pub origin: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub custom_key_store_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_hsm_cluster_id: Option<String>,
     pub key_manager: &'static str,
     pub customer_master_key_spec: &'static str,
     pub key_spec: &'static str,
@@ -232,6 +236,37 @@ fn key_not_found(arn: &str) -> KmsError {
     KmsError::new(Exception::NotFound, format!("Key '{arn}' does not exist"))
 }
 
+/// A failure with a key's material in its CloudHSM cluster, as KMS reports it.
+pub(super) fn cloudhsm_key_fault(arn: &str, f: &KeyFault) -> KmsError {
+    match f {
+        // KMS documents the exception but no text: say what happened and what to do.
+        KeyFault::MaterialMissing => KmsError::new(
+            Exception::KmsInvalidState,
+            format!(
+                "{arn} is unusable: its key material is not in the associated AWS CloudHSM \
+                 cluster (no key labelled with this key ARN is owned by kmsuser). Restore \
+                 the key from a backup of the cluster, or schedule the KMS key for deletion."
+            ),
+        ),
+        KeyFault::NoSession => KmsError::new(
+            Exception::KmsInvalidState,
+            format!(
+                "{arn} is unavailable: KMS holds no session with the CloudHSM cluster of its \
+                 custom key store. Disconnect and connect the custom key store again."
+            ),
+        ),
+        KeyFault::NotAuthentic => KmsError::new(
+            Exception::InvalidCiphertext,
+            "The ciphertext is not valid, was not produced by this KMS, or does not match the \
+             encryption context.",
+        ),
+        KeyFault::Token(code) => KmsError::new(
+            Exception::KmsInternal,
+            format!("KMS cannot communicate with your CloudHSM cluster ({code})."),
+        ),
+    }
+}
+
 fn is_uuid(s: &str) -> bool {
     uuid::Uuid::try_parse(s).is_ok() && s.len() == 36
 }
@@ -296,23 +331,88 @@ impl Emulator {
         }
     }
 
-    /// Removes keys whose deletion waiting period has run out.
+    /// CreateKey's checks of a CloudHSM key store: it exists, is a CloudHSM one, is
+    /// CONNECTED, and its cluster still has two active HSMs in different AZs.
+    fn check_cloudhsm_store(&self, st: &State, store_id: &str) -> Result<(), KmsError> {
+        let s = st.stores.get(store_id).ok_or_else(|| {
+            KmsError::new(
+                Exception::CustomKeyStoreNotFound,
+                format!("Custom key store {store_id} does not exist."),
+            )
+        })?;
+        let Some(c) = s.cloudhsm() else {
+            return Err(KmsError::new(
+                Exception::UnsupportedOperation,
+                format!(
+                    "Custom key store {store_id} is an EXTERNAL_KEY_STORE; use Origin \
+                     EXTERNAL_KEY_STORE."
+                ),
+            ));
+        };
+        if s.connection_state != ConnectionState::Connected {
+            return Err(KmsError::new(
+                Exception::CustomKeyStoreInvalidState,
+                format!(
+                    "Custom key store {store_id} is not connected to its CloudHSM cluster. \
+                     Connect the custom key store and try the request again."
+                ),
+            ));
+        }
+        if !self
+            .config()
+            .clusters
+            .get(&c.cluster_id)
+            .is_some_and(|cl| cl.meets_hsm_requirement())
+        {
+            return Err(cluster_invalid_configuration());
+        }
+        Ok(())
+    }
+
+    /// Removes keys whose deletion waiting period has run out. The material of a key
+    /// in a CloudHSM key store is destroyed in its cluster when the store is
+    /// connected; otherwise (as KMS documents) the deletion of the backing key is
+    /// best effort: it stays in the cluster and a warning says so.
     pub(super) fn purge_expired_keys(&self) -> Result<(), KmsError> {
         let now = now_epoch();
-        self.store().transact(|st, ch| {
+        let in_clusters = self.store().transact(|st, ch| {
             let expired: Vec<String> = st
                 .keys
                 .values()
                 .filter(|k| k.purge_at.is_some_and(|t| t <= now))
                 .map(|k| k.id.clone())
                 .collect();
+            let mut in_clusters = Vec::new();
             for id in expired {
-                st.keys.remove(&id);
+                if let Some(k) = st.keys.remove(&id)
+                    && k.origin == Origin::AwsCloudHsm
+                    && let Some(store_id) = k.custom_key_store_id
+                {
+                    in_clusters.push((store_id, k.arn));
+                }
                 ch.key(&id);
                 tracing::info!(key_id = %id, "KMS key deleted at the end of its waiting period");
             }
-            Ok(())
-        })
+            Ok(in_clusters)
+        })?;
+        for (store_id, arn) in in_clusters {
+            match self.shared.hsm.destroy_key(&store_id, &arn) {
+                Ok(n) => {
+                    tracing::info!(key_arn = %arn, destroyed = n, "key material destroyed in the CloudHSM cluster");
+                }
+                Err(f) => {
+                    tracing::warn!(
+                        key_arn = %arn,
+                        custom_key_store_id = %store_id,
+                        fault = ?f,
+                        "the key material could not be destroyed in the CloudHSM cluster; \
+                         it stays there, labelled with the key ARN (delete it with the \
+                         CloudHSM tools)"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     fn metadata_of(&self, st: &State, k: &KmsKey) -> KeyMetadata {
@@ -330,6 +430,15 @@ impl Emulator {
             deletion_date: if pending { k.deletion_date } else { None },
             origin: k.origin.as_str(),
             custom_key_store_id: k.custom_key_store_id.clone(),
+            cloud_hsm_cluster_id: match k.origin {
+                Origin::AwsCloudHsm => k
+                    .custom_key_store_id
+                    .as_ref()
+                    .and_then(|id| st.stores.get(id))
+                    .and_then(|s| s.cloudhsm())
+                    .map(|c| c.cluster_id.clone()),
+                Origin::AwsKms | Origin::ExternalKeyStore => None,
+            },
             key_manager: "CUSTOMER",
             customer_master_key_spec: "SYMMETRIC_DEFAULT",
             key_spec: "SYMMETRIC_DEFAULT",
@@ -482,31 +591,10 @@ impl Emulator {
                     "CustomKeyStoreId requires Origin AWS_CLOUDHSM or EXTERNAL_KEY_STORE.",
                 ));
             }
-            "AWS_CLOUDHSM" => {
-                let Some(store_id) = &req.custom_key_store_id else {
-                    return Err(KmsError::validation(
-                        "Origin AWS_CLOUDHSM requires a CustomKeyStoreId.",
-                    ));
-                };
-                // Keys in CloudHSM key stores are not emulated yet (issue 13's next step).
-                return Err(self.store().read(|st| match st.stores.get(store_id) {
-                    Some(s) if s.xks().is_some() => KmsError::new(
-                        Exception::UnsupportedOperation,
-                        format!(
-                            "Custom key store {store_id} is an EXTERNAL_KEY_STORE; use \
-                             Origin EXTERNAL_KEY_STORE."
-                        ),
-                    ),
-                    Some(_) => KmsError::new(
-                        Exception::UnsupportedOperation,
-                        "KMS keys in AWS CloudHSM key stores are not supported by this KMS \
-                         emulator yet.",
-                    ),
-                    None => KmsError::new(
-                        Exception::CustomKeyStoreNotFound,
-                        format!("Custom key store {store_id} does not exist."),
-                    ),
-                }));
+            "AWS_CLOUDHSM" if req.custom_key_store_id.is_none() => {
+                return Err(KmsError::validation(
+                    "Origin AWS_CLOUDHSM requires a CustomKeyStoreId.",
+                ));
             }
             _ => {}
         }
@@ -633,6 +721,36 @@ impl Emulator {
                 ch.key(&id);
                 Ok(())
             })?;
+        } else if origin == "AWS_CLOUDHSM" {
+            let store_id = req.custom_key_store_id.clone().unwrap_or_default();
+            self.purge_expired_keys()?;
+            self.store()
+                .read(|st| self.check_cloudhsm_store(st, &store_id))?;
+            // The material: a new AES-256 key in the cluster, labelled with the ARN.
+            let emu = self.clone();
+            let (sid, label) = (store_id.clone(), arn.clone());
+            tokio::task::spawn_blocking(move || emu.shared.hsm.create_key(&sid, &label))
+                .await
+                .map_err(|e| KmsError::internal(&e))?
+                .map_err(|f| {
+                    tracing::warn!(key_arn = %arn, fault = ?f, "generating the key in the CloudHSM cluster failed");
+                    cloudhsm_key_fault(&arn, &f)
+                })?;
+            key.origin = Origin::AwsCloudHsm;
+            key.custom_key_store_id = Some(store_id.clone());
+            let recorded = self.store().transact(|st, ch| {
+                self.check_cloudhsm_store(st, &store_id)?;
+                st.keys.insert(id.clone(), key);
+                ch.key(&id);
+                Ok(())
+            });
+            if let Err(e) = recorded {
+                // Do not leave material no KMS key refers to.
+                if let Err(f) = self.shared.hsm.destroy_key(&store_id, &arn) {
+                    tracing::warn!(key_arn = %arn, fault = ?f, "removing the unrecorded key from the CloudHSM cluster failed");
+                }
+                return Err(e);
+            }
         } else {
             self.store().transact(|st, ch| {
                 st.keys.insert(id.clone(), key);

@@ -202,6 +202,10 @@ pub enum Origin {
     AwsKms,
     #[serde(rename = "EXTERNAL_KEY_STORE")]
     ExternalKeyStore,
+    /// Material in a CloudHSM key store's cluster (the token), labelled with the ARN;
+    /// `KmsKey::material` is unused for these keys.
+    #[serde(rename = "AWS_CLOUDHSM")]
+    AwsCloudHsm,
 }
 
 impl Origin {
@@ -209,6 +213,7 @@ impl Origin {
         match self {
             Self::AwsKms => "AWS_KMS",
             Self::ExternalKeyStore => "EXTERNAL_KEY_STORE",
+            Self::AwsCloudHsm => "AWS_CLOUDHSM",
         }
     }
 }

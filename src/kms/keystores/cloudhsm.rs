@@ -43,7 +43,7 @@ fn cluster_not_active() -> KmsError {
     )
 }
 
-fn cluster_invalid_configuration() -> KmsError {
+pub(crate) fn cluster_invalid_configuration() -> KmsError {
     KmsError::new(
         Exception::CloudHsmClusterInvalidConfiguration,
         "The request was rejected because the associated CloudHSM cluster did not meet the \
