@@ -54,6 +54,12 @@ class Hsm:
     def user_pin_works(self, label, pin):
         return self.tool(label, "--login", "--pin", pin, "--list-objects").returncode == 0
 
+    def secret_key_labels(self, label, pin):
+        """Labels of the secret keys kmsuser owns, listed by pkcs11-tool in its own process."""
+        r = self.tool(label, "--login", "--pin", pin, "--list-objects", "--type", "secrkey")
+        assert r.returncode == 0, r.stderr
+        return [l.strip().removeprefix("label:").strip() for l in r.stdout.splitlines() if l.strip().startswith("label:")]
+
     def operator_reset(self, label, new_pin):
         r = self.tool(label, "--login", "--login-type", "so", "--so-pin", SO_PIN, "--init-pin", "--new-pin", new_pin)
         assert r.returncode == 0, r.stderr
@@ -145,9 +151,9 @@ def test_cloudhsm_lifecycle_rotation_and_operator_reset(hsm_emulator):
     assert connect(kms, store)["ConnectionState"] == "CONNECTED"
     assert not hsm.user_pin_works("hsm-a", reset)
 
-    with pytest.raises(kms.exceptions.UnsupportedOperationException):
-        kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)
     disconnect(kms, store)
+    with pytest.raises(kms.exceptions.CustomKeyStoreInvalidStateException):
+        kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)
     kms.delete_custom_key_store(CustomKeyStoreId=store)
     with pytest.raises(kms.exceptions.CustomKeyStoreNotFoundException):
         describe_store(kms, store)
@@ -249,3 +255,79 @@ def test_cloudhsm_lifecycle_with_the_aws_cli(hsm_emulator, tmp_path):
     cli("disconnect-custom-key-store", "--custom-key-store-id", store)
     cli_state(store)
     cli("delete-custom-key-store", "--custom-key-store-id", store)
+
+
+def test_cloudhsm_keys_in_the_token(tmp_path, monkeypatch):
+    """create key -> crypto in the token -> the ARN-labelled key seen by pkcs11-tool ->
+    disconnect (Unavailable, KMSInvalidState) -> reconnect (old blobs open) -> material
+    deleted behind KMS's back (KMSInvalidState) -> deletion destroys the material."""
+    pin, look, look2 = "kmsuserKeysPy1", "operatorLookPy1", "operatorLookPy2"
+    hsm = Hsm(tmp_path, [("hsm-a", pin)])
+    path = hsm.clusters([(CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE")])
+    monkeypatch.setenv("SOFTHSM2_CONF", hsm.conf)
+    emu = start_emulator(9, "--cloudhsm-clusters", str(path), "--deletion-day-length", "100ms")
+    try:
+        kms = kms_client(emu)
+        store = create(kms, "keys", CLUSTER_A, pin)
+        with pytest.raises(kms.exceptions.CustomKeyStoreInvalidStateException):
+            kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)
+        assert connect(kms, store)["ConnectionState"] == "CONNECTED"
+        md = kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)["KeyMetadata"]
+        arn = md["Arn"]
+        assert (md["Origin"], md["CustomKeyStoreId"], md["CloudHsmClusterId"], md["KeyState"]) == (
+            "AWS_CLOUDHSM",
+            store,
+            CLUSTER_A,
+            "Enabled",
+        )
+        blob = kms.encrypt(KeyId=arn, Plaintext=b"py plaintext", EncryptionContext={"k": "v"})["CiphertextBlob"]
+        assert kms.decrypt(CiphertextBlob=blob, EncryptionContext={"k": "v"})["Plaintext"] == b"py plaintext"
+        with pytest.raises(kms.exceptions.InvalidCiphertextException):
+            kms.decrypt(CiphertextBlob=blob)
+        dk = kms.generate_data_key(KeyId=arn, KeySpec="AES_256")
+        assert kms.decrypt(CiphertextBlob=dk["CiphertextBlob"])["Plaintext"] == dk["Plaintext"]
+        wp = kms.generate_data_key_without_plaintext(KeyId=arn, NumberOfBytes=24)["CiphertextBlob"]
+        assert len(kms.decrypt(CiphertextBlob=wp)["Plaintext"]) == 24
+        local = kms.create_key()["KeyMetadata"]["Arn"]
+        moved = kms.re_encrypt(
+            CiphertextBlob=blob, SourceEncryptionContext={"k": "v"}, DestinationKeyId=local
+        )["CiphertextBlob"]
+        back = kms.re_encrypt(CiphertextBlob=moved, DestinationKeyId=arn)["CiphertextBlob"]
+        assert kms.decrypt(CiphertextBlob=back)["Plaintext"] == b"py plaintext"
+
+        hsm.operator_reset("hsm-a", look)
+        assert hsm.secret_key_labels("hsm-a", look) == [arn]
+
+        disconnect(kms, store)
+        assert kms.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"] == "Unavailable"
+        with pytest.raises(kms.exceptions.KMSInvalidStateException):
+            kms.encrypt(KeyId=arn, Plaintext=b"x")
+        kms.update_custom_key_store(CustomKeyStoreId=store, KeyStorePassword=look)
+        assert connect(kms, store)["ConnectionState"] == "CONNECTED"
+        for b in (dk["CiphertextBlob"], wp, back):
+            kms.decrypt(CiphertextBlob=b)
+
+        hsm.operator_reset("hsm-a", look2)
+        r = hsm.tool("hsm-a", "--login", "--pin", look2, "--delete-object", "--type", "secrkey", "--label", arn)
+        assert r.returncode == 0, r.stderr
+        with pytest.raises(kms.exceptions.KMSInvalidStateException) as e:
+            kms.encrypt(KeyId=arn, Plaintext=b"x")
+        assert "key material" in str(e.value)
+
+        doomed = kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)["KeyMetadata"]["Arn"]
+        assert hsm.secret_key_labels("hsm-a", look2) == [doomed]
+        kms.schedule_key_deletion(KeyId=doomed, PendingWindowInDays=7)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            try:
+                kms.describe_key(KeyId=doomed)
+            except kms.exceptions.NotFoundException:
+                break
+            assert time.monotonic() < deadline, "the key was never deleted"
+            time.sleep(0.1)
+        assert hsm.secret_key_labels("hsm-a", look2) == []
+        logs = emu.output()
+        for secret in (pin, look, look2, "py plaintext"):
+            assert secret not in logs
+    finally:
+        emu.stop()
