@@ -1099,3 +1099,137 @@ async fn cloudhsm_keys_live_in_the_token_under_their_arn() {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
 }
+
+#[tokio::test]
+async fn cloudhsm_keys_survive_restarts_and_deletion_while_disconnected_leaves_the_material() {
+    const PIN: &str = "kmsuserRestart1";
+    const LOOK: &str = "operatorLook3";
+    let hsm = Hsm::new(&[("hsm-a", PIN)]);
+    let data = tempfile::tempdir().expect("data dir");
+    let entry = |hsms: &'static str| [(CLUSTER_A, "hsm-a", hsms, "lineage-1", "ACTIVE")];
+    let good = hsm.clusters("good.toml", &entry("[1, 1]"));
+    let one_az = hsm.clusters("one-az.toml", &entry("[2, 0]"));
+    let encrypt = |kms: &Client, key: &str| {
+        kms.encrypt()
+            .key_id(key)
+            .plaintext(Blob::new(b"kept across restarts".to_vec()))
+    };
+
+    let (store, kept, doomed, blob) = {
+        let emu = hsm.emulator_with(
+            &good,
+            Some(data.path()),
+            &["--deletion-day-length", "100ms"],
+        );
+        let kms = sdk(&emu);
+        let store = create(&kms, "restart-keys", CLUSTER_A, &anchor(), PIN)
+            .await
+            .expect("create store");
+        assert_connected(&connect(&kms, &store).await);
+        let mut arns = Vec::new();
+        for _ in 0..2 {
+            arns.push(
+                kms.create_key()
+                    .origin(OriginType::AwsCloudhsm)
+                    .custom_key_store_id(&store)
+                    .send()
+                    .await
+                    .expect("create key")
+                    .key_metadata()
+                    .and_then(|m| m.arn())
+                    .expect("arn")
+                    .to_owned(),
+            );
+        }
+        let (kept, doomed) = (arns[0].clone(), arns[1].clone());
+        let blob = encrypt(&kms, &kept)
+            .send()
+            .await
+            .expect("encrypt")
+            .ciphertext_blob()
+            .expect("blob")
+            .clone();
+        kms.schedule_key_deletion()
+            .key_id(&doomed)
+            .pending_window_in_days(7)
+            .send()
+            .await
+            .expect("schedule deletion");
+        // The waiting period ends while the store is disconnected: KMS deletes the
+        // key, but the material stays in the cluster (best effort), with a warning.
+        disconnect(&kms, &store).await;
+        let deadline = Instant::now() + WAIT;
+        while kms.describe_key().key_id(&doomed).send().await.is_ok() {
+            assert!(Instant::now() < deadline, "the key was never deleted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let logs = emu.output.lock().expect("lock").join("\n");
+        assert!(
+            logs.contains("could not be destroyed in the CloudHSM cluster"),
+            "no warning"
+        );
+        (store, kept, doomed, blob)
+    };
+    hsm.operator_reset("hsm-a", LOOK);
+    let mut left = labels(&hsm.secret_keys("hsm-a", LOOK));
+    left.sort();
+    let mut want = vec![kept.clone(), doomed.clone()];
+    want.sort();
+    assert_eq!(left, want, "the doomed key's material stays in the token");
+
+    {
+        // A cluster down to one AZ: keys still work, no new key can be made.
+        let emu = hsm.emulator(&one_az, Some(data.path()));
+        let kms = sdk(&emu);
+        kms.update_custom_key_store()
+            .custom_key_store_id(&store)
+            .key_store_password(LOOK)
+            .send()
+            .await
+            .expect("update password");
+        assert_connected(&connect(&kms, &store).await);
+        let md = kms
+            .describe_key()
+            .key_id(&kept)
+            .send()
+            .await
+            .expect("describe");
+        let md = md.key_metadata().expect("metadata");
+        assert_eq!(md.origin(), Some(&OriginType::AwsCloudhsm));
+        assert_eq!(md.cloud_hsm_cluster_id(), Some(CLUSTER_A));
+        assert_eq!(md.key_state(), Some(&KeyState::Enabled));
+        kms.decrypt()
+            .ciphertext_blob(blob.clone())
+            .send()
+            .await
+            .expect("decrypt after a restart");
+        assert_eq!(
+            code(
+                kms.create_key()
+                    .origin(OriginType::AwsCloudhsm)
+                    .custom_key_store_id(&store)
+                    .send()
+                    .await
+            ),
+            "CloudHsmClusterInvalidConfigurationException"
+        );
+    }
+    {
+        // Restarted while CONNECTED: the session comes back by itself, and with it
+        // the key.
+        let emu = hsm.emulator(&good, Some(data.path()));
+        let kms = sdk(&emu);
+        let deadline = Instant::now() + WAIT;
+        while kms
+            .decrypt()
+            .ciphertext_blob(blob.clone())
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the key never came back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        encrypt(&kms, &kept).send().await.expect("encrypt");
+    }
+}
