@@ -14,7 +14,7 @@
 //!                               store's cluster (C_Encrypt, CKM_AES_GCM) with the
 //!                               key labelled with the KMS key's ARN
 //! ```
-//! Formats 1 and 3 share a layout, so both parse to [`Blob::Local`] (one layer, no
+//! Formats 1 and 3 share a layout, so both parse to `Blob::Local` (one layer, no
 //! proxy); the format byte, which is part of the AAD, tells them apart.
 //! `canon` sorts the context by key and length-prefixes every string (u16 BE), so
 //! two different contexts never encode the same. For an XKS key the proxy gets the

@@ -2,6 +2,9 @@
 //! cluster's token as kmsuser (CKU_USER), rotate the password with C_SetPIN, and keep
 //! the logged-in session while the store is CONNECTED — what KMS does with the
 //! CloudHSM client. Token selection is the proxy backend's (`backend::pkcs11::find_slot`).
+//! On that session live the KMS keys' material: AES-256 secret keys labelled with the
+//! key ARN, found by label for every operation (never a cached handle, so a key an
+//! operator deleted is noticed at once).
 //!
 //! Why not the proxy backend's module registry: that keeps every module initialised
 //! for the life of the process, and SoftHSMv2 loads a token's PIN once per

@@ -1,5 +1,6 @@
-//! KMS key management: CreateKey (ordinary `AWS_KMS` keys and keys backed by an
-//! external key, checked with the proxy's GetKeyMetadata), DescribeKey with the
+//! KMS key management: CreateKey (ordinary `AWS_KMS` keys, keys backed by an
+//! external key, checked with the proxy's GetKeyMetadata, and keys whose material
+//! the emulator generates in a CloudHSM key store's token), DescribeKey with the
 //! derived `Unavailable` state, ListKeys, EnableKey, DisableKey, ScheduleKeyDeletion
 //! and CancelKeyDeletion; plus key-ID resolution shared with [`crypto`](super::crypto).
 

@@ -14,11 +14,13 @@
 //!   [`keystores::cloudhsm`]: what only CloudHSM key stores have (cluster checks,
 //!   Update's rules, the kmsuser login with password rotation and lockout).
 //! - [`clusters`]: the stand-in CloudHSM clusters (`--cloudhsm-clusters`);
-//!   [`hsm`]: the kmsuser sessions on their PKCS#11 tokens (`pkcs11` feature).
+//!   [`hsm`]: the kmsuser sessions on their PKCS#11 tokens and the AES keys made,
+//!   used and destroyed on them (`pkcs11` feature).
 //! - [`keys`]: CreateKey, DescribeKey, ListKeys, Enable/DisableKey,
-//!   Schedule/CancelKeyDeletion.
+//!   Schedule/CancelKeyDeletion (and the end of the waiting period).
 //! - [`crypto`]: Encrypt, Decrypt, GenerateDataKey*, ReEncrypt; double encryption
-//!   and the emulator's versioned ciphertext blob.
+//!   for XKS keys, AES-GCM in the token for CloudHSM keys, and the emulator's
+//!   versioned ciphertext blob.
 //! - [`xks_client`]: SigV4-signed proxy calls, timeouts, response checks, and the
 //!   failure → exception tables.
 //! - [`store`]: state and its crash-safe persistence; [`quota`]: per-store rate
