@@ -1233,3 +1233,62 @@ async fn cloudhsm_keys_survive_restarts_and_deletion_while_disconnected_leaves_t
         encrypt(&kms, &kept).send().await.expect("encrypt");
     }
 }
+
+#[tokio::test]
+async fn cloudhsm_key_store_requests_count_against_the_store_quota() {
+    const PIN: &str = "kmsuserQuota1";
+    let hsm = Hsm::new(&[("hsm-a", PIN)]);
+    let clusters = hsm.clusters(
+        "clusters.toml",
+        &[(CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE")],
+    );
+    // One request per second per store: a burst of ten must be throttled.
+    let emu = hsm.emulator_with(&clusters, None, &["--xks-store-rps", "1"]);
+    let kms = sdk(&emu);
+    let store = create(&kms, "quota", CLUSTER_A, &anchor(), PIN)
+        .await
+        .expect("create store");
+    assert_connected(&connect(&kms, &store).await);
+    let arn = kms
+        .create_key()
+        .origin(OriginType::AwsCloudhsm)
+        .custom_key_store_id(&store)
+        .send()
+        .await
+        .expect("create key")
+        .key_metadata()
+        .and_then(|m| m.arn())
+        .expect("arn")
+        .to_owned();
+    let mut throttled = 0;
+    for _ in 0..10 {
+        if let Err(e) = kms
+            .encrypt()
+            .key_id(&arn)
+            .plaintext(Blob::new(b"x".to_vec()))
+            .send()
+            .await
+        {
+            assert_eq!(
+                e.as_service_error().and_then(|s| s.code()),
+                Some("ThrottlingException")
+            );
+            throttled += 1;
+        }
+    }
+    assert!(
+        throttled > 0,
+        "ten requests in a burst were never throttled"
+    );
+    // Keys in no store are not charged.
+    let local = kms.create_key().send().await.expect("aws_kms key");
+    let local = local.key_metadata().and_then(|m| m.arn()).expect("arn");
+    for _ in 0..10 {
+        kms.encrypt()
+            .key_id(local)
+            .plaintext(Blob::new(b"x".to_vec()))
+            .send()
+            .await
+            .expect("AWS_KMS keys are not throttled");
+    }
+}

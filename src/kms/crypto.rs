@@ -169,6 +169,14 @@ struct UsableKey {
 }
 
 impl UsableKey {
+    /// The custom key store holding the key, if any.
+    fn store_id(&self) -> Option<&str> {
+        self.xks
+            .as_ref()
+            .map(|x| x.0.as_str())
+            .or(self.cloudhsm.as_deref())
+    }
+
     /// The blob format this key writes and reads.
     fn format(&self) -> u8 {
         match (&self.xks, &self.cloudhsm) {
@@ -430,9 +438,11 @@ impl Emulator {
         })
     }
 
+    /// Charges the custom key store's request quota (KMS has one per external and
+    /// per CloudHSM key store); keys in no store are not charged.
     fn charge(&self, key: &UsableKey) -> Result<(), KmsError> {
-        match &key.xks {
-            Some((store_id, _, _)) => self.shared.quotas.charge(store_id),
+        match key.store_id() {
+            Some(store_id) => self.shared.quotas.charge(store_id),
             None => Ok(()),
         }
     }
@@ -810,7 +820,7 @@ impl Emulator {
         }
         // Brief §8: a ReEncrypt between two stores is charged to both.
         self.charge(&source)?;
-        if dest.xks.as_ref().map(|x| &x.0) != source.xks.as_ref().map(|x| &x.0) {
+        if dest.store_id() != source.store_id() {
             self.charge(&dest)?;
         }
         let source_ec = req.source_encryption_context.unwrap_or_default();
