@@ -10,7 +10,8 @@
 /// What the emulator's blob parser (`kms::crypto::parse_blob`) read from a blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedBlob {
-    /// 1 (AWS_KMS key) or 2 (XKS key).
+    /// 1 (AWS_KMS key), 2 (XKS key) or 3 (a key in a CloudHSM key store: one layer,
+    /// sealed in the token).
     pub format: u8,
     /// The key UUID the header names.
     pub key_uuid: uuid::Uuid,
@@ -62,6 +63,7 @@ mod tests {
             h
         };
         let local = [header(1), vec![0; 12], b"data".to_vec(), vec![0; 16]].concat();
+        let cloudhsm = [header(3), vec![0; 12], b"data".to_vec(), vec![0; 16]].concat();
         let xks = [
             header(2),
             vec![12],
@@ -71,7 +73,7 @@ mod tests {
             vec![9; 12 + 3 + 16],
         ]
         .concat();
-        for blob in [local, xks] {
+        for blob in [local, cloudhsm, xks] {
             let parsed = kms_blob(&blob).expect("well-formed");
             assert_eq!(parsed.reencoded, blob);
             assert_eq!(parsed.key_uuid.as_bytes()[..], blob[1..17]);
