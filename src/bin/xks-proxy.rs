@@ -729,16 +729,7 @@ fn import_aws_sample(
     for (path, secret) in &imported.secret_files {
         write_new_secret_file(&out.join(path), secret.expose())?;
     }
-    {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&config)
-            .with_context(|| format!("cannot create {}", config.display()))?;
-        file.write_all(imported.config.as_bytes())
-            .with_context(|| format!("cannot write {}", config.display()))?;
-    }
+    write_new_file(&config, imported.config.as_bytes(), 0o644)?;
     for w in &imported.warnings {
         eprintln!("warning: {w}");
     }
@@ -764,17 +755,24 @@ fn import_aws_sample(
 /// Creates `path` with only its owner able to read it, and writes `secret` to it. An
 /// existing file is never overwritten: it may be a live credential.
 fn write_new_secret_file(path: &Path, secret: &str) -> Result<()> {
+    write_new_file(path, secret.as_bytes(), 0o600)
+}
+
+/// Creates `path` (never over an existing file) with `mode`, writes `data`, syncs.
+fn write_new_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
     let mut file = options
         .open(path)
-        .with_context(|| format!("cannot create the secret file {}", path.display()))?;
-    file.write_all(secret.as_bytes())
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(data)
         .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write the secret file {}", path.display()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The key admin commands need the `[backend]` table only: never the SigV4 secrets.

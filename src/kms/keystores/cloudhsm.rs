@@ -13,14 +13,14 @@
 //! `USER_LOCKED_OUT` too.
 
 use super::{
-    CreateCustomKeyStoreRequest, Empty, UpdateCustomKeyStoreRequest, check_unique, invalid_state,
-    not_found,
+    CreateCustomKeyStoreRequest, Empty, UpdateCustomKeyStoreRequest, check_unique,
+    check_update_members, invalid_state, not_found,
 };
 use crate::kms::clusters::{Cluster, certificate_der};
 use crate::kms::error::{Exception, KmsError};
 use crate::kms::hsm::Refusal;
 use crate::kms::store::{CloudHsmSettings, ConnectionErrorCode, ConnectionState, State};
-use crate::kms::validate::{self as v, Shown, Violations};
+use crate::kms::validate::{Shown, Violations};
 use crate::kms::{Ctx, Emulator};
 
 /// Refused logins after which CloudHSM locks kmsuser out.
@@ -325,29 +325,7 @@ impl Emulator {
         req: UpdateCustomKeyStoreRequest,
     ) -> Result<Empty, KmsError> {
         let mut vs = Violations::new();
-        vs.length(
-            "newCustomKeyStoreName",
-            req.new_custom_key_store_name.as_deref(),
-            1,
-            256,
-            Shown::Yes,
-        );
-        vs.length(
-            "keyStorePassword",
-            req.key_store_password.as_ref().map(|p| p.0.expose()),
-            7,
-            32,
-            Shown::Redacted,
-        );
-        vs.string(
-            "cloudHsmClusterId",
-            req.cloud_hsm_cluster_id.as_deref(),
-            19,
-            24,
-            v::is_cluster_id,
-            v::CLUSTER_ID_PATTERN,
-            Shown::Yes,
-        );
+        check_update_members(&mut vs, &req);
         let foreign = [
             ("xksProxyUriEndpoint", req.xks_proxy_uri_endpoint.is_some()),
             ("xksProxyUriPath", req.xks_proxy_uri_path.is_some()),

@@ -215,17 +215,44 @@ pub(super) fn random<const N: usize>() -> Result<[u8; N], KmsError> {
 }
 
 fn store_id_of(req: &StoreIdRequest) -> Result<String, KmsError> {
+    checked_store_id(&req.custom_key_store_id)
+}
+
+/// The `CustomKeyStoreId` member every per-store operation takes: required, 1–64.
+fn checked_store_id(id: &Option<String>) -> Result<String, KmsError> {
     let mut vs = Violations::new();
-    vs.required("customKeyStoreId", &req.custom_key_store_id);
+    vs.required("customKeyStoreId", id);
+    vs.length("customKeyStoreId", id.as_deref(), 1, 64, Shown::Yes);
+    vs.finish()?;
+    Ok(id.clone().unwrap_or_default())
+}
+
+/// UpdateCustomKeyStore's members whose syntax is the same for both store types (the
+/// type-specific rules then say which of them a store may change).
+fn check_update_members(vs: &mut Violations, req: &UpdateCustomKeyStoreRequest) {
     vs.length(
-        "customKeyStoreId",
-        req.custom_key_store_id.as_deref(),
+        "newCustomKeyStoreName",
+        req.new_custom_key_store_name.as_deref(),
         1,
-        64,
+        256,
         Shown::Yes,
     );
-    vs.finish()?;
-    Ok(req.custom_key_store_id.clone().unwrap_or_default())
+    vs.length(
+        "keyStorePassword",
+        req.key_store_password.as_ref().map(|p| p.0.expose()),
+        7,
+        32,
+        Shown::Redacted,
+    );
+    vs.string(
+        "cloudHsmClusterId",
+        req.cloud_hsm_cluster_id.as_deref(),
+        19,
+        24,
+        v::is_cluster_id,
+        v::CLUSTER_ID_PATTERN,
+        Shown::Yes,
+    );
 }
 
 impl Emulator {
@@ -717,17 +744,7 @@ impl Emulator {
         ctx: &Ctx,
         req: UpdateCustomKeyStoreRequest,
     ) -> Result<Empty, KmsError> {
-        let mut vs = Violations::new();
-        vs.required("customKeyStoreId", &req.custom_key_store_id);
-        vs.length(
-            "customKeyStoreId",
-            req.custom_key_store_id.as_deref(),
-            1,
-            64,
-            Shown::Yes,
-        );
-        vs.finish()?;
-        let id = req.custom_key_store_id.clone().unwrap_or_default();
+        let id = checked_store_id(&req.custom_key_store_id)?;
         let is_cloudhsm = self.store().read(|st| {
             st.stores
                 .get(&id)

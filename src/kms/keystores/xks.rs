@@ -6,7 +6,7 @@
 
 use super::{
     CreateCustomKeyStoreRequest, CredentialInput, Empty, UpdateCustomKeyStoreRequest,
-    check_unique as check_any_unique, invalid_state, not_found,
+    check_unique as check_any_unique, check_update_members, invalid_state, not_found,
 };
 use crate::api::wire::RequestMetadata;
 use crate::kms::error::{Exception, KmsError};
@@ -327,38 +327,9 @@ impl Emulator {
         ctx: &Ctx,
         req: UpdateCustomKeyStoreRequest,
     ) -> Result<Empty, KmsError> {
+        // The dispatcher (`keystores`) has checked `customKeyStoreId` already.
         let mut vs = Violations::new();
-        vs.required("customKeyStoreId", &req.custom_key_store_id);
-        vs.length(
-            "customKeyStoreId",
-            req.custom_key_store_id.as_deref(),
-            1,
-            64,
-            Shown::Yes,
-        );
-        vs.length(
-            "newCustomKeyStoreName",
-            req.new_custom_key_store_name.as_deref(),
-            1,
-            256,
-            Shown::Yes,
-        );
-        vs.length(
-            "keyStorePassword",
-            req.key_store_password.as_ref().map(|p| p.0.expose()),
-            7,
-            32,
-            Shown::Redacted,
-        );
-        vs.string(
-            "cloudHsmClusterId",
-            req.cloud_hsm_cluster_id.as_deref(),
-            19,
-            24,
-            v::is_cluster_id,
-            v::CLUSTER_ID_PATTERN,
-            Shown::Yes,
-        );
+        check_update_members(&mut vs, &req);
         check_xks_members(
             &mut vs,
             XksMembers {
