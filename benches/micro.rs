@@ -318,8 +318,8 @@ fn e2e(c: &mut Criterion) {
     .expect("config");
     let running = rt
         .block_on(async {
-            let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-            xks_proxy::server::start(&config, backend).await
+            let backends = xks_proxy::backend::open_all(&config.backends).expect("backend");
+            xks_proxy::server::start(&config, backends).await
         })
         .expect("proxy");
     let args = cli::TargetArgs {

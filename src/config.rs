@@ -5,6 +5,7 @@
 //! Secrets (SigV4 secrets, the master key, HSM PINs) are never inline: the TOML names an
 //! environment variable or a file, and validation reads them into zeroizing types.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -51,7 +52,12 @@ pub struct RawConfig {
     pub logging: RawLogging,
     #[serde(default)]
     pub limits: RawLimits,
-    pub backend: RawBackend,
+    /// The key manager, named `default`. With `backends`, one more named key manager.
+    pub backend: Option<RawBackend>,
+    /// Named key managers (`[backends.hsm-a]`, ...), each shaped like `[backend]`; every
+    /// `[[keystores]]` names the one it uses (`backend = "hsm-a"`).
+    #[serde(default)]
+    pub backends: BTreeMap<String, RawBackend>,
     /// The admin listener (Prometheus metrics). Off unless `[admin] listen` is set.
     #[serde(default)]
     pub admin: RawAdmin,
@@ -291,6 +297,9 @@ pub struct RawKeystore {
     /// opens the ciphertexts it made for this prefix. New encryptions always use this
     /// project's scheme. PKCS#11 backends only (the sample had no other).
     pub aws_sample_ciphertexts: Option<RawAwsSample>,
+    /// The key manager this prefix uses: a `[backends.NAME]`, or `default` for
+    /// `[backend]`. Absent: the only configured backend, else `default`.
+    pub backend: Option<String>,
 }
 
 /// `[keystores.aws_sample_ciphertexts]`: what identifies the sample's ciphertexts.
@@ -380,7 +389,8 @@ pub struct Config {
     pub sigv4: crate::sigv4::VerifyPolicy,
     pub logging: LoggingConfig,
     pub limits: crate::backend::CallLimits,
-    pub backend: BackendConfig,
+    /// Every key manager, in name order; each is used by at least one keystore.
+    pub backends: Vec<BackendEntry>,
     pub keystores: Vec<KeystoreConfig>,
     pub admin_listen: Option<SocketAddr>,
     pub policy_file: Option<PathBuf>,
@@ -498,7 +508,7 @@ impl SecretSource {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendConfig {
     Software {
         keystore: PathBuf,
@@ -509,10 +519,60 @@ pub enum BackendConfig {
     Pkcs11(crate::backend::pkcs11::Pkcs11Settings),
 }
 
+impl BackendConfig {
+    /// The settings that make it a different key manager: everything except what a
+    /// reload applies to the running one (the PKCS#11 disabled-key list and PIN
+    /// sources; the software keystore's file contents are re-read, its path is not).
+    /// A reload keeps a running backend whose identity is unchanged and opens a new one
+    /// otherwise.
+    pub fn identity(&self) -> BackendConfig {
+        match self {
+            BackendConfig::Software { .. } => self.clone(),
+            #[cfg(feature = "pkcs11")]
+            BackendConfig::Pkcs11(settings) => {
+                let mut fixed = settings.clone();
+                fixed.disabled_keys.clear();
+                fixed.user_pin_env = None;
+                fixed.user_pin_file = None;
+                for t in &mut fixed.failover {
+                    t.user_pin_env = None;
+                    t.user_pin_file = None;
+                }
+                BackendConfig::Pkcs11(fixed)
+            }
+        }
+    }
+
+    /// `software` or `pkcs11`, for logs and operators.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendConfig::Software { .. } => "software",
+            #[cfg(feature = "pkcs11")]
+            BackendConfig::Pkcs11(_) => "pkcs11",
+        }
+    }
+}
+
+/// The name `[backend]` goes by, and a keystore's backend when it names none.
+pub const DEFAULT_BACKEND: &str = "default";
+
+/// One named key manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendEntry {
+    /// `default` for `[backend]`, else the `NAME` of `[backends.NAME]`.
+    pub name: String,
+    /// The config table it came from (`backend` or `backends.NAME`): how errors and
+    /// `config check` name its settings.
+    pub table: String,
+    pub config: BackendConfig,
+}
+
 /// One path prefix: a logical keystore with its own credentials.
 #[derive(Debug, Clone)]
 pub struct KeystoreConfig {
     pub path_prefix: String,
+    /// The name of the [`BackendEntry`] this prefix uses.
+    pub backend: String,
     pub credentials: Vec<CredentialConfig>,
     /// Every external key id served under this prefix: `allowed_keys` and `shared_keys`
     /// together. `None` only for a single keystore that names no keys (it serves every
@@ -561,14 +621,19 @@ impl Config {
                 e.message().to_owned() + &span_hint(&text, e.span()),
             )
         })?;
-        Ok(AdminConfig {
-            backend: validate_backend(raw.backend, base, &mut Vec::new())?,
-            served: raw
-                .keystores
-                .iter()
-                .map(|k| served_keys(k.allowed_keys.as_deref(), k.shared_keys.as_deref()))
-                .collect(),
-        })
+        let backends = validate_backends(raw.backend, raw.backends, base, &mut Vec::new())?;
+        let served = raw
+            .keystores
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                Ok((
+                    keystore_backend(i, k.backend.as_deref(), &backends)?,
+                    served_keys(k.allowed_keys.as_deref(), k.shared_keys.as_deref()),
+                ))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(AdminConfig { backends, served })
     }
 
     /// Parses and validates TOML text; relative paths resolve against `base`.
@@ -585,18 +650,156 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The backend named `name`.
+    pub fn backend(&self, name: &str) -> Option<&BackendEntry> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+}
+
 /// See [`Config::load_admin`].
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
-    pub backend: BackendConfig,
-    /// Per `[[keystores]]`: the keys it serves (`None`: every key of the backend).
-    pub served: Vec<Option<Vec<String>>>,
+    pub backends: Vec<BackendEntry>,
+    /// Per `[[keystores]]`: the backend it uses and the keys it serves (`None`: every
+    /// key of that backend).
+    pub served: Vec<(String, Option<Vec<String>>)>,
 }
 
-/// The `[backend]` table, validated; the files it names are added to `watched`. Its
+impl AdminConfig {
+    /// The backend a key command works on: the one named, or the only one.
+    pub fn backend(&self, name: Option<&str>) -> Result<&BackendEntry, ConfigError> {
+        let names = || {
+            self.backends
+                .iter()
+                .map(|b| b.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match name {
+            Some(n) => self.backends.iter().find(|b| b.name == n).ok_or_else(|| {
+                ConfigError::new(
+                    "--backend",
+                    format!(
+                        "'{n}' is not a configured backend (configured: {})",
+                        names()
+                    ),
+                )
+            }),
+            None => match self.backends.as_slice() {
+                [only] => Ok(only),
+                _ => Err(ConfigError::new(
+                    "--backend",
+                    format!(
+                        "the config has {} backends; say which with --backend NAME (configured: {})",
+                        self.backends.len(),
+                        names()
+                    ),
+                )),
+            },
+        }
+    }
+}
+
+/// A backend name: a metric label and log field, so short and plain.
+fn valid_backend_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+/// `[backend]` (named `default`) and every `[backends.NAME]`, validated, in name order.
+fn validate_backends(
+    single: Option<RawBackend>,
+    named: BTreeMap<String, RawBackend>,
+    base: &Path,
+    watched_files: &mut Vec<PathBuf>,
+) -> Result<Vec<BackendEntry>, ConfigError> {
+    if single.is_some() && named.contains_key(DEFAULT_BACKEND) {
+        return Err(ConfigError::new(
+            format!("backends.{DEFAULT_BACKEND}"),
+            "[backend] is already the backend named default: rename one of them",
+        ));
+    }
+    if single.is_none() && named.is_empty() {
+        return Err(ConfigError::new(
+            "backend",
+            "missing: configure the key manager in [backend] (or named [backends.NAME] tables)",
+        ));
+    }
+    let mut entries = Vec::with_capacity(named.len() + 1);
+    if let Some(raw) = single {
+        let table = "backend".to_owned();
+        let config = validate_backend(raw, &table, base, watched_files)?;
+        entries.push(BackendEntry {
+            name: DEFAULT_BACKEND.to_owned(),
+            table,
+            config,
+        });
+    }
+    for (name, raw) in named {
+        let table = format!("backends.{name}");
+        if !valid_backend_name(&name) {
+            return Err(ConfigError::new(
+                table,
+                "a backend name is 1-64 characters of a-z A-Z 0-9 _ -",
+            ));
+        }
+        let config = validate_backend(raw, &table, base, watched_files)?;
+        entries.push(BackendEntry {
+            name,
+            table,
+            config,
+        });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+/// The backend `keystores[i]` uses: the one it names, else the only one, else
+/// `default`.
+fn keystore_backend(
+    i: usize,
+    named: Option<&str>,
+    backends: &[BackendEntry],
+) -> Result<String, ConfigError> {
+    let names = || {
+        backends
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (named, backends) {
+        (Some(n), _) if backends.iter().any(|b| b.name == n) => Ok(n.to_owned()),
+        (Some(n), _) => Err(ConfigError::new(
+            format!("keystores[{i}].backend"),
+            format!(
+                "'{n}' is not a configured backend (configured: {})",
+                names()
+            ),
+        )),
+        (None, [only]) => Ok(only.name.clone()),
+        (None, _) if backends.iter().any(|b| b.name == DEFAULT_BACKEND) => {
+            Ok(DEFAULT_BACKEND.to_owned())
+        }
+        (None, _) => Err(ConfigError::new(
+            format!("keystores[{i}].backend"),
+            format!(
+                "missing: with several backends and no [backend], each keystore names the one it uses (configured: {})",
+                names()
+            ),
+        )),
+    }
+}
+
+/// One backend table, validated; the files it names are added to `watched`. Its
 /// secrets (the master key, the PIN) are read when the backend opens, not here.
+/// `table` (`backend` or `backends.NAME`) prefixes the keys errors name.
 fn validate_backend(
     raw: RawBackend,
+    table: &str,
     base: &Path,
     watched_files: &mut Vec<PathBuf>,
 ) -> Result<BackendConfig, ConfigError> {
@@ -614,7 +817,7 @@ fn validate_backend(
             BackendConfig::Software {
                 keystore: base.join(keystore),
                 master_key: SecretSource::from_pair(
-                    "backend.master_key_env",
+                    &format!("{table}.master_key_env"),
                     master_key_env.as_ref(),
                     master_key_file.as_ref(),
                     base,
@@ -626,7 +829,7 @@ fn validate_backend(
         RawBackend::Pkcs11(mut settings) => {
             settings
                 .validate(base)
-                .map_err(|e| ConfigError::new(format!("backend.{}", e.key), e.problem))?;
+                .map_err(|e| ConfigError::new(format!("{table}.{}", e.key), e.problem))?;
             settings.resolve_paths(base);
             BackendConfig::Pkcs11(settings)
         }
@@ -893,7 +1096,7 @@ impl RawConfig {
             ));
         }
 
-        let backend = validate_backend(self.backend, base, &mut watched_files)?;
+        let backends = validate_backends(self.backend, self.backends, base, &mut watched_files)?;
 
         if self.keystores.is_empty() {
             return Err(ConfigError::new(
@@ -906,6 +1109,7 @@ impl RawConfig {
         let mut assignments = Vec::with_capacity(self.keystores.len());
         for (i, ks) in self.keystores.into_iter().enumerate() {
             let key = format!("keystores[{i}]");
+            let backend = keystore_backend(i, ks.backend.as_deref(), &backends)?;
             validate_path_prefix(&ks.path_prefix)
                 .map_err(|p| ConfigError::new(format!("{key}.path_prefix"), p))?;
             if keystores
@@ -997,7 +1201,10 @@ impl RawConfig {
                 Some(sample) => Some(aws_sample_metadata(
                     &format!("{key}.aws_sample_ciphertexts.ciphertext_metadata_b64"),
                     &sample.ciphertext_metadata_b64,
-                    &backend,
+                    backends
+                        .iter()
+                        .find(|b| b.name == backend)
+                        .map(|b| &b.config),
                 )?),
             };
             let served = served_keys(ks.allowed_keys.as_deref(), ks.shared_keys.as_deref());
@@ -1007,6 +1214,7 @@ impl RawConfig {
             });
             keystores.push(KeystoreConfig {
                 path_prefix: ks.path_prefix,
+                backend,
                 credentials,
                 allowed_keys: served,
                 quota,
@@ -1014,6 +1222,18 @@ impl RawConfig {
             });
         }
         check_key_ownership(&keystores, &assignments)?;
+        if let Some(unused) = backends
+            .iter()
+            .find(|b| !keystores.iter().any(|k| k.backend == b.name))
+        {
+            return Err(ConfigError::new(
+                unused.table.clone(),
+                format!(
+                    "no [[keystores]] uses backend '{}': name it in a keystore (backend = \"{}\") or remove it; an unused key manager would still be opened and health-checked",
+                    unused.name, unused.name
+                ),
+            ));
+        }
 
         let policy_file = self.policy.map(|p| base.join(p.file));
         if let Some(p) = &policy_file {
@@ -1059,7 +1279,7 @@ impl RawConfig {
                 max_waiting: l.backend_max_waiting,
                 deadline: Duration::from_millis(l.backend_deadline_ms),
             },
-            backend,
+            backends,
             keystores,
         })
     }
@@ -1072,10 +1292,10 @@ impl RawConfig {
 fn aws_sample_metadata(
     key: &str,
     b64: &str,
-    backend: &BackendConfig,
+    backend: Option<&BackendConfig>,
 ) -> Result<Vec<u8>, ConfigError> {
     use base64::Engine as _;
-    if matches!(backend, BackendConfig::Software { .. }) {
+    if matches!(backend, Some(BackendConfig::Software { .. })) {
         return Err(ConfigError::new(
             key,
             "AWS's sample proxy only ran on PKCS#11: its ciphertexts need the same HSM keys (a PKCS#11 [backend])",
@@ -1123,9 +1343,12 @@ struct KeyLists {
 }
 
 /// Tenants are isolated by default (a path prefix is one logical keystore, spec "URIs"):
-/// with more than one keystore each must name its keys, and a key named by two keystores
-/// is refused unless every keystore naming it lists it under `shared_keys`, so one
-/// tenant's credentials never reach another tenant's key by omission.
+/// with more than one keystore on a backend each must name its keys, and a key named by
+/// two keystores is refused unless every keystore naming it lists it under
+/// `shared_keys`, so one tenant's credentials never reach another tenant's key by
+/// omission. Key ids are per backend: the same id on two backends is two keys, so only
+/// keystores on the same backend can collide; a keystore alone on its backend may name
+/// no keys (it serves every key of that key manager, which no other tenant reaches).
 fn check_key_ownership(
     keystores: &[KeystoreConfig],
     assignments: &[KeyLists],
@@ -1136,24 +1359,33 @@ fn check_key_ownership(
             keystores[i].path_prefix
         )
     };
-    if keystores.len() > 1
-        && let Some(i) = assignments
+    let on_backend = |i: usize| {
+        keystores
             .iter()
-            .position(|k| k.allowed.is_none() && k.shared.is_none())
-    {
+            .filter(|k| k.backend == keystores[i].backend)
+            .count()
+    };
+    if let Some(i) = (0..keystores.len()).find(|&i| {
+        on_backend(i) > 1 && assignments[i].allowed.is_none() && assignments[i].shared.is_none()
+    }) {
+        let backend = if keystores.len() == on_backend(i) {
+            String::new()
+        } else {
+            format!(" on backend '{}'", keystores[i].backend)
+        };
         return Err(ConfigError::new(
             format!("keystores[{i}].allowed_keys"),
             format!(
-                "missing: {} names no keys; with {} keystores each must name the external keys it serves (tenants are isolated by default). \
+                "missing: {} names no keys; with {} keystores{backend} each must name the external keys it serves (tenants are isolated by default). \
                  Add allowed_keys = [\"<key id>\", ...] to it (allowed_keys = [] for none yet); \
                  a key that several keystores serve on purpose goes under shared_keys = [\"<key id>\"] in each of them instead",
                 name(i),
-                keystores.len()
+                on_backend(i)
             ),
         ));
     }
-    // Key id → (first keystore naming it, whether that one lists it as shared).
-    let mut owner: std::collections::HashMap<&str, (usize, bool)> = Default::default();
+    // (backend, key id) → (first keystore naming it, whether that one lists it as shared).
+    let mut owner: std::collections::HashMap<(&str, &str), (usize, bool)> = Default::default();
     for (j, lists) in assignments.iter().enumerate() {
         let named = lists
             .allowed
@@ -1167,9 +1399,10 @@ fn check_key_ownership(
             } else {
                 "allowed_keys"
             };
-            match owner.get(k.as_str()) {
+            let backend = keystores[j].backend.as_str();
+            match owner.get(&(backend, k.as_str())) {
                 None => {
-                    owner.insert(k, (j, is_shared));
+                    owner.insert((backend, k), (j, is_shared));
                 }
                 Some(&(i, was_shared)) if i == j => {
                     if was_shared != is_shared {
@@ -1550,5 +1783,140 @@ secret_file = "SECRETFILE"
             assert!(valid_secret(secret.expose()));
         }
         assert_ne!(generate_credential().0, generate_credential().0);
+    }
+
+    /// MINIMAL with its `[backend]` replaced by `backends` (TOML tables) and `/a`
+    /// naming `a_backend`, plus keystore `/b` with `b_extra` (its backend, its keys).
+    fn named_backends(backends: &str, a_extra: &str, b_extra: &str) -> String {
+        let text = two_tenants(a_extra, b_extra);
+        let start = text.find("[backend]").expect("backend");
+        let end = text.find("[[keystores]]").expect("keystores");
+        format!("{}{backends}\n{}", &text[..start], &text[end..])
+    }
+
+    const SOFT: &str = "kind = \"software\"\nkeystore = \"ks.json\"\nmaster_key_env = \"XKS_TEST_MASTER_KEY_UNUSED\"\n";
+
+    /// Issue 14 §3: named backends, each keystore naming the one it uses; key ids are
+    /// per backend, so two keystores alone on their backends need no key lists and may
+    /// name the same id; keystores sharing a backend keep the isolation rule.
+    #[test]
+    fn each_keystore_names_its_backend_and_key_ids_are_per_backend() {
+        let two = format!("[backends.one]\n{SOFT}[backends.two]\n{SOFT}");
+        let (_d, r) = with_secret(
+            &named_backends(&two, "backend = \"one\"", "backend = \"two\""),
+            GOOD_SECRET,
+        );
+        let cfg = r.expect("one keystore per backend: no key lists needed");
+        let names: Vec<_> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["one", "two"]);
+        assert_eq!(cfg.backends[1].table, "backends.two");
+        assert_eq!(cfg.keystores[0].backend, "one");
+        assert_eq!(cfg.keystores[1].backend, "two");
+        assert_eq!(cfg.keystores[0].allowed_keys, None);
+        // The same id on two backends is two keys: no conflict.
+        let (_d, r) = with_secret(
+            &named_backends(
+                &two,
+                "backend = \"one\"\nallowed_keys = [\"k\"]",
+                "backend = \"two\"\nallowed_keys = [\"k\"]",
+            ),
+            GOOD_SECRET,
+        );
+        r.expect("k on one and k on two are different keys");
+        // On one backend, the old rules: each names its keys, no id twice.
+        let (_d, r) = with_secret(
+            &named_backends(&two, "backend = \"one\"", "backend = \"one\""),
+            GOOD_SECRET,
+        );
+        let e = r.expect_err("two keystores on one backend, no lists");
+        assert_eq!(e.key, "keystores[0].allowed_keys", "{e}");
+        let (_d, r) = with_secret(
+            &named_backends(
+                &format!("[backends.one]\n{SOFT}"),
+                "backend = \"one\"\nallowed_keys = [\"k\"]",
+                "backend = \"one\"\nallowed_keys = [\"k\"]",
+            ),
+            GOOD_SECRET,
+        );
+        assert!(r.expect_err("k twice").problem.contains("also served by"));
+    }
+
+    #[test]
+    fn backend_names_and_references_are_checked() {
+        let two = format!("[backends.one]\n{SOFT}[backends.two]\n{SOFT}");
+        for (text, key, needle) in [
+            (
+                named_backends(&two, "backend = \"one\"", "backend = \"three\""),
+                "keystores[1].backend",
+                "'three' is not a configured backend (configured: one, two)",
+            ),
+            (
+                named_backends(&two, "backend = \"one\"", ""),
+                "keystores[1].backend",
+                "each keystore names the one it uses",
+            ),
+            (
+                named_backends(
+                    &two,
+                    "backend = \"one\"\nallowed_keys = []",
+                    "backend = \"one\"\nallowed_keys = []",
+                ),
+                "backends.two",
+                "no [[keystores]] uses backend 'two'",
+            ),
+            (
+                named_backends(
+                    &format!("[backends.\"a b\"]\n{SOFT}"),
+                    "",
+                    "allowed_keys = []",
+                ),
+                "backends.a b",
+                "1-64 characters",
+            ),
+            (
+                named_backends(
+                    &format!("[backend]\n{SOFT}[backends.default]\n{SOFT}"),
+                    "",
+                    "",
+                ),
+                "backends.default",
+                "[backend] is already the backend named default",
+            ),
+            (named_backends("", "", ""), "backend", "missing"),
+        ] {
+            let (_d, r) = with_secret(&text, GOOD_SECRET);
+            let e = r.expect_err(needle);
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.problem.contains(needle), "{needle}: {e}");
+        }
+        // [backend] beside named ones is `default`, and a keystore naming none uses it.
+        let (_d, r) = with_secret(
+            &named_backends(
+                &format!("[backend]\n{SOFT}[backends.two]\n{SOFT}"),
+                "",
+                "backend = \"two\"",
+            ),
+            GOOD_SECRET,
+        );
+        let cfg = r.expect("default and two");
+        assert_eq!(cfg.keystores[0].backend, DEFAULT_BACKEND);
+        assert_eq!(
+            cfg.backend(DEFAULT_BACKEND).expect("default").table,
+            "backend"
+        );
+        // A backend's own errors name its table.
+        let (_d, r) = with_secret(
+            &named_backends(
+                "[backends.one]\nkind = \"software\"\nkeystore = \"ks.json\"\n",
+                "backend = \"one\"",
+                "backend = \"one\"\nallowed_keys = []",
+            ),
+            GOOD_SECRET,
+        );
+        assert!(
+            r.expect_err("no master key")
+                .key
+                .starts_with("backends.one.")
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::backend::{HealthState, KeySpec, KeyStatus, KeyUsage};
+use crate::config::BackendEntry;
 use crate::config::{Config, TlsConfig, XKS_BASE};
 use crate::server::tls;
 
@@ -155,20 +156,27 @@ fn secret_files(cfg: &Config) -> Vec<(String, std::path::PathBuf)> {
             }
         }
     }
-    match &cfg.backend {
-        BackendConfig::Software {
-            master_key: SecretSource::File(f),
-            ..
-        } => files.push(("software keystore master key".to_owned(), f.clone())),
-        BackendConfig::Software { .. } => {}
-        #[cfg(feature = "pkcs11")]
-        BackendConfig::Pkcs11(s) => {
-            if let Some(f) = &s.user_pin_file {
-                files.push(("PKCS#11 user PIN".to_owned(), f.clone()));
-            }
-            for (i, t) in s.failover.iter().enumerate() {
-                if let Some(f) = &t.user_pin_file {
-                    files.push((format!("PKCS#11 user PIN of failover[{i}]"), f.clone()));
+    for b in &cfg.backends {
+        let of = if cfg.backends.len() == 1 {
+            String::new()
+        } else {
+            format!(" of backend '{}'", b.name)
+        };
+        match &b.config {
+            BackendConfig::Software {
+                master_key: SecretSource::File(f),
+                ..
+            } => files.push((format!("software keystore master key{of}"), f.clone())),
+            BackendConfig::Software { .. } => {}
+            #[cfg(feature = "pkcs11")]
+            BackendConfig::Pkcs11(s) => {
+                if let Some(f) = &s.user_pin_file {
+                    files.push((format!("PKCS#11 user PIN{of}"), f.clone()));
+                }
+                for (i, t) in s.failover.iter().enumerate() {
+                    if let Some(f) = &t.user_pin_file {
+                        files.push((format!("PKCS#11 user PIN of failover[{i}]{of}"), f.clone()));
+                    }
                 }
             }
         }
@@ -398,10 +406,15 @@ fn name_matches(pattern: &str, host: &str) -> bool {
 /// proxy's own key on each token; an HSM whose keys were all made elsewhere (AWS's
 /// sample proxy) has none yet, and reports so for that alone.
 #[cfg(feature = "pkcs11")]
-fn health_hint(cfg: &Config, config_path: &Path) -> String {
-    match &cfg.backend {
+fn health_hint(cfg: &Config, entry: &BackendEntry, config_path: &Path) -> String {
+    let which = if cfg.backends.len() == 1 {
+        String::new()
+    } else {
+        format!(" --backend {}", entry.name)
+    };
+    match &entry.config {
         crate::config::BackendConfig::Pkcs11(settings) => format!(
-            ": its deep check round-trips with the health-check key {:?}; if this HSM's keys were made by something else (e.g. AWS's sample proxy) it has none yet: `xks-proxy keys create-health-check-key --config {}`; otherwise the token is unreachable or refused the login (serve's log names the PKCS#11 code)",
+            ": its deep check round-trips with the health-check key {:?}; if this HSM's keys were made by something else (e.g. AWS's sample proxy) it has none yet: `xks-proxy keys create-health-check-key --config {}{which}`; otherwise the token is unreachable or refused the login (serve's log names the PKCS#11 code)",
             settings.health_check_key_label.as_deref().unwrap_or("-"),
             config_path.display()
         ),
@@ -410,39 +423,57 @@ fn health_hint(cfg: &Config, config_path: &Path) -> String {
 }
 
 #[cfg(not(feature = "pkcs11"))]
-fn health_hint(_: &Config, _: &Path) -> String {
+fn health_hint(_: &Config, _: &BackendEntry, _: &Path) -> String {
     String::new()
 }
 
+/// Opens each backend, runs its deep check, and checks the keys of the prefixes that
+/// use it.
 fn check_backend(r: &mut Report, cfg: &Config, config_path: &Path) {
-    let backend = match crate::backend::open(&cfg.backend) {
-        Ok(b) => {
-            r.pass("backend: opened");
-            b
-        }
-        Err(e) => {
-            r.fail(format!("backend: {e}"));
-            return;
-        }
-    };
-    let hint = health_hint(cfg, config_path);
-    let health = backend.health();
-    for e in &health {
-        match e.state {
-            HealthState::Active => r.pass(format!(
-                "backend: {} ({}) passed a real AES-GCM round trip",
-                e.id, e.model
-            )),
-            HealthState::Degraded => {
-                r.warn(format!("backend: {} ({}) is DEGRADED{hint}", e.id, e.model))
+    for entry in &cfg.backends {
+        let label = if cfg.backends.len() == 1 {
+            "backend".to_owned()
+        } else {
+            format!("backend '{}'", entry.name)
+        };
+        let backend = match crate::backend::open(&entry.config) {
+            Ok(b) => {
+                r.pass(format!("{label}: opened"));
+                b
             }
-            HealthState::Unavailable => r.fail(format!(
-                "backend: {} ({}) is UNAVAILABLE{hint}",
-                e.id, e.model
-            )),
+            Err(e) => {
+                r.fail(format!("{label}: {e}"));
+                continue;
+            }
+        };
+        let hint = health_hint(cfg, entry, config_path);
+        for e in &backend.health() {
+            match e.state {
+                HealthState::Active => r.pass(format!(
+                    "{label}: {} ({}) passed a real AES-GCM round trip",
+                    e.id, e.model
+                )),
+                HealthState::Degraded => {
+                    r.warn(format!("{label}: {} ({}) is DEGRADED{hint}", e.id, e.model))
+                }
+                HealthState::Unavailable => r.fail(format!(
+                    "{label}: {} ({}) is UNAVAILABLE{hint}",
+                    e.id, e.model
+                )),
+            }
         }
+        check_keys(r, cfg, entry, &*backend);
     }
-    for ks in &cfg.keystores {
+}
+
+/// The keys each prefix on `entry` names: present, AES_256, ENCRYPT+DECRYPT, enabled.
+fn check_keys(
+    r: &mut Report,
+    cfg: &Config,
+    entry: &BackendEntry,
+    backend: &dyn crate::backend::CryptoBackend,
+) {
+    for ks in cfg.keystores.iter().filter(|k| k.backend == entry.name) {
         let Some(keys) = &ks.allowed_keys else {
             r.warn(format!(
                 "prefix '{}': no allowed_keys list, so no key can be checked here (every key in the backend is served)",

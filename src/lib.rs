@@ -9,9 +9,9 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | TOML → validated [`config::Config`]; secrets read from env/files |
+//! | [`config`] | TOML → validated [`config::Config`]; secrets read from env/files; named backends (`[backend]` is `default`, more as `[backends.NAME]`), each keystore naming its own |
 //! | [`server`] | listeners, TLS ([`server::tls`]), connection caps in all and per source ([`server::admission`]), each connection's HTTP/1.1+2 and deadlines ([`server::connection`]), graceful drain |
-//! | [`api`] | the XKS API: routing, the one error→wire mapping, AAD/CDIV, handlers, health |
+//! | [`api`] | the XKS API: routing, the one error→wire mapping, AAD/CDIV, handlers, health, and [`api::key_manager`]: each configured backend in service behind its own `Handle` and health monitor, which tenants (prefixes) point into |
 //! | [`sigv4`] | our SigV4 verifier (the product) and a KMS-like signer (aws-sigv4) |
 //! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary: permits, a bounded wait queue, a deadline, and the backend's own call threads — not `spawn_blocking`, see its doc), [`backend::software`] keystore, `backend::pkcs11` (HSMs through cryptoki: session pool, handle cache, recovery, failover) |
 //! | [`policy`] | optional secondary authorization (Cedar) over `requestMetadata`; health exempt |
@@ -28,7 +28,7 @@
 //! [`sigv4::verify`] with the prefix's credentials → only now the in-flight slot and the
 //! prefix's quota (nothing scarce is held before the signature verifies) → key id checks
 //! → `wire::EncryptRequest` → [`api::encrypt`] builds the spec AAD ([`api::aad`]) and
-//! calls the backend through [`backend::Handle`] (encrypt, CDIV, verify-decrypt) → 200
+//! calls the prefix's backend through its [`backend::Handle`] (encrypt, CDIV, verify-decrypt) → 200
 //! JSON, and one log line with kmsRequestId, operation, principal, prefix, key, outcome
 //! and elapsed time. An answer the API gives before the body is read (404, 405, 501)
 //! still consumes the body first, bounded, so HTTP/2 clients receive it.

@@ -145,19 +145,19 @@ fn describe() {
     describe_histogram!(
         "xks_backend_call_duration_seconds",
         Unit::Seconds,
-        "One key-manager call through the backend boundary, waiting included (no labels)"
+        "One key-manager call through the backend boundary, waiting included, by backend"
     );
     describe_gauge!(
         "xks_backend_calls_in_flight",
-        "Key-manager calls running (sessions in use)"
+        "Key-manager calls running (sessions in use), by backend"
     );
     describe_gauge!(
         "xks_backend_calls_waiting",
-        "Key-manager calls waiting for a free session"
+        "Key-manager calls waiting for a free session, by backend"
     );
     describe_gauge!(
         "xks_ekm_health_status",
-        "1 for the current health status of each key-manager instance (ACTIVE, DEGRADED, UNAVAILABLE)"
+        "1 for the current health status of each key-manager instance (ACTIVE, DEGRADED, UNAVAILABLE), by backend; 0 in every state for a backend a reload removed"
     );
     describe_gauge!(
         "xks_tls_certificate_days_to_expiry",
@@ -165,7 +165,7 @@ fn describe() {
     );
     describe_counter!(
         "xks_backend_calls_skipped_total",
-        "Key-manager calls dropped unstarted because their caller's deadline had passed or it had gone"
+        "Key-manager calls dropped unstarted because their caller's deadline had passed or it had gone, by backend"
     );
     describe_gauge!(
         "xks_requests_in_flight",

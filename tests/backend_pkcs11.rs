@@ -535,6 +535,7 @@ fn sixty_four_tasks_through_handle_for_two_seconds() {
     b.create_key("busy", &BOTH).expect("key");
     let backend: Arc<dyn CryptoBackend> = Arc::new(b);
     let handle = Handle::new(
+        "default",
         Arc::clone(&backend),
         CallLimits {
             concurrency: backend.concurrency(),

@@ -102,3 +102,94 @@ fn json_lines_escape_request_strings() {
     }
     assert!(seen, "{logs}");
 }
+
+/// (Here, not in tests/operating.rs: tracing caches each log call site's interest per
+/// process, and a test running beside it without a subscriber could make these lines
+/// go unrecorded. Every test in this file records under its own subscriber.)
+/// Issue 12, "rejections you can diagnose from the proxy's own log": a 401 line names
+/// the cause, the access key id the request presented and its kmsRequestId (the wire
+/// answer stays the one generic 401); a 404 line names the path asked for. JSON logs,
+/// as an operator's log pipeline reads them.
+#[test]
+fn refused_requests_say_why_in_the_log_line() {
+    use xks_proxy::config::{LogFormat, LoggingConfig};
+    let capture = Capture::default();
+    let config = LoggingConfig {
+        format: LogFormat::Json,
+        level: "info".into(),
+    };
+    let sub = xks_proxy::telemetry::subscriber(&config, false, capture.clone()).expect("sub");
+    let stranger = Cred {
+        akid: "STRANGERSTRANGERSTRA".into(),
+        secret: xks_proxy::config::generate_credential().1,
+    };
+    let known_akid = tracing::subscriber::with_default(sub, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt")
+            .block_on(async {
+                let p = TestProxy::start(Options::default()).await;
+                let c = p.client(false);
+                let mut body = encrypt_body(b"x", None);
+                body["requestMetadata"]["kmsRequestId"] = json!("req-unknown-akid");
+                let r = c
+                    .with_cred(stranger.clone())
+                    .post(&key_url(&p, KEY, "encrypt"), &body)
+                    .await;
+                assert_eq!(r.status, 401);
+                // A known id with the wrong secret: a different cause, same answer.
+                let wrong = Cred {
+                    akid: p.creds[0].akid.clone(),
+                    secret: stranger.secret.clone(),
+                };
+                body["requestMetadata"]["kmsRequestId"] = json!("req-bad-signature");
+                let r2 = c
+                    .with_cred(wrong)
+                    .post(&key_url(&p, KEY, "encrypt"), &body)
+                    .await;
+                assert_eq!(r2.status, 401);
+                assert_eq!(r.body, r2.body, "one 401 text on the wire");
+                let r = c
+                    .post(&p.url("/not-a-tenant/kms/xks/v1/health"), &health_body())
+                    .await;
+                assert_eq!(r.status, 404);
+                p.running.shutdown();
+                p.creds[0].akid.clone()
+            })
+    });
+    let lines: Vec<serde_json::Value> = capture
+        .text()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["message"] == "xks request")
+        .collect();
+    let line = |id: &str| {
+        lines
+            .iter()
+            .find(|v| v["kms_request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for {id}: {lines:?}"))
+            .clone()
+    };
+    let unknown = line("req-unknown-akid");
+    assert_eq!(unknown["status"], 401);
+    assert_eq!(unknown["access_key_id"], "STRANGERSTRANGERSTRA");
+    assert!(
+        unknown["auth_failure"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty()),
+        "{unknown}"
+    );
+    let bad = line("req-bad-signature");
+    assert_eq!(bad["access_key_id"], known_akid.as_str());
+    assert_ne!(
+        bad["auth_failure"], unknown["auth_failure"],
+        "the causes differ"
+    );
+    let not_found = lines
+        .iter()
+        .find(|v| v["status"] == 404)
+        .unwrap_or_else(|| panic!("no 404 line: {lines:?}"));
+    assert_eq!(not_found["path"], "/not-a-tenant/kms/xks/v1/health");
+    assert_eq!(not_found["prefix"], "-", "metric labels stay bounded");
+}

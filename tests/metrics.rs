@@ -114,7 +114,7 @@ async fn what_an_alert_watches_exists_at_zero_counts_failures_and_forgets_remove
             "xks_tls_handshake_failures_total",
             &[("listener", "xks"), ("reason", "timeout")],
         ),
-        ("xks_backend_calls_skipped_total", &[]),
+        ("xks_backend_calls_skipped_total", &[("backend", "default")]),
         (
             "xks_requests_total",
             &[
@@ -171,7 +171,11 @@ async fn what_an_alert_watches_exists_at_zero_counts_failures_and_forgets_remove
         "{m}"
     );
     assert_eq!(
-        series(&m, "xks_backend_call_duration_seconds_count", &[]),
+        series(
+            &m,
+            "xks_backend_call_duration_seconds_count",
+            &[("backend", "default")]
+        ),
         Some(0.0),
         "{m}"
     );

@@ -766,7 +766,8 @@ impl Drop for LockedToken {
     }
 }
 
-/// One unlabelled gauge from the proxy's `/metrics`.
+/// One gauge from the proxy's `/metrics`, summed over its label sets (this file's
+/// proxies have one backend, so one set).
 async fn metric(client: &Client, admin: std::net::SocketAddr, name: &str) -> f64 {
     let text = client
         .http
@@ -777,9 +778,14 @@ async fn metric(client: &Client, admin: std::net::SocketAddr, name: &str) -> f64
         .text()
         .await
         .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|rest| rest.starts_with(['{', ' ']))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!values.is_empty(), "{name} not in:\n{text}");
+    values.iter().sum()
 }
 
 /// Issue 11 §3, "backend slower than the deadline": with the token blocked, every
@@ -1099,4 +1105,483 @@ fn every_settings_file_the_aws_sample_ships_imports_and_passes_config_check() {
         imported += 1;
     }
     assert_eq!(imported, files.len() - 1);
+}
+
+/// A proxy serving three tenants from three key managers in one process (issue 14 §3):
+/// `/a` on SoftHSM token A, `/b` on token B, `/c` on a software keystore. Both tokens
+/// live in one token directory of this test's own (its own `SOFTHSM2_CONF`, so moving
+/// token A away disturbs no other test).
+struct ThreeTenants {
+    dir: tempfile::TempDir,
+    /// Token A's own directory inside the token directory.
+    token_a: PathBuf,
+    proxy: kms_support::procs::Proc,
+    client: Client,
+    admin: std::net::SocketAddr,
+}
+
+/// The three-tenant config; `extra` is appended (more backends and keystores).
+fn three_tenant_config(creds: &[Cred], extra: &str) -> String {
+    let certs = repo().join("certs");
+    let module = module();
+    let mut text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[server.tls]
+certificate = "{cert}"
+private_key = "{key}"
+[admin]
+listen = "127.0.0.1:0"
+[health]
+check_interval_secs = 50
+
+[backends.hsm-a]
+kind = "pkcs11"
+module = "{module}"
+token_label = "three-a"
+user_pin_file = "pin"
+
+[backends.hsm-b]
+kind = "pkcs11"
+module = "{module}"
+token_label = "three-b"
+user_pin_file = "pin"
+
+[backends.soft]
+kind = "software"
+keystore = "keystore.json"
+master_key_file = "master.key"
+"#,
+        cert = certs.join("server-ecdsa.pem").display(),
+        key = certs.join("server-ecdsa.key").display(),
+        module = module.display(),
+    );
+    for (prefix, backend) in [("/a", "hsm-a"), ("/b", "hsm-b"), ("/c", "soft")] {
+        // Each keystore alone on its backend: no key list needed, and the same key id
+        // on each backend is three different keys.
+        text += &format!(
+            "\n[[keystores]]\npath_prefix = \"{prefix}\"\nbackend = \"{backend}\"\n[[keystores.credentials]]\naccess_key_id = \"{}\"\nsecret_file = \"secret0\"\n",
+            creds[0].akid
+        );
+    }
+    text + extra
+}
+
+impl ThreeTenants {
+    fn serve() -> ThreeTenants {
+        let (dir, _, creds) = prepare(&Options::default());
+        let (hsm, conf) = token_dir_of_its_own(dir.path(), "three-a");
+        let tokens = hsm.join("tokens");
+        let before: Vec<_> = std::fs::read_dir(&tokens)
+            .expect("tokens")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(before.len(), 1, "token A alone so far");
+        let out = std::process::Command::new("bash")
+            .arg(repo().join("tests/softhsm/setup.sh"))
+            .arg(&hsm)
+            .args(["three-b", "12345678", USER_PIN])
+            .output()
+            .expect("setup.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(dir.path().join("pin"), USER_PIN).expect("pin");
+        let config = dir.path().join("proxy.toml");
+        std::fs::write(&config, three_tenant_config(&creds, "")).expect("config");
+        // The same key id on both tokens, made with the operator's command and its
+        // --backend choice.
+        for backend in ["hsm-a", "hsm-b"] {
+            let made = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+                .args(["keys", "create", KEY, "--backend", backend, "--config"])
+                .arg(&config)
+                .env("SOFTHSM2_CONF", &conf)
+                .output()
+                .expect("keys create");
+            assert!(
+                made.status.success(),
+                "{}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+        }
+        let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"));
+        serve
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("SOFTHSM2_CONF", &conf)
+            .env("RUST_LOG", "info");
+        let proxy = kms_support::procs::Proc::spawn(serve, "listening on https://");
+        let client = Client::new(proxy.addr, false, creds[0].clone());
+        let admin = wait_for_log_addr(&proxy, "metrics listening on http://");
+        ThreeTenants {
+            dir,
+            token_a: before[0].clone(),
+            proxy,
+            client,
+            admin,
+        }
+    }
+
+    fn url(&self, prefix: &str, tail: &str) -> String {
+        format!(
+            "https://localhost:{}{prefix}/kms/xks/v1/{tail}",
+            self.proxy.addr.port()
+        )
+    }
+
+    async fn encrypt(&self, prefix: &str) -> Reply {
+        let url = self.url(prefix, &format!("keys/{KEY}/encrypt"));
+        self.client
+            .post(&url, &encrypt_body(b"tenant data", None))
+            .await
+    }
+
+    /// GetHealthStatus under `prefix`: (ekm id, healthStatus) per fleet entry.
+    async fn health(&self, prefix: &str) -> Vec<(String, String)> {
+        let r = self
+            .client
+            .post(&self.url(prefix, "health"), &health_body())
+            .await;
+        assert_eq!(r.status, 200, "GetHealthStatus answers: {:?}", r.body);
+        r.body["ekmFleetDetails"]
+            .as_array()
+            .expect("fleet")
+            .iter()
+            .map(|e| {
+                (
+                    e["id"].as_str().unwrap_or("").to_owned(),
+                    e["healthStatus"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Polls GetHealthStatus under `prefix` until every entry reads `want`.
+    async fn health_until(&self, prefix: &str, want: &str, bound: Duration) -> bool {
+        let until = Instant::now() + bound;
+        loop {
+            if self.health(prefix).await.iter().all(|(_, s)| s == want) {
+                return true;
+            }
+            if Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        self.client
+            .http
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// Rewrites the config and sends SIGHUP; returns once the proxy logged the outcome
+    /// (`configuration reloaded` or `reload refused`) one more time than before.
+    async fn reload(&self, text: &str) -> bool {
+        std::fs::write(self.dir.path().join("proxy.toml"), text).expect("config");
+        let count = |o: &str| {
+            o.matches("configuration reloaded").count() + o.matches("reload refused").count()
+        };
+        let seen = count(&self.proxy.output());
+        self.proxy.hup();
+        let until = Instant::now() + Duration::from_secs(30);
+        while count(&self.proxy.output()) == seen {
+            assert!(
+                Instant::now() < until,
+                "no reload outcome logged:\n{}",
+                self.proxy.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let output = self.proxy.output();
+        let last_ok = output.rfind("configuration reloaded");
+        let last_failed = output.rfind("reload refused");
+        last_ok > last_failed
+    }
+}
+
+/// The address a child logged after `marker` (e.g. its metrics listener).
+fn wait_for_log_addr(proxy: &kms_support::procs::Proc, marker: &str) -> std::net::SocketAddr {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = proxy.output();
+        if let Some(at) = out.find(marker) {
+            let rest = &out[at + marker.len()..];
+            let end = rest.find('/').expect("address ends with a path");
+            return rest[..end].parse().expect("socket address");
+        }
+        assert!(Instant::now() < until, "{marker} not logged:\n{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One series' value from Prometheus text: `name{labels…}` with every given label.
+fn labelled(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let (set, value) = rest.split_once("} ")?;
+        labels
+            .iter()
+            .all(|(k, v)| set.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+/// Issue 14 §3, "a backend per path prefix": three tenants on three key managers in
+/// one process. Each prefix's GetHealthStatus reports its own key manager only; key ids
+/// are per backend (the same id on two tokens is two keys); when token A dies, tenant A
+/// is UNAVAILABLE while B and C stay ACTIVE and answering, and `/ping` stays up; metrics
+/// and log lines carry the backend name; A recovers in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_tenants_on_three_backends_one_token_dies_and_the_others_serve_on() {
+    let t = ThreeTenants::serve();
+    for prefix in ["/a", "/b", "/c"] {
+        assert!(
+            t.health_until(prefix, "ACTIVE", Duration::from_secs(30))
+                .await,
+            "{prefix} starts ACTIVE: {:?}",
+            t.health(prefix).await
+        );
+        let r = t.encrypt(prefix).await;
+        assert_eq!(r.status, 200, "{prefix}: {:?}", r.body);
+    }
+    // Each prefix's fleet is its own key manager: token A's label, token B's, the file.
+    let ids = |h: Vec<(String, String)>| h.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+    let (a, b, c) = (
+        t.health("/a").await,
+        t.health("/b").await,
+        t.health("/c").await,
+    );
+    assert!(
+        ids(a.clone()).iter().all(|id| id.contains("three-a")),
+        "{a:?}"
+    );
+    assert!(
+        ids(b.clone()).iter().all(|id| id.contains("three-b")),
+        "{b:?}"
+    );
+    assert!(
+        ids(c.clone()).iter().all(|id| id.contains("keystore")),
+        "{c:?}"
+    );
+
+    // Key ids are per backend: key-1 under /a and key-1 under /b are different keys,
+    // so a ciphertext of A's does not open under B.
+    let sealed = t.encrypt("/a").await;
+    assert_eq!(sealed.status, 200);
+    let url = t.url("/b", &format!("keys/{KEY}/decrypt"));
+    let r = t.client.post(&url, &decrypt_body(&sealed.body, None)).await;
+    assert_eq!(r.error_name(), "InvalidCiphertextException", "{:?}", r.body);
+    let url = t.url("/a", &format!("keys/{KEY}/decrypt"));
+    let r = t.client.post(&url, &decrypt_body(&sealed.body, None)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // Token A goes away under the running proxy.
+    let away = t.dir.path().join("token-a-away");
+    std::fs::rename(&t.token_a, &away).expect("move token A away");
+    let r = t.encrypt("/a").await;
+    assert_ne!(r.status, 200, "tenant A fails: {:?}", r.body);
+    assert!(
+        t.health_until("/a", "UNAVAILABLE", Duration::from_secs(20))
+            .await,
+        "/a turns UNAVAILABLE: {:?}",
+        t.health("/a").await
+    );
+    // B and C: ACTIVE and answering, while A's recovery keeps trying.
+    for _ in 0..10 {
+        for prefix in ["/b", "/c"] {
+            let r = t.encrypt(prefix).await;
+            assert_eq!(r.status, 200, "{prefix} serves on: {:?}", r.body);
+            assert!(
+                t.health(prefix).await.iter().all(|(_, s)| s == "ACTIVE"),
+                "{prefix}: {:?}",
+                t.health(prefix).await
+            );
+        }
+    }
+    let ping = t
+        .client
+        .http
+        .get(format!("https://localhost:{}/ping", t.proxy.addr.port()))
+        .send()
+        .await
+        .expect("ping");
+    assert_eq!(ping.status(), 200, "/ping: some tenants are served");
+    let m = t.metrics().await;
+    let status = |backend: &str, state: &str| {
+        labelled(
+            &m,
+            "xks_ekm_health_status",
+            &[("backend", backend), ("status", state)],
+        )
+    };
+    assert_eq!(status("hsm-a", "UNAVAILABLE"), Some(1.0), "{m}");
+    assert_eq!(status("hsm-b", "ACTIVE"), Some(1.0), "{m}");
+    assert_eq!(status("soft", "ACTIVE"), Some(1.0), "{m}");
+    assert!(
+        labelled(
+            &m,
+            "xks_backend_call_duration_seconds_count",
+            &[("backend", "hsm-b")]
+        )
+        .is_some_and(|n| n >= 10.0),
+        "{m}"
+    );
+    let log = t.proxy.output();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("prefix=\"/b\" backend=\"hsm-b\" operation=\"Encrypt\"")),
+        "the request log line names the backend: {log}"
+    );
+
+    // Token A returns: tenant A serves again, same process.
+    std::fs::rename(&away, &t.token_a).expect("move token A back");
+    let until = Instant::now() + Duration::from_secs(30);
+    while t.encrypt("/a").await.status != 200 {
+        assert!(
+            Instant::now() < until,
+            "A never recovered:\n{}",
+            t.proxy.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        t.health_until("/a", "ACTIVE", Duration::from_secs(20))
+            .await
+    );
+}
+
+/// Issue 14 §3, reload: backends are added, removed and re-pointed without a restart,
+/// all or nothing; a backend whose module cannot be loaded fails the reload and
+/// nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_removes_and_repoints_backends_all_or_nothing() {
+    let t = ThreeTenants::serve();
+    for prefix in ["/a", "/b", "/c"] {
+        assert_eq!(t.encrypt(prefix).await.status, 200, "{prefix}");
+    }
+    let creds = [Cred {
+        akid: t.client.cred.akid.clone(),
+        secret: t.client.cred.secret.clone(),
+    }];
+    // A second software keystore, with key-1 of its own.
+    let dir2 = t.dir.path().join("second");
+    std::fs::create_dir(&dir2).expect("dir");
+    write_keystore(&dir2);
+    let soft2 = format!(
+        "\n[backends.soft2]\nkind = \"software\"\nkeystore = \"second/keystore.json\"\nmaster_key_file = \"second/master.key\"\n\
+         [[keystores]]\npath_prefix = \"/d\"\nbackend = \"soft2\"\n[[keystores.credentials]]\naccess_key_id = \"{}\"\nsecret_file = \"secret0\"\n",
+        creds[0].akid
+    );
+    // Add soft2 (for /d) and remove hsm-b (with /b).
+    let without_b = |text: String| {
+        let start = text.find("[backends.hsm-b]").expect("hsm-b");
+        let end = text[start..].find("\n\n").map(|e| start + e).expect("end");
+        let text = format!("{}{}", &text[..start], &text[end..]);
+        let ks = text
+            .find("\n[[keystores]]\npath_prefix = \"/b\"")
+            .expect("/b");
+        let ks_end = text[ks + 1..]
+            .find("\n[[keystores]]")
+            .map(|e| ks + 1 + e)
+            .expect("next");
+        format!("{}{}", &text[..ks], &text[ks_end..])
+    };
+    let added = without_b(three_tenant_config(&creds, &soft2));
+    assert!(
+        t.reload(&added).await,
+        "reload refused:\n{}",
+        t.proxy.output()
+    );
+    let r = t.encrypt("/d").await;
+    assert_eq!(r.status, 200, "the new backend serves: {:?}", r.body);
+    assert_eq!(
+        t.encrypt("/b").await.status,
+        404,
+        "the removed prefix is gone"
+    );
+    for prefix in ["/a", "/c"] {
+        assert_eq!(t.encrypt(prefix).await.status, 200, "{prefix} untouched");
+    }
+    assert!(
+        t.proxy.output().contains("backend added"),
+        "{}",
+        t.proxy.output()
+    );
+    let m = t.metrics().await;
+    assert_eq!(
+        labelled(
+            &m,
+            "xks_ekm_health_status",
+            &[("backend", "hsm-b"), ("status", "ACTIVE")]
+        ),
+        Some(0.0),
+        "a removed backend's health series cannot hold an alert: {m}"
+    );
+
+    // A backend whose module cannot be loaded: the reload fails, nothing changes.
+    let not_a_module = t.dir.path().join("not-a-module.so");
+    std::fs::write(&not_a_module, b"not a shared library").expect("write");
+    let broken = added.clone()
+        + &format!(
+            "\n[backends.broken]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"x\"\nuser_pin_file = \"pin\"\n\
+             [[keystores]]\npath_prefix = \"/e\"\nbackend = \"broken\"\n[[keystores.credentials]]\naccess_key_id = \"{}\"\nsecret_file = \"secret0\"\n",
+            not_a_module.display(),
+            creds[0].akid
+        );
+    // Also drop /d in the same file: if anything were applied, /d would go.
+    let broken = broken.replace("path_prefix = \"/d\"", "path_prefix = \"/d2\"");
+    assert!(
+        !t.reload(&broken).await,
+        "a backend that cannot load fails the reload"
+    );
+    assert!(
+        t.proxy.output().contains("cannot open backend 'broken'"),
+        "{}",
+        t.proxy.output()
+    );
+    assert_eq!(
+        t.encrypt("/d").await.status,
+        200,
+        "nothing changed: /d still served"
+    );
+    assert_eq!(t.encrypt("/e").await.status, 404, "nothing changed: no /e");
+    let m = t.metrics().await;
+    assert_eq!(
+        labelled(&m, "xks_reloads_total", &[("outcome", "failed")]),
+        Some(1.0),
+        "{m}"
+    );
+
+    // Re-point soft2 at another keystore file: a new key manager, new key material.
+    let sealed = t.encrypt("/d").await;
+    let dir3 = t.dir.path().join("third");
+    std::fs::create_dir(&dir3).expect("dir");
+    write_keystore(&dir3);
+    let repointed = added.replace("second/", "third/");
+    assert!(t.reload(&repointed).await, "{}", t.proxy.output());
+    assert!(
+        t.proxy.output().contains("backend re-pointed"),
+        "{}",
+        t.proxy.output()
+    );
+    let url = t.url("/d", &format!("keys/{KEY}/decrypt"));
+    let r = t.client.post(&url, &decrypt_body(&sealed.body, None)).await;
+    assert_eq!(
+        r.error_name(),
+        "InvalidCiphertextException",
+        "/d now uses the third keystore's key-1: {:?}",
+        r.body
+    );
+    assert_eq!(t.encrypt("/d").await.status, 200);
 }

@@ -904,8 +904,8 @@ async fn plain_http_only_when_configured() {
     );
     let config = xks_proxy::config::Config::from_toml(&plain, dir.path()).expect("config");
     assert!(config.server.tls.is_none());
-    let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-    let running = xks_proxy::server::start(&config, backend)
+    let backends = xks_proxy::backend::open_all(&config.backends).expect("backend");
+    let running = xks_proxy::server::start(&config, backends)
         .await
         .expect("start");
     assert_eq!(running.scheme, "http");

@@ -286,24 +286,24 @@ secret_file = "secret"
     Ok((config, akid))
 }
 
-/// Opens the configured backend; for a generated PKCS#11 proxy, first creates the
+/// Opens the configured backends; for a generated PKCS#11 proxy, first creates the
 /// bench key and the health-check key on the token if they are missing.
-fn open_backend(
-    config: &Config,
-    generated: bool,
-) -> Result<std::sync::Arc<dyn xks_proxy::backend::CryptoBackend>> {
+fn open_backends(config: &Config, generated: bool) -> Result<xks_proxy::backend::Opened> {
     #[cfg(feature = "pkcs11")]
-    if let (xks_proxy::config::BackendConfig::Pkcs11(settings), true) = (&config.backend, generated)
+    if let ([entry], true) = (config.backends.as_slice(), generated)
+        && let xks_proxy::config::BackendConfig::Pkcs11(settings) = &entry.config
     {
         let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(settings)?;
         if !backend.list_keys()?.iter().any(|k| k.id == BENCH_KEY) {
             backend.create_key(BENCH_KEY, &[KeyUsage::Encrypt, KeyUsage::Decrypt])?;
         }
         backend.create_health_check_key()?;
-        return Ok(std::sync::Arc::new(backend));
+        let backend: std::sync::Arc<dyn xks_proxy::backend::CryptoBackend> =
+            std::sync::Arc::new(backend);
+        return Ok([(entry.name.clone(), backend)].into());
     }
     let _ = generated;
-    xks_proxy::backend::open(&config.backend).context("opening the backend")
+    xks_proxy::backend::open_all(&config.backends).context("opening the backends")
 }
 
 fn write_private(path: &Path, content: &str) -> Result<()> {
@@ -360,8 +360,8 @@ pub fn proxy_server(args: &ProxyServerArgs) -> Result<()> {
 
     let rt = runtime()?;
     rt.block_on(async {
-        let backend = open_backend(&config, args.config.is_none())?;
-        let running = xks_proxy::server::start(&config, backend).await?;
+        let backends = open_backends(&config, args.config.is_none())?;
+        let running = xks_proxy::server::start(&config, backends).await?;
         let first = config.keystores.first();
         let cred = first.and_then(|k| k.credentials.first());
         announce(serde_json::json!({

@@ -64,11 +64,13 @@ impl HealthMonitor {
         })
     }
 
-    /// Re-checks every `check_interval` until `stop` fires.
+    /// Re-checks every `check_interval` until `stop` fires or its sender is dropped
+    /// (the key manager left service), or `shutdown` fires.
     pub async fn run(
         self: Arc<Self>,
         handle: Handle,
         mut stop: tokio::sync::watch::Receiver<bool>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(self.config.check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,12 +80,13 @@ impl HealthMonitor {
                 _ = tick.tick() => false,
                 () = handle.availability_changed() => true,
                 _ = stop.changed() => return,
+                _ = shutdown.changed() => return,
             };
             let previous = self.latest.load_full();
             let entries = check(&handle, &previous.entries, CHECK_BUDGET).await;
             for e in &entries {
                 if e.state != HealthState::Active {
-                    tracing::warn!(ekm = %e.id, state = e.state.as_str(), "key manager not healthy");
+                    tracing::warn!(backend = %handle.name(), ekm = %e.id, state = e.state.as_str(), "key manager not healthy");
                 }
             }
             self.latest.store(Arc::new(Snapshot {
@@ -96,6 +99,7 @@ impl HealthMonitor {
                 tokio::select! {
                     _ = tokio::time::sleep(EVENT_GAP) => {}
                     _ = stop.changed() => return,
+                    _ = shutdown.changed() => return,
                 }
             }
         }

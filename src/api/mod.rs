@@ -10,6 +10,7 @@ pub mod decrypt;
 pub mod encrypt;
 pub mod error;
 pub mod health;
+pub mod key_manager;
 pub mod metadata;
 pub mod route;
 pub mod wire;
@@ -30,7 +31,7 @@ use crate::config::{Config, KeystoreConfig, SecretSource, valid_key_id};
 use crate::policy::{AuthzRequest, KeyOperation, Policy};
 use crate::sigv4::{Credential, CredentialSet, DuplicateAccessKeyId, VerifyPolicy};
 use error::ApiError;
-use health::HealthMonitor;
+use key_manager::{KeyManager, KeyManagers};
 use route::Operation;
 use wire::RequestMetadata;
 
@@ -82,6 +83,8 @@ pub struct Authenticated;
 #[derive(Debug)]
 pub struct Tenant {
     pub prefix: String,
+    /// The key manager this prefix's keys live in.
+    pub backend: Arc<KeyManager>,
     pub credentials: CredentialSet,
     pub allowed_keys: Option<HashSet<String>>,
     /// The prefix's request quota, if configured.
@@ -141,54 +144,94 @@ impl TokenBucket {
     }
 }
 
-/// Every configured prefix, swapped as a whole on reload.
+/// Every configured prefix and the key managers they use, swapped as a whole on
+/// reload: a request sees one consistent pair, and a key manager a reload removed
+/// stays in service until the last request that started with it has finished.
 #[derive(Debug, Default)]
 pub struct Tenants {
     by_prefix: HashMap<String, Arc<Tenant>>,
+    managers: KeyManagers,
+}
+
+/// Why [`Tenants`] could not be built from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantsError {
+    #[error(transparent)]
+    Credentials(#[from] DuplicateAccessKeyId),
+    /// Only a caller that opened other backends than the config names gets this.
+    #[error("keystore '{prefix}' uses backend '{backend}', which is not open")]
+    NoBackend { prefix: String, backend: String },
+}
+
+/// A keystore's credentials as the verifier holds them; also what `preflight` checks.
+pub fn credential_set(k: &KeystoreConfig) -> Result<CredentialSet, DuplicateAccessKeyId> {
+    CredentialSet::new(
+        k.credentials
+            .iter()
+            .map(|c| Credential::new(c.access_key_id.clone(), c.secret.clone()))
+            .collect(),
+    )
 }
 
 impl Tenants {
-    pub fn from_config(keystores: &[KeystoreConfig]) -> Result<Self, DuplicateAccessKeyId> {
-        let by_prefix = keystores
-            .iter()
-            .map(|k| {
-                let creds = k
-                    .credentials
-                    .iter()
-                    .map(|c| Credential::new(c.access_key_id.clone(), c.secret.clone()))
-                    .collect();
-                let credential_since = k
-                    .credentials
-                    .iter()
-                    .map(|c| {
-                        let (since, source) = match &c.source {
-                            SecretSource::File(f) => (
-                                std::fs::metadata(f)
-                                    .and_then(|m| m.modified())
-                                    .unwrap_or_else(|_| SystemTime::now()),
-                                "file",
-                            ),
-                            SecretSource::Env(_) => (SystemTime::now(), "env"),
-                        };
-                        CredentialSince {
-                            access_key_id: c.access_key_id.clone(),
-                            since,
-                            source,
+    /// The tenants of `keystores`, each pointing into `managers` (which must hold every
+    /// backend the keystores name; extra ones are dropped).
+    pub fn from_config(
+        keystores: &[KeystoreConfig],
+        mut managers: KeyManagers,
+    ) -> Result<Self, TenantsError> {
+        managers.retain(|name, _| keystores.iter().any(|k| &k.backend == name));
+        let by_prefix =
+            keystores
+                .iter()
+                .map(|k| {
+                    let backend = managers.get(&k.backend).cloned().ok_or_else(|| {
+                        TenantsError::NoBackend {
+                            prefix: k.path_prefix.clone(),
+                            backend: k.backend.clone(),
                         }
-                    })
-                    .collect();
-                let tenant = Tenant {
-                    credential_since,
-                    aws_sample_metadata: k.aws_sample_metadata.clone(),
-                    prefix: k.path_prefix.clone(),
-                    credentials: CredentialSet::new(creds)?,
-                    allowed_keys: k.allowed_keys.as_ref().map(|v| v.iter().cloned().collect()),
-                    quota: k.quota.map(|(rate, burst)| TokenBucket::new(rate, burst)),
-                };
-                Ok((k.path_prefix.clone(), Arc::new(tenant)))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { by_prefix })
+                    })?;
+                    let credential_since = k
+                        .credentials
+                        .iter()
+                        .map(|c| {
+                            let (since, source) = match &c.source {
+                                SecretSource::File(f) => (
+                                    std::fs::metadata(f)
+                                        .and_then(|m| m.modified())
+                                        .unwrap_or_else(|_| SystemTime::now()),
+                                    "file",
+                                ),
+                                SecretSource::Env(_) => (SystemTime::now(), "env"),
+                            };
+                            CredentialSince {
+                                access_key_id: c.access_key_id.clone(),
+                                since,
+                                source,
+                            }
+                        })
+                        .collect();
+                    let tenant = Tenant {
+                        credential_since,
+                        backend,
+                        aws_sample_metadata: k.aws_sample_metadata.clone(),
+                        prefix: k.path_prefix.clone(),
+                        credentials: credential_set(k)?,
+                        allowed_keys: k.allowed_keys.as_ref().map(|v| v.iter().cloned().collect()),
+                        quota: k.quota.map(|(rate, burst)| TokenBucket::new(rate, burst)),
+                    };
+                    Ok((k.path_prefix.clone(), Arc::new(tenant)))
+                })
+                .collect::<Result<_, TenantsError>>()?;
+        Ok(Self {
+            by_prefix,
+            managers,
+        })
+    }
+
+    /// The key managers in service, by name.
+    pub fn managers(&self) -> &KeyManagers {
+        &self.managers
     }
 
     pub fn get(&self, prefix: &str) -> Option<&Arc<Tenant>> {
@@ -209,8 +252,6 @@ impl Tenants {
 pub struct Api {
     tenants: ArcSwap<Tenants>,
     sigv4: VerifyPolicy,
-    backend: Handle,
-    health: Arc<HealthMonitor>,
     max_body: usize,
     max_in_flight: usize,
     body_timeout: std::time::Duration,
@@ -247,6 +288,8 @@ struct RequestLog {
     /// logged as a field (escaped), never as a metric label.
     unknown_path: Option<String>,
     prefix: Option<String>,
+    /// The prefix's key manager.
+    backend: Option<Arc<str>>,
     operation: Option<&'static str>,
     key_id: Option<String>,
     /// Verified, or on a 401 the one the Authorization header presented.
@@ -300,16 +343,10 @@ impl UnauthenticatedRejection {
 }
 
 impl Api {
-    pub fn new(
-        config: &Config,
-        backend: Handle,
-        health: Arc<HealthMonitor>,
-    ) -> Result<Self, DuplicateAccessKeyId> {
+    pub fn new(config: &Config, managers: KeyManagers) -> Result<Self, TenantsError> {
         Ok(Self {
-            tenants: ArcSwap::from_pointee(Tenants::from_config(&config.keystores)?),
+            tenants: ArcSwap::from_pointee(Tenants::from_config(&config.keystores, managers)?),
             sigv4: config.sigv4.clone(),
-            backend,
-            health,
             max_body: config.server.max_body_bytes,
             max_in_flight: config.server.max_in_flight,
             body_timeout: config.server.body_read_timeout,
@@ -335,12 +372,16 @@ impl Api {
         self.tenants.load_full()
     }
 
-    pub fn health(&self) -> &Arc<HealthMonitor> {
-        &self.health
-    }
-
-    pub fn backend(&self) -> &Handle {
-        &self.backend
+    /// `/ping`: serving unless every instance of every key manager is UNAVAILABLE.
+    /// A load balancer that takes the proxy out of rotation takes every tenant with
+    /// it, so one tenant's dead HSM must not make the others unreachable; its own
+    /// GetHealthStatus reports it.
+    pub fn serving(&self) -> bool {
+        self.tenants
+            .load()
+            .managers
+            .values()
+            .any(|m| m.health.serving())
     }
 
     /// Requests whose body is being read (not yet authenticated).
@@ -415,6 +456,7 @@ impl Api {
             access_key_id = log.access_key_id.as_deref().unwrap_or("-"),
             auth_failure = log.auth_failure.as_deref(),
             prefix = log.prefix.as_deref().unwrap_or("-"),
+            backend = log.backend.as_deref().unwrap_or("-"),
             path = log.unknown_path.as_deref(),
             operation = log.operation.unwrap_or("-"),
             key_id = log.key_id.as_deref().unwrap_or("-"),
@@ -434,7 +476,7 @@ impl Api {
                 .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
             return r;
         }
-        ping_response(self.health.serving())
+        ping_response(self.serving())
     }
 
     async fn dispatch<B>(
@@ -455,10 +497,11 @@ impl Api {
             Some(_) if parts.method != Method::POST => Some(ApiError::MethodNotAllowed),
             Some(_) => None,
         };
-        if let Some((route, _)) = &found {
+        if let Some((route, tenant)) = &found {
             // Only configured prefixes reach logs and metric labels (bounded cardinality).
             log.operation = Some(route.operation.as_str());
             log.prefix = Some(route.prefix.to_owned());
+            log.backend = Some(Arc::clone(&tenant.backend.name));
         } else {
             // What was asked, for the operator (a KMS store with the wrong
             // XksProxyUriPath shows up here): a log field only.
@@ -582,14 +625,14 @@ impl Api {
         };
         let call = Call {
             key_id: key_id.as_deref().unwrap_or(""),
-            backend: &self.backend,
+            backend: &tenant.backend.handle,
             aws_sample_metadata: tenant.aws_sample_metadata.as_deref(),
         };
         match operation {
             Operation::GetHealthStatus => {
                 let req: wire::HealthRequest = decode(&body, log)?;
                 drop(req);
-                Ok(json_ok(&self.health.response()))
+                Ok(json_ok(&tenant.backend.health.response()))
             }
             Operation::GetKeyMetadata => {
                 let req: wire::MetadataRequest = decode(&body, log)?;

@@ -146,6 +146,12 @@ pub enum HealthState {
 }
 
 impl HealthState {
+    pub const ALL: [HealthState; 3] = [
+        HealthState::Active,
+        HealthState::Degraded,
+        HealthState::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             HealthState::Active => "ACTIVE",
@@ -289,6 +295,9 @@ impl Default for CallLimits {
 /// when the last clone is dropped (after finishing the call they are in).
 #[derive(Clone)]
 pub struct Handle {
+    /// The backend's name in the config (`default` for `[backend]`): the `backend`
+    /// label of its metrics.
+    name: Arc<str>,
     backend: Arc<dyn CryptoBackend>,
     permits: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
@@ -367,9 +376,13 @@ impl Drop for WaitGuard {
 }
 
 impl Handle {
-    /// A handle on `backend`; for a backend that may block, starts its
-    /// `limits.concurrency` call threads (named `xks-backend-N`).
-    pub fn new(backend: Arc<dyn CryptoBackend>, limits: CallLimits) -> std::io::Result<Self> {
+    /// A handle on `backend`, named `name` in metrics; for a backend that may block,
+    /// starts its `limits.concurrency` call threads (named `xks-backend-N`).
+    pub fn new(
+        name: &str,
+        backend: Arc<dyn CryptoBackend>,
+        limits: CallLimits,
+    ) -> std::io::Result<Self> {
         let concurrency = limits.concurrency.max(1);
         let calls = if backend.may_block() {
             // Capacity = permits: a job is only sent while holding a permit, and a
@@ -392,6 +405,7 @@ impl Handle {
             None
         };
         Ok(Self {
+            name: Arc::from(name),
             permits: Arc::new(Semaphore::new(concurrency)),
             waiting: Arc::new(AtomicUsize::new(0)),
             backend,
@@ -453,7 +467,7 @@ impl Handle {
     {
         let started = std::time::Instant::now();
         let result = self.call_inner(budget, f).await;
-        metrics::histogram!("xks_backend_call_duration_seconds")
+        metrics::histogram!("xks_backend_call_duration_seconds", "backend" => Arc::clone(&self.name))
             .record(started.elapsed().as_secs_f64());
         result
     }
@@ -488,6 +502,7 @@ impl Handle {
             }
         };
         let backend = Arc::clone(&self.backend);
+        let name = Arc::clone(&self.name);
         let service_ns = Arc::clone(&self.service_ns);
         let (result_tx, result_rx) = tokio::sync::oneshot::channel();
         let std_deadline = deadline.into_std();
@@ -496,7 +511,8 @@ impl Handle {
             // dropped): an HSM call nobody waits for is only load on a struggling HSM.
             let started = std::time::Instant::now();
             if result_tx.is_closed() || started >= std_deadline {
-                metrics::counter!("xks_backend_calls_skipped_total").increment(1);
+                metrics::counter!("xks_backend_calls_skipped_total", "backend" => name)
+                    .increment(1);
                 return;
             }
             // A panicking backend fails this call, not the thread that serves the next.
@@ -561,6 +577,16 @@ impl Handle {
     pub fn limits(&self) -> CallLimits {
         self.limits
     }
+
+    /// The backend's name in the config.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The backend itself, for what is not a request (`ekm_vendor`, `concurrency`).
+    pub fn backend(&self) -> &Arc<dyn CryptoBackend> {
+        &self.backend
+    }
 }
 
 /// Why a backend could not be opened at startup. The message already carries the inner
@@ -596,7 +622,36 @@ impl From<pkcs11::Pkcs11Error> for OpenError {
     }
 }
 
-/// Opens the configured backend.
+/// Backends opened by name, ready to be put in service (`server::start`).
+pub type Opened = std::collections::BTreeMap<String, Arc<dyn CryptoBackend>>;
+
+/// A backend of the config that could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("backend '{name}' ([{table}]): {error}")]
+pub struct NamedOpenError {
+    pub name: String,
+    pub table: String,
+    // Not a `source()`: `OpenError`'s message already carries its cause.
+    pub error: OpenError,
+}
+
+/// Opens every backend of the config, in name order; the first that fails stops it.
+pub fn open_all(backends: &[crate::config::BackendEntry]) -> Result<Opened, NamedOpenError> {
+    backends
+        .iter()
+        .map(|b| {
+            open(&b.config)
+                .map(|opened| (b.name.clone(), opened))
+                .map_err(|error| NamedOpenError {
+                    name: b.name.clone(),
+                    table: b.table.clone(),
+                    error,
+                })
+        })
+        .collect()
+}
+
+/// Opens one configured backend.
 pub fn open(config: &crate::config::BackendConfig) -> Result<Arc<dyn CryptoBackend>, OpenError> {
     use crate::config::BackendConfig;
     match config {
@@ -728,7 +783,8 @@ mod tests {
     /// nothing new do not.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_of_availability_seen_by_a_request_wakes_the_watcher() {
-        let h = Handle::new(Paced::blocking(Duration::ZERO), limits(1, 1, 1000)).expect("threads");
+        let h = Handle::new("test", Paced::blocking(Duration::ZERO), limits(1, 1, 1000))
+            .expect("threads");
         let woke = |h: &Handle| {
             let h = h.clone();
             async move {
@@ -760,11 +816,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn blocking_backends_run_on_the_call_threads_and_others_inline() {
-        let h = Handle::new(Paced::blocking(Duration::ZERO), limits(2, 4, 1000)).expect("threads");
+        let h = Handle::new("test", Paced::blocking(Duration::ZERO), limits(2, 4, 1000))
+            .expect("threads");
         let name = call_thread(&h).await.expect("call");
         assert!(name.starts_with("xks-backend-"), "ran on {name:?}");
 
-        let inline = Handle::new(Arc::new(Paced::default()), limits(2, 4, 1000)).expect("inline");
+        let inline =
+            Handle::new("test", Arc::new(Paced::default()), limits(2, 4, 1000)).expect("inline");
         let here = std::thread::current().name().unwrap_or("").to_owned();
         assert_eq!(call_thread(&inline).await.expect("call"), here);
     }
@@ -772,7 +830,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_slower_than_the_deadline_is_timeout_and_keeps_its_permit_until_it_returns() {
         let backend = Paced::blocking(Duration::from_millis(300));
-        let h = Handle::new(backend.clone(), limits(1, 4, 50)).expect("threads");
+        let h = Handle::new("test", backend.clone(), limits(1, 4, 50)).expect("threads");
         assert_eq!(call_thread(&h).await, Err(BackendError::Timeout));
         // The HSM is still busy with it: the one permit is taken, so a hung HSM cannot
         // make the proxy pile up more calls than it has sessions.
@@ -790,7 +848,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_beyond_concurrency_plus_the_wait_queue_are_refused_busy_at_once() {
         let backend = Paced::blocking(Duration::from_millis(200));
-        let h = Handle::new(backend.clone(), limits(2, 3, 1000)).expect("threads");
+        let h = Handle::new("test", backend.clone(), limits(2, 3, 1000)).expect("threads");
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let h = h.clone();
@@ -815,7 +873,7 @@ mod tests {
         // 300 ms a call, one session, a 500 ms budget (slack for a loaded machine): a
         // call queued behind a running one would need about 600 ms.
         let backend = Paced::blocking(Duration::from_millis(300));
-        let h = Handle::new(backend.clone(), limits(1, 8, 500)).expect("threads");
+        let h = Handle::new("test", backend.clone(), limits(1, 8, 500)).expect("threads");
         assert!(
             call_thread(&h).await.is_ok(),
             "the first call sets the pace"
@@ -840,7 +898,7 @@ mod tests {
             "the refused call never reached the backend"
         );
         // With a budget the queue fits in, the same call waits its turn.
-        let patient = Handle::new(backend.clone(), limits(1, 8, 3000)).expect("threads");
+        let patient = Handle::new("test", backend.clone(), limits(1, 8, 3000)).expect("threads");
         assert!(call_thread(&patient).await.is_ok());
         let first = {
             let h = patient.clone();
@@ -859,7 +917,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_backend_fails_one_call_and_the_thread_serves_the_next() {
         let backend = Paced::blocking(Duration::ZERO);
-        let h = Handle::new(backend.clone(), limits(1, 4, 1000)).expect("threads");
+        let h = Handle::new("test", backend.clone(), limits(1, 4, 1000)).expect("threads");
         backend.panic_next.store(true, Ordering::SeqCst);
         assert_eq!(
             call_thread(&h).await,
@@ -874,7 +932,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn never_more_calls_in_the_backend_than_its_concurrency() {
         let backend = Paced::blocking(Duration::from_millis(5));
-        let h = Handle::new(backend.clone(), limits(3, 64, 5000)).expect("threads");
+        let h = Handle::new("test", backend.clone(), limits(3, 64, 5000)).expect("threads");
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..40 {
             let h = h.clone();

@@ -158,13 +158,13 @@ enum KeysCommand {
     /// (needed once on an HSM whose keys were made by something else, e.g. AWS's
     /// sample proxy).
     CreateHealthCheckKey {
-        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        on: Target,
     },
     /// Create an AES-256 key (the software keystore file is created if missing).
     Create {
-        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        on: Target,
         #[command(flatten)]
         key: KeyName,
         /// Comma-separated usages: encrypt,decrypt,wrap,unwrap,sign,verify,derive.
@@ -173,15 +173,15 @@ enum KeysCommand {
     },
     /// List keys: id, type, usages, status.
     List {
-        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        on: Target,
     },
     /// Enable a key in the software keystore. PKCS#11: remove it from
     /// backend.disabled_keys, then reload.
     #[command(mut_arg("key", |a| a.help("The external key id in the software keystore")))]
     Enable {
-        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        on: Target,
         #[command(flatten)]
         key: KeyName,
     },
@@ -189,8 +189,8 @@ enum KeysCommand {
     /// PKCS#11: list it in backend.disabled_keys, then reload.
     #[command(mut_arg("key", |a| a.help("The external key id in the software keystore")))]
     Disable {
-        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        on: Target,
         #[command(flatten)]
         key: KeyName,
     },
@@ -199,11 +199,34 @@ enum KeysCommand {
     /// KMS key for it.
     #[command(mut_arg("key", |a| a.help("The external key id in the software keystore")))]
     Rotate {
-        #[arg(long, short, env = "XKS_PROXY_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        on: Target,
         #[command(flatten)]
         key: KeyName,
     },
+}
+
+/// The config and, when it has several, the backend a key command works on.
+#[derive(Debug, clap::Args)]
+struct Target {
+    #[arg(long, short, env = "XKS_PROXY_CONFIG")]
+    config: PathBuf,
+    /// The backend to work on: a [backends.NAME] (default: [backend]). Needed when the
+    /// config has several.
+    #[arg(long, value_name = "NAME")]
+    backend: Option<String>,
+}
+
+impl Target {
+    /// The config's key-admin view and the chosen backend.
+    fn load(&self) -> Result<(xks_proxy::config::AdminConfig, BackendConfig, String)> {
+        let admin = load_admin(&self.config)?;
+        let entry = admin
+            .backend(self.backend.as_deref())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.config.display()))?;
+        let (config, name) = (entry.config.clone(), entry.name.clone());
+        Ok((admin, config, name))
+    }
 }
 
 fn main() -> ExitCode {
@@ -363,8 +386,9 @@ fn serve(cfg: Config, config_path: Option<PathBuf>, banner: Option<Banner>) -> R
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let backend = xks_proxy::backend::open(&cfg.backend).context("opening the backend")?;
-        let running = xks_proxy::server::start(&cfg, backend).await?;
+        let backends =
+            xks_proxy::backend::open_all(&cfg.backends).context("opening the backends")?;
+        let running = xks_proxy::server::start(&cfg, backends).await?;
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             prefixes = ?cfg.keystores.iter().map(|k| k.path_prefix.as_str()).collect::<Vec<_>>(),
@@ -533,7 +557,7 @@ secret_file = "secret"
         private_key: DEV_KEY,
     });
     create_key(
-        &cfg.backend,
+        &cfg.backends[0].config,
         DEMO_KEY,
         &[KeyUsage::Encrypt, KeyUsage::Decrypt],
     )?;
@@ -620,7 +644,7 @@ fn parse_usages(s: &str) -> Result<Vec<KeyUsage>> {
 
 fn keys(command: KeysCommand) -> Result<ExitCode> {
     match command {
-        KeysCommand::CreateHealthCheckKey { config } => match load_admin(&config)?.backend {
+        KeysCommand::CreateHealthCheckKey { on } => match on.load()?.1 {
             BackendConfig::Software { .. } => {
                 bail!("the software keystore needs no health-check key (its deep check needs none)")
             }
@@ -641,11 +665,11 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        KeysCommand::Create { config, key, usage } => {
+        KeysCommand::Create { on, key, usage } => {
             let label = key.id();
-            let admin = load_admin(&config)?;
+            let (admin, backend, name) = on.load()?;
             let usages = parse_usages(&usage)?;
-            create_key(&admin.backend, &label, &usages)?;
+            create_key(&backend, &label, &usages)?;
             println!(
                 "created key {label} ({})",
                 usages
@@ -654,12 +678,13 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
                     .collect::<Vec<_>>()
                     .join(",")
             );
-            // Every keystore has a key list and none names the new key: no tenant can
-            // use it until the operator assigns it.
+            // Every keystore on this backend has a key list and none names the new
+            // key: no tenant can use it until the operator assigns it.
             if admin
                 .served
                 .iter()
-                .all(|keys| keys.as_ref().is_some_and(|keys| !keys.contains(&label)))
+                .filter(|(backend, _)| *backend == name)
+                .all(|(_, keys)| keys.as_ref().is_some_and(|keys| !keys.contains(&label)))
             {
                 eprintln!(
                     "note: no [[keystores]] serves {label} yet: add it to the allowed_keys of the keystore that should (shared_keys in each, if several should), then reload"
@@ -667,19 +692,15 @@ fn keys(command: KeysCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        KeysCommand::List { config } => {
-            list_keys(&load_admin(&config)?.backend)?;
+        KeysCommand::List { on } => {
+            list_keys(&on.load()?.1)?;
             Ok(ExitCode::SUCCESS)
         }
-        KeysCommand::Enable { config, key } => {
-            set_enabled(&load_admin(&config)?.backend, &key.id(), true)
-        }
-        KeysCommand::Disable { config, key } => {
-            set_enabled(&load_admin(&config)?.backend, &key.id(), false)
-        }
-        KeysCommand::Rotate { config, key } => {
+        KeysCommand::Enable { on, key } => set_enabled(&on.load()?.1, &key.id(), true),
+        KeysCommand::Disable { on, key } => set_enabled(&on.load()?.1, &key.id(), false),
+        KeysCommand::Rotate { on, key } => {
             let label = key.id();
-            let backend = load_admin(&config)?.backend;
+            let backend = on.load()?.1;
             #[cfg(feature = "pkcs11")]
             if let BackendConfig::Pkcs11(_) = backend {
                 bail!(

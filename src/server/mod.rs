@@ -27,9 +27,9 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::Api;
-use crate::api::health::HealthMonitor;
-use crate::backend::{CryptoBackend, Handle};
-use crate::config::{Config, ServerConfig};
+use crate::api::key_manager::{KeyManager, KeyManagers};
+use crate::backend::{CallLimits, CryptoBackend};
+use crate::config::{BackendEntry, Config, HealthConfig, ServerConfig};
 use admission::{Gate, Refused};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,12 +43,19 @@ pub enum ServeError {
     Tls(#[from] tls::TlsError),
     #[error("invalid credentials: {0}")]
     Credentials(#[from] crate::sigv4::DuplicateAccessKeyId),
+    #[error("invalid keystores: {0}")]
+    Tenants(#[from] crate::api::TenantsError),
     #[error("authorization policy: {0}")]
     Policy(#[from] crate::policy::PolicyError),
     #[error("cannot start the backend's call threads: {0}")]
     CallThreads(std::io::Error),
-    #[error("the backend refused the reload: {0}")]
-    BackendReload(crate::backend::BackendError),
+    #[error("backend '{name}' refused the reload: {source}")]
+    BackendReload {
+        name: String,
+        source: crate::backend::BackendError,
+    },
+    #[error("cannot open backend '{name}': {reason}")]
+    BackendOpen { name: String, reason: String },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 }
@@ -79,12 +86,17 @@ pub struct Reloader {
     cert_not_after: Arc<std::sync::atomic::AtomicI64>,
     /// What the running process was started with, of the settings only a restart applies.
     started_with: Arc<Vec<(&'static str, String)>>,
+    /// What a backend the reload opens is started with (restart-only settings).
+    limits: CallLimits,
+    health: HealthConfig,
+    shutdown: watch::Receiver<bool>,
 }
 
 /// The settings a reload cannot apply, as (config key, value) pairs an operator can
-/// read. None of these values is secret (a master key appears as its env var or path).
+/// read. Backends are not among them: a reload opens a backend whose settings changed
+/// (see [`Reloader::reload`]).
 fn restart_only(config: &Config) -> Vec<(&'static str, String)> {
-    let mut fields = vec![
+    vec![
         ("server.listen", config.server.listen.to_string()),
         (
             "server.ping_listen",
@@ -95,51 +107,23 @@ fn restart_only(config: &Config) -> Vec<(&'static str, String)> {
         // The log subscriber is installed once per process.
         ("logging.level", config.logging.level.clone()),
         ("logging.format", format!("{:?}", config.logging.format)),
-    ];
-    match &config.backend {
-        crate::config::BackendConfig::Software {
-            keystore,
-            master_key,
-            simulated_latency,
-        } => {
-            fields.push(("backend.kind", "software".into()));
-            fields.push(("backend.keystore", keystore.display().to_string()));
-            fields.push(("backend.master_key", format!("{master_key:?}")));
-            fields.push((
-                "backend.simulated_latency_ms",
-                format!("{simulated_latency:?}"),
-            ));
-        }
-        #[cfg(feature = "pkcs11")]
-        crate::config::BackendConfig::Pkcs11(settings) => {
-            fields.push(("backend.kind", "pkcs11".into()));
-            // Everything but what a reload applies: the disabled-key list and the PIN
-            // sources (re-read at every reload).
-            let mut fixed = settings.clone();
-            fixed.disabled_keys.clear();
-            fixed.user_pin_env = None;
-            fixed.user_pin_file = None;
-            for t in &mut fixed.failover {
-                t.user_pin_env = None;
-                t.user_pin_file = None;
-            }
-            fields.push((
-                "backend (module, token, pool, deadlines)",
-                format!("{fixed:?}"),
-            ));
-        }
-    }
-    fields
+    ]
 }
 
 impl Reloader {
     /// Reloads credentials, allow-lists, quotas, the policy, the TLS certificate and
-    /// client CA, and the backend's keys (software keystore file, PKCS#11 disabled-key
-    /// list and user PINs). Listen addresses, limits and the backend's own settings need a restart:
-    /// a change to them is logged as a warning and otherwise ignored.
+    /// client CA, and the backends: a backend whose settings are unchanged but for what
+    /// it reloads itself (its keystore file, the PKCS#11 disabled-key list and PINs)
+    /// stays in service and reloads; a new backend, or one whose settings changed
+    /// (re-pointed to another module, token or keystore), is opened and put in service;
+    /// a backend no keystore uses any more leaves service once the requests that started
+    /// with it have finished. Listen addresses, limits and logging need a restart: a
+    /// change to them is logged as a warning and otherwise ignored.
     ///
-    /// All or nothing: the new credentials, policy and TLS config are built first, then
-    /// the backend reloads, and only if that worked is the rest swapped in.
+    /// All or nothing: the new credentials, policy, TLS config and backends are built
+    /// first, then the backends that stay reload, and only if all of that worked is the
+    /// rest swapped in. A backend that cannot be opened fails the reload and changes
+    /// nothing (what was opened for it is closed again).
     pub async fn reload(&self, config: &Config) -> Result<(), ServeError> {
         let result = self.apply(config).await;
         note_reload(result.is_ok());
@@ -155,7 +139,9 @@ impl Reloader {
     }
 
     async fn apply(&self, config: &Config) -> Result<(), ServeError> {
-        let tenants = crate::api::Tenants::from_config(&config.keystores)?;
+        for k in &config.keystores {
+            crate::api::credential_set(k)?;
+        }
         let policy = load_policy(config)?;
         let tls = match (&self.tls, &config.server.tls) {
             (Some(_), Some(t)) => Some((
@@ -164,22 +150,62 @@ impl Reloader {
             )),
             _ => None,
         };
-        let backend_config = config.backend.clone();
-        self.api
-            .backend()
-            // Not a KMS request: re-reading a keystore file may take longer than a
-            // request's deadline; the health check's budget bounds it.
-            .call_within(crate::api::health::CHECK_BUDGET, move |b| {
-                // reload first: it only reads (a failure leaves the backend as it was);
-                // reconfigure only swaps validated lists in.
-                b.reload()?;
-                b.reconfigure(&backend_config)
-            })
-            .await
-            .map_err(ServeError::BackendReload)?;
-        // Everything built and the backend agreed: swap. In-flight requests keep what
+        let running = self.api.tenants();
+        let mut managers = KeyManagers::new();
+        let mut staying = Vec::new();
+        for entry in &config.backends {
+            match running.managers().get(&entry.name) {
+                Some(m) if m.identity.as_ref() == Some(&entry.config.identity()) => {
+                    staying.push((Arc::clone(m), entry.config.clone()));
+                    managers.insert(entry.name.clone(), Arc::clone(m));
+                }
+                _ => {
+                    let backend = open_in_background(entry).await?;
+                    let m = self.put_in_service(entry, backend).await?;
+                    managers.insert(entry.name.clone(), m);
+                }
+            }
+        }
+        for (m, backend_config) in staying {
+            m.handle
+                // Not a KMS request: re-reading a keystore file may take longer than a
+                // request's deadline; the health check's budget bounds it.
+                .call_within(crate::api::health::CHECK_BUDGET, move |b| {
+                    // reload first: it only reads (a failure leaves the backend as it
+                    // was); reconfigure only swaps validated lists in.
+                    b.reload()?;
+                    b.reconfigure(&backend_config)
+                })
+                .await
+                .map_err(|source| ServeError::BackendReload {
+                    name: m.name.to_string(),
+                    source,
+                })?;
+        }
+        let tenants = crate::api::Tenants::from_config(&config.keystores, managers)?;
+        // Everything built and the backends agreed: swap. In-flight requests keep what
         // they started with; new handshakes get the new certificate.
+        let new_managers = tenants.managers().clone();
         self.api.replace_tenants(tenants);
+        for (name, old) in running.managers() {
+            match new_managers.get(name) {
+                Some(new) if Arc::ptr_eq(new, old) => {}
+                Some(_) => {
+                    tracing::info!(backend = %name, "backend re-pointed: the new settings serve new requests; the old backend closes when its requests have finished");
+                    clear_backend_series(old);
+                }
+                None => {
+                    tracing::info!(backend = %name, "backend removed: it closes when its requests have finished");
+                    clear_backend_series(old);
+                }
+            }
+        }
+        for name in new_managers.keys() {
+            if !running.managers().contains_key(name) {
+                tracing::info!(backend = %name, "backend added");
+            }
+        }
+        drop(running);
         register_series(&self.api);
         self.api.replace_policy(policy);
         if let (Some(slot), Some((cfg, not_after))) = (&self.tls, tls) {
@@ -194,6 +220,64 @@ impl Reloader {
         tracing::info!("configuration reloaded");
         Ok(())
     }
+
+    async fn put_in_service(
+        &self,
+        entry: &BackendEntry,
+        backend: Arc<dyn CryptoBackend>,
+    ) -> Result<Arc<KeyManager>, ServeError> {
+        KeyManager::start(
+            &entry.name,
+            backend,
+            Some(&entry.config),
+            self.limits,
+            self.health.clone(),
+            self.shutdown.clone(),
+        )
+        .await
+        .map_err(ServeError::CallThreads)
+    }
+}
+
+/// Opens a backend for a reload off the async threads (loading a PKCS#11 module and
+/// logging in block), within the health check's budget: a module that hangs fails the
+/// reload instead of stalling it.
+async fn open_in_background(entry: &BackendEntry) -> Result<Arc<dyn CryptoBackend>, ServeError> {
+    let config = entry.config.clone();
+    let fail = |reason: String| ServeError::BackendOpen {
+        name: entry.name.clone(),
+        reason,
+    };
+    let opening = tokio::task::spawn_blocking(move || crate::backend::open(&config));
+    match tokio::time::timeout(crate::api::health::CHECK_BUDGET, opening).await {
+        Ok(Ok(Ok(backend))) => Ok(backend),
+        Ok(Ok(Err(e))) => Err(fail(e.to_string())),
+        Ok(Err(_panicked)) => Err(fail("opening it panicked".into())),
+        Err(_elapsed) => Err(fail(format!(
+            "it did not open within {} s",
+            crate::api::health::CHECK_BUDGET.as_secs()
+        ))),
+    }
+}
+
+/// A backend that left service keeps no series that could hold an alert: its
+/// health and call gauges read 0.
+fn clear_backend_series(m: &KeyManager) {
+    let backend = m.name.to_string();
+    metrics::gauge!("xks_backend_calls_in_flight", "backend" => backend.clone()).set(0.0);
+    metrics::gauge!("xks_backend_calls_waiting", "backend" => backend.clone()).set(0.0);
+    for e in m.health.current() {
+        for state in crate::backend::HealthState::ALL {
+            metrics::gauge!(
+                "xks_ekm_health_status",
+                "backend" => backend.clone(),
+                "id" => e.id.clone(),
+                "model" => e.model.clone(),
+                "status" => state.as_str()
+            )
+            .set(0.0);
+        }
+    }
 }
 
 /// Everything `serve` checks before it binds its ports, short of binding and of
@@ -204,8 +288,9 @@ impl Reloader {
 /// this, so that their OK means `serve` will start. Errors name the config key.
 pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
     use crate::config::ConfigError;
-    crate::api::Tenants::from_config(&config.keystores)
-        .map_err(|e| ConfigError::new("keystores", e.to_string()))?;
+    for k in &config.keystores {
+        crate::api::credential_set(k).map_err(|e| ConfigError::new("keystores", e.to_string()))?;
+    }
     load_policy(config).map_err(|e| ConfigError::new("policy.file", e.to_string()))?;
     if let Some(t) = &config.server.tls {
         tls::server_config(t, config.server.client_auth.as_ref()).map_err(|e| {
@@ -218,25 +303,33 @@ pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
             ConfigError::new(key, e.to_string())
         })?;
     }
-    crate::backend::preflight(&config.backend).map_err(|e| {
-        use crate::backend::OpenError;
-        use crate::backend::software::KeystoreError;
-        let key = match &e {
-            OpenError::Config(_) => "backend",
-            OpenError::Software(
-                KeystoreError::MasterKeyEnvUnset { .. } | KeystoreError::MasterKeyEnvInvalid { .. },
-            ) => "backend.master_key_env",
-            OpenError::Software(
-                KeystoreError::MasterKeyFileRead { .. }
-                | KeystoreError::MasterKeyFileInvalid { .. }
-                | KeystoreError::MasterKeyLength { .. },
-            ) => "backend.master_key_file",
-            OpenError::Software(_) => "backend.keystore",
-            #[cfg(feature = "pkcs11")]
-            OpenError::Pkcs11(_) => "backend",
-        };
-        ConfigError::new(key, e.to_string())
-    })
+    for b in &config.backends {
+        crate::backend::preflight(&b.config).map_err(|e| {
+            use crate::backend::OpenError;
+            use crate::backend::software::KeystoreError;
+            let field = match &e {
+                OpenError::Config(_) => None,
+                OpenError::Software(
+                    KeystoreError::MasterKeyEnvUnset { .. }
+                    | KeystoreError::MasterKeyEnvInvalid { .. },
+                ) => Some("master_key_env"),
+                OpenError::Software(
+                    KeystoreError::MasterKeyFileRead { .. }
+                    | KeystoreError::MasterKeyFileInvalid { .. }
+                    | KeystoreError::MasterKeyLength { .. },
+                ) => Some("master_key_file"),
+                OpenError::Software(_) => Some("keystore"),
+                #[cfg(feature = "pkcs11")]
+                OpenError::Pkcs11(_) => None,
+            };
+            let key = match field {
+                Some(f) => format!("{}.{f}", b.table),
+                None => b.table.clone(),
+            };
+            ConfigError::new(key, e.to_string())
+        })?;
+    }
+    Ok(())
 }
 
 /// A secret the config names: the setting, where its value comes from, and whether a
@@ -279,27 +372,29 @@ pub fn secret_uses(config: &Config) -> Vec<SecretUse> {
             rotates_on_reload: true,
         });
     }
-    match &config.backend {
-        BackendConfig::Software { master_key, .. } => {
-            let (source, _) = from(master_key);
-            let setting = match master_key {
-                SecretSource::File(_) => "backend.master_key_file",
-                SecretSource::Env(_) => "backend.master_key_env",
-            };
-            out.push(SecretUse {
-                setting: setting.to_owned(),
-                source,
-                rotates_on_reload: false,
-            });
-        }
-        #[cfg(feature = "pkcs11")]
-        BackendConfig::Pkcs11(settings) => {
-            for (setting, source, rotates_on_reload) in settings.pin_sources() {
+    for b in &config.backends {
+        match &b.config {
+            BackendConfig::Software { master_key, .. } => {
+                let (source, _) = from(master_key);
+                let field = match master_key {
+                    SecretSource::File(_) => "master_key_file",
+                    SecretSource::Env(_) => "master_key_env",
+                };
                 out.push(SecretUse {
-                    setting,
+                    setting: format!("{}.{field}", b.table),
                     source,
-                    rotates_on_reload,
+                    rotates_on_reload: false,
                 });
+            }
+            #[cfg(feature = "pkcs11")]
+            BackendConfig::Pkcs11(settings) => {
+                for (field, source, rotates_on_reload) in settings.pin_sources() {
+                    out.push(SecretUse {
+                        setting: format!("{}.{field}", b.table),
+                        source,
+                        rotates_on_reload,
+                    });
+                }
             }
         }
     }
@@ -339,10 +434,11 @@ impl Running {
     }
 }
 
-/// Binds the configured listeners and starts serving with `backend`.
+/// Binds the configured listeners and starts serving with `backends` (one per
+/// `config.backends` entry, by name: [`crate::backend::open_all`]).
 pub async fn start(
     config: &Config,
-    backend: Arc<dyn CryptoBackend>,
+    backends: crate::backend::Opened,
 ) -> Result<Running, ServeError> {
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -352,7 +448,7 @@ pub async fn start(
         })?;
     let ping_listener = bind_optional(config.server.ping_listen).await?;
     let admin_listener = bind_optional(config.admin_listen).await?;
-    start_on(config, backend, listener, ping_listener, admin_listener).await
+    start_on(config, backends, listener, ping_listener, admin_listener).await
 }
 
 async fn bind_optional(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ServeError> {
@@ -369,7 +465,7 @@ async fn bind_optional(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, 
 /// Like [`start`], on listeners the caller bound (tests, socket activation).
 pub async fn start_on(
     config: &Config,
-    backend: Arc<dyn CryptoBackend>,
+    mut backends: crate::backend::Opened,
     listener: TcpListener,
     ping_listener: Option<TcpListener>,
     admin_listener: Option<TcpListener>,
@@ -393,27 +489,61 @@ pub async fn start_on(
             None
         }
     };
-    let mut limits = config.limits;
-    limits.concurrency = backend.concurrency();
-    let ekm_vendor = backend.ekm_vendor();
-    let handle = Handle::new(backend, limits).map_err(ServeError::CallThreads)?;
-    let health = HealthMonitor::start(&handle, config.health.clone(), ekm_vendor).await;
-    let api = Arc::new(Api::new(config, handle.clone(), Arc::clone(&health))?);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    // Every key manager's first deep check at once: a hung one delays the start by
+    // one STARTUP_BUDGET, not one per backend.
+    let mut starting = tokio::task::JoinSet::new();
+    for entry in &config.backends {
+        let backend = backends
+            .remove(&entry.name)
+            .ok_or_else(|| ServeError::BackendOpen {
+                name: entry.name.clone(),
+                reason: "not opened (start was given no backend by this name)".into(),
+            })?;
+        let (entry, limits, health, stop) = (
+            entry.clone(),
+            config.limits,
+            config.health.clone(),
+            shutdown_rx.clone(),
+        );
+        starting.spawn(async move {
+            let m = KeyManager::start(
+                &entry.name,
+                backend,
+                Some(&entry.config),
+                limits,
+                health,
+                stop,
+            )
+            .await;
+            (entry.name, m)
+        });
+    }
+    let mut managers = KeyManagers::new();
+    while let Some(started) = starting.join_next().await {
+        let (name, m) = started.map_err(|e| ServeError::BackendOpen {
+            name: "?".into(),
+            reason: e.to_string(),
+        })?;
+        managers.insert(name, m.map_err(ServeError::CallThreads)?);
+    }
+    let api = Arc::new(Api::new(config, managers)?);
     api.replace_policy(load_policy(config)?);
     let reloader = Reloader {
         started_with: Arc::new(restart_only(config)),
         api: Arc::clone(&api),
         tls: tls.clone(),
         cert_not_after: Arc::clone(&cert_not_after),
+        limits: config.limits,
+        health: config.health.clone(),
+        shutdown: shutdown_rx.clone(),
     };
 
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: config.server.listen,
         source,
     })?;
-    let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(Arc::clone(&health).run(handle, shutdown_rx.clone()));
     let scheme = if tls.is_some() { "https" } else { "http" };
     tasks.spawn(accept_loop(
         listener,
@@ -613,7 +743,11 @@ fn register_series(api: &Api) {
     for outcome in ["ok", "failed"] {
         metrics::counter!("xks_reloads_total", "outcome" => outcome).increment(0);
     }
-    metrics::counter!("xks_backend_calls_skipped_total").increment(0);
+    for name in api.tenants().managers().keys() {
+        metrics::counter!("xks_backend_calls_skipped_total", "backend" => name.clone())
+            .increment(0);
+        let _ = metrics::histogram!("xks_backend_call_duration_seconds", "backend" => name.clone());
+    }
     // Per prefix and operation, the success series: the denominator of every error
     // ratio. Error series appear with their first error (a rate over them is then
     // read against this one).
@@ -636,7 +770,6 @@ fn register_series(api: &Api) {
             );
         }
     }
-    let _ = metrics::histogram!("xks_backend_call_duration_seconds");
 }
 
 /// At most 10 handshake-failure lines per 10 s: strangers trigger them at will.
@@ -743,7 +876,7 @@ async fn side_loop(
                     let get =
                         req.method() == http::Method::GET || req.method() == http::Method::HEAD;
                     let resp = match (side, req.uri().path(), get) {
-                        (_, "/ping", true) => crate::api::ping_response(api.health().serving()),
+                        (_, "/ping", true) => crate::api::ping_response(api.serving()),
                         (Side::Admin, "/metrics", true) => metrics_response(&api, &cert_not_after),
                         _ => {
                             let mut r =
@@ -819,24 +952,25 @@ fn metrics_response(
         *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
         return r;
     };
-    let backend = api.backend();
     metrics::gauge!("xks_requests_in_flight").set(api.in_flight() as f64);
     metrics::gauge!("xks_requests_awaiting_body").set(api.awaiting_body() as f64);
-    metrics::gauge!("xks_backend_calls_in_flight").set(backend.in_flight() as f64);
-    metrics::gauge!("xks_backend_calls_waiting").set(backend.waiting() as f64);
-    for e in api.health().current() {
-        for state in [
-            crate::backend::HealthState::Active,
-            crate::backend::HealthState::Degraded,
-            crate::backend::HealthState::Unavailable,
-        ] {
-            metrics::gauge!(
-                "xks_ekm_health_status",
-                "id" => e.id.clone(),
-                "model" => e.model.clone(),
-                "status" => state.as_str()
-            )
-            .set(if e.state == state { 1.0 } else { 0.0 });
+    for m in api.tenants().managers().values() {
+        let backend = m.name.to_string();
+        metrics::gauge!("xks_backend_calls_in_flight", "backend" => backend.clone())
+            .set(m.handle.in_flight() as f64);
+        metrics::gauge!("xks_backend_calls_waiting", "backend" => backend.clone())
+            .set(m.handle.waiting() as f64);
+        for e in m.health.current() {
+            for state in crate::backend::HealthState::ALL {
+                metrics::gauge!(
+                    "xks_ekm_health_status",
+                    "backend" => backend.clone(),
+                    "id" => e.id.clone(),
+                    "model" => e.model.clone(),
+                    "status" => state.as_str()
+                )
+                .set(if e.state == state { 1.0 } else { 0.0 });
+            }
         }
     }
     // From the certificate's notAfter at each scrape: a proxy that runs for months

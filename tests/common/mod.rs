@@ -157,8 +157,8 @@ impl TestProxy {
     /// Starts a proxy from config text (typically `prepare`'s, edited by the test).
     pub async fn start_with(dir: tempfile::TempDir, text: &str, creds: Vec<Cred>) -> TestProxy {
         let config = Config::from_toml(text, dir.path()).expect("valid config");
-        let backend = xks_proxy::backend::open(&config.backend).expect("backend");
-        let running = xks_proxy::server::start(&config, backend)
+        let backends = xks_proxy::backend::open_all(&config.backends).expect("backends");
+        let running = xks_proxy::server::start(&config, backends)
             .await
             .expect("start");
         TestProxy {

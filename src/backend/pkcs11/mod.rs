@@ -708,8 +708,9 @@ impl CryptoBackend for Pkcs11Backend {
                 .map_err(|e| BackendError::Failed(e.to_string()))?;
             let mut pins = Vec::new();
             for (token, plan) in self.inner.tokens.iter().zip(&plans) {
-                // A token list that changed needs a restart (the reloader says so);
-                // only the same token at the same place gets a new PIN.
+                // A changed token list makes another backend identity, which the
+                // reloader opens anew (`BackendConfig::identity`); here only the same
+                // token at the same place gets a new PIN.
                 if token.selector == plan.selector {
                     let pin = plan
                         .pin
