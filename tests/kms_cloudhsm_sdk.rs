@@ -1292,3 +1292,118 @@ async fn cloudhsm_key_store_requests_count_against_the_store_quota() {
             .expect("AWS_KMS keys are not throttled");
     }
 }
+
+/// Where the AWS CLI is: `target/py-venv/bin` (made by tests/run-all.sh), else the PATH.
+/// Neither is a failure, not a skip.
+fn aws_cli_dir() -> Vec<PathBuf> {
+    let venv = repo().join("target/py-venv/bin");
+    if venv.join("aws").is_file() {
+        return vec![venv];
+    }
+    let on_path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|d| d.join("aws").is_file());
+    assert!(
+        on_path,
+        "the AWS CLI is needed: tests/run-all.sh installs it in target/py-venv"
+    );
+    Vec::new()
+}
+
+/// Issue 13: README "CloudHSM walkthrough", both blocks pasted as written into one
+/// scratch directory: terminal 1 makes the SoftHSM token, the trust anchor and the
+/// cluster file and starts the emulator; terminal 2 drives the whole life cycle with
+/// the AWS CLI. The substitutions: the emulator listens on a free port (and terminal 2
+/// dials it), and the module path if this machine keeps SoftHSM elsewhere. Checked
+/// from outside afterwards: the README's password no longer logs in (rotated), and the
+/// deleted key's material is gone from the token.
+#[tokio::test]
+async fn the_readme_cloudhsm_walkthrough_works_as_written() {
+    use kms_support::readme;
+    const README_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+    const README_PIN: &str = "kmsuserPass1";
+    let heading = "### CloudHSM walkthrough (copy-paste, two terminals)";
+    let (terminal1, terminal2) = (readme::sh_block(heading, 0), readme::sh_block(heading, 1));
+
+    let module = if Path::new(README_MODULE).is_file() {
+        README_MODULE.to_owned()
+    } else {
+        std::env::var("XKS_TEST_PKCS11_MODULE")
+            .expect("SoftHSM is elsewhere here: set XKS_TEST_PKCS11_MODULE")
+    };
+    let terminal1 = readme::substitute(
+        &readme::substitute(
+            &terminal1,
+            &format!("module = \"{README_MODULE}\""),
+            &format!("module = \"{module}\""),
+        ),
+        "kms-emulator --cloudhsm-clusters clusters.toml --deletion-day-length 1s\n",
+        "kms-emulator --cloudhsm-clusters clusters.toml --deletion-day-length 1s --listen 127.0.0.1:0\n",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin_dir = emulator().parent().expect("bin dir").to_path_buf();
+    let mut cmd = readme::bash(&terminal1, dir.path(), &[bin_dir]);
+    // The reader's environment must not leak in: no SoftHSM config of theirs.
+    cmd.env_remove("SOFTHSM2_CONF");
+    let emu = Proc::spawn(cmd, "listening on http://");
+    let _group = readme::Group(emu.pid());
+
+    let terminal2 = readme::substitute(
+        &terminal2,
+        "AWS_ENDPOINT_URL_KMS=http://127.0.0.1:4599",
+        &format!("AWS_ENDPOINT_URL_KMS=http://{}", emu.addr),
+    );
+    let mut cmd = readme::bash(&terminal2, dir.path(), &aws_cli_dir());
+    // No profile, config or credentials file of the machine's user.
+    for v in ["AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"] {
+        cmd.env_remove(v);
+    }
+    cmd.env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    let ran = readme::run_to_end(cmd, Duration::from_secs(240));
+    let (out, log) = (ran.stdout, emu.output());
+    assert!(
+        ran.status.success(),
+        "terminal 2 failed: {}\nstdout:\n{out}\nstderr:\n{}\nemulator:\n{log}",
+        ran.status,
+        ran.stderr
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "CONNECTED\tNone",
+            "hello, CloudHSM key",
+            "DISCONNECTED\tNone",
+            "Unavailable",
+            "CONNECTED\tNone",
+            "PendingDeletion",
+            "DISCONNECTED\tNone",
+        ],
+        "stderr:\n{}",
+        ran.stderr
+    );
+
+    // The emulator agrees: no store, no key left.
+    let kms = sdk(&emu);
+    let stores = kms
+        .describe_custom_key_stores()
+        .send()
+        .await
+        .expect("describe stores");
+    assert!(stores.custom_key_stores().is_empty(), "{stores:?}");
+    let keys = kms.list_keys().send().await.expect("list keys");
+    assert!(keys.keys().is_empty(), "{keys:?}");
+
+    // The token, from outside: the README's password was rotated away, and after the
+    // operator resets it, kmsuser owns no secret key (the deletion destroyed it).
+    let hsm = Hsm {
+        conf: dir.path().join("softhsm2.conf").display().to_string(),
+        module,
+        dir,
+    };
+    assert!(!hsm.user_pin_works("hsm-a", README_PIN), "not rotated");
+    hsm.operator_reset("hsm-a", "operatorLooks1");
+    let listing = hsm.secret_keys("hsm-a", "operatorLooks1");
+    assert!(labels(&listing).is_empty(), "{listing}");
+    assert!(!log.contains(README_PIN), "the password reached a log line");
+}
