@@ -1407,3 +1407,126 @@ async fn the_readme_cloudhsm_walkthrough_works_as_written() {
     assert!(labels(&listing).is_empty(), "{listing}");
     assert!(!log.contains(README_PIN), "the password reached a log line");
 }
+
+/// Issue 13: KMS's troubleshooting guide says a CloudHSM key's crypto "might fail even
+/// when its key state is `Enabled`" when its material was deleted from the cluster,
+/// and that the state "eventually changes to `UNAVAILABLE`" with crypto failing
+/// KMSInvalidStateException. The emulator's "eventually" is the first operation that
+/// finds the material gone; a reconnect (the guide's recovery: a related cluster from
+/// a backup, then reconnect) looks again. Other keys in the store are untouched, and
+/// PendingDeletion still shows.
+#[tokio::test]
+async fn a_cloudhsm_key_whose_material_was_deleted_becomes_unavailable_until_a_reconnect() {
+    const PIN: &str = "kmsuserGone11";
+    const LOOK: &str = "operatorGone22";
+    let hsm = Hsm::new(&[("hsm-a", PIN)]);
+    let clusters = hsm.clusters(
+        "clusters.toml",
+        &[(CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE")],
+    );
+    let emu = hsm.emulator(&clusters, None);
+    let kms = sdk(&emu);
+    let store = create(&kms, "gone", CLUSTER_A, &anchor(), PIN)
+        .await
+        .expect("create store");
+    assert_connected(&connect(&kms, &store).await);
+    let new_key = || async {
+        kms.create_key()
+            .origin(OriginType::AwsCloudhsm)
+            .custom_key_store_id(&store)
+            .send()
+            .await
+            .expect("create key")
+            .key_metadata()
+            .and_then(|m| m.arn())
+            .expect("arn")
+            .to_owned()
+    };
+    let (arn, other) = (new_key().await, new_key().await);
+    let state = |id: String| {
+        let kms = kms.clone();
+        async move {
+            let md = kms
+                .describe_key()
+                .key_id(id)
+                .send()
+                .await
+                .expect("describe key");
+            let md = md.key_metadata().expect("metadata").clone();
+            (md.key_state().cloned().expect("state"), md.enabled())
+        }
+    };
+    let encrypt = |id: String| {
+        let kms = kms.clone();
+        async move {
+            kms.encrypt()
+                .key_id(id)
+                .plaintext(Blob::new(b"gone".to_vec()))
+                .send()
+                .await
+        }
+    };
+    let blob = encrypt(arn.clone())
+        .await
+        .expect("encrypt before")
+        .ciphertext_blob()
+        .expect("blob")
+        .clone();
+
+    hsm.operator_reset("hsm-a", LOOK);
+    hsm.delete_secret_key("hsm-a", LOOK, &arn);
+    // Nothing has looked yet: still Enabled, as the guide describes.
+    assert_eq!(state(arn.clone()).await, (KeyState::Enabled, true));
+    fn missing<R, E: ProvideErrorMetadata>(r: Result<R, aws_sdk_kms::error::SdkError<E>>) {
+        let Err(e) = r else {
+            panic!("the key works without its material")
+        };
+        let svc = e.as_service_error().expect("service error");
+        assert_eq!(svc.code(), Some("KMSInvalidStateException"));
+        assert!(
+            svc.message().is_some_and(|m| m.contains("key material")),
+            "{:?}",
+            svc.message()
+        );
+    }
+    missing(encrypt(arn.clone()).await);
+    assert_eq!(state(arn.clone()).await, (KeyState::Unavailable, false));
+    // Now rejected without a trip to the token, with the same reason.
+    missing(encrypt(arn.clone()).await);
+    let r = kms.decrypt().ciphertext_blob(blob.clone()).send().await;
+    assert_eq!(code(r), "KMSInvalidStateException");
+    // The store's other key is unaffected.
+    assert_eq!(state(other.clone()).await, (KeyState::Enabled, true));
+    encrypt(other.clone()).await.expect("the other key works");
+    // PendingDeletion shows whatever the material; cancelling leaves it Disabled
+    // (KMS), which shows as Unavailable while the material is missing.
+    kms.schedule_key_deletion()
+        .key_id(&arn)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .expect("schedule deletion");
+    assert_eq!(state(arn.clone()).await, (KeyState::PendingDeletion, false));
+    kms.cancel_key_deletion()
+        .key_id(&arn)
+        .send()
+        .await
+        .expect("cancel deletion");
+    assert_eq!(state(arn.clone()).await, (KeyState::Unavailable, false));
+
+    // A reconnect looks again: the stored state shows until an operation finds the
+    // material still missing.
+    disconnect(&kms, &store).await;
+    kms.update_custom_key_store()
+        .custom_key_store_id(&store)
+        .key_store_password(LOOK)
+        .send()
+        .await
+        .expect("tell the emulator the reset password");
+    assert_connected(&connect(&kms, &store).await);
+    assert_eq!(state(arn.clone()).await, (KeyState::Disabled, false));
+    kms.enable_key().key_id(&arn).send().await.expect("enable");
+    assert_eq!(state(arn.clone()).await, (KeyState::Enabled, true));
+    missing(encrypt(arn.clone()).await);
+    assert_eq!(state(arn.clone()).await, (KeyState::Unavailable, false));
+}
