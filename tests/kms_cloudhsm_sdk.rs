@@ -1530,3 +1530,200 @@ async fn a_cloudhsm_key_whose_material_was_deleted_becomes_unavailable_until_a_r
     missing(encrypt(arn.clone()).await);
     assert_eq!(state(arn.clone()).await, (KeyState::Unavailable, false));
 }
+
+/// Issue 13, the state errors of the CloudHSM store operations not reached elsewhere:
+/// Disconnect of a DISCONNECTED store, Delete of a store that still holds a key
+/// (pending deletion counts), Update to a related cluster that is not active, and —
+/// with a long `--disconnect-delay` holding the store in DISCONNECTING — Connect,
+/// Disconnect, Update and Delete all refused with CustomKeyStoreInvalidState.
+#[tokio::test]
+async fn cloudhsm_store_operations_refuse_what_the_store_state_forbids() {
+    const PIN: &str = "kmsuserState1";
+    const PIN_C: &str = "kmsuserState3";
+    const CLUSTER_B_DEGRADED: &str = "cluster-bbbbbbbbbbbb";
+    let hsm = Hsm::new(&[("hsm-a", PIN), ("hsm-b", "unusedPin1"), ("hsm-c", PIN_C)]);
+    let clusters = hsm.clusters(
+        "clusters.toml",
+        &[
+            (CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE"),
+            (
+                CLUSTER_B_DEGRADED,
+                "hsm-b",
+                "[1, 1]",
+                "lineage-1",
+                "DEGRADED",
+            ),
+            (CLUSTER_C, "hsm-c", "[1, 1]", "lineage-2", "ACTIVE"),
+        ],
+    );
+    let emu = hsm.emulator(&clusters, None);
+    let kms = sdk(&emu);
+    let store = create(&kms, "state", CLUSTER_A, &anchor(), PIN)
+        .await
+        .expect("create store");
+    assert_connected(&connect(&kms, &store).await);
+    let key = kms
+        .create_key()
+        .origin(OriginType::AwsCloudhsm)
+        .custom_key_store_id(&store)
+        .send()
+        .await
+        .expect("create key");
+    let key = key.key_metadata().and_then(|m| m.arn()).expect("arn");
+    kms.schedule_key_deletion()
+        .key_id(key)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .expect("schedule deletion");
+    disconnect(&kms, &store).await;
+    let r = kms
+        .disconnect_custom_key_store()
+        .custom_key_store_id(&store)
+        .send()
+        .await;
+    assert_eq!(code(r), "CustomKeyStoreInvalidStateException");
+    let r = kms
+        .delete_custom_key_store()
+        .custom_key_store_id(&store)
+        .send()
+        .await;
+    assert_eq!(code(r), "CustomKeyStoreHasCMKsException");
+    let r = kms
+        .update_custom_key_store()
+        .custom_key_store_id(&store)
+        .cloud_hsm_cluster_id(CLUSTER_B_DEGRADED)
+        .send()
+        .await;
+    assert_eq!(code(r), "CloudHsmClusterNotActiveException");
+    assert_eq!(
+        describe(&kms, &store).await.cloud_hsm_cluster_id(),
+        Some(CLUSTER_A)
+    );
+
+    // DISCONNECTING lasts ten minutes here: every call below lands inside it.
+    let slow = hsm.emulator_with(&clusters, None, &["--disconnect-delay", "600s"]);
+    let kms = sdk(&slow);
+    let store = create(&kms, "slow", CLUSTER_C, &anchor(), PIN_C)
+        .await
+        .expect("create store");
+    assert_connected(&connect(&kms, &store).await);
+    kms.disconnect_custom_key_store()
+        .custom_key_store_id(&store)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(
+        describe(&kms, &store).await.connection_state(),
+        Some(&ConnectionStateType::Disconnecting)
+    );
+    let id = store.as_str();
+    let refusals = [
+        (
+            "connect",
+            code(
+                kms.connect_custom_key_store()
+                    .custom_key_store_id(id)
+                    .send()
+                    .await,
+            ),
+        ),
+        (
+            "disconnect",
+            code(
+                kms.disconnect_custom_key_store()
+                    .custom_key_store_id(id)
+                    .send()
+                    .await,
+            ),
+        ),
+        (
+            "update",
+            code(
+                kms.update_custom_key_store()
+                    .custom_key_store_id(id)
+                    .new_custom_key_store_name("renamed")
+                    .send()
+                    .await,
+            ),
+        ),
+        (
+            "delete",
+            code(
+                kms.delete_custom_key_store()
+                    .custom_key_store_id(id)
+                    .send()
+                    .await,
+            ),
+        ),
+    ];
+    for (op, got) in refusals {
+        assert_eq!(got, "CustomKeyStoreInvalidStateException", "{op}");
+    }
+}
+
+/// Issue 13: USER_LOGGED_IN. PKCS#11 login state belongs to the application, so the
+/// emulator can see kmsuser logged in only by itself: two clusters (different backup
+/// lineages, so both may back a store) on one token; while the first store holds its
+/// kmsuser session, connecting the second finds the user already logged in.
+#[tokio::test]
+async fn cloudhsm_connect_reports_kmsuser_already_logged_in() {
+    const PIN: &str = "kmsuserTwice1";
+    let hsm = Hsm::new(&[("hsm-a", PIN)]);
+    let clusters = hsm.clusters(
+        "clusters.toml",
+        &[
+            (CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE"),
+            (CLUSTER_C, "hsm-a", "[1, 1]", "lineage-2", "ACTIVE"),
+        ],
+    );
+    let emu = hsm.emulator(&clusters, None);
+    let kms = sdk(&emu);
+    let first = create(&kms, "first", CLUSTER_A, &anchor(), PIN)
+        .await
+        .expect("create first");
+    let second = create(&kms, "second", CLUSTER_C, &anchor(), PIN)
+        .await
+        .expect("create second");
+    assert_connected(&connect(&kms, &first).await);
+    assert_failed(
+        &connect(&kms, &second).await,
+        ConnectionErrorCodeType::UserLoggedIn,
+    );
+    // The first store's session is untouched by the refused attempt.
+    assert_connected(&describe(&kms, &first).await);
+    kms.generate_random()
+        .number_of_bytes(8)
+        .custom_key_store_id(&first)
+        .send()
+        .await
+        .expect("the first store's session still works");
+}
+
+/// Issue 13: CreateCustomKeyStore's LimitExceededException for CloudHSM stores: ten
+/// stores on ten unrelated clusters, and the eleventh is refused (KMS's default quota
+/// of custom key stores per account and Region is 10).
+#[tokio::test]
+async fn cloudhsm_create_refuses_the_eleventh_store() {
+    let hsm = Hsm::new(&[("hsm-a", "kmsuserLimit1")]);
+    let ids: Vec<String> = ('a'..='k')
+        .map(|c| format!("cluster-limit{}", c.to_string().repeat(6)))
+        .collect();
+    let lineages: Vec<String> = ids.iter().map(|id| format!("lineage-{id}")).collect();
+    let entries: Vec<(&str, &str, &str, &str, &str)> = ids
+        .iter()
+        .zip(&lineages)
+        .map(|(id, l)| (id.as_str(), "hsm-a", "[1, 1]", l.as_str(), "ACTIVE"))
+        .collect();
+    let emu = hsm.emulator(&hsm.clusters("clusters.toml", &entries), None);
+    let kms = sdk(&emu);
+    for (n, id) in ids.iter().enumerate().take(10) {
+        create(&kms, &format!("s{n}"), id, &anchor(), "kmsuserLimit1")
+            .await
+            .unwrap_or_else(|e| panic!("store {n}: {e}"));
+    }
+    assert_eq!(
+        create(&kms, "s10", &ids[10], &anchor(), "kmsuserLimit1").await,
+        Err("LimitExceededException".to_owned())
+    );
+}
