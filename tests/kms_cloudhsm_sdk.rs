@@ -477,6 +477,38 @@ async fn cloudhsm_store_lifecycle_rotates_the_password_and_follows_an_operator_r
         ),
         "CustomKeyStoreNotFoundException"
     );
+    // Every other store operation on the deleted store's id: not found.
+    let gone = [
+        code(
+            kms.connect_custom_key_store()
+                .custom_key_store_id(&id)
+                .send()
+                .await,
+        ),
+        code(
+            kms.disconnect_custom_key_store()
+                .custom_key_store_id(&id)
+                .send()
+                .await,
+        ),
+        code(
+            kms.update_custom_key_store()
+                .custom_key_store_id(&id)
+                .key_store_password(RESET)
+                .send()
+                .await,
+        ),
+        code(
+            kms.delete_custom_key_store()
+                .custom_key_store_id(&id)
+                .send()
+                .await,
+        ),
+    ];
+    assert_eq!(
+        gone,
+        ["CustomKeyStoreNotFoundException"; 4].map(String::from)
+    );
 
     // No password, original, reset or rotated, in anything the emulator wrote.
     let logs = emu.output.lock().expect("lock").join("\n");
