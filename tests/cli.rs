@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kms_support::procs::Proc;
+use kms_support::readme;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
@@ -761,18 +762,6 @@ fn software_only_key_commands_say_what_to_do_on_pkcs11() {
     );
 }
 
-/// Kills a whole process group when dropped: the README block runs in `bash`, whose
-/// last command (`serve`) is bash's child, and must not outlive a failed test.
-struct Group(u32);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.0)])
-            .status();
-    }
-}
-
 /// Issue 12: README "Running it for real", pasted as written into a scratch directory
 /// holding only `server.pem` and `server.key`, makes a keystore, a key and a
 /// credential, passes `config check` (which says which secrets rotate with a reload),
@@ -781,18 +770,17 @@ impl Drop for Group {
 /// never bind a public interface).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_running_it_for_real_block_works_as_written() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README");
-    let section = &readme[readme.find("## Running it for real").expect("section")..];
-    let start = section.find("```sh\n").expect("sh block") + "```sh\n".len();
-    let block = &section[start..start + section[start..].find("\n```").expect("end")];
+    let block = readme::sh_block("## Running it for real", 0);
     assert!(
         block
             .trim_end()
             .ends_with("xks-proxy serve --config proxy.toml")
     );
-    let listen = "listen = \"0.0.0.0:8443\"";
-    assert_eq!(block.matches(listen).count(), 1, "the block's listen line");
-    let script = block.replace(listen, "listen = \"127.0.0.1:0\"");
+    let script = readme::substitute(
+        &block,
+        "listen = \"0.0.0.0:8443\"",
+        "listen = \"127.0.0.1:0\"",
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = repo().join("certs");
@@ -809,21 +797,10 @@ async fn the_readme_running_it_for_real_block_works_as_written() {
     let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_xks-proxy"))
         .parent()
         .expect("bin dir");
-    let mut cmd = Command::new("bash");
-    cmd.args(["-euc", &script])
-        .current_dir(dir.path())
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                bin_dir.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .env("RUST_LOG", "info");
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut cmd = readme::bash(&script, dir.path(), &[bin_dir.to_path_buf()]);
+    cmd.env("RUST_LOG", "info");
     let proxy = Proc::spawn(cmd, "listening on https://");
-    let _group = Group(proxy.pid());
+    let _group = readme::Group(proxy.pid());
 
     // config check said OK and which secrets rotate with a reload.
     let log = proxy.output();

@@ -477,6 +477,38 @@ async fn cloudhsm_store_lifecycle_rotates_the_password_and_follows_an_operator_r
         ),
         "CustomKeyStoreNotFoundException"
     );
+    // Every other store operation on the deleted store's id: not found.
+    let gone = [
+        code(
+            kms.connect_custom_key_store()
+                .custom_key_store_id(&id)
+                .send()
+                .await,
+        ),
+        code(
+            kms.disconnect_custom_key_store()
+                .custom_key_store_id(&id)
+                .send()
+                .await,
+        ),
+        code(
+            kms.update_custom_key_store()
+                .custom_key_store_id(&id)
+                .key_store_password(RESET)
+                .send()
+                .await,
+        ),
+        code(
+            kms.delete_custom_key_store()
+                .custom_key_store_id(&id)
+                .send()
+                .await,
+        ),
+    ];
+    assert_eq!(
+        gone,
+        ["CustomKeyStoreNotFoundException"; 4].map(String::from)
+    );
 
     // No password, original, reset or rotated, in anything the emulator wrote.
     let logs = emu.output.lock().expect("lock").join("\n");
@@ -1291,4 +1323,439 @@ async fn cloudhsm_key_store_requests_count_against_the_store_quota() {
             .await
             .expect("AWS_KMS keys are not throttled");
     }
+}
+
+/// Where the AWS CLI is: `target/py-venv/bin` (made by tests/run-all.sh), else the PATH.
+/// Neither is a failure, not a skip.
+fn aws_cli_dir() -> Vec<PathBuf> {
+    let venv = repo().join("target/py-venv/bin");
+    if venv.join("aws").is_file() {
+        return vec![venv];
+    }
+    let on_path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|d| d.join("aws").is_file());
+    assert!(
+        on_path,
+        "the AWS CLI is needed: tests/run-all.sh installs it in target/py-venv"
+    );
+    Vec::new()
+}
+
+/// Issue 13: README "CloudHSM walkthrough", both blocks pasted as written into one
+/// scratch directory: terminal 1 makes the SoftHSM token, the trust anchor and the
+/// cluster file and starts the emulator; terminal 2 drives the whole life cycle with
+/// the AWS CLI. The substitutions: the emulator listens on a free port (and terminal 2
+/// dials it), and the module path if this machine keeps SoftHSM elsewhere. Checked
+/// from outside afterwards: the README's password no longer logs in (rotated), and the
+/// deleted key's material is gone from the token.
+#[tokio::test]
+async fn the_readme_cloudhsm_walkthrough_works_as_written() {
+    use kms_support::readme;
+    const README_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+    const README_PIN: &str = "kmsuserPass1";
+    let heading = "### CloudHSM walkthrough (copy-paste, two terminals)";
+    let (terminal1, terminal2) = (readme::sh_block(heading, 0), readme::sh_block(heading, 1));
+
+    let module = if Path::new(README_MODULE).is_file() {
+        README_MODULE.to_owned()
+    } else {
+        std::env::var("XKS_TEST_PKCS11_MODULE")
+            .expect("SoftHSM is elsewhere here: set XKS_TEST_PKCS11_MODULE")
+    };
+    let terminal1 = readme::substitute(
+        &readme::substitute(
+            &terminal1,
+            &format!("module = \"{README_MODULE}\""),
+            &format!("module = \"{module}\""),
+        ),
+        "kms-emulator --cloudhsm-clusters clusters.toml --deletion-day-length 1s\n",
+        "kms-emulator --cloudhsm-clusters clusters.toml --deletion-day-length 1s --listen 127.0.0.1:0\n",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin_dir = emulator().parent().expect("bin dir").to_path_buf();
+    let mut cmd = readme::bash(&terminal1, dir.path(), &[bin_dir]);
+    // The reader's environment must not leak in: no SoftHSM config of theirs.
+    cmd.env_remove("SOFTHSM2_CONF");
+    let emu = Proc::spawn(cmd, "listening on http://");
+    let _group = readme::Group(emu.pid());
+
+    let terminal2 = readme::substitute(
+        &terminal2,
+        "AWS_ENDPOINT_URL_KMS=http://127.0.0.1:4599",
+        &format!("AWS_ENDPOINT_URL_KMS=http://{}", emu.addr),
+    );
+    let mut cmd = readme::bash(&terminal2, dir.path(), &aws_cli_dir());
+    // No profile, config or credentials file of the machine's user.
+    for v in ["AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"] {
+        cmd.env_remove(v);
+    }
+    cmd.env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    let ran = readme::run_to_end(cmd, Duration::from_secs(240));
+    let (out, log) = (ran.stdout, emu.output());
+    assert!(
+        ran.status.success(),
+        "terminal 2 failed: {}\nstdout:\n{out}\nstderr:\n{}\nemulator:\n{log}",
+        ran.status,
+        ran.stderr
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "CONNECTED\tNone",
+            "hello, CloudHSM key",
+            "DISCONNECTED\tNone",
+            "Unavailable",
+            "CONNECTED\tNone",
+            "PendingDeletion",
+            "DISCONNECTED\tNone",
+        ],
+        "stderr:\n{}",
+        ran.stderr
+    );
+
+    // The emulator agrees: no store, no key left.
+    let kms = sdk(&emu);
+    let stores = kms
+        .describe_custom_key_stores()
+        .send()
+        .await
+        .expect("describe stores");
+    assert!(stores.custom_key_stores().is_empty(), "{stores:?}");
+    let keys = kms.list_keys().send().await.expect("list keys");
+    assert!(keys.keys().is_empty(), "{keys:?}");
+
+    // The token, from outside: the README's password was rotated away, and after the
+    // operator resets it, kmsuser owns no secret key (the deletion destroyed it).
+    let hsm = Hsm {
+        conf: dir.path().join("softhsm2.conf").display().to_string(),
+        module,
+        dir,
+    };
+    assert!(!hsm.user_pin_works("hsm-a", README_PIN), "not rotated");
+    hsm.operator_reset("hsm-a", "operatorLooks1");
+    let listing = hsm.secret_keys("hsm-a", "operatorLooks1");
+    assert!(labels(&listing).is_empty(), "{listing}");
+    assert!(!log.contains(README_PIN), "the password reached a log line");
+}
+
+/// Issue 13: KMS's troubleshooting guide says a CloudHSM key's crypto "might fail even
+/// when its key state is `Enabled`" when its material was deleted from the cluster,
+/// and that the state "eventually changes to `UNAVAILABLE`" with crypto failing
+/// KMSInvalidStateException. The emulator's "eventually" is the first operation that
+/// finds the material gone; a reconnect (the guide's recovery: a related cluster from
+/// a backup, then reconnect) looks again. Other keys in the store are untouched, and
+/// PendingDeletion still shows.
+#[tokio::test]
+async fn a_cloudhsm_key_whose_material_was_deleted_becomes_unavailable_until_a_reconnect() {
+    const PIN: &str = "kmsuserGone11";
+    const LOOK: &str = "operatorGone22";
+    let hsm = Hsm::new(&[("hsm-a", PIN)]);
+    let clusters = hsm.clusters(
+        "clusters.toml",
+        &[(CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE")],
+    );
+    let emu = hsm.emulator(&clusters, None);
+    let kms = sdk(&emu);
+    let store = create(&kms, "gone", CLUSTER_A, &anchor(), PIN)
+        .await
+        .expect("create store");
+    assert_connected(&connect(&kms, &store).await);
+    let new_key = || async {
+        kms.create_key()
+            .origin(OriginType::AwsCloudhsm)
+            .custom_key_store_id(&store)
+            .send()
+            .await
+            .expect("create key")
+            .key_metadata()
+            .and_then(|m| m.arn())
+            .expect("arn")
+            .to_owned()
+    };
+    let (arn, other) = (new_key().await, new_key().await);
+    let state = |id: String| {
+        let kms = kms.clone();
+        async move {
+            let md = kms
+                .describe_key()
+                .key_id(id)
+                .send()
+                .await
+                .expect("describe key");
+            let md = md.key_metadata().expect("metadata").clone();
+            (md.key_state().cloned().expect("state"), md.enabled())
+        }
+    };
+    let encrypt = |id: String| {
+        let kms = kms.clone();
+        async move {
+            kms.encrypt()
+                .key_id(id)
+                .plaintext(Blob::new(b"gone".to_vec()))
+                .send()
+                .await
+        }
+    };
+    let blob = encrypt(arn.clone())
+        .await
+        .expect("encrypt before")
+        .ciphertext_blob()
+        .expect("blob")
+        .clone();
+
+    hsm.operator_reset("hsm-a", LOOK);
+    hsm.delete_secret_key("hsm-a", LOOK, &arn);
+    // Nothing has looked yet: still Enabled, as the guide describes.
+    assert_eq!(state(arn.clone()).await, (KeyState::Enabled, true));
+    fn missing<R, E: ProvideErrorMetadata>(r: Result<R, aws_sdk_kms::error::SdkError<E>>) {
+        let Err(e) = r else {
+            panic!("the key works without its material")
+        };
+        let svc = e.as_service_error().expect("service error");
+        assert_eq!(svc.code(), Some("KMSInvalidStateException"));
+        assert!(
+            svc.message().is_some_and(|m| m.contains("key material")),
+            "{:?}",
+            svc.message()
+        );
+    }
+    missing(encrypt(arn.clone()).await);
+    assert_eq!(state(arn.clone()).await, (KeyState::Unavailable, false));
+    // Now rejected without a trip to the token, with the same reason.
+    missing(encrypt(arn.clone()).await);
+    let r = kms.decrypt().ciphertext_blob(blob.clone()).send().await;
+    assert_eq!(code(r), "KMSInvalidStateException");
+    // The store's other key is unaffected.
+    assert_eq!(state(other.clone()).await, (KeyState::Enabled, true));
+    encrypt(other.clone()).await.expect("the other key works");
+    // PendingDeletion shows whatever the material; cancelling leaves it Disabled
+    // (KMS), which shows as Unavailable while the material is missing.
+    kms.schedule_key_deletion()
+        .key_id(&arn)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .expect("schedule deletion");
+    assert_eq!(state(arn.clone()).await, (KeyState::PendingDeletion, false));
+    kms.cancel_key_deletion()
+        .key_id(&arn)
+        .send()
+        .await
+        .expect("cancel deletion");
+    assert_eq!(state(arn.clone()).await, (KeyState::Unavailable, false));
+
+    // A reconnect looks again: the stored state shows until an operation finds the
+    // material still missing.
+    disconnect(&kms, &store).await;
+    kms.update_custom_key_store()
+        .custom_key_store_id(&store)
+        .key_store_password(LOOK)
+        .send()
+        .await
+        .expect("tell the emulator the reset password");
+    assert_connected(&connect(&kms, &store).await);
+    assert_eq!(state(arn.clone()).await, (KeyState::Disabled, false));
+    kms.enable_key().key_id(&arn).send().await.expect("enable");
+    assert_eq!(state(arn.clone()).await, (KeyState::Enabled, true));
+    missing(encrypt(arn.clone()).await);
+    assert_eq!(state(arn.clone()).await, (KeyState::Unavailable, false));
+}
+
+/// Issue 13, the state errors of the CloudHSM store operations not reached elsewhere:
+/// Disconnect of a DISCONNECTED store, Delete of a store that still holds a key
+/// (pending deletion counts), Update to a related cluster that is not active, and —
+/// with a long `--disconnect-delay` holding the store in DISCONNECTING — Connect,
+/// Disconnect, Update and Delete all refused with CustomKeyStoreInvalidState.
+#[tokio::test]
+async fn cloudhsm_store_operations_refuse_what_the_store_state_forbids() {
+    const PIN: &str = "kmsuserState1";
+    const PIN_C: &str = "kmsuserState3";
+    const CLUSTER_B_DEGRADED: &str = "cluster-bbbbbbbbbbbb";
+    let hsm = Hsm::new(&[("hsm-a", PIN), ("hsm-b", "unusedPin1"), ("hsm-c", PIN_C)]);
+    let clusters = hsm.clusters(
+        "clusters.toml",
+        &[
+            (CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE"),
+            (
+                CLUSTER_B_DEGRADED,
+                "hsm-b",
+                "[1, 1]",
+                "lineage-1",
+                "DEGRADED",
+            ),
+            (CLUSTER_C, "hsm-c", "[1, 1]", "lineage-2", "ACTIVE"),
+        ],
+    );
+    let emu = hsm.emulator(&clusters, None);
+    let kms = sdk(&emu);
+    let store = create(&kms, "state", CLUSTER_A, &anchor(), PIN)
+        .await
+        .expect("create store");
+    assert_connected(&connect(&kms, &store).await);
+    let key = kms
+        .create_key()
+        .origin(OriginType::AwsCloudhsm)
+        .custom_key_store_id(&store)
+        .send()
+        .await
+        .expect("create key");
+    let key = key.key_metadata().and_then(|m| m.arn()).expect("arn");
+    kms.schedule_key_deletion()
+        .key_id(key)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .expect("schedule deletion");
+    disconnect(&kms, &store).await;
+    let r = kms
+        .disconnect_custom_key_store()
+        .custom_key_store_id(&store)
+        .send()
+        .await;
+    assert_eq!(code(r), "CustomKeyStoreInvalidStateException");
+    let r = kms
+        .delete_custom_key_store()
+        .custom_key_store_id(&store)
+        .send()
+        .await;
+    assert_eq!(code(r), "CustomKeyStoreHasCMKsException");
+    let r = kms
+        .update_custom_key_store()
+        .custom_key_store_id(&store)
+        .cloud_hsm_cluster_id(CLUSTER_B_DEGRADED)
+        .send()
+        .await;
+    assert_eq!(code(r), "CloudHsmClusterNotActiveException");
+    assert_eq!(
+        describe(&kms, &store).await.cloud_hsm_cluster_id(),
+        Some(CLUSTER_A)
+    );
+
+    // DISCONNECTING lasts ten minutes here: every call below lands inside it.
+    let slow = hsm.emulator_with(&clusters, None, &["--disconnect-delay", "600s"]);
+    let kms = sdk(&slow);
+    let store = create(&kms, "slow", CLUSTER_C, &anchor(), PIN_C)
+        .await
+        .expect("create store");
+    assert_connected(&connect(&kms, &store).await);
+    kms.disconnect_custom_key_store()
+        .custom_key_store_id(&store)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(
+        describe(&kms, &store).await.connection_state(),
+        Some(&ConnectionStateType::Disconnecting)
+    );
+    let id = store.as_str();
+    let refusals = [
+        (
+            "connect",
+            code(
+                kms.connect_custom_key_store()
+                    .custom_key_store_id(id)
+                    .send()
+                    .await,
+            ),
+        ),
+        (
+            "disconnect",
+            code(
+                kms.disconnect_custom_key_store()
+                    .custom_key_store_id(id)
+                    .send()
+                    .await,
+            ),
+        ),
+        (
+            "update",
+            code(
+                kms.update_custom_key_store()
+                    .custom_key_store_id(id)
+                    .new_custom_key_store_name("renamed")
+                    .send()
+                    .await,
+            ),
+        ),
+        (
+            "delete",
+            code(
+                kms.delete_custom_key_store()
+                    .custom_key_store_id(id)
+                    .send()
+                    .await,
+            ),
+        ),
+    ];
+    for (op, got) in refusals {
+        assert_eq!(got, "CustomKeyStoreInvalidStateException", "{op}");
+    }
+}
+
+/// Issue 13: USER_LOGGED_IN. PKCS#11 login state belongs to the application, so the
+/// emulator can see kmsuser logged in only by itself: two clusters (different backup
+/// lineages, so both may back a store) on one token; while the first store holds its
+/// kmsuser session, connecting the second finds the user already logged in.
+#[tokio::test]
+async fn cloudhsm_connect_reports_kmsuser_already_logged_in() {
+    const PIN: &str = "kmsuserTwice1";
+    let hsm = Hsm::new(&[("hsm-a", PIN)]);
+    let clusters = hsm.clusters(
+        "clusters.toml",
+        &[
+            (CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE"),
+            (CLUSTER_C, "hsm-a", "[1, 1]", "lineage-2", "ACTIVE"),
+        ],
+    );
+    let emu = hsm.emulator(&clusters, None);
+    let kms = sdk(&emu);
+    let first = create(&kms, "first", CLUSTER_A, &anchor(), PIN)
+        .await
+        .expect("create first");
+    let second = create(&kms, "second", CLUSTER_C, &anchor(), PIN)
+        .await
+        .expect("create second");
+    assert_connected(&connect(&kms, &first).await);
+    assert_failed(
+        &connect(&kms, &second).await,
+        ConnectionErrorCodeType::UserLoggedIn,
+    );
+    // The first store's session is untouched by the refused attempt.
+    assert_connected(&describe(&kms, &first).await);
+    kms.generate_random()
+        .number_of_bytes(8)
+        .custom_key_store_id(&first)
+        .send()
+        .await
+        .expect("the first store's session still works");
+}
+
+/// Issue 13: CreateCustomKeyStore's LimitExceededException for CloudHSM stores: ten
+/// stores on ten unrelated clusters, and the eleventh is refused (KMS's default quota
+/// of custom key stores per account and Region is 10).
+#[tokio::test]
+async fn cloudhsm_create_refuses_the_eleventh_store() {
+    let hsm = Hsm::new(&[("hsm-a", "kmsuserLimit1")]);
+    let ids: Vec<String> = ('a'..='k')
+        .map(|c| format!("cluster-limit{}", c.to_string().repeat(6)))
+        .collect();
+    let lineages: Vec<String> = ids.iter().map(|id| format!("lineage-{id}")).collect();
+    let entries: Vec<(&str, &str, &str, &str, &str)> = ids
+        .iter()
+        .zip(&lineages)
+        .map(|(id, l)| (id.as_str(), "hsm-a", "[1, 1]", l.as_str(), "ACTIVE"))
+        .collect();
+    let emu = hsm.emulator(&hsm.clusters("clusters.toml", &entries), None);
+    let kms = sdk(&emu);
+    for (n, id) in ids.iter().enumerate().take(10) {
+        create(&kms, &format!("s{n}"), id, &anchor(), "kmsuserLimit1")
+            .await
+            .unwrap_or_else(|e| panic!("store {n}: {e}"));
+    }
+    assert_eq!(
+        create(&kms, "s10", &ids[10], &anchor(), "kmsuserLimit1").await,
+        Err("LimitExceededException".to_owned())
+    );
 }

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::error::{Exception, KmsError};
+use super::hsm::KeyFault;
 use super::keys::{KeyState, check_grant_tokens, check_key_id, cloudhsm_key_fault, reported_state};
 use super::keystores::{random, target_of};
 use super::store::{ConnectionState, Origin, State};
@@ -368,7 +369,7 @@ impl Emulator {
         let k = st.keys.get(&id).ok_or_else(|| {
             KmsError::new(Exception::NotFound, format!("Key '{id}' does not exist"))
         })?;
-        match reported_state(st, k) {
+        match self.key_state(st, k) {
             KeyState::Enabled => {}
             KeyState::Disabled => {
                 return Err(KmsError::new(
@@ -381,6 +382,14 @@ impl Emulator {
                     Exception::KmsInvalidState,
                     format!("{} is pending deletion.", k.arn),
                 ));
+            }
+            KeyState::Unavailable
+                if k.origin == Origin::AwsCloudHsm
+                    && reported_state(st, k) != KeyState::Unavailable =>
+            {
+                // The store is CONNECTED: the key is Unavailable because its material
+                // was found missing.
+                return Err(cloudhsm_key_fault(&k.arn, &KeyFault::MaterialMissing));
             }
             KeyState::Unavailable if k.origin == Origin::AwsCloudHsm => {
                 return Err(KmsError::new(

@@ -17,7 +17,7 @@
 //! Every call here blocks; callers run it on a blocking thread. Nothing here logs or
 //! returns a password: failures carry a `CKR_*` name only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
@@ -116,7 +116,26 @@ fn ck_code(e: &CkError) -> String {
 struct ModuleCtx {
     ctx: Pkcs11,
     /// The logged-in session of each CONNECTED store on this module, by store id.
-    held: HashMap<String, Session>,
+    held: HashMap<String, Held>,
+}
+
+/// A CONNECTED store's kmsuser session and what it learned about the store's keys.
+struct Held {
+    session: Session,
+    /// Labels (key ARNs) whose material an operation on this session found missing.
+    /// KMS documents that such a key's state "eventually changes to UNAVAILABLE"; the
+    /// set dies with the session, so a reconnect (say, to a related cluster restored
+    /// from a backup that still holds the key) looks again.
+    missing: HashSet<String>,
+}
+
+impl Held {
+    fn new(session: Session) -> Held {
+        Held {
+            session,
+            missing: HashSet::new(),
+        }
+    }
 }
 
 /// Every module the emulator has loaded and the sessions it holds.
@@ -224,7 +243,7 @@ impl Sessions {
                 format!("rotating the kmsuser password failed: {}", ck_code(&e)),
             ));
         }
-        entry.held.insert(store_id.to_owned(), session);
+        entry.held.insert(store_id.to_owned(), Held::new(session));
         Ok(new)
     }
 
@@ -264,7 +283,7 @@ impl Sessions {
             .get_mut(&cluster.module)
             .ok_or_else(|| refuse(ConnectionErrorCode::InternalError, "module vanished"))?;
         let session = login(&entry.ctx, cluster, password)?;
-        entry.held.insert(store_id.to_owned(), session);
+        entry.held.insert(store_id.to_owned(), Held::new(session));
         Ok(())
     }
 
@@ -273,8 +292,8 @@ impl Sessions {
         let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
         for m in modules.values_mut() {
             // Dropping the session closes it.
-            if let Some(session) = m.held.remove(store_id)
-                && let Err(e) = session.logout()
+            if let Some(held) = m.held.remove(store_id)
+                && let Err(e) = held.session.logout()
             {
                 tracing::debug!(custom_key_store_id = %store_id, code = %ck_code(&e), "C_Logout failed");
             }
@@ -284,8 +303,8 @@ impl Sessions {
     /// C_GenerateRandom on the session `store_id` holds; `None` when it holds none.
     pub fn generate_random(&self, store_id: &str, n: u32) -> Option<Result<Vec<u8>, String>> {
         let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
-        let session = modules.values().find_map(|m| m.held.get(store_id))?;
-        Some(session.generate_random_vec(n).map_err(|e| ck_code(&e)))
+        let held = modules.values().find_map(|m| m.held.get(store_id))?;
+        Some(held.session.generate_random_vec(n).map_err(|e| ck_code(&e)))
     }
 
     /// Runs `f` on the session `store_id` holds.
@@ -295,11 +314,44 @@ impl Sessions {
         f: impl FnOnce(&Session) -> Result<T, KeyFault>,
     ) -> Result<T, KeyFault> {
         let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
-        let session = modules
+        let held = modules
             .values()
             .find_map(|m| m.held.get(store_id))
             .ok_or(KeyFault::NoSession)?;
-        f(session)
+        f(&held.session)
+    }
+
+    /// Runs `f` on the session `store_id` holds with the one key labelled `label`; a
+    /// key found missing is remembered (see [`Sessions::material_missing`]).
+    fn with_key<T>(
+        &self,
+        store_id: &str,
+        label: &str,
+        f: impl FnOnce(&Session, ObjectHandle) -> Result<T, KeyFault>,
+    ) -> Result<T, KeyFault> {
+        let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = modules
+            .values_mut()
+            .find_map(|m| m.held.get_mut(store_id))
+            .ok_or(KeyFault::NoSession)?;
+        match the_key(&held.session, label) {
+            Ok(key) => f(&held.session, key),
+            Err(KeyFault::MaterialMissing) => {
+                held.missing.insert(label.to_owned());
+                Err(KeyFault::MaterialMissing)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Whether an operation on the session `store_id` holds found the material of the
+    /// key labelled `label` missing (false when the store holds no session).
+    pub fn material_missing(&self, store_id: &str, label: &str) -> bool {
+        let modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        modules
+            .values()
+            .find_map(|m| m.held.get(store_id))
+            .is_some_and(|h| h.missing.contains(label))
     }
 
     /// C_GenerateKey: a persistent, sensitive, non-extractable AES-256 key labelled
@@ -321,8 +373,7 @@ impl Sessions {
         data: &[u8],
         aad: &[u8],
     ) -> Result<Vec<u8>, KeyFault> {
-        self.with_session(store_id, |s| {
-            let key = the_key(s, label)?;
+        self.with_key(store_id, label, |s, key| {
             let mut iv = iv;
             let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())
                 .map_err(|e| KeyFault::Token(ck_code(&e)))?;
@@ -341,8 +392,7 @@ impl Sessions {
         ciphertext_and_tag: &[u8],
         aad: &[u8],
     ) -> Result<SecretBytes, KeyFault> {
-        self.with_session(store_id, |s| {
-            let key = the_key(s, label)?;
+        self.with_key(store_id, label, |s, key| {
             let mut iv = iv.to_vec();
             let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())
                 .map_err(|e| KeyFault::Token(ck_code(&e)))?;

@@ -93,6 +93,10 @@ impl Sessions {
         Err(KeyFault::NoSession)
     }
 
+    pub fn material_missing(&self, _store_id: &str, _label: &str) -> bool {
+        false
+    }
+
     pub fn holds(&self, _store_id: &str) -> bool {
         false
     }

@@ -416,8 +416,25 @@ impl Emulator {
         Ok(())
     }
 
+    /// [`reported_state`], plus what the store's session has learned: a CloudHSM key
+    /// whose material an operation found missing from the cluster is `Unavailable`
+    /// (KMS: its state "eventually changes to UNAVAILABLE"; until an operation looks,
+    /// it keeps its state, as KMS's "fails even when its key state is Enabled") until
+    /// the store connects again. PendingDeletion still shows.
+    pub(super) fn key_state(&self, st: &State, k: &KmsKey) -> KeyState {
+        match (reported_state(st, k), &k.custom_key_store_id) {
+            (KeyState::Enabled | KeyState::Disabled, Some(store_id))
+                if k.origin == Origin::AwsCloudHsm
+                    && self.shared.hsm.material_missing(store_id, &k.arn) =>
+            {
+                KeyState::Unavailable
+            }
+            (state, _) => state,
+        }
+    }
+
     fn metadata_of(&self, st: &State, k: &KmsKey) -> KeyMetadata {
-        let state = reported_state(st, k);
+        let state = self.key_state(st, k);
         let pending = state == KeyState::PendingDeletion;
         KeyMetadata {
             aws_account_id: self.config().account_id.clone(),

@@ -3,6 +3,7 @@ SoftHSMv2 tokens (tests/softhsm/setup.sh, one throw-away directory per test), an
 OpenSC's pkcs11-tool as the oracle outside the emulator (password rotation, the
 operator's reset). Every wait is bounded."""
 
+import base64
 import os
 import subprocess
 import time
@@ -207,13 +208,13 @@ def test_cloudhsm_lockout_after_five_refused_logins(hsm_emulator):
     assert connect(kms, store)["ConnectionState"] == "CONNECTED"
 
 
-def test_cloudhsm_lifecycle_with_the_aws_cli(hsm_emulator, tmp_path):
+def aws_cli(emu, tmp_path):
+    """(cli, cli_state): `aws kms ...` against `emu` (JSON out; check=False gives the
+    CompletedProcess), and a bounded wait for a store to leave (DIS)CONNECTING."""
     from test_cli import aws
 
-    hsm, emu, kms = hsm_emulator
     config = tmp_path / "aws-config"
     config.write_text("[default]\nregion = us-east-1\ncli_follow_urlparam = false\n")
-    anchor = f"file://{CERTS / 'cloudhsm-trust-anchor.pem'}"
 
     def cli(*args, **kw):
         return aws(emu, config, *args, **kw)
@@ -226,6 +227,14 @@ def test_cloudhsm_lifecycle_with_the_aws_cli(hsm_emulator, tmp_path):
                 return s
             time.sleep(0.05)
         raise AssertionError("never settled")
+
+    return cli, cli_state
+
+
+def test_cloudhsm_lifecycle_with_the_aws_cli(hsm_emulator, tmp_path):
+    hsm, emu, kms = hsm_emulator
+    cli, cli_state = aws_cli(emu, tmp_path)
+    anchor = f"file://{CERTS / 'cloudhsm-trust-anchor.pem'}"
 
     out = cli(
         "create-custom-key-store", "--custom-key-store-name", "cli-hsm",
@@ -329,5 +338,149 @@ def test_cloudhsm_keys_in_the_token(tmp_path, monkeypatch):
         logs = emu.output()
         for secret in (pin, look, look2, "py plaintext"):
             assert secret not in logs
+    finally:
+        emu.stop()
+
+
+def test_cloudhsm_key_operations_with_the_aws_cli(tmp_path, monkeypatch):
+    """The AWS CLI on a key in a CloudHSM key store: encrypt/decrypt with a context,
+    generate-data-key, re-encrypt to an AWS_KMS key and back, Unavailable while
+    disconnected (exit 255, KMSInvalidStateException), schedule-key-deletion -> the
+    key and its material in the token are gone."""
+    pin, look = "kmsuserCliKeys1", "operatorCliKeys1"
+    hsm = Hsm(tmp_path, [("hsm-a", pin)])
+    path = hsm.clusters([(CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE")])
+    monkeypatch.setenv("SOFTHSM2_CONF", hsm.conf)
+    emu = start_emulator(9, "--cloudhsm-clusters", str(path), "--deletion-day-length", "100ms")
+    try:
+        cli, cli_state = aws_cli(emu, tmp_path)
+
+        def blob_file(name, b64):
+            f = tmp_path / name
+            f.write_bytes(base64.b64decode(b64))
+            return f"fileb://{f}"
+
+        store = cli(
+            "create-custom-key-store", "--custom-key-store-name", "cli-keys",
+            "--cloud-hsm-cluster-id", CLUSTER_A,
+            "--trust-anchor-certificate", f"file://{CERTS / 'cloudhsm-trust-anchor.pem'}",
+            "--key-store-password", pin,
+        )["CustomKeyStoreId"]
+        cli("connect-custom-key-store", "--custom-key-store-id", store)
+        assert cli_state(store)["ConnectionState"] == "CONNECTED"
+        md = cli("create-key", "--origin", "AWS_CLOUDHSM", "--custom-key-store-id", store)["KeyMetadata"]
+        arn = md["Arn"]
+        assert (md["Origin"], md["CloudHsmClusterId"], md["CustomKeyStoreId"]) == ("AWS_CLOUDHSM", CLUSTER_A, store)
+
+        plain = tmp_path / "plain.txt"
+        plain.write_bytes(b"cli plaintext in the token")
+        ct = cli(
+            "encrypt", "--key-id", arn, "--plaintext", f"fileb://{plain}", "--encryption-context", "app=cli"
+        )["CiphertextBlob"]
+        out = cli("decrypt", "--ciphertext-blob", blob_file("ct.bin", ct), "--encryption-context", "app=cli")
+        assert (base64.b64decode(out["Plaintext"]), out["KeyId"]) == (b"cli plaintext in the token", arn)
+        r = cli("decrypt", "--ciphertext-blob", blob_file("ct.bin", ct), check=False)
+        assert r.returncode == 255 and "InvalidCiphertextException" in r.stderr, r.stderr
+
+        dk = cli("generate-data-key", "--key-id", arn, "--key-spec", "AES_256")
+        assert len(base64.b64decode(dk["Plaintext"])) == 32
+        out = cli("decrypt", "--ciphertext-blob", blob_file("dk.bin", dk["CiphertextBlob"]))
+        assert out["Plaintext"] == dk["Plaintext"]
+
+        local = cli("create-key")["KeyMetadata"]["Arn"]
+        moved = cli(
+            "re-encrypt", "--ciphertext-blob", blob_file("ct.bin", ct),
+            "--source-encryption-context", "app=cli", "--destination-key-id", local,
+        )
+        assert (moved["SourceKeyId"], moved["KeyId"]) == (arn, local)
+        out = cli("decrypt", "--ciphertext-blob", blob_file("moved.bin", moved["CiphertextBlob"]))
+        assert (base64.b64decode(out["Plaintext"]), out["KeyId"]) == (b"cli plaintext in the token", local)
+        back = cli(
+            "re-encrypt", "--ciphertext-blob", blob_file("moved.bin", moved["CiphertextBlob"]),
+            "--destination-key-id", arn, "--destination-encryption-context", "app=back",
+        )["CiphertextBlob"]
+        out = cli("decrypt", "--ciphertext-blob", blob_file("back.bin", back), "--encryption-context", "app=back")
+        assert (base64.b64decode(out["Plaintext"]), out["KeyId"]) == (b"cli plaintext in the token", arn)
+
+        # The operator looks into the token: the key, under its ARN.
+        hsm.operator_reset("hsm-a", look)
+        assert hsm.secret_key_labels("hsm-a", look) == [arn]
+
+        cli("disconnect-custom-key-store", "--custom-key-store-id", store)
+        assert cli_state(store)["ConnectionState"] == "DISCONNECTED"
+        assert cli("describe-key", "--key-id", arn)["KeyMetadata"]["KeyState"] == "Unavailable"
+        r = cli("encrypt", "--key-id", arn, "--plaintext", f"fileb://{plain}", check=False)
+        assert r.returncode == 255 and "KMSInvalidStateException" in r.stderr, r.stderr
+        cli("update-custom-key-store", "--custom-key-store-id", store, "--key-store-password", look)
+        cli("connect-custom-key-store", "--custom-key-store-id", store)
+        assert cli_state(store)["ConnectionState"] == "CONNECTED"
+
+        sched = cli("schedule-key-deletion", "--key-id", arn, "--pending-window-in-days", "7")
+        assert (sched["KeyState"], sched["PendingWindowInDays"]) == ("PendingDeletion", 7)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            r = cli("describe-key", "--key-id", arn, check=False)
+            if r.returncode != 0:
+                assert r.returncode == 255 and "NotFoundException" in r.stderr, r.stderr
+                break
+            assert time.monotonic() < deadline, "the key was never deleted"
+            time.sleep(0.1)
+        # KMS rotated the reset password at the reconnect: look again to see the token.
+        hsm.operator_reset("hsm-a", "operatorCliKeys2")
+        assert hsm.secret_key_labels("hsm-a", "operatorCliKeys2") == []
+        cli("disconnect-custom-key-store", "--custom-key-store-id", store)
+        cli_state(store)
+        cli("delete-custom-key-store", "--custom-key-store-id", store)
+        logs = emu.output()
+        for secret in (pin, look, "cli plaintext in the token"):
+            assert secret not in logs
+    finally:
+        emu.stop()
+
+
+def test_cloudhsm_store_and_rotated_password_survive_restarts(tmp_path, monkeypatch):
+    """boto3 with --data-dir: a store CONNECTED at the stop is CONNECTED after the
+    restart (logged in again with the rotated password, old blobs open); a store
+    DISCONNECTED at the stop connects after the restart, which only the rotated
+    password can do (the original no longer logs in)."""
+    pin = "kmsuserRestart1"
+    hsm = Hsm(tmp_path, [("hsm-a", pin)])
+    path = hsm.clusters([(CLUSTER_A, "hsm-a", "[1, 1]", "lineage-1", "ACTIVE")])
+    monkeypatch.setenv("SOFTHSM2_CONF", hsm.conf)
+    data = tmp_path / "data"
+
+    def run():
+        return start_emulator(9, "--cloudhsm-clusters", str(path), data_dir=data)
+
+    emu = run()
+    try:
+        kms = kms_client(emu)
+        store = create(kms, "restart", CLUSTER_A, pin)
+        assert connect(kms, store)["ConnectionState"] == "CONNECTED"
+        arn = kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store)["KeyMetadata"]["Arn"]
+        blob = kms.encrypt(KeyId=arn, Plaintext=b"before the restart")["CiphertextBlob"]
+    finally:
+        emu.stop()
+    assert not hsm.user_pin_works("hsm-a", pin), "the password was not rotated"
+
+    emu = run()
+    try:
+        kms = kms_client(emu)
+        assert describe_store(kms, store)["ConnectionState"] == "CONNECTED"
+        assert kms.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"] == "Enabled"
+        assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"before the restart"
+        disconnect(kms, store)
+    finally:
+        emu.stop()
+
+    emu = run()
+    try:
+        kms = kms_client(emu)
+        assert describe_store(kms, store)["ConnectionState"] == "DISCONNECTED"
+        assert kms.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"] == "Unavailable"
+        s = connect(kms, store)
+        assert s["ConnectionState"] == "CONNECTED", s
+        assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"before the restart"
+        assert pin not in emu.output()
     finally:
         emu.stop()

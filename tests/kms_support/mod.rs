@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod procs;
+pub mod readme;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
