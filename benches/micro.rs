@@ -16,6 +16,9 @@
 #![allow(missing_debug_implementations)]
 
 #[allow(dead_code)]
+#[path = "loadgen/ceiling.rs"]
+mod ceiling;
+#[allow(dead_code)]
 #[path = "loadgen/cli.rs"]
 mod cli;
 #[allow(dead_code)]

@@ -450,6 +450,17 @@ pub struct ServeArgs {
 pub struct NullServerArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// The same-run ceiling of a PKCS#11-backed proxy: also do, inline, the key-manager
+    /// work of each request on this module's token — one AES-256-GCM encrypt with a
+    /// cached handle, plus a decrypt of it when the request asks for a CDIV.
+    #[arg(long)]
+    pub hsm_module: Option<PathBuf>,
+    /// Token label for --hsm-module (its key `bench-key-1` is created if missing).
+    #[arg(long, default_value = "xks-bench")]
+    pub hsm_token: String,
+    /// Environment variable holding the token's user PIN, for --hsm-module.
+    #[arg(long, default_value = "XKS_BENCH_HSM_PIN")]
+    pub hsm_pin_env: String,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -144,6 +144,8 @@ struct Scenario {
     rate: Option<f64>,
     new_connection: bool,
     http2_connections: Option<usize>,
+    /// An Encrypt that asks for no CDIV (one key-manager call instead of two).
+    no_cdiv: bool,
 }
 
 fn load_args(s: &Scenario, a: &FiguresArgs, verify: Verify) -> LoadArgs {
@@ -162,7 +164,7 @@ fn load_args(s: &Scenario, a: &FiguresArgs, verify: Verify) -> LoadArgs {
         timeout_ms: 250,
         plaintext_bytes: 32,
         aad_bytes: 100,
-        no_cdiv: false,
+        no_cdiv: s.no_cdiv,
         verify,
     }
 }
@@ -175,10 +177,19 @@ fn scenarios(a: &FiguresArgs) -> Vec<Scenario> {
         rate: None,
         new_connection: false,
         http2_connections: None,
+        no_cdiv: false,
     };
     let mut out = Vec::new();
     for &c in &a.concurrency {
         out.push(closed(OpArg::Encrypt, "Encrypt", c));
+    }
+    // Without a CDIV: one key-manager call per request instead of two (KMS asks for a
+    // CDIV on GenerateDataKey, not on every Encrypt).
+    for &c in a.concurrency.iter().filter(|&&c| c > 1) {
+        out.push(Scenario {
+            no_cdiv: true,
+            ..closed(OpArg::Encrypt, "Encrypt no CDIV", c)
+        });
     }
     for &c in &a.concurrency {
         out.push(closed(OpArg::Health, "GetHealthStatus", c));
@@ -190,6 +201,7 @@ fn scenarios(a: &FiguresArgs) -> Vec<Scenario> {
         rate: Some(a.rate),
         new_connection: false,
         http2_connections: None,
+        no_cdiv: false,
     });
     out.push(Scenario {
         key: "Encrypt new TLS conn/req c=8".into(),
@@ -198,6 +210,7 @@ fn scenarios(a: &FiguresArgs) -> Vec<Scenario> {
         rate: None,
         new_connection: true,
         http2_connections: None,
+        no_cdiv: false,
     });
     if !a.quick {
         out.push(Scenario {
@@ -207,6 +220,7 @@ fn scenarios(a: &FiguresArgs) -> Vec<Scenario> {
             rate: None,
             new_connection: false,
             http2_connections: Some(4),
+            no_cdiv: false,
         });
         out.push(Scenario {
             key: "Mix c=64".into(),
@@ -215,6 +229,7 @@ fn scenarios(a: &FiguresArgs) -> Vec<Scenario> {
             rate: None,
             new_connection: false,
             http2_connections: None,
+            no_cdiv: false,
         });
     }
     out
@@ -363,6 +378,19 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
     }
     let hsm = if a.softhsm {
         let hsm = softhsm_token(&a.out.join("softhsm"))?;
+        // The same-run ceiling of the SoftHSM proxy (issue 15 §1).
+        servers.push(Server::spawn(
+            CEILING_HSM,
+            &[
+                "null-server",
+                "--hsm-module",
+                &hsm.module,
+                "--hsm-token",
+                &hsm.token,
+            ],
+            &a.server_cpus,
+            &hsm.env,
+        )?);
         servers.push(Server::spawn(
             "proxy (SoftHSM)",
             &[
@@ -409,7 +437,7 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
     for round in 0..a.rounds {
         for (sc, row) in scenarios.iter().zip(cells.iter_mut()) {
             for ((server, target), cell) in servers.iter().zip(&targets).zip(row.iter_mut()) {
-                let verify = if server.name == "null" {
+                let verify = if server.name == "null" || server.name == CEILING_HSM {
                     Verify::Status
                 } else {
                     Verify::Full
@@ -487,6 +515,67 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
     }
     eprintln!("written: {}", a.out.display());
     Ok(())
+}
+
+/// The name of the SoftHSM ceiling server in the tables.
+const CEILING_HSM: &str = "ceiling (SoftHSM)";
+
+/// Each proxy's server CPU per request as a multiple of its same-run ceiling (the null
+/// server for the software keystore, [`CEILING_HSM`] for SoftHSM): the median of the
+/// per-round ratios, for every closed-loop keep-alive Encrypt scenario.
+fn ceiling_ratios(servers: &[Server], scenarios: &[Scenario], cells: &[Vec<Cell>]) -> String {
+    let cpu = |r: &Report| r.server.as_ref().map_or(f64::NAN, |s| s.cpu_us_per_request);
+    let find = |name: &str| servers.iter().position(|s| s.name == name);
+    let pairs: Vec<(usize, usize)> = servers
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.name.starts_with("proxy"))
+        .filter_map(|(i, s)| {
+            let ceiling = if s.name.contains("SoftHSM") {
+                find(CEILING_HSM)?
+            } else {
+                find("null")?
+            };
+            Some((i, ceiling))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\nServer CPU per request as a multiple of the same-run ceiling (software: the null server; SoftHSM: the ceiling server, null + the same PKCS#11 calls inline), median of per-round ratios:\n\n| figure |",
+    );
+    for &(i, c) in &pairs {
+        let _ = write!(md, " {} ÷ {} |", servers[i].name, servers[c].name);
+    }
+    md.push_str("\n|---|");
+    for _ in &pairs {
+        md.push_str("---:|");
+    }
+    md.push('\n');
+    for (sc, row) in scenarios.iter().zip(cells) {
+        if sc.op != OpArg::Encrypt
+            || sc.rate.is_some()
+            || sc.new_connection
+            || sc.http2_connections.is_some()
+        {
+            continue;
+        }
+        let _ = write!(md, "| {} |", sc.key);
+        for &(i, c) in &pairs {
+            let ratio = median(
+                row[i]
+                    .reports
+                    .iter()
+                    .zip(&row[c].reports)
+                    .map(|(p, n)| cpu(p) / cpu(n))
+                    .collect(),
+            );
+            let _ = write!(md, " {ratio:.2}× |");
+        }
+        md.push('\n');
+    }
+    md
 }
 
 /// The README table: each figure for the null server and each proxy, with the ratio.
@@ -630,6 +719,7 @@ fn summary(
             best / enc
         );
     }
+    md.push_str(&ceiling_ratios(servers, scenarios, cells));
     md.push_str("\nEvery run:\n\n");
     md.push_str(&report::markdown_header());
     for row in cells {

@@ -35,6 +35,9 @@ use crate::cli::{NullServerArgs, ProxyServerArgs, ServeArgs};
 /// bytes on the wire match the proxy's.
 const NULL_BODY: &[u8] = br#"{"authenticationTag":"vBxN2ncH1oEkR8WVXpmyYQ==","ciphertext":"ghxkK1txeDNn3q8YghxkK1txeDNn3q8YghxkK1txeDM=","ciphertextDataIntegrityValue":"qHA/ImC9h5HsLRXqCyPmWgYx7tzyoTplzILbP0fPXsc=","ciphertextMetadata":"AQAAAAE=","initializationVector":"HMrlRw85cAJUd5Ax"}"#;
 
+/// What marks an Encrypt request that asks for a CDIV.
+const CDIV_FIELD: &[u8] = b"ciphertextDataIntegrityValueAlgorithm";
+
 /// The same as the proxy's header/handshake timeout default.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The proxy's default body cap.
@@ -127,12 +130,13 @@ pub fn null_server(args: &NullServerArgs) -> Result<()> {
     rt.block_on(async {
         let config = xks_proxy::server::tls::server_config(&tls_files(&args.serve), None)?;
         let acceptor = TlsAcceptor::from(config);
+        let work = crate::ceiling::from_args(args)?;
         let listener = TcpListener::bind(args.serve.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.serve.listen))?;
         let addr = listener.local_addr()?;
         announce(serde_json::json!({
-            "server": "null",
+            "server": if work.is_some() { "ceiling" } else { "null" },
             "url": format!("https://localhost:{}", addr.port()),
             "addr": addr.to_string(),
             "pid": std::process::id(),
@@ -154,16 +158,18 @@ pub fn null_server(args: &NullServerArgs) -> Result<()> {
             // As the proxy: Nagle off on every accepted socket.
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
+            let work = work.clone();
             tokio::spawn(async move {
                 if let Ok(Ok(tls)) =
                     tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await
                 {
+                    let service = service_fn(move |req| null_answer(req, work.clone()));
                     // The proxy's own hyper settings, at its defaults.
                     let _ = xks_proxy::server::connection::http_builder(
                         MAX_BODY,
                         xks_proxy::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
                     )
-                    .serve_connection(TokioIo::new(tls), service_fn(null_answer))
+                    .serve_connection(TokioIo::new(tls), service)
                     .await;
                 }
             });
@@ -174,12 +180,23 @@ pub fn null_server(args: &NullServerArgs) -> Result<()> {
 
 async fn null_answer(
     req: http::Request<Incoming>,
+    work: Option<std::sync::Arc<dyn crate::ceiling::Work>>,
 ) -> Result<http::Response<Full<Bytes>>, Infallible> {
     // Read the body like the proxy must (SigV4 covers it), under the same cap.
-    let ok = Limited::new(req.into_body(), MAX_BODY)
+    let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .is_ok();
+        .map(|b| b.to_bytes());
+    let ok = match (&body, work) {
+        (Ok(body), Some(work)) => {
+            // The request's CDIV flag, found as cheaply as possible: the ceiling
+            // must not charge itself the JSON parse the proxy pays.
+            let cdiv = body.windows(CDIV_FIELD.len()).any(|w| w == CDIV_FIELD);
+            work.serve(cdiv).is_ok()
+        }
+        (body, None) => body.is_ok(),
+        (Err(_), Some(_)) => false,
+    };
     let mut resp = http::Response::new(Full::new(Bytes::from_static(if ok {
         NULL_BODY
     } else {

@@ -10,7 +10,8 @@
 //! - `runner.rs`: closed and open loops, progress, CPU/RSS sampling.
 //! - `report.rs`: HDR percentiles, JSON and markdown; `plot.rs`: the SVG latency plot.
 //! - `procstat.rs`: CPU and RSS of a process from /proc.
-//! - `servers.rs`: `null-server` and `proxy-server`.
+//! - `servers.rs`: `null-server` and `proxy-server`; `ceiling.rs`: the null server's
+//!   `--hsm-module` work, the same-run ceiling of a PKCS#11-backed proxy.
 //! - `figures.rs`: the README figure suite; `softhsm.rs`: the plain PKCS#11 loop.
 //! - `flood.rs`: `flood`, the signed workload unloaded and under attack, and the
 //!   verdict; `attack.rs`: the unauthenticated attackers it runs (fast and slow,
@@ -23,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 mod attack;
+mod ceiling;
 mod cli;
 mod conn;
 mod figures;

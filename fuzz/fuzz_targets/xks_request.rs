@@ -22,10 +22,10 @@ use http::header::HeaderValue;
 use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::fuzz_target;
 use xks_proxy::api::Api;
-use xks_proxy::api::health::HealthMonitor;
+use xks_proxy::api::key_manager::KeyManager;
 use xks_proxy::api::wire;
 use xks_proxy::backend::software::{Keystore, MasterKey};
-use xks_proxy::backend::{CryptoBackend, Handle, KeyUsage};
+use xks_proxy::backend::{CryptoBackend, KeyUsage};
 use xks_proxy::config::Config;
 use xks_proxy::secret::SecretString;
 use xks_proxy::sigv4::canonical;
@@ -89,18 +89,28 @@ secret_file = "secret"
 "#
     );
     let config = Config::from_toml(&text, dir.path()).expect("config");
+    let entry = &config.backends[0];
     let backend: Arc<dyn CryptoBackend> =
-        xks_proxy::backend::open(&config.backend).expect("software backend");
-    let mut limits = config.limits;
-    limits.concurrency = backend.concurrency();
-    let vendor = backend.ekm_vendor();
+        xks_proxy::backend::open(&entry.config).expect("software backend");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let handle = Handle::new(backend, limits).expect("handle");
-    let health = rt.block_on(HealthMonitor::start(&handle, config.health.clone(), vendor));
-    let api = Api::new(&config, handle, health).expect("api");
+    // A shutdown already signalled (its sender dropped): the health monitor's periodic
+    // re-checks end at once; its first check, which GetHealthStatus answers from, stays.
+    let (_, shutdown) = tokio::sync::watch::channel(false);
+    let manager = rt
+        .block_on(KeyManager::start(
+            &entry.name,
+            backend,
+            Some(&entry.config),
+            config.limits,
+            config.health.clone(),
+            shutdown,
+        ))
+        .expect("key manager");
+    let managers = [(entry.name.clone(), manager)].into();
+    let api = Api::new(&config, managers).expect("api");
     Proxy { rt, api, _dir: dir }
 });
 
