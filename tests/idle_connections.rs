@@ -1,0 +1,194 @@
+//! Parked HTTP/1.1 connections (issue 15 §4): between requests the proxy drops hyper's
+//! connection and keeps only the TLS stream, starting hyper again on the next bytes
+//! (`server::connection::serve`). What KMS must not notice: every request on a
+//! keep-alive connection is answered, none says `connection: close`, and bytes that
+//! arrive while parked (a request in pieces, or two pipelined) reach hyper whole.
+//!
+//! The pauses below only give the connection time to park; no test asserts a speed,
+//! and each passes whether or not the park happened in time (it then checks less).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// Every wait in this file is bounded by this (never reached when things work).
+const BOUND: Duration = Duration::from_secs(20);
+/// Long enough for an answered connection to park.
+const PAUSE: Duration = Duration::from_millis(50);
+
+async fn tls(p: &TestProxy) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(p.addr()).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("tls")
+}
+
+/// A signed Encrypt request (HTTP/1.1 form: path and Host header).
+fn signed_encrypt(p: &TestProxy, plaintext: &[u8]) -> http::Request<Bytes> {
+    let authority = format!("localhost:{}", p.addr().port());
+    let path = format!("{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt");
+    let body = Bytes::from(serde_json::to_vec(&encrypt_body(plaintext, None)).expect("json"));
+    let mut req = http::Request::post(path)
+        .header(http::header::HOST, &authority)
+        .body(body)
+        .expect("request");
+    xks_proxy::sigv4::sign_request(
+        &mut req,
+        &p.creds[0].akid,
+        &p.creds[0].secret,
+        REGION,
+        SERVICE,
+        SystemTime::now(),
+    )
+    .expect("sign");
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    req
+}
+
+/// The request as HTTP/1.1 bytes on the wire.
+fn wire(req: &http::Request<Bytes>) -> Vec<u8> {
+    let mut out = format!("POST {} HTTP/1.1\r\n", req.uri()).into_bytes();
+    for (name, value) in req.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n\r\n", req.body().len()).as_bytes());
+    out.extend_from_slice(req.body());
+    out
+}
+
+/// Reads one whole HTTP/1.1 response (head and Content-Length body) as text, keeping
+/// bytes of a next response in `pending`.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(
+    io: &mut S,
+    pending: &mut Vec<u8>,
+) -> String {
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().expect("length"))
+                .unwrap_or(0);
+            if pending.len() >= end + 4 + len {
+                let whole: Vec<u8> = pending.drain(..end + 4 + len).collect();
+                return String::from_utf8_lossy(&whole).into_owned();
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(BOUND, io.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "connection closed before a whole response");
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn assert_kept_alive(response: &str) {
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        !response.to_ascii_lowercase().contains("connection: close"),
+        "a parked connection must not be closed: {response}"
+    );
+}
+
+#[tokio::test]
+async fn request_after_request_on_one_keep_alive_connection() {
+    let p = TestProxy::start(Options::default()).await;
+    let io = tls(&p).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("h1 handshake");
+    let conn = tokio::spawn(async move { drop(conn.await) });
+    for i in 0..5u8 {
+        let req = signed_encrypt(&p, &[i; 16]).map(Full::new);
+        let resp = tokio::time::timeout(BOUND, send.send_request(req))
+            .await
+            .expect("answer in time")
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        assert!(
+            resp.headers()
+                .get(http::header::CONNECTION)
+                .is_none_or(|v| v != "close")
+        );
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(!body.is_empty());
+        tokio::time::sleep(PAUSE).await;
+    }
+    assert!(
+        !conn.is_finished(),
+        "the proxy closed a keep-alive connection"
+    );
+}
+
+#[tokio::test]
+async fn bytes_that_arrive_while_parked_reach_hyper_whole() {
+    let p = TestProxy::start(Options::default()).await;
+    let mut io = tls(&p).await;
+    let mut pending = Vec::new();
+
+    // A first request, so that the connection is answered and parks.
+    io.write_all(&wire(&signed_encrypt(&p, b"first")))
+        .await
+        .expect("write");
+    assert_kept_alive(&read_response(&mut io, &mut pending).await);
+    tokio::time::sleep(PAUSE).await;
+
+    // A request in three pieces with pauses: the first wakes the parked connection
+    // (read without hyper, then replayed to it), the rest follow.
+    let bytes = wire(&signed_encrypt(&p, b"in pieces"));
+    for piece in [&bytes[..1], &bytes[1..40], &bytes[40..]] {
+        io.write_all(piece).await.expect("write");
+        io.flush().await.expect("flush");
+        tokio::time::sleep(PAUSE).await;
+    }
+    assert_kept_alive(&read_response(&mut io, &mut pending).await);
+    tokio::time::sleep(PAUSE).await;
+
+    // Two pipelined requests in one write: the second may sit in hyper's buffer when
+    // the first is answered, and must not be lost when the connection parks.
+    let mut two = wire(&signed_encrypt(&p, b"pipelined 1"));
+    two.extend_from_slice(&wire(&signed_encrypt(&p, b"pipelined 2")));
+    io.write_all(&two).await.expect("write");
+    assert_kept_alive(&read_response(&mut io, &mut pending).await);
+    assert_kept_alive(&read_response(&mut io, &mut pending).await);
+    tokio::time::sleep(PAUSE).await;
+
+    // And the connection still serves after all that.
+    io.write_all(&wire(&signed_encrypt(&p, b"last")))
+        .await
+        .expect("write");
+    assert_kept_alive(&read_response(&mut io, &mut pending).await);
+}
