@@ -694,7 +694,9 @@ fn summary(
     }
     md.push('\n');
     if let Some((enc, enc_dec)) = loops {
-        let hsm = servers.iter().position(|s| s.name.contains("SoftHSM"));
+        let hsm = servers
+            .iter()
+            .position(|s| s.name.starts_with("proxy") && s.name.contains("SoftHSM"));
         let best = hsm
             .and_then(|i| {
                 scenarios
