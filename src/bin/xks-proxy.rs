@@ -1,5 +1,12 @@
 //! `xks-proxy`: thin command-line front end over the library.
 
+/// jemalloc, not glibc malloc: glibc keeps what closed connections freed in its arenas
+/// (RSS stays at its peak); jemalloc's background thread gives it back to the system
+/// within seconds (issue 15 §4, benches/README.md "Memory per idle connection").
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
