@@ -1,11 +1,11 @@
-//! Parked HTTP/1.1 connections (issue 15 §4): between requests the proxy drops hyper's
-//! connection and keeps only the TLS stream, starting hyper again on the next bytes
-//! (`server::connection::serve`). What KMS must not notice: every request on a
+//! Keep-alive HTTP/1.1 connections between requests (issue 15 §4): every request on a
 //! keep-alive connection is answered, none says `connection: close`, and bytes that
-//! arrive while parked (a request in pieces, or two pipelined) reach hyper whole.
+//! arrive after a pause (a request in pieces) or together (two pipelined requests)
+//! reach hyper whole. Written for "parking" idle connections (dropping hyper's
+//! connection between requests), which was reverted for its cost per request
+//! (benches/README.md, "Memory per idle connection"); they hold for any such change.
 //!
-//! The pauses below only give the connection time to park; no test asserts a speed,
-//! and each passes whether or not the park happened in time (it then checks less).
+//! The pauses below only separate the pieces in time; no test asserts a speed.
 
 mod common;
 
@@ -22,7 +22,7 @@ use tokio_rustls::client::TlsStream;
 
 /// Every wait in this file is bounded by this (never reached when things work).
 const BOUND: Duration = Duration::from_secs(20);
-/// Long enough for an answered connection to park.
+/// A pause between requests (the reverted parking needed one to take effect).
 const PAUSE: Duration = Duration::from_millis(50);
 
 async fn tls(p: &TestProxy) -> TlsStream<TcpStream> {
@@ -119,7 +119,7 @@ fn assert_kept_alive(response: &str) {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
         !response.to_ascii_lowercase().contains("connection: close"),
-        "a parked connection must not be closed: {response}"
+        "a keep-alive connection must not be closed: {response}"
     );
 }
 
@@ -154,20 +154,20 @@ async fn request_after_request_on_one_keep_alive_connection() {
 }
 
 #[tokio::test]
-async fn bytes_that_arrive_while_parked_reach_hyper_whole() {
+async fn a_request_in_pieces_and_pipelined_requests_reach_hyper_whole() {
     let p = TestProxy::start(Options::default()).await;
     let mut io = tls(&p).await;
     let mut pending = Vec::new();
 
-    // A first request, so that the connection is answered and parks.
+    // A first request, so that the connection has answered once.
     io.write_all(&wire(&signed_encrypt(&p, b"first")))
         .await
         .expect("write");
     assert_kept_alive(&read_response(&mut io, &mut pending).await);
     tokio::time::sleep(PAUSE).await;
 
-    // A request in three pieces with pauses: the first wakes the parked connection
-    // (read without hyper, then replayed to it), the rest follow.
+    // A request in three pieces with pauses: the first starts the next request
+    // and the rest follow.
     let bytes = wire(&signed_encrypt(&p, b"in pieces"));
     for piece in [&bytes[..1], &bytes[1..40], &bytes[40..]] {
         io.write_all(piece).await.expect("write");
@@ -178,7 +178,7 @@ async fn bytes_that_arrive_while_parked_reach_hyper_whole() {
     tokio::time::sleep(PAUSE).await;
 
     // Two pipelined requests in one write: the second may sit in hyper's buffer when
-    // the first is answered, and must not be lost when the connection parks.
+    // the first is answered, and must not be lost between the two answers.
     let mut two = wire(&signed_encrypt(&p, b"pipelined 1"));
     two.extend_from_slice(&wire(&signed_encrypt(&p, b"pipelined 2")));
     io.write_all(&two).await.expect("write");
