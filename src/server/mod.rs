@@ -192,11 +192,11 @@ impl Reloader {
                 Some(new) if Arc::ptr_eq(new, old) => {}
                 Some(_) => {
                     tracing::info!(backend = %name, "backend re-pointed: the new settings serve new requests; the old backend closes when its requests have finished");
-                    clear_backend_series(old);
+                    set_backend_series(old, false);
                 }
                 None => {
                     tracing::info!(backend = %name, "backend removed: it closes when its requests have finished");
-                    clear_backend_series(old);
+                    set_backend_series(old, false);
                 }
             }
         }
@@ -260,12 +260,18 @@ async fn open_in_background(entry: &BackendEntry) -> Result<Arc<dyn CryptoBacken
     }
 }
 
-/// A backend that left service keeps no series that could hold an alert: its
-/// health and call gauges read 0.
-fn clear_backend_series(m: &KeyManager) {
+/// Sets one key manager's gauges: its calls in flight and waiting, and 1 for each
+/// instance's current health status. A key manager that left service (`live` false)
+/// reads 0 everywhere, so none of its series can hold an alert.
+fn set_backend_series(m: &KeyManager, live: bool) {
     let backend = m.name.to_string();
-    metrics::gauge!("xks_backend_calls_in_flight", "backend" => backend.clone()).set(0.0);
-    metrics::gauge!("xks_backend_calls_waiting", "backend" => backend.clone()).set(0.0);
+    let (in_flight, waiting) = if live {
+        (m.handle.in_flight() as f64, m.handle.waiting() as f64)
+    } else {
+        (0.0, 0.0)
+    };
+    metrics::gauge!("xks_backend_calls_in_flight", "backend" => backend.clone()).set(in_flight);
+    metrics::gauge!("xks_backend_calls_waiting", "backend" => backend.clone()).set(waiting);
     for e in m.health.current() {
         for state in crate::backend::HealthState::ALL {
             metrics::gauge!(
@@ -275,7 +281,7 @@ fn clear_backend_series(m: &KeyManager) {
                 "model" => e.model.clone(),
                 "status" => state.as_str()
             )
-            .set(0.0);
+            .set(if live && e.state == state { 1.0 } else { 0.0 });
         }
     }
 }
@@ -955,23 +961,7 @@ fn metrics_response(
     metrics::gauge!("xks_requests_in_flight").set(api.in_flight() as f64);
     metrics::gauge!("xks_requests_awaiting_body").set(api.awaiting_body() as f64);
     for m in api.tenants().managers().values() {
-        let backend = m.name.to_string();
-        metrics::gauge!("xks_backend_calls_in_flight", "backend" => backend.clone())
-            .set(m.handle.in_flight() as f64);
-        metrics::gauge!("xks_backend_calls_waiting", "backend" => backend.clone())
-            .set(m.handle.waiting() as f64);
-        for e in m.health.current() {
-            for state in crate::backend::HealthState::ALL {
-                metrics::gauge!(
-                    "xks_ekm_health_status",
-                    "backend" => backend.clone(),
-                    "id" => e.id.clone(),
-                    "model" => e.model.clone(),
-                    "status" => state.as_str()
-                )
-                .set(if e.state == state { 1.0 } else { 0.0 });
-            }
-        }
+        set_backend_series(m, true);
     }
     // From the certificate's notAfter at each scrape: a proxy that runs for months
     // without a reload still counts down towards the expiry alert.
