@@ -532,6 +532,16 @@ pub struct FiguresArgs {
     /// Only the quick subset (the smoke of the suite itself).
     #[arg(long)]
     pub quick: bool,
+    /// Idle keep-alive connections to hold against the real `xks-proxy` (software
+    /// keystore) for the memory figures, over HTTP/1.1 and then HTTP/2
+    /// (`benches/idle.sh`); 0 skips them.
+    #[arg(long, default_value_t = 0)]
+    pub idle_connections: usize,
+    /// The `xks-proxy` binary the memory figures run (build it with `cargo build
+    /// --release --bins`): the product's allocator, which the in-process proxies here
+    /// share.
+    #[arg(long, default_value = "target/release/xks-proxy")]
+    pub idle_proxy: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

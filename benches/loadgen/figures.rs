@@ -10,8 +10,10 @@
 //! the table shows medians of throughput, CPU and open-loop percentiles, and ratios as
 //! the median of the per-round ratios; the plots use the rounds' merged histograms.
 //!
-//! Output (in `--out`): `runs.json` (every report), `figures.md` (the summary table and
-//! every run's row), `latency-1800rps.svg` and `latency-c64.svg`.
+//! Output (in `--out`): `runs.json` (every report), `figures.md` (the summary table,
+//! the ratios to the same-run ceilings, the tail latencies, the memory per idle
+//! connection when `--idle-connections` asks for it, and every run's row),
+//! `latency-1800rps.svg` and `latency-c64.svg`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -466,6 +468,13 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
         Some(h) => Some((softhsm_loop(h, a, false)?, softhsm_loop(h, a, true)?)),
         None => None,
     };
+    // The memory figures last: they hold thousands of connections against the real
+    // binary, and must not share the machine with the runs above.
+    let idle = [false, true]
+        .into_iter()
+        .filter(|_| a.idle_connections > 0)
+        .map(|http2| idle_memory(a, http2))
+        .collect::<Result<Vec<_>>>()?;
     let load_end = report::load_average();
 
     let all: Vec<&Report> = cells
@@ -484,10 +493,11 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
             "softhsm_loop_ops_per_s": loops.map(|(e, ed)| serde_json::json!({
                 "encrypt": e, "encrypt_and_decrypt": ed,
             })),
+            "idle_connections": idle,
             "runs": all,
         }))?,
     )?;
-    let md = summary(
+    let mut md = summary(
         a,
         &machine,
         (load_start, load_end),
@@ -496,6 +506,9 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
         &cells,
         loops,
     );
+    if !idle.is_empty() {
+        md.push_str(&idle_table(a, &idle));
+    }
     std::fs::write(a.out.join("figures.md"), &md)?;
     println!("{md}");
     for (sc, row) in scenarios.iter().zip(&cells) {
@@ -722,6 +735,7 @@ fn summary(
         );
     }
     md.push_str(&ceiling_ratios(servers, scenarios, cells));
+    md.push_str(&tail_latency(servers, scenarios, cells));
     md.push_str("\nEvery run:\n\n");
     md.push_str(&report::markdown_header());
     for row in cells {
@@ -730,6 +744,132 @@ fn summary(
                 md.push_str(&report::markdown_row(r));
             }
         }
+    }
+    md
+}
+
+/// Issue 15 §5: p50 / p99 / p99.9 of every proxy at KMS's default quota (open loop)
+/// and one request at a time, each the median over the rounds of that round's
+/// percentile, against the 2 ms target (both backends at the quota; the software
+/// keystore at c=1).
+fn tail_latency(servers: &[Server], scenarios: &[Scenario], cells: &[Vec<Cell>]) -> String {
+    const TARGET_MS: f64 = 2.0;
+    let pct = |c: &Cell, f: fn(&report::Latency) -> f64| {
+        median(
+            c.reports
+                .iter()
+                .filter_map(|r| r.latency.as_ref().map(f))
+                .collect(),
+        )
+    };
+    let mut md = String::from(
+        "\nTail latency (ms, p50 / p99 / p99.9; target p99.9 ≤ 2 ms at the quota on both backends, and at c=1 on the software keystore):\n\n| figure | server | p50 / p99 / p99.9 ms | p99.9 ≤ 2 ms |\n|---|---|---:|---|\n",
+    );
+    for (sc, row) in scenarios.iter().zip(cells) {
+        let c1 = sc.op == OpArg::Encrypt
+            && sc.concurrency == 1
+            && sc.rate.is_none()
+            && !sc.no_cdiv
+            && !sc.new_connection;
+        if sc.rate.is_none() && !c1 {
+            continue;
+        }
+        for (s, c) in servers.iter().zip(row) {
+            if !s.name.starts_with("proxy") {
+                continue;
+            }
+            let p999 = pct(c, |l| l.p99_9_ms);
+            let targeted = sc.rate.is_some() || !s.name.contains("SoftHSM");
+            let verdict = match (targeted, p999 <= TARGET_MS) {
+                (false, _) => "(no target)",
+                (true, true) => "met",
+                (true, false) => "**not met**",
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} / {:.2} / {:.2}{} | {verdict} |",
+                sc.key,
+                s.name,
+                pct(c, |l| l.p50_ms),
+                pct(c, |l| l.p99_ms),
+                p999,
+                errors_note(&c.reports),
+            );
+        }
+    }
+    md
+}
+
+/// One `benches/idle.sh` run: `--idle-connections` idle keep-alive connections held
+/// against the real `xks-proxy` binary (software keystore, its allocator), its RSS
+/// before, holding and after they close, as `hold.json` reports it.
+fn idle_memory(a: &FiguresArgs, http2: bool) -> Result<serde_json::Value> {
+    let proxy = if a.idle_proxy.is_absolute() {
+        a.idle_proxy.clone()
+    } else {
+        repo_file(&a.idle_proxy.to_string_lossy())
+    };
+    anyhow::ensure!(
+        proxy.is_file(),
+        "{} is missing: build it with `cargo build --release --bins`, or pass --idle-proxy",
+        proxy.display()
+    );
+    let exe = std::env::current_exe().context("locating xks-bench")?;
+    let out = a
+        .out
+        .join(if http2 { "idle-http2" } else { "idle-http1" });
+    eprintln!(
+        "memory: {} idle HTTP/{} connections against {}",
+        a.idle_connections,
+        if http2 { "2" } else { "1.1" },
+        proxy.display()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_file("benches/idle.sh"))
+        .arg(&proxy)
+        .arg(&exe)
+        .arg(&out)
+        .arg(a.idle_connections.to_string())
+        .arg("3")
+        .stdout(Stdio::null());
+    if http2 {
+        cmd.env("HTTP2", "1");
+    }
+    let status = cmd.status().context("running benches/idle.sh")?;
+    anyhow::ensure!(status.success(), "benches/idle.sh failed ({status})");
+    let json = std::fs::read_to_string(out.join("hold.json"))
+        .with_context(|| format!("reading {}", out.join("hold.json").display()))?;
+    Ok(serde_json::from_str(&json)?)
+}
+
+/// Issue 15 §4: RSS per idle connection and whether it is given back, per HTTP version.
+fn idle_table(a: &FiguresArgs, runs: &[serde_json::Value]) -> String {
+    const TARGET_KIB: f64 = 12.0;
+    let mib = |v: &serde_json::Value| {
+        v.as_f64()
+            .map_or("–".to_owned(), |k| format!("{:.1}", k / 1024.0))
+    };
+    let mut md = format!(
+        "\nMemory per idle keep-alive TLS connection (`xks-proxy` at {}, software keystore; {} connections, each carried one signed request; target ≤ 12 KiB, so 10 000 stay under 150 MiB, and RSS back near idle after they close):\n\n| HTTP | held | RSS before / holding / after close / 15 s later MiB | KiB per idle connection | ≤ 12 KiB | new client ok / errors |\n|---|---:|---:|---:|---|---:|\n",
+        a.idle_proxy.display(),
+        a.idle_connections
+    );
+    for r in runs {
+        let per = r["kib_per_idle_connection"].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            md,
+            "| {} | {} of {} | {} / {} / {} / {} | {per:.1} | {} | {} / {} |",
+            r["http"].as_str().unwrap_or("?"),
+            r["held"],
+            r["asked"],
+            mib(&r["rss_before_kib"]),
+            mib(&r["rss_held_kib"]),
+            mib(&r["rss_after_close_kib"]),
+            mib(&r["rss_late_after_close_kib"]),
+            if per <= TARGET_KIB { "met" } else { "**not met**" },
+            r["new_client"]["requests_ok"],
+            r["new_client"]["errors"],
+        );
     }
     md
 }

@@ -23,6 +23,13 @@
 //!   new client's load meanwhile: RSS per idle connection, new clients still served.
 #![forbid(unsafe_code)]
 
+/// The product's allocator (`src/bin/xks-proxy.rs`): the proxies measured in-process here
+/// (`proxy-server`, `figures`) must allocate as `xks-proxy` does, and the null server and
+/// ceiling beside them the same way, or a ratio would partly measure two allocators.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod attack;
 mod ceiling;
 mod cli;
