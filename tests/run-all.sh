@@ -126,7 +126,8 @@ fi
 # tests (SigV4 and spec vectors, keystore, AES-GCM on the FIPS module) and one
 # integration binary (tests/fips.rs: approved TLS parameters against openssl s_client and
 # rustls clients, the config switch, what the proxy says, the request path), then the
-# conformance client on the software keystore against that binary. Built after the
+# conformance client against that binary (software keystore, without and with mTLS: the
+# client certificate checked on the FIPS module; ~10 s each). Built after the
 # stages above so it does not replace target/debug/xks-proxy (default features) they use;
 # the FIPS binary is copied aside first.
 fips_stage() {
@@ -135,9 +136,9 @@ fips_stage() {
   mkdir -p "$out/fips" && cp "$out/debug/xks-proxy" "$out/fips/xks-proxy" || return 1
   "$out/fips/xks-proxy" --version | grep -q 'FIPS 140-3 mode' || return 1
   cargo test --locked --features fips --lib --test fips || return 1
-  XKS_PROXY_BIN="$out/fips/xks-proxy" tests/conformance-client.sh software
+  XKS_PROXY_BIN="$out/fips/xks-proxy" tests/conformance-client.sh software mtls
 }
-stage "FIPS 140-3 build: TLS policy, fips tests, conformance client (software)" fips_stage
+stage "FIPS 140-3 build: TLS policy, fips tests, conformance client (software, mtls)" fips_stage
 
 if [ ${#failed[@]} -gt 0 ]; then
   say "FAILED stages:"
