@@ -121,6 +121,11 @@ pub struct RawServer {
     /// ThrottlingException at once (load shedding) instead of queueing into KMS's timeout.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Refuse to start unless every cryptographic operation of the proxy runs on a FIPS
+    /// 140-3 validated module: a build without the `fips` feature fails validation
+    /// (`config check`, `serve` and a reload). README, "Compliance".
+    #[serde(default)]
+    pub require_fips: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -425,6 +430,8 @@ pub struct ServerConfig {
     pub http2_max_concurrent_streams: u32,
     pub ping_max_connections: usize,
     pub max_in_flight: usize,
+    /// `require_fips`: checked again at start against the module's own state.
+    pub require_fips: bool,
 }
 
 /// Where the TLS certificate and key come from.
@@ -1005,6 +1012,12 @@ impl RawConfig {
                 "must be greater than 0",
             ));
         }
+        if s.require_fips && !crate::crypto::FIPS {
+            return Err(ConfigError::new(
+                "server.require_fips",
+                crate::crypto::FipsError::NotAFipsBuild.to_string(),
+            ));
+        }
         if s.max_in_flight == 0 {
             return Err(ConfigError::new(
                 "server.max_in_flight",
@@ -1263,6 +1276,7 @@ impl RawConfig {
                 http2_max_concurrent_streams: s.http2_max_concurrent_streams,
                 ping_max_connections: s.ping_max_connections,
                 max_in_flight: s.max_in_flight,
+                require_fips: s.require_fips,
             },
             health: HealthConfig {
                 fleet_size,
@@ -1436,8 +1450,8 @@ fn check_key_ownership(
 /// Makes a fresh XKS credential in the format KMS accepts: a 20-character access key id
 /// of `A-Z2-7` (100 bits) and a 44-character Base64 secret (256 bits of entropy).
 pub fn generate_credential() -> (String, SecretString) {
+    use crate::crypto::rand::{SecureRandom, SystemRandom};
     use base64::Engine as _;
-    use ring::rand::{SecureRandom, SystemRandom};
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let rng = SystemRandom::new();
     let mut id_bytes = [0u8; 20];

@@ -16,6 +16,7 @@
 //! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary: permits, a bounded wait queue, a deadline, and the backend's own call threads — not `spawn_blocking`, see its doc), [`backend::software`] keystore, `backend::pkcs11` (HSMs through cryptoki: session pool, handle cache, recovery, failover) |
 //! | [`policy`] | optional secondary authorization (Cedar) over `requestMetadata`; health exempt |
 //! | [`secret`] | zeroizing, `Debug`-redacted secret types |
+//! | [`crypto`] | the one choice of cryptographic implementation: ring, or aws-lc-rs on the AWS-LC FIPS 140-3 module (feature `fips`); every hash, MAC, KDF, AEAD, random draw and TLS provider comes from here |
 //! | [`telemetry`] | tracing setup (human or JSON), the Prometheus registry |
 //! | [`doctor`] | `xks-proxy doctor`: an end-to-end check of a config |
 //! | [`aws_sample`] | moving from AWS's sample proxy: its `settings.toml` read into this config (`config import-aws-sample`) |
@@ -49,6 +50,7 @@ pub mod api;
 pub mod aws_sample;
 pub mod backend;
 pub mod config;
+pub mod crypto;
 pub mod doctor;
 #[doc(hidden)]
 pub mod fuzzing;

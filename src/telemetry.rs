@@ -195,6 +195,10 @@ fn describe() {
         "xks_config_last_reload_successful",
         "1 if the last reload (or the start) applied the config file, 0 if it was refused and the proxy runs an older config"
     );
+    describe_gauge!(
+        "xks_fips_mode",
+        "1 if every cryptographic operation of the proxy runs on the FIPS 140-3 validated AWS-LC module in FIPS mode (a `fips` build), 0 otherwise"
+    );
     describe_counter!(
         "xks_tls_handshake_failures_total",
         "TLS handshakes that failed, by listener and reason (client_certificate_refused, no_client_certificate, certificate_rejected_by_client, incompatible_client, protocol_error, closed_by_client, timeout, io_error)"

@@ -5,6 +5,8 @@
 #   jq, xxd, uuid-runtime (AWS's XKS conformance client, tests/conformance-client.sh).
 #   opensc (pkcs11-tool: an operator's tool changing a token's PIN under the proxy).
 #   cargo-fuzz (the fuzz smoke stage; cached in target/tools, see fuzz/README.md).
+#   cmake, golang-go (the FIPS build: aws-lc-fips-sys builds the AWS-LC FIPS module with
+#   cmake, Go >= 1.17.13 and Perl; bindings are pregenerated, so no libclang).
 # Usage: ./tests/run-all.sh        (from anywhere; works on a fresh Debian with Rust)
 #
 # Installing and preparing stop at the first error. The test stages do not: each one
@@ -25,6 +27,9 @@ command -v jq >/dev/null || missing+=(jq)
 command -v xxd >/dev/null || missing+=(xxd)
 command -v uuidgen >/dev/null || missing+=(uuid-runtime)
 command -v pkcs11-tool >/dev/null || missing+=(opensc)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v go >/dev/null || missing+=(golang-go)
+command -v perl >/dev/null || missing+=(perl)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 if command -v python3 >/dev/null && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   missing+=(python3-venv)
@@ -116,6 +121,24 @@ else
   # against a real Prometheus scraping the proxy (installs Debian's prometheus).
   stage "Prometheus: alert rules, live scrape, dashboard queries" tests/prometheus.sh
 fi
+
+# FIPS 140-3 mode (README "Compliance"), kept lean: the proxy binary, the library's unit
+# tests (SigV4 and spec vectors, keystore, AES-GCM on the FIPS module) and one
+# integration binary (tests/fips.rs: approved TLS parameters against openssl s_client and
+# rustls clients, the config switch, what the proxy says, the request path), then the
+# conformance client against that binary (software keystore, without and with mTLS: the
+# client certificate checked on the FIPS module; ~10 s each). Built after the
+# stages above so it does not replace target/debug/xks-proxy (default features) they use;
+# the FIPS binary is copied aside first.
+fips_stage() {
+  local out=${CARGO_TARGET_DIR:-$root/target}
+  cargo build --locked --features fips --bin xks-proxy || return 1
+  mkdir -p "$out/fips" && cp "$out/debug/xks-proxy" "$out/fips/xks-proxy" || return 1
+  "$out/fips/xks-proxy" --version | grep -q 'FIPS 140-3 mode' || return 1
+  cargo test --locked --features fips --lib --test fips || return 1
+  XKS_PROXY_BIN="$out/fips/xks-proxy" tests/conformance-client.sh software mtls
+}
+stage "FIPS 140-3 build: TLS policy, fips tests, conformance client (software, mtls)" fips_stage
 
 if [ ${#failed[@]} -gt 0 ]; then
   say "FAILED stages:"

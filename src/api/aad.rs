@@ -7,7 +7,7 @@
 //! the key version means rotation never strands them. Binding both into the AAD means a
 //! modified metadata byte fails authentication (spec: "a modified value MUST be detected").
 
-use ring::digest;
+use crate::crypto::digest;
 
 use crate::backend::KeyVersion;
 

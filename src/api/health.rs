@@ -18,6 +18,18 @@ use super::wire::{EkmFleetDetail, HealthResponse};
 use crate::backend::{EkmHealth, Handle, HealthState};
 use crate::config::HealthConfig;
 
+/// GetHealthStatus's `xksProxyModel`: the version, and whether this is the FIPS build
+/// (which does not start unless its module is in FIPS mode, see [`crate::crypto`]).
+pub const MODEL: &str = if crate::crypto::FIPS {
+    concat!(
+        "xks-proxy ",
+        env!("CARGO_PKG_VERSION"),
+        " (FIPS 140-3 mode)"
+    )
+} else {
+    concat!("xks-proxy ", env!("CARGO_PKG_VERSION"))
+};
+
 /// The spec's limit on the age of a cached health answer.
 pub const MAX_AGE: Duration = Duration::from_secs(60);
 
@@ -126,7 +138,7 @@ impl HealthMonitor {
         HealthResponse {
             xks_proxy_fleet_size: self.config.fleet_size,
             xks_proxy_vendor: self.config.vendor.clone(),
-            xks_proxy_model: concat!("xks-proxy ", env!("CARGO_PKG_VERSION")).to_owned(),
+            xks_proxy_model: MODEL.to_owned(),
             ekm_vendor: self.ekm_vendor.clone(),
             ekm_fleet_details: self
                 .current()

@@ -19,7 +19,7 @@ use xks_proxy::config::{BackendConfig, Config, TlsConfig};
 #[derive(Parser)]
 #[command(
     name = "xks-proxy",
-    version,
+    version = xks_proxy::crypto::VERSION,
     about = "AWS KMS External Key Store (XKS) proxy"
 )]
 struct Cli {
@@ -398,6 +398,8 @@ fn serve(cfg: Config, config_path: Option<PathBuf>, banner: Option<Banner>) -> R
         let running = xks_proxy::server::start(&cfg, backends).await?;
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
+            fips_mode = xks_proxy::crypto::fips_mode(),
+            crypto = xks_proxy::crypto::MODULE,
             prefixes = ?cfg.keystores.iter().map(|k| k.path_prefix.as_str()).collect::<Vec<_>>(),
             "xks-proxy listening on {}",
             running.base_url()

@@ -211,9 +211,9 @@ pub fn canon(ec: &Context) -> Vec<u8> {
     out
 }
 
-fn aead_key(material: &SecretBytes) -> Result<ring::aead::LessSafeKey, KmsError> {
-    ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, material.expose())
-        .map(ring::aead::LessSafeKey::new)
+fn aead_key(material: &SecretBytes) -> Result<crate::crypto::aead::LessSafeKey, KmsError> {
+    crate::crypto::aead::UnboundKey::new(&crate::crypto::aead::AES_256_GCM, material.expose())
+        .map(crate::crypto::aead::LessSafeKey::new)
         .map_err(|_| KmsError::internal(&"key material is not an AES-256 key"))
 }
 
@@ -226,8 +226,8 @@ fn seal_inner(material: &SecretBytes, data: &[u8], aad: &[u8]) -> Result<Vec<u8>
     buf.extend_from_slice(data);
     let tag = key
         .seal_in_place_separate_tag(
-            ring::aead::Nonce::assume_unique_for_key(iv),
-            ring::aead::Aad::from(aad),
+            crate::crypto::aead::Nonce::assume_unique_for_key(iv),
+            crate::crypto::aead::Aad::from(aad),
             &mut buf[IV_LEN..],
         )
         .map_err(|_| KmsError::internal(&"AES-GCM seal failed"))?;
@@ -245,8 +245,8 @@ fn open_inner(material: &SecretBytes, inner: &[u8], aad: &[u8]) -> Option<Secret
     let mut buf = SecretBytes::from_slice(&inner[IV_LEN..]);
     let n = key
         .open_in_place(
-            ring::aead::Nonce::assume_unique_for_key(iv),
-            ring::aead::Aad::from(aad),
+            crate::crypto::aead::Nonce::assume_unique_for_key(iv),
+            crate::crypto::aead::Aad::from(aad),
             buf.expose_mut(),
         )
         .ok()?
@@ -742,8 +742,11 @@ impl Emulator {
         }
         self.charge(&key)?;
         let mut data = SecretBytes::new(vec![0u8; n]);
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), data.expose_mut())
-            .map_err(|_| KmsError::internal(&"the system random number generator failed"))?;
+        crate::crypto::rand::SecureRandom::fill(
+            &crate::crypto::rand::SystemRandom::new(),
+            data.expose_mut(),
+        )
+        .map_err(|_| KmsError::internal(&"the system random number generator failed"))?;
         let ec = req.encryption_context.unwrap_or_default();
         let blob = self.seal(ctx, op, &key, data.expose(), &ec).await?;
         Ok((blob, data, key.arn))
@@ -870,8 +873,11 @@ impl Emulator {
         }
         let n = usize::try_from(n).map_err(|e| KmsError::internal(&e))?;
         let mut data = SecretBytes::new(vec![0u8; n]);
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), data.expose_mut())
-            .map_err(|_| KmsError::internal(&"the system random number generator failed"))?;
+        crate::crypto::rand::SecureRandom::fill(
+            &crate::crypto::rand::SystemRandom::new(),
+            data.expose_mut(),
+        )
+        .map_err(|_| KmsError::internal(&"the system random number generator failed"))?;
         Ok(GenerateRandomResponse {
             plaintext: Base64Secret(data),
         })

@@ -161,11 +161,11 @@ fn initialize(ctx: &Pkcs11) -> Result<(), CkError> {
 /// 7–32 alphanumerics).
 fn new_password() -> Result<SecretString, Refusal> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let rng = ring::rand::SystemRandom::new();
+    let rng = crate::crypto::rand::SystemRandom::new();
     let mut out = String::with_capacity(32);
     while out.len() < 32 {
         let mut b = [0u8; 1];
-        ring::rand::SecureRandom::fill(&rng, &mut b).map_err(|_| {
+        crate::crypto::rand::SecureRandom::fill(&rng, &mut b).map_err(|_| {
             refuse(
                 ConnectionErrorCode::InternalError,
                 "the system random number generator failed",

@@ -39,7 +39,7 @@ pub fn server_tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerCo
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| StartError::Config(format!("TLS key {}: {e}", key.display())))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        crate::crypto::tls::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| StartError::Config(e.to_string()))?

@@ -533,7 +533,7 @@ fn tls_config(config: &XksClientConfig) -> Result<rustls::ClientConfig, XksClien
         tracing::warn!("no XKS CA bundle: every proxy TLS handshake will fail");
     }
     // The spec's four suites: what a proxy must offer at least one of.
-    let base = rustls::crypto::ring::default_provider();
+    let base = crate::crypto::tls::default_provider();
     let wanted = [
         rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
         rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,

@@ -58,6 +58,8 @@ pub enum ServeError {
     BackendOpen { name: String, reason: String },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Fips(#[from] crate::crypto::FipsError),
 }
 
 /// A started proxy: its addresses and the way to stop it.
@@ -294,6 +296,8 @@ fn set_backend_series(m: &KeyManager, live: bool) {
 /// this, so that their OK means `serve` will start. Errors name the config key.
 pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
     use crate::config::ConfigError;
+    crate::crypto::check(config.server.require_fips)
+        .map_err(|e| ConfigError::new("server.require_fips", e.to_string()))?;
     for k in &config.keystores {
         crate::api::credential_set(k).map_err(|e| ConfigError::new("keystores", e.to_string()))?;
     }
@@ -305,6 +309,8 @@ pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
                 tls::TlsError::PrivateKey { .. } => "server.tls.private_key",
                 tls::TlsError::Mismatch(_) => "server.tls",
                 tls::TlsError::ClientCa { .. } => "server.tls.client_ca",
+                tls::TlsError::NotFipsApproved { .. } => "server.tls.certificate",
+                tls::TlsError::NotFips => "server.tls",
             };
             ConfigError::new(key, e.to_string())
         })?;
@@ -476,6 +482,9 @@ pub async fn start_on(
     ping_listener: Option<TcpListener>,
     admin_listener: Option<TcpListener>,
 ) -> Result<Running, ServeError> {
+    // Before anything serves: a FIPS build whose module is not in FIPS mode, or a config
+    // requiring FIPS mode on a build without it, does not start.
+    crate::crypto::check(config.server.require_fips)?;
     let cert_not_after = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
     let tls = match &config.server.tls {
         Some(t) => {
@@ -584,6 +593,11 @@ pub async fn start_on(
             }
             register_series(&api);
             metrics::gauge!("xks_config_last_reload_successful").set(1.0);
+            metrics::gauge!("xks_fips_mode").set(if crate::crypto::fips_mode() {
+                1.0
+            } else {
+                0.0
+            });
             tasks.spawn(side_loop(
                 l,
                 Side::Admin,

@@ -1,11 +1,13 @@
 //! The rustls `ServerConfig`: TLS 1.2 and 1.3 restricted to the four cipher suites the
 //! spec names, ALPN `h2` + `http/1.1`, ECDSA or RSA server keys, and optional mTLS whose
 //! subject-name rule is enforced *inside* the handshake (spec: the handshake MUST be
-//! refused for any other subject or chain).
+//! refused for any other subject or chain). In the FIPS build ([`crate::crypto::FIPS`]),
+//! only approved parameters: the spec's AES-256-GCM suites, NIST curves, RSA ≥ 2048 or
+//! ECDSA P-256/P-384 certificates, and a config rustls itself reports as FIPS.
 
 use std::sync::Arc;
 
-use rustls::crypto::{CryptoProvider, ring};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -16,6 +18,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::config::{ClientAuthConfig, TlsConfig};
+use crate::crypto::{self, tls::cipher_suite as suite, tls::kx_group};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -27,18 +30,78 @@ pub enum TlsError {
     Mismatch(String),
     #[error("cannot use the client CA bundle {path}: {reason}")]
     ClientCa { path: String, reason: String },
+    /// FIPS build: the server certificate's key is not one FIPS 140-3 approves for TLS.
+    #[error("the certificate {path} cannot be used in FIPS 140-3 mode: {reason}")]
+    NotFipsApproved { path: String, reason: String },
+    /// FIPS build: rustls does not report the assembled config as FIPS (the module is
+    /// not in FIPS mode, or something unapproved is in the provider).
+    #[error(
+        "this FIPS build's TLS configuration is not in FIPS mode (rustls ServerConfig::fips() is false); refusing to serve"
+    )]
+    NotFips,
 }
 
-/// The spec's suites (xks-api.md §Transport): two for TLS 1.3, two for TLS 1.2.
+/// The spec's suites (xks-api.md §Transport): two for TLS 1.3, two for TLS 1.2, over
+/// the provider of [`crate::crypto::tls`] with its own key exchange groups.
+///
+/// FIPS build: only what FIPS 140-3 approves. The spec's ChaCha20-Poly1305 suite is not
+/// approved, so three suites remain, all AES-256-GCM (KMS offers them). Key exchange on
+/// NIST curves only (P-256, P-384): no X25519, and not the X25519MLKEM768 hybrid that
+/// rustls's FIPS provider would otherwise offer first.
 pub fn provider() -> CryptoProvider {
-    let mut p = ring::default_provider();
-    p.cipher_suites = vec![
-        ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-        ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        ring::cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-    ];
+    let mut p = crypto::tls::default_provider();
+    if crypto::FIPS {
+        p.cipher_suites = vec![
+            suite::TLS13_AES_256_GCM_SHA384,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ];
+        p.kx_groups = vec![kx_group::SECP256R1, kx_group::SECP384R1];
+    } else {
+        p.cipher_suites = vec![
+            suite::TLS13_AES_256_GCM_SHA384,
+            suite::TLS13_CHACHA20_POLY1305_SHA256,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ];
+    }
     p
+}
+
+/// Whether a certificate's key is one FIPS 140-3 approves for a TLS server: RSA of at
+/// least 2048 bits, or ECDSA on P-256 or P-384 (FIPS 186-5, SP 800-52r2 §3.1). The
+/// error says what the key is.
+pub fn fips_approved_key(der: &[u8]) -> Result<(), String> {
+    use x509_parser::public_key::PublicKey;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let spki = cert.public_key();
+    match spki.parsed().map_err(|e| e.to_string())? {
+        PublicKey::RSA(rsa) if rsa.key_size() >= 2048 => Ok(()),
+        PublicKey::RSA(rsa) => Err(format!(
+            "an RSA key of {} bits (FIPS mode needs at least 2048)",
+            rsa.key_size()
+        )),
+        PublicKey::EC(_) => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|o| o.to_id_string())
+                .unwrap_or_default();
+            match curve.as_str() {
+                // prime256v1 (P-256), secp384r1 (P-384)
+                "1.2.840.10045.3.1.7" | "1.3.132.0.34" => Ok(()),
+                _ => Err(format!(
+                    "an EC key on curve {curve:?} (FIPS mode: ECDSA P-256 or P-384)"
+                )),
+            }
+        }
+        _ => Err(format!(
+            "a {} key (FIPS mode: RSA >= 2048 bits or ECDSA P-256/P-384)",
+            spki.algorithm.algorithm.to_id_string()
+        )),
+    }
 }
 
 /// Loads the certificate chain and key named by the config.
@@ -92,6 +155,14 @@ pub fn load_identity(
     }
 }
 
+/// The certificate's file name, for messages.
+fn certificate_path(tls: &TlsConfig) -> String {
+    match tls {
+        TlsConfig::Files { certificate, .. } => certificate.display().to_string(),
+        TlsConfig::Embedded { .. } => "(embedded)".into(),
+    }
+}
+
 fn pem_error_kind(e: &rustls::pki_types::pem::Error) -> String {
     use rustls::pki_types::pem::Error;
     match e {
@@ -107,6 +178,14 @@ pub fn server_config(
     client_auth: Option<&ClientAuthConfig>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let (certs, key) = load_identity(tls)?;
+    if crypto::FIPS
+        && let Some(leaf) = certs.first()
+    {
+        fips_approved_key(leaf).map_err(|reason| TlsError::NotFipsApproved {
+            path: certificate_path(tls),
+            reason,
+        })?;
+    }
     let provider = Arc::new(provider());
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -120,6 +199,11 @@ pub fn server_config(
         .map_err(|e| TlsError::Mismatch(e.to_string()))?;
     // The spec requires HTTP/1.1 fallback; KMS may use either.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // rustls's own verdict over everything above (suites, groups, signature algorithms,
+    // RNG, key provider, extended master secret for TLS 1.2): serve only if it agrees.
+    if crypto::FIPS && !config.fips() {
+        return Err(TlsError::NotFips);
+    }
     Ok(Arc::new(config))
 }
 

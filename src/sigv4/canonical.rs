@@ -18,8 +18,8 @@
 
 use std::fmt;
 
+use crate::crypto::{digest, hmac};
 use http::request::Parts;
-use ring::{digest, hmac};
 use zeroize::Zeroizing;
 
 use super::AuthError;
@@ -293,7 +293,7 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> Zeroizing<[u8; 32]> {
 /// `kService = HMAC(kRegion, service)`, `kSigning = HMAC(kService, "aws4_request")`.
 ///
 /// Every intermediate is held in a zeroizing buffer. (ring's own HMAC key schedule is
-/// not zeroized by ring; that is outside what we can control without another crate.)
+/// not zeroized by ring, which is the default [`crate::crypto`]; that is outside what we can control without another crate.)
 pub fn derive_signing_key(
     secret: &SecretString,
     date: &str,

@@ -3,11 +3,11 @@
 //! decrypt-path error rule (an authentication failure is `InvalidCiphertext`; the same
 //! vendor code elsewhere is not).
 
+use crate::crypto::rand::{SecureRandom, SystemRandom};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
-use ring::rand::{SecureRandom, SystemRandom};
 
 use super::errors::{Fault, Op, classify};
 use super::settings::IvPolicy;

@@ -41,10 +41,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::crypto::rand::{SecureRandom, SystemRandom};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use cryptoki::session::Session;
-use ring::rand::{SecureRandom, SystemRandom};
 
 pub use errors::{Pkcs11Error, ckr_name};
 /// The template every AES-256 key we create uses (also the benchmark's SoftHSM loop).

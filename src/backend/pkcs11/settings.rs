@@ -34,7 +34,7 @@ pub enum KeyIdAttribute {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IvPolicy {
-    /// The proxy draws 12 random bytes (ring's `SystemRandom`) and passes them in
+    /// The proxy draws 12 random bytes (`crate::crypto::rand::SystemRandom`) and passes them in
     /// `CK_GCM_PARAMS.pIv`. SoftHSM and most HSMs outside FIPS-strict modes. Default.
     #[default]
     ProxyRandom,

@@ -1,8 +1,8 @@
 //! AES-256-GCM over raw key bytes held in [`SecretBytes`]: the one place the software
-//! keystore touches `ring::aead`, shared by customer keys, key sealing and the health
+//! keystore touches [`crate::crypto::aead`] (ring, or aws-lc-rs in the FIPS build), shared by customer keys, key sealing and the health
 //! check.
 //!
-//! Why a ring key is built per call instead of cached: `ring`'s `LessSafeKey` holds the
+//! Why a key is built per call instead of cached: `ring`'s `LessSafeKey` holds the
 //! expanded AES key schedule and never zeroizes it. Building it from the zeroizing raw
 //! bytes for each operation keeps the only long-lived copy of key material in
 //! [`SecretBytes`] (wiped on drop, e.g. when a reload replaces the keystore), at a cost
@@ -11,8 +11,8 @@
 //! `getrandom` syscall costs more (about 0.6 µs); both are small next to the TLS and
 //! SigV4 work of a request.
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
+use crate::crypto::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use crate::crypto::rand::{SecureRandom, SystemRandom};
 
 use crate::backend::TAG_LEN;
 use crate::secret::SecretBytes;

@@ -4,9 +4,9 @@
 use std::fmt;
 use std::path::Path;
 
+use crate::crypto::rand::{SecureRandom, SystemRandom};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use super::error::KeystoreError;

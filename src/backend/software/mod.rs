@@ -1,4 +1,4 @@
-//! The software keystore backend: AES-256-GCM (`ring`) with keys sealed at rest under
+//! The software keystore backend: AES-256-GCM ([`crate::crypto`]) with keys sealed at rest under
 //! a master key, held unsealed only in zeroizing memory.
 //!
 //! # Layout
@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::crypto::rand::SystemRandom;
 use arc_swap::ArcSwap;
-use ring::rand::SystemRandom;
 
 pub use error::KeystoreError;
 pub use keystore::{

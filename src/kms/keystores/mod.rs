@@ -209,7 +209,7 @@ fn new_store_id() -> Result<String, KmsError> {
 /// Random bytes from the OS.
 pub(super) fn random<const N: usize>() -> Result<[u8; N], KmsError> {
     let mut out = [0u8; N];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut out)
+    crate::crypto::rand::SecureRandom::fill(&crate::crypto::rand::SystemRandom::new(), &mut out)
         .map_err(|_| KmsError::internal(&"the system random number generator failed"))?;
     Ok(out)
 }
