@@ -376,6 +376,18 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
             &[],
         )?);
     }
+    if a.with_audit {
+        // Issue 16 §2: Encrypt throughput and p99 with the audit trail on, against
+        // "proxy (software)" in the same round.
+        let trail = a.out.join("audit-trail");
+        let _ = std::fs::remove_dir_all(&trail);
+        servers.push(Server::spawn(
+            "proxy (software, audit log on)",
+            &["proxy-server", "--audit-dir", &trail.display().to_string()],
+            &a.server_cpus,
+            &[],
+        )?);
+    }
     let hsm = if a.softhsm {
         let hsm = softhsm_token(&a.out.join("softhsm"))?;
         // The same-run ceiling of the SoftHSM proxy (issue 15 §1).
