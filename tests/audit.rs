@@ -375,6 +375,38 @@ async fn a_kill_9_mid_write_leaves_a_chain_that_verifies_to_the_last_complete_re
     assert!(out.contains("resumed_after_unclean_stop"), "{out}");
 }
 
+/// `config check` knows the audit key as a secret (restart to change it) and refuses a
+/// directory that cannot be one, naming the key.
+#[test]
+fn config_check_lists_the_audit_key_and_checks_the_directory() {
+    let setup = child_setup("", "");
+    let check = || {
+        Command::new(proxy_bin())
+            .args(["config", "check", "--config"])
+            .arg(setup.config())
+            .envs(setup.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("config check")
+    };
+    let out = check();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("audit.key_file"), "{text}");
+    assert!(!text.contains(AUDIT_KEY), "{text}");
+    std::fs::write(setup.dir.path().join("audit"), "not a directory").expect("write");
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        err.contains("audit.directory") && err.contains("not a directory"),
+        "{err}"
+    );
+}
+
 /// A record line is ~600 bytes: a file stops growing after about a dozen.
 const FSIZE: u64 = 8 * 1024;
 

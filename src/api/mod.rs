@@ -638,6 +638,7 @@ impl Api {
             && trail.on_failure() == crate::config::AuditOnFailure::FailClosed
             && let Some(why) = trail.refusing()
         {
+            trail.note_refusal(why);
             log.audit_failure = Some(why.label());
             return Err(ApiError::AuditUnavailable.into());
         }

@@ -172,19 +172,25 @@ impl Trail {
     pub async fn record(&self, record: RequestRecord) -> Result<(), Refusal> {
         let result = self.submit(record).await;
         if let Err(why) = result {
-            match self.on_failure {
-                AuditOnFailure::Continue => {
-                    self.shared.lost.fetch_add(1, Ordering::AcqRel);
-                    metrics::counter!("xks_audit_records_dropped_total", "reason" => why.label())
-                        .increment(1);
-                }
-                AuditOnFailure::FailClosed => {
-                    metrics::counter!("xks_audit_requests_refused_total", "reason" => why.label())
-                        .increment(1);
-                }
-            }
+            self.note_refusal(why);
         }
         result
+    }
+
+    /// Counts a record that was not taken: a 503 (fail closed) or a lost record
+    /// (continue, which the next `gap` line also reports).
+    pub fn note_refusal(&self, why: Refusal) {
+        match self.on_failure {
+            AuditOnFailure::Continue => {
+                self.shared.lost.fetch_add(1, Ordering::AcqRel);
+                metrics::counter!("xks_audit_records_dropped_total", "reason" => why.label())
+                    .increment(1);
+            }
+            AuditOnFailure::FailClosed => {
+                metrics::counter!("xks_audit_requests_refused_total", "reason" => why.label())
+                    .increment(1);
+            }
+        }
     }
 
     async fn submit(&self, record: RequestRecord) -> Result<(), Refusal> {
@@ -367,13 +373,7 @@ impl Writer {
 
     fn run(mut self, rx: &Receiver<Msg>, shared: &Shared) {
         loop {
-            let wait = if self.file.is_none() {
-                RETRY_EVERY
-            } else {
-                self.checkpoint_interval
-                    .saturating_sub(self.last_checkpoint.elapsed())
-                    .max(Duration::from_millis(1))
-            };
+            let wait = self.next_due();
             let mut batch = Vec::new();
             let mut close = None;
             match rx.recv_timeout(wait) {
@@ -404,6 +404,24 @@ impl Writer {
                 return;
             }
         }
+    }
+
+    /// How long the writer may sleep: until the next retry, checkpoint or rotation by
+    /// age. An idle trail (nothing unsealed) sleeps a whole interval, never spins.
+    fn next_due(&self) -> Duration {
+        let Some(f) = &self.file else {
+            return RETRY_EVERY;
+        };
+        let checkpoint = if self.unsealed > 0 {
+            self.checkpoint_interval
+                .saturating_sub(self.last_checkpoint.elapsed())
+        } else {
+            self.checkpoint_interval
+        };
+        let rotation = self
+            .rotate_interval
+            .map_or(Duration::MAX, |age| age.saturating_sub(f.opened.elapsed()));
+        checkpoint.min(rotation).max(Duration::from_millis(1))
     }
 
     /// Rotation, checkpoints and retries: whatever is due by the clock.
@@ -682,6 +700,29 @@ impl Writer {
             metrics::counter!("xks_audit_write_errors_total").increment(1);
             tracing::error!(error = %e, "audit trail: the final checkpoint could not be written");
         }
+    }
+}
+
+/// What `config check` can tell without writing: the directory is one (or can be
+/// made under an existing directory) and, when it has files, the newest is readable.
+pub fn preflight(config: &AuditConfig) -> Result<(), String> {
+    let dir = &config.directory;
+    if dir.exists() {
+        if !dir.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
+        let files = audit_files(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if let Some(last) = files.last() {
+            File::open(last).map_err(|e| format!("{}: {e}", last.display()))?;
+        }
+        return Ok(());
+    }
+    match dir.ancestors().skip(1).find(|a| a.exists()) {
+        Some(a) if a.is_dir() => Ok(()),
+        _ => Err(format!(
+            "{} does not exist and cannot be created (no directory above it)",
+            dir.display()
+        )),
     }
 }
 

@@ -372,3 +372,39 @@ fn a_full_queue_refuses_or_counts_as_configured() {
         );
     }
 }
+
+#[test]
+fn an_idle_writer_sleeps_a_whole_interval_and_a_busy_one_until_its_checkpoint() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = AuditConfig {
+        checkpoint_interval: Duration::from_secs(10),
+        ..config(dir.path())
+    };
+    let mut w = Writer::open(&cfg, key()).expect("open");
+    // Nothing unsealed and the last checkpoint long ago: no busy loop.
+    w.last_checkpoint = Instant::now()
+        .checked_sub(Duration::from_secs(20))
+        .expect("uptime");
+    assert_eq!(w.next_due(), Duration::from_secs(10));
+    // Something unsealed and the interval over: due now (the 1 ms floor).
+    w.unsealed = 1;
+    assert_eq!(w.next_due(), Duration::from_millis(1));
+    // A rotation by age sooner than the checkpoint wins.
+    w.last_checkpoint = Instant::now();
+    w.rotate_interval = Some(Duration::from_secs(2));
+    assert!(w.next_due() <= Duration::from_secs(2));
+    // A failed writer retries every second.
+    w.file = None;
+    assert_eq!(w.next_due(), RETRY_EVERY);
+}
+
+#[test]
+fn preflight_names_a_directory_that_is_a_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    assert!(preflight(&config(&dir.path().join("new/sub"))).is_ok());
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").expect("write");
+    let e = preflight(&config(&file)).expect_err("a file");
+    assert!(e.contains("not a directory"), "{e}");
+    assert!(preflight(&config(&file.join("below"))).is_err());
+}

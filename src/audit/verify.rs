@@ -285,7 +285,7 @@ fn check_line(
             "{}:{n}: {} record(s) lost here ({})",
             file.display(),
             v["lost"].as_u64().unwrap_or(0),
-            v["reason"].as_str().unwrap_or("-")
+            plain(&v["reason"])
         )),
         "checkpoint" => {}
         other => return Err(here(format!("unknown record type {other:?}"))),
@@ -296,10 +296,16 @@ fn check_line(
     Ok(())
 }
 
+/// A file-derived string for the terminal: control characters escaped, so a line
+/// nobody sealed cannot drive the auditor's terminal.
+fn plain(v: &Value) -> String {
+    v.as_str().unwrap_or("-").escape_debug().to_string()
+}
+
 fn describe_start(v: &Value) -> String {
     match v["detail"].as_str() {
-        Some(d) => format!("{} ({d})", v["reason"].as_str().unwrap_or("-")),
-        None => v["reason"].as_str().unwrap_or("-").to_owned(),
+        Some(_) => format!("{} ({})", plain(&v["reason"]), plain(&v["detail"])),
+        None => plain(&v["reason"]),
     }
 }
 

@@ -303,6 +303,9 @@ pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
         crate::api::credential_set(k).map_err(|e| ConfigError::new("keystores", e.to_string()))?;
     }
     load_policy(config).map_err(|e| ConfigError::new("policy.file", e.to_string()))?;
+    if let Some(audit) = &config.audit {
+        crate::audit::preflight(audit).map_err(|e| ConfigError::new("audit.directory", e))?;
+    }
     if let Some(t) = &config.server.tls {
         tls::server_config(t, config.server.client_auth.as_ref()).map_err(|e| {
             let key = match &e {
