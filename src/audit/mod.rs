@@ -269,11 +269,16 @@ struct Writer {
     checkpoint_interval: Duration,
     /// `None` after a failed write until a retry opens a new file.
     file: Option<Open>,
-    /// The next line's seq and prev.
+    /// The next line's seq and prev (moved by each line queued in `pending`).
     seq: u64,
     head: String,
     /// Lines written since the last checkpoint (a checkpoint is due only if > 0).
     unsealed: u64,
+    /// Lines appended and not yet written: one `write` per batch, not per record.
+    pending: Vec<u8>,
+    /// `(seq, head, unsealed)` as of the last line on disk, to roll back to when a
+    /// write fails.
+    on_disk: (u64, String, u64),
     last_checkpoint: Instant,
     /// Why the last write failed (for the `recovered_after_write_error` start).
     failure: Option<String>,
@@ -305,6 +310,8 @@ impl Writer {
             seq: 0,
             head: GENESIS.to_owned(),
             unsealed: 0,
+            pending: Vec::new(),
+            on_disk: (0, GENESIS.to_owned(), 0),
             last_checkpoint: Instant::now(),
             failure: None,
             last_retry: Instant::now(),
@@ -362,6 +369,7 @@ impl Writer {
         };
         self.seq = seq + 1;
         self.head = line_hash(line);
+        self.on_disk = (self.seq, self.head.clone(), 0);
         let clean = value["type"] == "checkpoint" && value["final"] == true;
         let partial = complete.len() + 1 < bytes.len();
         Ok(if clean && !partial {
@@ -466,6 +474,9 @@ impl Writer {
         self.new_file("rotated", None)
     }
 
+    /// Writes a batch with one `write` (and with `every_record` one sync), then tells
+    /// each waiting request whether its record made it. All or nothing: a failed write
+    /// is cut back off the file and the chain head rolls back with it.
     fn write_batch(
         &mut self,
         batch: Vec<(
@@ -477,33 +488,29 @@ impl Writer {
         if self.file.is_none() {
             self.retry(shared);
         }
+        let lost_before = self.gap_if_lost(shared);
         let mut result = Ok(());
-        let mut written = 0u64;
-        let mut appended = Vec::with_capacity(batch.len());
         for (record, _) in &batch {
-            if result.is_ok() {
-                result = self
-                    .gap_if_lost(shared)
-                    .and_then(|()| self.append("request", record.as_ref()));
-                if result.is_ok() {
-                    written += 1;
-                }
+            if let Err(e) = self.append("request", record.as_ref()) {
+                result = Err(e);
+                break;
             }
-            appended.push(result.is_ok());
         }
+        result = result.and_then(|()| self.commit());
         if result.is_ok() && self.fsync == AuditFsync::EveryRecord {
             result = self.sync();
         }
+        let ok = result.is_ok();
         if let Err(e) = &result {
             self.failed(e, shared);
+            shared.lost.fetch_add(lost_before, Ordering::AcqRel);
+        } else {
+            metrics::counter!("xks_audit_records_written_total").increment(batch.len() as u64);
         }
-        metrics::counter!("xks_audit_records_written_total").increment(written);
         // Records whose request did not wait were answered already: if they did not
         // reach the disk they are lost, and the next gap record says so.
-        let synced = result.is_ok();
         let mut lost = 0;
-        for ((_, ack), ok) in batch.into_iter().zip(appended) {
-            let ok = ok && synced;
+        for (_, ack) in batch {
             match ack {
                 Some(tx) => {
                     let _ = tx.send(ok);
@@ -519,11 +526,12 @@ impl Writer {
         }
     }
 
-    /// A `gap` record for records lost since the last successful write, if any.
-    fn gap_if_lost(&mut self, shared: &Shared) -> std::io::Result<()> {
+    /// Queues a `gap` line for records lost since the last successful write, if any,
+    /// and returns how many it covers (the caller puts them back if the write fails).
+    fn gap_if_lost(&mut self, shared: &Shared) -> u64 {
         let lost = shared.lost.swap(0, Ordering::AcqRel);
         if lost == 0 {
-            return Ok(());
+            return 0;
         }
         let gap = Gap {
             time: now(),
@@ -533,9 +541,11 @@ impl Writer {
                 .clone()
                 .unwrap_or_else(|| "the audit queue was full".into()),
         };
-        self.append("gap", &gap).inspect_err(|_| {
+        if self.append("gap", &gap).is_err() {
             shared.lost.fetch_add(lost, Ordering::AcqRel);
-        })
+            return 0;
+        }
+        lost
     }
 
     /// After a failure: a new file that resumes the chain (the failed write was cut
@@ -543,9 +553,13 @@ impl Writer {
     fn retry(&mut self, shared: &Shared) {
         self.last_retry = Instant::now();
         let detail = self.failure.clone();
+        let mut lost = 0;
         match self
             .new_file("recovered_after_write_error", detail)
-            .and_then(|()| self.gap_if_lost(shared))
+            .and_then(|()| {
+                lost = self.gap_if_lost(shared);
+                self.commit()
+            })
             .and_then(|()| self.sync())
         {
             Ok(()) => {
@@ -555,6 +569,7 @@ impl Writer {
             }
             Err(e) => {
                 self.file = None;
+                shared.lost.fetch_add(lost, Ordering::AcqRel);
                 tracing::debug!(error = %e, "audit trail retry failed");
             }
         }
@@ -576,8 +591,8 @@ impl Writer {
         self.last_retry = Instant::now();
     }
 
-    /// Appends one line; on error the file is cut back to where it was, so no half
-    /// line stays behind, and the chain head does not move.
+    /// Adds one line to the pending write and moves the chain head past it
+    /// ([`Writer::commit`] writes it, or rolls the head back).
     fn append<T: serde::Serialize>(&mut self, kind: &'static str, body: &T) -> std::io::Result<()> {
         let line = serde_json::to_string(&record::Line {
             seq: self.seq,
@@ -591,26 +606,45 @@ impl Writer {
         } else {
             line
         };
-        self.write_line(&line)?;
+        self.pending.extend_from_slice(line.as_bytes());
+        self.pending.push(b'\n');
         self.seq += 1;
         self.head = line_hash(line.as_bytes());
         self.unsealed += 1;
         Ok(())
     }
 
-    fn write_line(&mut self, line: &str) -> std::io::Result<()> {
-        let Some(f) = self.file.as_mut() else {
-            return Err(std::io::Error::other("no audit file open"));
-        };
-        let mut bytes = Vec::with_capacity(line.len() + 1);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
-        if let Err(e) = f.file.write_all(&bytes) {
-            let _ = f.file.set_len(f.len);
-            return Err(e);
+    /// Writes the pending lines with one `write`. On error the file is cut back to
+    /// where it was, so no half line stays behind, and the chain head returns to the
+    /// last line on disk.
+    fn commit(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
         }
-        f.len += bytes.len() as u64;
-        Ok(())
+        let result = match self.file.as_mut() {
+            None => Err(std::io::Error::other("no audit file open")),
+            Some(f) => match f.file.write_all(&self.pending) {
+                Ok(()) => {
+                    f.len += self.pending.len() as u64;
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = f.file.set_len(f.len);
+                    Err(e)
+                }
+            },
+        };
+        self.pending.clear();
+        match result {
+            Ok(()) => {
+                self.on_disk = (self.seq, self.head.clone(), self.unsealed);
+                Ok(())
+            }
+            Err(e) => {
+                (self.seq, self.head, self.unsealed) = self.on_disk.clone();
+                Err(e)
+            }
+        }
     }
 
     fn checkpoint(&mut self, is_final: bool) -> std::io::Result<()> {
@@ -621,6 +655,7 @@ impl Writer {
                 is_final,
             },
         )?;
+        self.commit()?;
         self.unsealed = 0;
         self.last_checkpoint = Instant::now();
         Ok(())
@@ -660,14 +695,16 @@ impl Writer {
             // The new name must survive a crash too.
             let _ = File::open(&self.dir).and_then(|d| d.sync_all());
         }
-        let started = self.append(
-            "chain_start",
-            &ChainStart {
-                time: now(),
-                reason,
-                detail,
-            },
-        );
+        let started = self
+            .append(
+                "chain_start",
+                &ChainStart {
+                    time: now(),
+                    reason,
+                    detail,
+                },
+            )
+            .and_then(|()| self.commit());
         if started.is_err()
             && let Some(f) = self.file.take()
         {
@@ -686,16 +723,14 @@ impl Writer {
                 return;
             }
         }
-        let result = self
-            .gap_if_lost(shared)
-            .and_then(|()| self.checkpoint(true))
-            .and_then(|()| {
-                if self.fsync == AuditFsync::Never {
-                    Ok(())
-                } else {
-                    self.sync()
-                }
-            });
+        self.gap_if_lost(shared);
+        let result = self.checkpoint(true).and_then(|()| {
+            if self.fsync == AuditFsync::Never {
+                Ok(())
+            } else {
+                self.sync()
+            }
+        });
         if let Err(e) = result {
             metrics::counter!("xks_audit_write_errors_total").increment(1);
             tracing::error!(error = %e, "audit trail: the final checkpoint could not be written");

@@ -408,3 +408,41 @@ fn preflight_names_a_directory_that_is_a_file() {
     assert!(e.contains("not a directory"), "{e}");
     assert!(preflight(&config(&file.join("below"))).is_err());
 }
+
+#[test]
+fn a_failed_write_rolls_the_chain_back_and_the_retry_continues_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shared = Shared::default();
+    let mut w = Writer::open(&config(dir.path()), key()).expect("open");
+    w.append("request", &record(0)).expect("append");
+    w.commit().expect("written");
+    let (seq, head) = (w.seq, w.head.clone());
+    // The disk goes away under a batch (and the immediate retry fails too): nothing
+    // of it counts, the head rolls back.
+    w.file = None;
+    let real_dir = std::mem::replace(&mut w.dir, dir.path().join("gone"));
+    w.write_batch(
+        vec![(Box::new(record(1)), None), (Box::new(record(2)), None)],
+        &shared,
+    );
+    assert_eq!((w.seq, &w.head), (seq, &head));
+    assert!(shared.failed.load(Ordering::Acquire));
+    assert_eq!(shared.lost.load(Ordering::Acquire), 2);
+    // The retry opens a new file that resumes the chain and says what was lost.
+    w.dir = real_dir;
+    w.retry(&shared);
+    assert!(!shared.failed.load(Ordering::Acquire));
+    w.finish(&shared);
+    let f = files(dir.path());
+    assert_eq!(f.len(), 2);
+    let second = lines(&f[1]);
+    assert!(
+        second[0].contains("recovered_after_write_error"),
+        "{}",
+        second[0]
+    );
+    assert!(second[1].contains(r#""type":"gap""#) && second[1].contains(r#""lost":2"#));
+    let r = verify(&f, Some(&key()));
+    assert!(r.intact_and_sealed(), "{r}");
+    assert_eq!(r.requests, 1);
+}
