@@ -501,28 +501,26 @@ impl Writer {
             result = self.sync();
         }
         let ok = result.is_ok();
-        if let Err(e) = &result {
-            self.failed(e, shared);
-            shared.lost.fetch_add(lost_before, Ordering::AcqRel);
-        } else {
+        if ok {
             metrics::counter!("xks_audit_records_written_total").increment(batch.len() as u64);
-        }
-        // Records whose request did not wait were answered already: if they did not
-        // reach the disk they are lost, and the next gap record says so.
-        let mut lost = 0;
-        for (_, ack) in batch {
-            match ack {
-                Some(tx) => {
-                    let _ = tx.send(ok);
-                }
-                None if !ok => lost += 1,
-                None => {}
+        } else {
+            // Records whose request did not wait were answered already: they are lost,
+            // and the next gap record says so. Counted before the failure is logged,
+            // so whoever reads the log line finds them in the metrics.
+            let lost = batch.iter().filter(|(_, ack)| ack.is_none()).count() as u64;
+            shared.lost.fetch_add(lost_before + lost, Ordering::AcqRel);
+            if lost > 0 {
+                metrics::counter!("xks_audit_records_dropped_total", "reason" => Refusal::WriterFailed.label())
+                    .increment(lost);
             }
         }
-        if lost > 0 {
-            shared.lost.fetch_add(lost, Ordering::AcqRel);
-            metrics::counter!("xks_audit_records_dropped_total", "reason" => Refusal::WriterFailed.label())
-                .increment(lost);
+        if let Err(e) = &result {
+            self.failed(e, shared);
+        }
+        for (_, ack) in batch {
+            if let Some(tx) = ack {
+                let _ = tx.send(ok);
+            }
         }
     }
 
@@ -563,9 +561,10 @@ impl Writer {
             .and_then(|()| self.sync())
         {
             Ok(()) => {
-                tracing::warn!("audit trail writing again (a new file resumes the chain)");
                 self.failure = None;
+                // Open for records before saying so: whoever reads the line may send.
                 shared.failed.store(false, Ordering::Release);
+                tracing::warn!("audit trail writing again (a new file resumes the chain)");
             }
             Err(e) => {
                 self.file = None;
