@@ -446,3 +446,20 @@ fn a_failed_write_rolls_the_chain_back_and_the_retry_continues_it() {
     assert!(r.intact_and_sealed(), "{r}");
     assert_eq!(r.requests, 1);
 }
+
+#[test]
+fn rotation_by_age_continues_the_chain() {
+    // An age of zero: every look at the clock finds the file old enough (no waiting).
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = AuditConfig {
+        rotate_interval: Some(Duration::ZERO),
+        ..config(dir.path())
+    };
+    write(&cfg, 0, 3);
+    let f = files(dir.path());
+    assert!(f.len() >= 3, "{f:?}");
+    assert!(lines(&f[1])[0].contains(r#""reason":"rotated""#));
+    let r = verify(&f, Some(&key()));
+    assert!(r.intact_and_sealed(), "{r}");
+    assert_eq!(r.requests, 3);
+}
