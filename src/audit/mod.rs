@@ -760,6 +760,20 @@ pub fn preflight(config: &AuditConfig) -> Result<(), String> {
     }
 }
 
+/// Paths as `audit verify`/`show` take them: files as given, a directory standing for
+/// its audit files in chain order.
+pub fn expand(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            out.extend(audit_files(p)?);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
 /// The audit files in `dir`, in chain order (their names sort that way).
 pub fn audit_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?

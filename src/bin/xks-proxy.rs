@@ -867,7 +867,7 @@ fn audit(command: AuditCommand) -> Result<ExitCode> {
                 .map(|s| s.read("--key-file/--key-env"))
                 .transpose()?
                 .map(|k| xks_proxy::audit::SealKey::new(k.expose().as_bytes()));
-            let report = xks_proxy::audit::verify(&audit_files(&files)?, key.as_ref());
+            let report = xks_proxy::audit::verify(&xks_proxy::audit::expand(&files)?, key.as_ref());
             print!("{report}");
             Ok(ExitCode::from(report.exit_code()))
         }
@@ -893,29 +893,13 @@ fn audit(command: AuditCommand) -> Result<ExitCode> {
                 since: when(since, "--since")?,
                 until: when(until, "--until")?,
             };
-            let found = xks_proxy::audit::show(&audit_files(&files)?, &filter)?;
+            let found = xks_proxy::audit::show(&xks_proxy::audit::expand(&files)?, &filter)?;
             for line in &found {
                 println!("{line}");
             }
             Ok(ExitCode::from(if found.is_empty() { 1 } else { 0 }))
         }
     }
-}
-
-/// Files as given; a directory stands for its audit files in chain order.
-fn audit_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for a in args {
-        if a.is_dir() {
-            out.extend(
-                xks_proxy::audit::audit_files(a)
-                    .with_context(|| format!("reading {}", a.display()))?,
-            );
-        } else {
-            out.push(a.clone());
-        }
-    }
-    Ok(out)
 }
 
 fn load_admin(path: &Path) -> Result<xks_proxy::config::AdminConfig> {
