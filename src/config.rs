@@ -69,6 +69,46 @@ pub struct RawConfig {
     /// One entry per path prefix (logical keystore / tenant).
     #[serde(default)]
     pub keystores: Vec<RawKeystore>,
+    /// The tamper-evident audit trail (one hash-chained record per authenticated XKS
+    /// request). Off unless the table is present (and `enabled` is not false).
+    pub audit: Option<RawAudit>,
+}
+
+/// `[audit]`: see `crate::audit` and the README's "Audit trail".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// Write the audit trail (default true when the table is present).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Directory of the `audit-*.jsonl` files (created if missing).
+    pub directory: PathBuf,
+    /// File holding the checkpoint key (HMAC-SHA256; at least 32 characters). Exactly
+    /// one of this and `key_env`.
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding the checkpoint key.
+    pub key_env: Option<String>,
+    /// Start a new file when the current one reaches this size. 0: never by size.
+    #[serde(default = "default_audit_rotate_bytes")]
+    pub rotate_bytes: u64,
+    /// Start a new file when the current one is this old. 0: never by age.
+    #[serde(default = "default_audit_rotate_interval")]
+    pub rotate_interval_secs: u64,
+    /// Records waiting for the writer; a request finding it full is refused (fail
+    /// closed) or its record dropped and counted (continue).
+    #[serde(default = "default_audit_queue")]
+    pub queue_capacity: usize,
+    /// "fail_closed" (default: 503 when a record cannot be queued or written) or
+    /// "continue" (answer anyway; count the dropped record).
+    #[serde(default = "default_audit_on_failure")]
+    pub on_failure: String,
+    /// "never", "interval" (default: at every checkpoint) or "every_record" (the answer
+    /// waits until its record is written and synced).
+    #[serde(default = "default_audit_fsync")]
+    pub fsync: String,
+    /// Seconds between signed checkpoints (only when records were written since).
+    #[serde(default = "default_audit_checkpoint")]
+    pub checkpoint_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -328,6 +368,27 @@ pub struct RawCredential {
     pub secret_file: Option<PathBuf>,
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_audit_rotate_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_audit_rotate_interval() -> u64 {
+    86_400
+}
+fn default_audit_queue() -> usize {
+    4096
+}
+fn default_audit_on_failure() -> String {
+    "fail_closed".into()
+}
+fn default_audit_fsync() -> String {
+    "interval".into()
+}
+fn default_audit_checkpoint() -> u64 {
+    60
+}
 fn default_max_body() -> usize {
     64 * 1024
 }
@@ -403,6 +464,129 @@ pub struct Config {
     /// Files whose change triggers a reload when watching (config, secrets, TLS, policy,
     /// keystore). The config file itself is added by [`Config::load`].
     pub watched_files: Vec<PathBuf>,
+    /// The audit trail, when enabled (restart-only).
+    pub audit: Option<AuditConfig>,
+}
+
+/// What the audit trail does when a record cannot be queued or written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOnFailure {
+    /// The request gets 503 and the reason is logged: no key use goes unrecorded.
+    FailClosed,
+    /// The request is answered; the lost record is counted (and noted in the chain).
+    Continue,
+}
+
+/// When the audit writer calls fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditFsync {
+    Never,
+    /// At each checkpoint, rotation and shutdown.
+    Interval,
+    /// After each batch of records, before their requests are answered.
+    EveryRecord,
+}
+
+/// A validated `[audit]`.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub directory: PathBuf,
+    /// The checkpoint HMAC key (redacted `Debug`, zeroized).
+    pub key: SecretString,
+    pub key_source: SecretSource,
+    /// `None`: never by size.
+    pub rotate_bytes: Option<u64>,
+    /// `None`: never by age.
+    pub rotate_interval: Option<Duration>,
+    pub queue_capacity: usize,
+    pub on_failure: AuditOnFailure,
+    pub fsync: AuditFsync,
+    pub checkpoint_interval: Duration,
+}
+
+/// The shortest audit key accepted: 32 characters (`openssl rand -base64 32` gives 44).
+pub const MIN_AUDIT_KEY_LEN: usize = 32;
+
+impl RawAudit {
+    /// Checks `[audit]` and reads its key; `None` when disabled.
+    pub fn validate(self, base: &Path) -> Result<Option<AuditConfig>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if self.directory.as_os_str().is_empty() {
+            return Err(ConfigError::new("audit.directory", "must not be empty"));
+        }
+        let key_source = SecretSource::from_pair(
+            "audit.key_file",
+            self.key_env.as_ref(),
+            self.key_file.as_ref(),
+            base,
+        )?;
+        let key_name = match key_source {
+            SecretSource::Env(_) => "audit.key_env",
+            SecretSource::File(_) => "audit.key_file",
+        };
+        let key = key_source.read(key_name)?;
+        if key.len() < MIN_AUDIT_KEY_LEN {
+            return Err(ConfigError::new(
+                key_name,
+                format!(
+                    "the key is shorter than {MIN_AUDIT_KEY_LEN} characters (make one with `openssl rand -base64 32`)"
+                ),
+            ));
+        }
+        if self.rotate_bytes != 0 && self.rotate_bytes < 4096 {
+            return Err(ConfigError::new(
+                "audit.rotate_bytes",
+                "must be 0 (never by size) or at least 4096",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.queue_capacity) {
+            return Err(ConfigError::new(
+                "audit.queue_capacity",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if !(1..=86_400).contains(&self.checkpoint_interval_secs) {
+            return Err(ConfigError::new(
+                "audit.checkpoint_interval_secs",
+                "must be between 1 and 86400",
+            ));
+        }
+        let on_failure = match self.on_failure.as_str() {
+            "fail_closed" => AuditOnFailure::FailClosed,
+            "continue" => AuditOnFailure::Continue,
+            other => {
+                return Err(ConfigError::new(
+                    "audit.on_failure",
+                    format!("'{other}' is not one of fail_closed, continue"),
+                ));
+            }
+        };
+        let fsync = match self.fsync.as_str() {
+            "never" => AuditFsync::Never,
+            "interval" => AuditFsync::Interval,
+            "every_record" => AuditFsync::EveryRecord,
+            other => {
+                return Err(ConfigError::new(
+                    "audit.fsync",
+                    format!("'{other}' is not one of never, interval, every_record"),
+                ));
+            }
+        };
+        Ok(Some(AuditConfig {
+            directory: base.join(&self.directory),
+            key,
+            key_source,
+            rotate_bytes: (self.rotate_bytes != 0).then_some(self.rotate_bytes),
+            rotate_interval: (self.rotate_interval_secs != 0)
+                .then(|| Duration::from_secs(self.rotate_interval_secs)),
+            queue_capacity: self.queue_capacity,
+            on_failure,
+            fsync,
+            checkpoint_interval: Duration::from_secs(self.checkpoint_interval_secs),
+        }))
+    }
 }
 
 /// mTLS: which client certificates may connect.
@@ -1256,7 +1440,12 @@ impl RawConfig {
             0 => None,
             n => Some(Duration::from_secs(n)),
         };
+        let audit = match self.audit {
+            Some(a) => a.validate(base)?,
+            None => None,
+        };
         Ok(Config {
+            audit,
             admin_listen,
             policy_file,
             reload_watch,
@@ -1546,6 +1735,83 @@ secret_file = "SECRETFILE"
             assert_eq!(e.key, key);
             assert!(e.to_string().contains(why), "{e}");
         }
+    }
+
+    /// Issue 16 §2: `[audit]` is off unless present, takes its key from a file or env
+    /// var (never inline, at least 32 characters), and every bad value names its key.
+    #[test]
+    fn the_audit_section_is_validated_and_errors_name_the_key() {
+        let audit = |section: &str, key: &str| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("secret"), GOOD_SECRET).expect("write");
+            std::fs::write(dir.path().join("audit.key"), key).expect("write");
+            let text = format!(
+                "{}\n[audit]\n{section}",
+                MINIMAL.replace("SECRETFILE", "secret")
+            );
+            Config::from_toml(&text, dir.path()).map(|c| c.audit)
+        };
+        let good_key = "0123456789abcdef0123456789abcdef\n";
+        let (_d, cfg) = with_secret(MINIMAL, GOOD_SECRET);
+        assert!(cfg.expect("valid").audit.is_none());
+        let on = audit("directory = \"audit\"\nkey_file = \"audit.key\"", good_key)
+            .expect("valid")
+            .expect("on");
+        assert_eq!(on.on_failure, AuditOnFailure::FailClosed);
+        assert_eq!(on.fsync, AuditFsync::Interval);
+        assert_eq!(on.rotate_bytes, Some(64 * 1024 * 1024));
+        assert_eq!(on.queue_capacity, 4096);
+        assert!(on.directory.ends_with("audit") && on.directory.is_absolute());
+        assert!(!format!("{on:?}").contains("0123456789abcdef"), "{on:?}");
+        let off = audit("enabled = false\ndirectory = \"audit\"", good_key).expect("valid");
+        assert!(off.is_none());
+        let base = "directory = \"audit\"\nkey_file = \"audit.key\"\n";
+        for (section, key, want_key, why) in [
+            (
+                "directory = \"audit\"",
+                good_key,
+                "audit.key_file",
+                "secrets are never inline",
+            ),
+            (base, "short", "audit.key_file", "shorter than 32"),
+            (
+                &format!("{base}on_failure = \"maybe\""),
+                good_key,
+                "audit.on_failure",
+                "fail_closed, continue",
+            ),
+            (
+                &format!("{base}fsync = \"always\""),
+                good_key,
+                "audit.fsync",
+                "every_record",
+            ),
+            (
+                &format!("{base}rotate_bytes = 10"),
+                good_key,
+                "audit.rotate_bytes",
+                "4096",
+            ),
+            (
+                &format!("{base}queue_capacity = 0"),
+                good_key,
+                "audit.queue_capacity",
+                "between",
+            ),
+            (
+                &format!("{base}checkpoint_interval_secs = 0"),
+                good_key,
+                "audit.checkpoint_interval_secs",
+                "between",
+            ),
+        ] {
+            let e = audit(section, key).expect_err(why);
+            assert_eq!(e.key, want_key, "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+            assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
+        }
+        let e = audit(&format!("{base}fsink = \"never\""), good_key).expect_err("unknown key");
+        assert!(e.to_string().contains("fsink"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! | [`sigv4`] | our SigV4 verifier (the product) and a KMS-like signer (aws-sigv4) |
 //! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary: permits, a bounded wait queue, a deadline, and the backend's own call threads — not `spawn_blocking`, see its doc), [`backend::software`] keystore, `backend::pkcs11` (HSMs through cryptoki: session pool, handle cache, recovery, failover) |
 //! | [`policy`] | optional secondary authorization (Cedar) over `requestMetadata`; health exempt |
+//! | [`audit`] | the tamper-evident audit trail: one hash-chained record per authenticated request, HMAC-sealed checkpoints, a writer thread behind a bounded queue (fail closed or count the drops), rotation, and `audit verify`/`show` |
 //! | [`secret`] | zeroizing, `Debug`-redacted secret types |
 //! | [`crypto`] | the one choice of cryptographic implementation: ring, or aws-lc-rs on the AWS-LC FIPS 140-3 module (feature `fips`); every hash, MAC, KDF, AEAD, random draw and TLS provider comes from here |
 //! | [`telemetry`] | tracing setup (human or JSON), the Prometheus registry |
@@ -31,7 +32,8 @@
 //! → `wire::EncryptRequest` → [`api::encrypt`] builds the spec AAD ([`api::aad`]) and
 //! calls the prefix's backend through its [`backend::Handle`] (encrypt, CDIV, verify-decrypt) → 200
 //! JSON, and one log line with kmsRequestId, operation, principal, prefix, key, outcome
-//! and elapsed time. An answer the API gives before the body is read (404, 405, 501)
+//! and elapsed time (and, with `[audit]`, its record queued for the [`audit`] writer,
+//! or a 503 if it cannot be). An answer the API gives before the body is read (404, 405, 501)
 //! still consumes the body first, bounded, so HTTP/2 clients receive it.
 //!
 //! Dependency directions: `server` → `api` → (`sigv4`, `policy`, `backend` via `Handle`);
@@ -47,6 +49,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod aws_sample;
 pub mod backend;
 pub mod config;

@@ -200,6 +200,26 @@ fn describe() {
         "1 if every cryptographic operation of the proxy runs on the FIPS 140-3 validated AWS-LC module in FIPS mode (a `fips` build), 0 otherwise"
     );
     describe_counter!(
+        "xks_audit_records_written_total",
+        "Audit records (request and gap lines) written to the audit trail"
+    );
+    describe_counter!(
+        "xks_audit_records_dropped_total",
+        "Audit records lost while their request was answered (on_failure = continue, or written after the answer and then failed), by reason; the chain's next gap record says how many"
+    );
+    describe_counter!(
+        "xks_audit_requests_refused_total",
+        "Requests answered 503 because the audit trail could not take their record (on_failure = fail_closed), by reason"
+    );
+    describe_counter!(
+        "xks_audit_write_errors_total",
+        "Failed audit writes or syncs (the writer then retries with a new file every second)"
+    );
+    describe_gauge!(
+        "xks_audit_queue_depth",
+        "Audit records queued for the writer (out of audit.queue_capacity)"
+    );
+    describe_counter!(
         "xks_tls_handshake_failures_total",
         "TLS handshakes that failed, by listener and reason (client_certificate_refused, no_client_certificate, certificate_rejected_by_client, incompatible_client, protocol_error, closed_by_client, timeout, io_error)"
     );

@@ -368,3 +368,82 @@ fn null_server_answers_and_exits_when_its_parent_closes_stdin() {
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Issue 16 §2's benchmark is runnable: `proxy-server --audit-dir` serves with the
+/// audit trail on, `run` drives it with zero errors, and the trail it leaves holds a
+/// record per request and ends sealed (a tool check, never a speed).
+#[test]
+fn the_audit_on_proxy_server_records_every_request_of_a_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trail = dir.path().join("trail");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_xks-bench"))
+        .args(["proxy-server", "--exit-on-stdin-eof", "--max-secs", "120"])
+        .args(["--log-level", "warn", "--audit-dir", path(&trail)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start proxy server");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("announce line");
+    let info: Value = serde_json::from_str(&line).expect("JSON announce line");
+    let s = |k: &str| info[k].as_str().expect(k).to_owned();
+    let (url, prefix, key, akid, secret) = (
+        s("url"),
+        s("prefix"),
+        s("key_id"),
+        s("access_key_id"),
+        s("secret_file"),
+    );
+    let ca = common::repo().join("certs/ca.pem");
+    let out = xks_bench(
+        &[
+            "run",
+            "--url",
+            &url,
+            "--prefix",
+            &prefix,
+            "--key-id",
+            &key,
+            "--access-key-id",
+            &akid,
+            "--secret-file",
+            &secret,
+            "--ca",
+            path(&ca),
+            "--op",
+            "encrypt",
+            "-c",
+            "2",
+            "--duration",
+            "0.5",
+            "--json",
+            "--quiet",
+            "--timeout-ms",
+            "10000",
+        ],
+        Duration::from_secs(60),
+    );
+    let report = check_report(&out, "encrypt");
+    drop(server.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && server.try_wait().expect("wait").is_none() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = server.try_wait().expect("wait");
+    if status.is_none() {
+        let _ = server.kill();
+    }
+    assert!(status.is_some(), "proxy server did not exit on stdin EOF");
+    let files = xks_proxy::audit::audit_files(&trail).expect("trail");
+    let verified = xks_proxy::audit::verify(&files, None);
+    assert!(verified.problem.is_none(), "{verified}");
+    assert!(verified.ends_final, "{verified}");
+    // Warm-up requests are recorded too, so at least as many as the report counts.
+    let ok = report["requests_ok"].as_u64().expect("ok");
+    assert!(verified.requests >= ok, "{} < {ok}", verified.requests);
+}

@@ -884,6 +884,8 @@ fn the_readme_cli_table_names_every_option() {
         &["keys", "generate-master-key"],
         &["keys", "create-health-check-key"],
         &["config", "import-aws-sample"],
+        &["audit", "verify"],
+        &["audit", "show"],
     ];
     let mut missing = Vec::new();
     for args in commands {

@@ -495,6 +495,13 @@ pub struct ProxyServerArgs {
     /// a small value shows how few held requests starve everyone (`flood`).
     #[arg(long)]
     pub max_in_flight: Option<usize>,
+    /// Write the audit trail (issue 16 §2) into this directory (a fresh checkpoint key
+    /// is generated; fail closed). Off by default.
+    #[arg(long, value_name = "DIR")]
+    pub audit_dir: Option<PathBuf>,
+    /// The audit trail's fsync policy with --audit-dir: never, interval, every_record.
+    #[arg(long, default_value = "interval", requires = "audit_dir")]
+    pub audit_fsync: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -526,6 +533,10 @@ pub struct FiguresArgs {
     /// Also run the proxy with logging off (shows the request log's cost).
     #[arg(long)]
     pub with_log_off: bool,
+    /// Also run the proxy with the audit trail on (fsync = interval, files under
+    /// OUT/audit-trail): the audit log's cost, next to "proxy (software)".
+    #[arg(long)]
+    pub with_audit: bool,
     /// Write every report (JSON), the markdown table and the plots here.
     #[arg(long, default_value = "target/xks-bench-figures")]
     pub out: PathBuf,

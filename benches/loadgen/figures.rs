@@ -378,6 +378,18 @@ pub fn figures(a: &FiguresArgs) -> Result<()> {
             &[],
         )?);
     }
+    if a.with_audit {
+        // Issue 16 §2: Encrypt throughput and p99 with the audit trail on, against
+        // "proxy (software)" in the same round.
+        let trail = a.out.join("audit-trail");
+        let _ = std::fs::remove_dir_all(&trail);
+        servers.push(Server::spawn(
+            "proxy (software, audit log on)",
+            &["proxy-server", "--audit-dir", &trail.display().to_string()],
+            &a.server_cpus,
+            &[],
+        )?);
+    }
     let hsm = if a.softhsm {
         let hsm = softhsm_token(&a.out.join("softhsm"))?;
         // The same-run ceiling of the SoftHSM proxy (issue 15 §1).
@@ -815,9 +827,7 @@ fn idle_memory(a: &FiguresArgs, http2: bool) -> Result<serde_json::Value> {
         proxy.display()
     );
     let exe = std::env::current_exe().context("locating xks-bench")?;
-    let out = a
-        .out
-        .join(if http2 { "idle-http2" } else { "idle-http1" });
+    let out = a.out.join(if http2 { "idle-http2" } else { "idle-http1" });
     eprintln!(
         "memory: {} idle HTTP/{} connections against {}",
         a.idle_connections,
@@ -866,7 +876,11 @@ fn idle_table(a: &FiguresArgs, runs: &[serde_json::Value]) -> String {
             mib(&r["rss_held_kib"]),
             mib(&r["rss_after_close_kib"]),
             mib(&r["rss_late_after_close_kib"]),
-            if per <= TARGET_KIB { "met" } else { "**not met**" },
+            if per <= TARGET_KIB {
+                "met"
+            } else {
+                "**not met**"
+            },
             r["new_client"]["requests_ok"],
             r["new_client"]["errors"],
         );

@@ -336,6 +336,32 @@ fn write_private(path: &Path, content: &str) -> Result<()> {
     Ok(())
 }
 
+/// The audit trail of `proxy-server --audit-dir`: a fresh key in `dir`, files in `trail`.
+fn bench_audit(dir: &Path, trail: &Path, fsync: &str) -> Result<xks_proxy::config::AuditConfig> {
+    use xks_proxy::config::{AuditConfig, AuditFsync, AuditOnFailure};
+    let (_, key) = xks_proxy::config::generate_credential();
+    let key_file = dir.join("audit.key");
+    write_private(&key_file, key.expose())?;
+    Ok(AuditConfig {
+        directory: trail.to_path_buf(),
+        key,
+        key_source: SecretSource::File(key_file),
+        rotate_bytes: Some(64 * 1024 * 1024),
+        rotate_interval: None,
+        queue_capacity: 4096,
+        on_failure: AuditOnFailure::FailClosed,
+        fsync: match fsync {
+            "never" => AuditFsync::Never,
+            "interval" => AuditFsync::Interval,
+            "every_record" => AuditFsync::EveryRecord,
+            other => {
+                anyhow::bail!("--audit-fsync: '{other}' is not never, interval or every_record")
+            }
+        },
+        checkpoint_interval: std::time::Duration::from_secs(60),
+    })
+}
+
 /// `xks-bench proxy-server`.
 pub fn proxy_server(args: &ProxyServerArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("xks-bench-proxy-{}", std::process::id()));
@@ -366,6 +392,9 @@ pub fn proxy_server(args: &ProxyServerArgs) -> Result<()> {
     if let Some(n) = args.max_in_flight {
         anyhow::ensure!(n > 0, "--max-in-flight must be positive");
         config.server.max_in_flight = n;
+    }
+    if let Some(trail) = &args.audit_dir {
+        config.audit = Some(bench_audit(&dir, trail, &args.audit_fsync)?);
     }
     config.logging.level.clone_from(&args.log_level);
     config.logging.format = if args.log_json {

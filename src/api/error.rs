@@ -125,6 +125,10 @@ pub enum ApiError {
     /// The encrypt self-check (CDIV order of work) did not give back the plaintext.
     #[error("encrypt self-check failed; nothing was returned")]
     SelfCheckFailed,
+    /// The audit trail cannot take this request's record (`[audit] on_failure =
+    /// "fail_closed"`): no key use without its record. The log line says why.
+    #[error("the proxy's audit trail cannot record requests right now; retry")]
+    AuditUnavailable,
 }
 
 impl ApiError {
@@ -145,6 +149,9 @@ impl ApiError {
             ApiError::Overloaded => ErrorName::ThrottlingException,
             ApiError::QuotaExceeded => ErrorName::ThrottlingException,
             ApiError::AccessDenied => ErrorName::AccessDeniedException,
+            // The spec's one 503 row: KMS treats it as the proxy's dependency being
+            // unavailable, which the audit trail is.
+            ApiError::AuditUnavailable => ErrorName::DependencyTimeoutException,
             ApiError::Backend(b) => match b {
                 BackendError::KeyNotFound => ErrorName::KeyNotFoundException,
                 BackendError::KeyDisabled => ErrorName::InvalidStateException,
@@ -175,7 +182,8 @@ impl ApiError {
             | ApiError::Overloaded
             | ApiError::QuotaExceeded
             | ApiError::AccessDenied
-            | ApiError::SelfCheckFailed => self.error_name().status(),
+            | ApiError::SelfCheckFailed
+            | ApiError::AuditUnavailable => self.error_name().status(),
         }
     }
 
@@ -261,6 +269,11 @@ mod tests {
             (ApiError::Overloaded, "ThrottlingException", 429),
             (ApiError::QuotaExceeded, "ThrottlingException", 429),
             (ApiError::AccessDenied, "AccessDeniedException", 403),
+            (
+                ApiError::AuditUnavailable,
+                "DependencyTimeoutException",
+                503,
+            ),
             (
                 BackendError::KeyNotFound.into(),
                 "KeyNotFoundException",

@@ -262,6 +262,8 @@ pub struct Api {
     awaiting_body: std::sync::atomic::AtomicUsize,
     /// Secondary authorization, when configured; swapped on reload.
     policy: ArcSwap<Option<Arc<Policy>>>,
+    /// The audit trail, when `[audit]` is on (restart-only: set once at start).
+    audit: Option<Arc<crate::audit::Trail>>,
 }
 
 /// What a handler needs about the current request.
@@ -300,6 +302,13 @@ struct RequestLog {
     kms_request_id: Option<String>,
     kms_operation: Option<String>,
     principal: Option<String>,
+    /// For the audit record only.
+    source_vpc: Option<String>,
+    source_vpce: Option<String>,
+    /// The key version an Encrypt used or a Decrypt's ciphertext names (audit record).
+    key_version: Option<u32>,
+    /// Why the audit trail refused this request's record (a fixed label).
+    audit_failure: Option<&'static str>,
     /// Why a request was refused before its signature verified (a label of
     /// `xks_unauthenticated_rejections_total`).
     unauthenticated: Option<UnauthenticatedRejection>,
@@ -353,7 +362,19 @@ impl Api {
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.server.max_in_flight)),
             awaiting_body: std::sync::atomic::AtomicUsize::new(0),
             policy: ArcSwap::from_pointee(None),
+            audit: None,
         })
+    }
+
+    /// Records every authenticated request in `trail` from now on.
+    pub fn with_audit(mut self, trail: Option<Arc<crate::audit::Trail>>) -> Self {
+        self.audit = trail;
+        self
+    }
+
+    /// The audit trail, if on.
+    pub fn audit(&self) -> Option<&Arc<crate::audit::Trail>> {
+        self.audit.as_ref()
     }
 
     /// Installs (or removes) the secondary-authorization policy.
@@ -410,6 +431,22 @@ impl Api {
         let mut response = match result {
             Ok(r) | Err(Outcomed(r)) => r,
         };
+        // Authenticated requests only: a stranger's flood must not fill the audit disk
+        // or its queue (and so push a fail-closed proxy into refusing KMS).
+        if log.authenticated
+            && log.audit_failure.is_none()
+            && let Some(trail) = &self.audit
+        {
+            let record = log.audit_record(&response, started.elapsed());
+            if let Err(why) = trail.record(record).await {
+                log.audit_failure = Some(why.label());
+                if trail.on_failure() == crate::config::AuditOnFailure::FailClosed {
+                    // Whatever the key manager did stays with us: no output leaves
+                    // without its record.
+                    response = Outcomed::from(ApiError::AuditUnavailable).0;
+                }
+            }
+        }
         if log.authenticated {
             response.extensions_mut().insert(Authenticated);
         }
@@ -462,6 +499,7 @@ impl Api {
             key_id = log.key_id.as_deref().unwrap_or("-"),
             status = response.status().as_u16(),
             outcome,
+            audit_failure = log.audit_failure,
             elapsed_us = elapsed.as_micros() as u64,
             "xks request"
         );
@@ -595,6 +633,15 @@ impl Api {
         let _in_flight = Arc::clone(&self.in_flight)
             .try_acquire_owned()
             .map_err(|_| ApiError::Overloaded)?;
+        // Fail closed early: a broken audit writer means no key work at all.
+        if let Some(trail) = &self.audit
+            && trail.on_failure() == crate::config::AuditOnFailure::FailClosed
+            && let Some(why) = trail.refusing()
+        {
+            trail.note_refusal(why);
+            log.audit_failure = Some(why.label());
+            return Err(ApiError::AuditUnavailable.into());
+        }
         // The per-prefix quota counts authenticated requests only, so an unauthenticated
         // flood cannot spend a tenant's quota.
         if let Some(q) = &tenant.quota
@@ -647,11 +694,22 @@ impl Api {
             Operation::Encrypt => {
                 let req: wire::EncryptRequest = decode(&body, log)?;
                 self.authorize(KeyOperation::Encrypt, tenant, &call, &req.request_metadata)?;
-                Ok(json_ok(&encrypt::handle(&call, req).await?))
+                let resp = encrypt::handle(&call, req).await?;
+                log.key_version = resp
+                    .ciphertext_metadata
+                    .as_ref()
+                    .and_then(|m| aad::Metadata::decode(&m.0))
+                    .map(|m| m.key_version);
+                Ok(json_ok(&resp))
             }
             Operation::Decrypt => {
                 let req: wire::DecryptRequest = decode(&body, log)?;
                 self.authorize(KeyOperation::Decrypt, tenant, &call, &req.request_metadata)?;
+                log.key_version = req
+                    .ciphertext_metadata
+                    .as_ref()
+                    .and_then(|m| aad::Metadata::decode(&m.0))
+                    .map(|m| m.key_version);
                 Ok(json_secret_ok(&decrypt::handle(&call, req).await?))
             }
         }
@@ -780,7 +838,43 @@ fn decode<T: DeserializeOwned + HasMetadata>(
     log.kms_request_id = Some(m.kms_request_id.clone());
     log.kms_operation = Some(m.kms_operation.clone());
     log.principal.clone_from(&m.aws_principal_arn);
+    log.source_vpc.clone_from(&m.aws_source_vpc);
+    log.source_vpce.clone_from(&m.aws_source_vpce);
     Ok(req)
+}
+
+impl RequestLog {
+    /// This request's audit record: what the log line says, plus the source VPC and
+    /// key version; never a body field.
+    fn audit_record(
+        &self,
+        response: &Response<Full<Bytes>>,
+        elapsed: std::time::Duration,
+    ) -> crate::audit::RequestRecord {
+        let ok = response.status() == StatusCode::OK;
+        crate::audit::RequestRecord {
+            time: crate::audit::now(),
+            kms_request_id: self.kms_request_id.clone(),
+            kms_operation: self.kms_operation.clone(),
+            xks_operation: self.operation,
+            principal: self.principal.clone(),
+            source_vpc: self.source_vpc.clone(),
+            source_vpce: self.source_vpce.clone(),
+            prefix: self.prefix.clone(),
+            access_key_id: self.access_key_id.clone(),
+            key_id: self.key_id.clone(),
+            key_version: self.key_version,
+            outcome: if ok { "ok" } else { "error" },
+            error_name: if ok {
+                None
+            } else {
+                response.extensions().get::<Outcome>().map(|o| o.0)
+            },
+            status: response.status().as_u16(),
+            backend: self.backend.as_deref().map(str::to_owned),
+            latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        }
+    }
 }
 
 /// Every request body carries `requestMetadata`.

@@ -60,6 +60,8 @@ pub enum ServeError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Fips(#[from] crate::crypto::FipsError),
+    #[error("audit trail: {0}")]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// A started proxy: its addresses and the way to stop it.
@@ -109,6 +111,9 @@ fn restart_only(config: &Config) -> Vec<(&'static str, String)> {
         // The log subscriber is installed once per process.
         ("logging.level", config.logging.level.clone()),
         ("logging.format", format!("{:?}", config.logging.format)),
+        // The writer thread, its files and its key are set up once. (Debug of the
+        // key is redacted: the comparison sees its source, not its bytes.)
+        ("audit", format!("{:?}", config.audit)),
     ]
 }
 
@@ -302,6 +307,9 @@ pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
         crate::api::credential_set(k).map_err(|e| ConfigError::new("keystores", e.to_string()))?;
     }
     load_policy(config).map_err(|e| ConfigError::new("policy.file", e.to_string()))?;
+    if let Some(audit) = &config.audit {
+        crate::audit::preflight(audit).map_err(|e| ConfigError::new("audit.directory", e))?;
+    }
     if let Some(t) = &config.server.tls {
         tls::server_config(t, config.server.client_auth.as_ref()).map_err(|e| {
             let key = match &e {
@@ -384,6 +392,19 @@ pub fn secret_uses(config: &Config) -> Vec<SecretUse> {
             rotates_on_reload: true,
         });
     }
+    if let Some(audit) = &config.audit {
+        let (source, _) = from(&audit.key_source);
+        let field = match audit.key_source {
+            SecretSource::File(_) => "audit.key_file",
+            SecretSource::Env(_) => "audit.key_env",
+        };
+        out.push(SecretUse {
+            setting: field.to_owned(),
+            source,
+            // The writer is set up once; a new key takes a restart.
+            rotates_on_reload: false,
+        });
+    }
     for b in &config.backends {
         match &b.config {
             BackendConfig::Software { master_key, .. } => {
@@ -430,9 +451,13 @@ impl Running {
         let _ = self.shutdown.send(true);
     }
 
-    /// Waits until every listener has drained (or the grace period ran out).
+    /// Waits until every listener has drained (or the grace period ran out), then
+    /// seals the audit trail with its final checkpoint.
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        if let Some(trail) = self.api.audit() {
+            trail.close().await;
+        }
     }
 
     /// The handle that applies a new config (SIGHUP, file watch).
@@ -542,7 +567,14 @@ pub async fn start_on(
         })?;
         managers.insert(name, m.map_err(ServeError::CallThreads)?);
     }
-    let api = Arc::new(Api::new(config, managers)?);
+    let audit = match &config.audit {
+        Some(a) => {
+            ignore_file_size_signal();
+            Some(Arc::new(crate::audit::Trail::start(a)?))
+        }
+        None => None,
+    };
+    let api = Arc::new(Api::new(config, managers)?.with_audit(audit));
     api.replace_policy(load_policy(config)?);
     let reloader = Reloader {
         started_with: Arc::new(restart_only(config)),
@@ -620,6 +652,18 @@ pub async fn start_on(
         shutdown,
         tasks,
     })
+}
+
+/// A write past `RLIMIT_FSIZE` raises SIGXFSZ, whose default action kills the
+/// process: with an audit trail the writer must see the error (EFBIG) and apply
+/// `on_failure` instead. A tokio listener replaces the default action for the life of
+/// the process (no `unsafe` needed); nobody needs to read from it.
+fn ignore_file_size_signal() {
+    // SIGXFSZ is 25 on every Linux architecture we build for (x86, ARM, RISC-V).
+    #[cfg(target_os = "linux")]
+    if let Err(e) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25)) {
+        tracing::warn!(error = %e, "cannot catch SIGXFSZ: a file size limit would stop the process instead of failing an audit write");
+    }
 }
 
 async fn accept_loop(
@@ -974,6 +1018,10 @@ fn metrics_response(
     };
     metrics::gauge!("xks_requests_in_flight").set(api.in_flight() as f64);
     metrics::gauge!("xks_requests_awaiting_body").set(api.awaiting_body() as f64);
+    if let Some(trail) = api.audit() {
+        // Read at each scrape (this is the gauge's one writer).
+        metrics::gauge!("xks_audit_queue_depth").set(trail.queue_depth() as f64);
+    }
     for m in api.tenants().managers().values() {
         set_backend_series(m, true);
     }
