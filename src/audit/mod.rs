@@ -46,6 +46,13 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// Most records written between two looks at the clock (rotation, checkpoints).
 const BATCH: usize = 512;
+/// How long the writer lets records gather after the first of a batch, unless each
+/// request waits for its own record (`fsync = "every_record"`, where the sync per
+/// batch is the group commit). Without it every request woke the writer thread: on one
+/// core that is two context switches per request, and the trail cost 20–34 µs of CPU
+/// per Encrypt (benches/README.md, "Audit trail on versus off"). A record waits at most
+/// this long before its batch is written; a sleeping writer costs a sender nothing.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// Why the audit trail could not start.
 #[derive(Debug, thiserror::Error)]
@@ -385,7 +392,12 @@ impl Writer {
             let mut batch = Vec::new();
             let mut close = None;
             match rx.recv_timeout(wait) {
-                Ok(Msg::Record(r, ack)) => batch.push((r, ack)),
+                Ok(Msg::Record(r, ack)) => {
+                    batch.push((r, ack));
+                    if self.fsync != AuditFsync::EveryRecord {
+                        std::thread::sleep(LINGER);
+                    }
+                }
                 Ok(Msg::Close(ack)) => close = Some(ack),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
