@@ -437,10 +437,10 @@ fn default_log_level() -> String {
     "info".into()
 }
 fn default_deadline() -> u64 {
-    200
+    crate::backend::CallLimits::DEFAULT_DEADLINE.as_millis() as u64
 }
 fn default_max_waiting() -> usize {
-    256
+    crate::backend::CallLimits::DEFAULT_MAX_WAITING
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1083,14 +1083,6 @@ pub fn valid_secret(secret: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'='))
 }
 
-/// The spec's external key id rule: 1–128 characters of `A-Za-z0-9._-`.
-pub fn valid_key_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse().map_err(|_| {
         ConfigError::new(
@@ -1235,11 +1227,18 @@ impl RawConfig {
                 "must be greater than 0 (spec)",
             ));
         }
-        if !(1..=50).contains(&h.check_interval_secs) {
-            return Err(ConfigError::new(
-                "health.check_interval_secs",
-                "must be 1 to 50: the spec allows a cached health result at most 60 s old, and a check may take up to 10 s",
-            ));
+        {
+            use crate::api::health::{CHECK_BUDGET, MAX_AGE, MAX_CHECK_INTERVAL_SECS};
+            if !(1..=MAX_CHECK_INTERVAL_SECS).contains(&h.check_interval_secs) {
+                return Err(ConfigError::new(
+                    "health.check_interval_secs",
+                    format!(
+                        "must be 1 to {MAX_CHECK_INTERVAL_SECS}: the spec allows a cached health result at most {} s old, and a check may take up to {} s",
+                        MAX_AGE.as_secs(),
+                        CHECK_BUDGET.as_secs()
+                    ),
+                ));
+            }
         }
         if h.vendor.is_empty() || h.vendor.len() > 128 {
             return Err(ConfigError::new(
@@ -1368,11 +1367,12 @@ impl RawConfig {
                 ("allowed_keys", &ks.allowed_keys),
                 ("shared_keys", &ks.shared_keys),
             ] {
-                if let Some(bad) = list.iter().flatten().find(|k| !valid_key_id(k)) {
+                if let Some(bad) = list.iter().flatten().find(|k| !crate::key_id::is_valid(k)) {
                     return Err(ConfigError::new(
                         format!("{key}.{field}"),
                         format!(
-                            "'{bad}' is not a valid external key id (1-128 of A-Z a-z 0-9 . _ -)"
+                            "'{bad}' is not a valid external key id ({})",
+                            crate::key_id::RULE
                         ),
                     ));
                 }

@@ -57,6 +57,7 @@ pub mod crypto;
 pub mod doctor;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod key_id;
 pub mod kms;
 pub mod policy;
 pub mod secret;

@@ -40,6 +40,11 @@ pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// past 60 s while the next check is still allowed to run.
 pub const CHECK_BUDGET: Duration = Duration::from_secs(10);
 
+/// The largest `health.check_interval_secs` (config validates against this): a check
+/// started at the end of an interval, taking its whole budget, still leaves the cached
+/// answer younger than [`MAX_AGE`].
+pub const MAX_CHECK_INTERVAL_SECS: u64 = MAX_AGE.as_secs() - CHECK_BUDGET.as_secs();
+
 /// The least time between two deep checks that requests' outcomes triggered.
 pub const EVENT_GAP: Duration = Duration::from_millis(250);
 

@@ -27,7 +27,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::backend::Handle;
-use crate::config::{Config, KeystoreConfig, SecretSource, valid_key_id};
+use crate::config::{Config, KeystoreConfig, SecretSource};
 use crate::policy::{AuthzRequest, KeyOperation, Policy};
 use crate::sigv4::{Credential, CredentialSet, DuplicateAccessKeyId, VerifyPolicy};
 use error::ApiError;
@@ -654,12 +654,13 @@ impl Api {
         let key_id = match key_id {
             None => None,
             Some(k) => {
-                if !valid_key_id(&k) {
+                if !crate::key_id::is_valid(&k) {
                     // The spec defines key ids as 1-128 of [A-Za-z0-9._-]; an id outside
                     // that is malformed input (400), not a well-formed id we lack (404).
-                    return Err(ApiError::Validation(
-                        "external key id must be 1-128 characters of A-Z a-z 0-9 . _ -".into(),
-                    )
+                    return Err(ApiError::Validation(format!(
+                        "external key id must be {}",
+                        crate::key_id::RULE
+                    ))
                     .into());
                 }
                 if let Some(allowed) = &tenant.allowed_keys

@@ -270,12 +270,20 @@ pub struct CallLimits {
     pub deadline: Duration,
 }
 
+impl CallLimits {
+    /// `limits.backend_deadline_ms`'s default: under KMS's 250 ms, with room for the
+    /// network and the rest of the request.
+    pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(200);
+    /// `limits.backend_max_waiting`'s default.
+    pub const DEFAULT_MAX_WAITING: usize = 256;
+}
+
 impl Default for CallLimits {
     fn default() -> Self {
         Self {
             concurrency: 64,
-            max_waiting: 256,
-            deadline: Duration::from_millis(200),
+            max_waiting: Self::DEFAULT_MAX_WAITING,
+            deadline: Self::DEFAULT_DEADLINE,
         }
     }
 }

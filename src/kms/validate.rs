@@ -278,8 +278,7 @@ pub fn is_secret(s: &str) -> bool {
 }
 
 pub fn is_xks_key_id(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    crate::key_id::in_alphabet(s)
 }
 
 pub fn is_cluster_id(s: &str) -> bool {

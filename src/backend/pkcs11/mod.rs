@@ -56,7 +56,6 @@ pub use settings::{
 use self::errors::{Fault, Op};
 use self::keys::{KeyInfo, id_attribute_type, id_template};
 use self::module::Module;
-use self::settings::check_key_id;
 use self::token::{Counters, OpCtx, Shared, Token, Wake};
 // Token selection, shared with the KMS emulator's CloudHSM stand-in clusters.
 pub(crate) use self::settings::Selector;
@@ -434,7 +433,7 @@ impl Pkcs11Backend {
     /// HSM, so nothing outside tests may call this.
     #[doc(hidden)]
     pub fn create_test_key(&self, key: &TestKey<'_>) -> Result<(), Pkcs11Error> {
-        check_key_id(key.id).map_err(|reason| Pkcs11Error::InvalidKeyId {
+        crate::key_id::check(key.id).map_err(|reason| Pkcs11Error::InvalidKeyId {
             id: key.id.to_owned(),
             reason: reason.into(),
         })?;
@@ -496,7 +495,7 @@ impl Pkcs11Backend {
     }
 
     fn check_new_id(&self, key_id: &str) -> Result<(), Pkcs11Error> {
-        check_key_id(key_id).map_err(|reason| Pkcs11Error::InvalidKeyId {
+        crate::key_id::check(key_id).map_err(|reason| Pkcs11Error::InvalidKeyId {
             id: key_id.to_owned(),
             reason: reason.into(),
         })?;

@@ -83,7 +83,7 @@ pub enum KeystoreError {
     #[error("the keystore {} is corrupt: {reason}", .path.display())]
     Corrupt { path: PathBuf, reason: String },
 
-    #[error("invalid key id {id:?}: a key id is 1 to 128 characters of A-Z a-z 0-9 . _ -")]
+    #[error("invalid key id {id:?}: a key id is {}", crate::key_id::RULE)]
     InvalidKeyId { id: String },
 
     #[error("a key with id {id:?} already exists in the keystore")]

@@ -30,9 +30,7 @@ use crate::crypto::rand::SystemRandom;
 use arc_swap::ArcSwap;
 
 pub use error::KeystoreError;
-pub use keystore::{
-    FORMAT_NAME, FORMAT_VERSION, KeyInfo, Keystore, MAX_KEY_ID_LEN, is_valid_key_id,
-};
+pub use keystore::{FORMAT_NAME, FORMAT_VERSION, KeyInfo, Keystore};
 pub use master_key::{MASTER_KEY_LEN, MasterKey};
 
 use crate::backend::{
