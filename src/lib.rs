@@ -17,6 +17,7 @@
 //! | [`policy`] | optional secondary authorization (Cedar) over `requestMetadata`; health exempt |
 //! | [`audit`] | the tamper-evident audit trail: one hash-chained record per authenticated request, HMAC-sealed checkpoints, a writer thread behind a bounded queue (fail closed or count the drops), rotation, and `audit verify`/`show` |
 //! | [`secret`] | zeroizing, `Debug`-redacted secret types |
+//! | [`key_id`] | the spec's external key id rule (1–128 of `A-Za-z0-9._-`), defined once for config, backends, API and emulator; a leaf like `secret` |
 //! | [`crypto`] | the one choice of cryptographic implementation: ring, or aws-lc-rs on the AWS-LC FIPS 140-3 module (feature `fips`); every hash, MAC, KDF, AEAD, random draw and TLS provider comes from here |
 //! | [`telemetry`] | tracing setup (human or JSON), the Prometheus registry |
 //! | [`doctor`] | `xks-proxy doctor`: an end-to-end check of a config |
