@@ -44,7 +44,8 @@
 //! client (`backend::pkcs11`'s token selection, not its request path).
 //!
 //! Binaries: `xks-proxy` (`src/bin/xks-proxy.rs`), `kms-emulator`
-//! (`src/bin/kms-emulator.rs`), and the load generator `xks-bench` (`benches/loadgen/`).
+//! (`src/bin/kms-emulator.rs`), and, with the `bench` feature only (not part of the
+//! product), the load generator `xks-bench` (`benches/loadgen/`).
 //!
 //! Start reading at `src/bin/xks-proxy.rs`, then [`server::start`] and [`api::Api::serve`].
 #![forbid(unsafe_code)]

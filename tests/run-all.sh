@@ -80,11 +80,12 @@ skip() {
 }
 
 # Rust: unit, integration and end-to-end tests; every test binary runs even when one
-# fails (--no-fail-fast).
-stage "cargo test" cargo test --all-targets --locked --no-fail-fast
+# fails (--no-fail-fast). `bench` adds the load generator xks-bench and the tests that
+# run it (bench_smoke, soak); the product is built without it below.
+stage "cargo test" cargo test --all-targets --locked --features bench --no-fail-fast
 # The software-only build (no PKCS#11 backend, no cryptoki).
 stage "cargo test --no-default-features" \
-  cargo test --all-targets --locked --no-default-features --no-fail-fast
+  cargo test --all-targets --locked --no-default-features --features bench --no-fail-fast
 
 # Coverage-guided fuzzing (fuzz/README.md): builds the cargo-fuzz targets (libFuzzer +
 # AddressSanitizer, stable toolchain) and runs each 20 s from its committed seeds.

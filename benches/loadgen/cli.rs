@@ -549,8 +549,8 @@ pub struct FiguresArgs {
     #[arg(long, default_value_t = 0)]
     pub idle_connections: usize,
     /// The `xks-proxy` binary the memory figures run (build it with `cargo build
-    /// --release --bins`): the product's allocator, which the in-process proxies here
-    /// share.
+    /// --release --features bench --bins`): the product's allocator, which the
+    /// in-process proxies here share.
     #[arg(long, default_value = "target/release/xks-proxy")]
     pub idle_proxy: PathBuf,
 }

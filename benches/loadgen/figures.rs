@@ -823,7 +823,7 @@ fn idle_memory(a: &FiguresArgs, http2: bool) -> Result<serde_json::Value> {
     };
     anyhow::ensure!(
         proxy.is_file(),
-        "{} is missing: build it with `cargo build --release --bins`, or pass --idle-proxy",
+        "{} is missing: build it with `cargo build --release --features bench --bins`, or pass --idle-proxy",
         proxy.display()
     );
     let exe = std::env::current_exe().context("locating xks-bench")?;

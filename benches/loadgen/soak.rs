@@ -187,7 +187,7 @@ pub fn soak(args: &SoakArgs) -> Result<()> {
     for b in [&proxy_bin, &emulator_bin] {
         anyhow::ensure!(
             b.is_file(),
-            "{} not found (cargo build --release --bins, or --proxy-bin/--emulator-bin)",
+            "{} not found (cargo build --release --features bench --bins, or --proxy-bin/--emulator-bin)",
             b.display()
         );
     }
