@@ -637,17 +637,10 @@ fn summary(
     for (sc, row) in scenarios.iter().zip(cells) {
         let Some(null) = row.first() else { continue };
         if sc.rate.is_some() {
-            // Median over the rounds of each round's percentile: one round that collides
-            // with another session's build must not decide the figure (the plot shows
-            // the merged histograms, tail included).
-            let pct = |c: &Cell, f: fn(&report::Latency) -> f64| {
-                median(
-                    c.reports
-                        .iter()
-                        .filter_map(|r| r.latency.as_ref().map(f))
-                        .collect(),
-                )
-            };
+            // Median over the rounds of each round's percentile (`round_median`): one
+            // round that collides with another session's build must not decide the
+            // figure (the plot shows the merged histograms, tail included).
+            let pct = round_median;
             let _ = write!(md, "| {} p50 / p99 / p99.9 ms (server µs/req) |", sc.key);
             for c in row {
                 let _ = write!(
@@ -766,14 +759,7 @@ fn summary(
 /// keystore at c=1).
 fn tail_latency(servers: &[Server], scenarios: &[Scenario], cells: &[Vec<Cell>]) -> String {
     const TARGET_MS: f64 = 2.0;
-    let pct = |c: &Cell, f: fn(&report::Latency) -> f64| {
-        median(
-            c.reports
-                .iter()
-                .filter_map(|r| r.latency.as_ref().map(f))
-                .collect(),
-        )
-    };
+    let pct = round_median;
     let mut md = String::from(
         "\nTail latency (ms, p50 / p99 / p99.9; target p99.9 ≤ 2 ms at the quota on both backends, and at c=1 on the software keystore):\n\n| figure | server | p50 / p99 / p99.9 ms | p99.9 ≤ 2 ms |\n|---|---|---:|---|\n",
     );
@@ -886,6 +872,16 @@ fn idle_table(a: &FiguresArgs, runs: &[serde_json::Value]) -> String {
         );
     }
     md
+}
+
+/// A latency percentile of a cell: the median over the rounds of each round's value.
+fn round_median(c: &Cell, f: fn(&report::Latency) -> f64) -> f64 {
+    median(
+        c.reports
+            .iter()
+            .filter_map(|r| r.latency.as_ref().map(f))
+            .collect(),
+    )
 }
 
 fn errors_note(reports: &[Report]) -> String {
