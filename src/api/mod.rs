@@ -695,12 +695,8 @@ impl Api {
             Operation::Encrypt => {
                 let req: wire::EncryptRequest = decode(&body, log)?;
                 self.authorize(KeyOperation::Encrypt, tenant, &call, &req.request_metadata)?;
-                let resp = encrypt::handle(&call, req).await?;
-                log.key_version = resp
-                    .ciphertext_metadata
-                    .as_ref()
-                    .and_then(|m| aad::Metadata::decode(&m.0))
-                    .map(|m| m.key_version);
+                let (resp, key_version) = encrypt::handle(&call, req).await?;
+                log.key_version = Some(key_version);
                 Ok(json_ok(&resp))
             }
             Operation::Decrypt => {
