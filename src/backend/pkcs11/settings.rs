@@ -215,19 +215,14 @@ impl Pkcs11Settings {
         }
     }
 
-    /// Checks every setting without touching the file system or the HSM; the error names
-    /// the offending key. Relative paths are judged as resolved against `base` (the
-    /// config file's directory; see [`Pkcs11Settings::resolve_paths`]).
-    pub fn validate(&self, base: &Path) -> Result<(), SettingsError> {
-        let mut resolved = self.clone();
-        resolved.resolve_paths(base);
-        resolved.plan().map(|_| ()).map_err(SettingsError::from)
-    }
-
-    /// Makes relative paths (`module`, `user_pin_file`, and the same in `failover`)
-    /// relative to `base`, the config file's directory, so a relative module path never
-    /// reaches dlopen's library search.
-    pub fn resolve_paths(&mut self, base: &Path) {
+    /// The settings as the backend opens them: relative paths (`module`,
+    /// `user_pin_file`, and the same in `failover`) resolved against `base`, the config
+    /// file's directory, so a relative module path never reaches dlopen's library
+    /// search; then every rule checked without touching the file system or the HSM (the
+    /// error names the offending key). Value in, value out: the config never holds a
+    /// half-resolved copy. The validated form of the tokens themselves is the
+    /// [`TokenPlan`] list `open` derives from the result.
+    pub fn validated(mut self, base: &Path) -> Result<Self, SettingsError> {
         let fix = |p: &mut PathBuf| {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
@@ -245,6 +240,8 @@ impl Pkcs11Settings {
                 fix(p);
             }
         }
+        self.plan().map_err(SettingsError::from)?;
+        Ok(self)
     }
 
     /// The budget of one call (see `call_deadline_ms`).
@@ -547,8 +544,10 @@ mod tests {
 
     #[test]
     fn minimal_settings_take_the_defaults() {
-        let s = parse(MINIMAL).expect("parses");
-        s.validate(Path::new("/etc/xks")).expect("valid");
+        let s = parse(MINIMAL)
+            .expect("parses")
+            .validated(Path::new("/etc/xks"))
+            .expect("valid");
         assert_eq!(s.pool_size, 8);
         assert_eq!(s.call_deadline_ms, 200);
         assert_eq!(
@@ -705,11 +704,11 @@ mod tests {
             user_pin_env: None,
             user_pin_file: Some("/abs/pin".into()),
         }];
-        s.validate(Path::new("/etc/xks"))
-            .expect("valid once resolved");
         let err = s.plan().expect_err("must fail");
         assert!(matches!(err, Pkcs11Error::InvalidSetting { ref key, .. } if key == "module"));
-        s.resolve_paths(Path::new("/etc/xks"));
+        let s = s
+            .validated(Path::new("/etc/xks"))
+            .expect("valid once resolved");
         assert_eq!(s.module, PathBuf::from("/etc/xks/lib/softhsm2.so"));
         assert_eq!(s.user_pin_file, Some(PathBuf::from("/etc/xks/pin.txt")));
         assert_eq!(
@@ -719,7 +718,7 @@ mod tests {
         assert_eq!(s.failover[0].user_pin_file, Some(PathBuf::from("/abs/pin")));
         let mut bad = parse(MINIMAL).expect("parses");
         bad.pool_size = 0;
-        let e = bad.validate(Path::new("/")).expect_err("must fail");
+        let e = bad.validated(Path::new("/")).expect_err("must fail");
         assert_eq!(e.key, "pool_size");
         assert!(e.to_string().contains("pool_size"), "{e}");
     }
