@@ -9,8 +9,8 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | TOML → validated [`config::Config`]; secrets read from env/files; named backends (`[backend]` is `default`, more as `[backends.NAME]`), each keystore naming its own |
-//! | [`server`] | listeners, TLS ([`server::tls`]), connection caps in all and per source ([`server::admission`]), each connection's HTTP/1.1+2 and deadlines ([`server::connection`]), graceful drain |
+//! | [`config`] | TOML → [`config::raw`] (serde) → one validator per table → validated [`config::Config`]; secrets read from env/files; named backends (`[backend]` is `default`, more as `[backends.NAME]`), each keystore naming its own; [`config::reload`]: every setting classified once as restart-only or reloadable (by type) |
+//! | [`server`] | listeners, TLS ([`server::tls`]), connection caps in all and per source ([`server::admission`]), each connection's HTTP/1.1+2 and deadlines ([`server::connection`]), graceful drain, and [`server::reload`]: applying a reload all at once, one at a time, and its triggers (SIGHUP, the file watch) |
 //! | [`api`] | the XKS API: routing, the one error→wire mapping, AAD/CDIV, handlers, health, and [`api::key_manager`]: each configured backend in service behind its own `Handle` and health monitor, which tenants (prefixes) point into |
 //! | [`sigv4`] | our SigV4 verifier (the product) and a KMS-like signer (aws-sigv4) |
 //! | [`backend`] | the [`backend::CryptoBackend`] trait, [`backend::Handle`] (the one async→blocking boundary: permits, a bounded wait queue, a deadline, and the backend's own call threads — not `spawn_blocking`, see its doc), [`backend::software`] keystore, `backend::pkcs11` (HSMs through cryptoki: session pool, handle cache, recovery, failover) |
@@ -21,6 +21,7 @@
 //! | [`crypto`] | the one choice of cryptographic implementation: ring, or aws-lc-rs on the AWS-LC FIPS 140-3 module (feature `fips`); every hash, MAC, KDF, AEAD, random draw and TLS provider comes from here |
 //! | [`telemetry`] | tracing setup (human or JSON), the Prometheus registry |
 //! | [`doctor`] | `xks-proxy doctor`: an end-to-end check of a config |
+//! | [`key_admin`] | `xks-proxy keys`: creating, listing, enabling, disabling and rotating keys on a backend, offline |
 //! | [`aws_sample`] | moving from AWS's sample proxy: its `settings.toml` read into this config (`config import-aws-sample`) |
 //! | [`kms`] | the KMS emulator: KMS's JSON API, custom key stores (external and CloudHSM), XKS keys, [`kms::xks_client`] which calls the proxy exactly as KMS does, and `kms::hsm`, the kmsuser login on a PKCS#11 token standing in for a CloudHSM cluster |
 //!
@@ -47,6 +48,8 @@
 //! (`src/bin/kms-emulator.rs`), and, with the `bench` feature only (not part of the
 //! product), the load generator `xks-bench` (`benches/loadgen/`).
 //!
+//! The binaries are thin: they parse arguments, call the library and print.
+//!
 //! Start reading at `src/bin/xks-proxy.rs`, then [`server::start`] and [`api::Api::serve`].
 #![forbid(unsafe_code)]
 
@@ -59,6 +62,7 @@ pub mod crypto;
 pub mod doctor;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod key_admin;
 pub mod key_id;
 pub mod kms;
 pub mod policy;

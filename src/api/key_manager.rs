@@ -22,10 +22,11 @@ pub struct KeyManager {
     pub name: Arc<str>,
     pub handle: Handle,
     pub health: Arc<HealthMonitor>,
-    /// What it was opened from, reduced to [`BackendConfig::identity`]: a reload keeps
-    /// this key manager while its backend's identity is unchanged, and opens a new one
-    /// otherwise. `None` for a backend handed in ready-made that no config describes.
-    pub identity: Option<BackendConfig>,
+    /// The identity of what it was opened from
+    /// ([`crate::config::reload::split_backend`]): a reload keeps this key manager
+    /// while its backend's identity is unchanged, and opens a new one otherwise. `None`
+    /// for a backend handed in ready-made that no config describes.
+    pub identity: Option<crate::config::reload::BackendIdentity>,
     /// Dropped with this key manager, which ends its health monitor.
     _stop: watch::Sender<bool>,
 }
@@ -55,7 +56,7 @@ impl KeyManager {
             name: Arc::from(name),
             handle,
             health: monitor,
-            identity: config.map(BackendConfig::identity),
+            identity: config.map(|c| crate::config::reload::split_backend(c).0),
             _stop: stop,
         }))
     }

@@ -10,7 +10,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use xks_proxy::backend::KeyUsage;
@@ -308,52 +308,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo { listen, prefix } => demo(&listen, &prefix),
         Command::Config {
             command: ConfigCommand::Check { config },
-        } => match Config::load(&config) {
-            Ok(cfg) => {
-                // Everything serve checks before binding, so OK means serve starts.
-                if let Err(e) = xks_proxy::server::preflight(&cfg) {
-                    eprintln!("xks-proxy: {}: {e}", config.display());
-                    return Ok(ExitCode::from(2));
-                }
-                println!(
-                    "{}: OK ({} keystore(s): {})",
-                    config.display(),
-                    cfg.keystores.len(),
-                    cfg.keystores
-                        .iter()
-                        .map(|k| format!("'{}'", k.path_prefix))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                // Which secrets rotate with `systemctl reload` and which need a restart:
-                // the question an operator has before rotating, answered for this file.
-                println!(
-                    "secrets (a reload picks up a new value from a file, never from the environment):"
-                );
-                let secrets = xks_proxy::server::secret_uses(&cfg);
-                let w1 = secrets.iter().map(|s| s.setting.len()).max().unwrap_or(0);
-                let w2 = secrets.iter().map(|s| s.source.len()).max().unwrap_or(0);
-                for s in secrets {
-                    println!(
-                        "  {:<w1$}  {:<w2$}  {}",
-                        s.setting,
-                        s.source,
-                        if s.rotates_on_reload {
-                            "rotates with a reload"
-                        } else if s.source.starts_with("env") {
-                            "needs a restart (a running process cannot see a changed environment)"
-                        } else {
-                            "needs a restart (read once at start)"
-                        }
-                    );
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("xks-proxy: {}: {e}", config.display());
-                Ok(ExitCode::from(2))
-            }
-        },
+        } => config_check(&config),
         Command::Config {
             command:
                 ConfigCommand::ImportAwsSample {
@@ -386,33 +341,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             prefix,
             access_key_id,
-        } => {
-            let cfg = load(&config)?;
-            let ks = cfg
-                .keystores
-                .iter()
-                .find(|k| k.path_prefix == prefix)
-                .with_context(|| {
-                    format!(
-                        "no [[keystores]] with path_prefix = \"{prefix}\" in {}",
-                        config.display()
-                    )
-                })?;
-            let cred = match &access_key_id {
-                Some(id) => ks.credentials.iter().find(|c| &c.access_key_id == id),
-                None => ks.credentials.last(),
-            }
-            .context("no such credential in that keystore")?;
-            let doc = serde_json::json!({
-                "XksProxyUriPath": format!("{prefix}{}", xks_proxy::config::XKS_BASE),
-                "XksProxyAuthenticationCredential": {
-                    "AccessKeyId": cred.access_key_id,
-                    "RawSecretAccessKey": cred.secret.expose(),
-                }
-            });
-            println!("{}", serde_json::to_string_pretty(&doc)?);
-            Ok(ExitCode::SUCCESS)
-        }
+        } => kms_config(&config, &prefix, access_key_id.as_deref()),
         Command::Doctor {
             config,
             endpoint,
@@ -427,6 +356,86 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
         )),
     }
+}
+
+/// `config check`: everything `serve` checks before binding, so OK means `serve`
+/// starts; then which secrets rotate with a reload.
+fn config_check(config: &Path) -> Result<ExitCode> {
+    match Config::load(config) {
+        Ok(cfg) => {
+            // Everything serve checks before binding, so OK means serve starts.
+            if let Err(e) = xks_proxy::server::preflight(&cfg) {
+                eprintln!("xks-proxy: {}: {e}", config.display());
+                return Ok(ExitCode::from(2));
+            }
+            println!(
+                "{}: OK ({} keystore(s): {})",
+                config.display(),
+                cfg.keystores.len(),
+                cfg.keystores
+                    .iter()
+                    .map(|k| format!("'{}'", k.path_prefix))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            // Which secrets rotate with `systemctl reload` and which need a restart:
+            // the question an operator has before rotating, answered for this file.
+            println!(
+                "secrets (a reload picks up a new value from a file, never from the environment):"
+            );
+            let secrets = xks_proxy::config::reload::secret_uses(&cfg);
+            let w1 = secrets.iter().map(|s| s.setting.len()).max().unwrap_or(0);
+            let w2 = secrets.iter().map(|s| s.source.len()).max().unwrap_or(0);
+            for s in secrets {
+                println!(
+                    "  {:<w1$}  {:<w2$}  {}",
+                    s.setting,
+                    s.source,
+                    if s.rotates_on_reload {
+                        "rotates with a reload"
+                    } else if s.source.starts_with("env") {
+                        "needs a restart (a running process cannot see a changed environment)"
+                    } else {
+                        "needs a restart (read once at start)"
+                    }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("xks-proxy: {}: {e}", config.display());
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// `kms-config`: what KMS needs for one keystore (its URI path and a credential).
+fn kms_config(config: &Path, prefix: &str, access_key_id: Option<&str>) -> Result<ExitCode> {
+    let cfg = load(config)?;
+    let ks = cfg
+        .keystores
+        .iter()
+        .find(|k| k.path_prefix == prefix)
+        .with_context(|| {
+            format!(
+                "no [[keystores]] with path_prefix = \"{prefix}\" in {}",
+                config.display()
+            )
+        })?;
+    let cred = match access_key_id {
+        Some(id) => ks.credentials.iter().find(|c| c.access_key_id == id),
+        None => ks.credentials.last(),
+    }
+    .context("no such credential in that keystore")?;
+    let doc = serde_json::json!({
+        "XksProxyUriPath": format!("{prefix}{}", xks_proxy::config::XKS_BASE),
+        "XksProxyAuthenticationCredential": {
+            "AccessKeyId": cred.access_key_id,
+            "RawSecretAccessKey": cred.secret.expose(),
+        }
+    });
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Text printed once the listener is bound, given the bound address.
@@ -462,107 +471,13 @@ fn serve(cfg: Config, config_path: Option<PathBuf>, banner: Option<Banner>) -> R
             let _ = writeln!(out, "{}", b(running.local_addr));
             let _ = out.flush();
         }
-        wait_for_signals(&running, &cfg, config_path.as_deref()).await;
+        xks_proxy::server::reload::run_until_stopped(&running, &cfg, config_path.as_deref()).await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         running.shutdown();
         running.wait().await;
         tracing::info!("stopped");
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
     })
-}
-
-#[cfg(unix)]
-async fn wait_for_signals(
-    running: &xks_proxy::server::Running,
-    cfg: &Config,
-    config_path: Option<&Path>,
-) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    let reloader = running.reloader();
-    // Optional file watch: poll modification times (no inotify dependency; works on
-    // Kubernetes ConfigMap/Secret symlink swaps too, since metadata() follows links).
-    let watch = cfg.reload_watch.zip(config_path.map(Path::to_path_buf));
-    let mut stamps = watched_stamps(&cfg.watched_files);
-    let mut watched = cfg.watched_files.clone();
-    let mut tick = tokio::time::interval(
-        watch
-            .as_ref()
-            .map(|w| w.0)
-            .unwrap_or(std::time::Duration::from_secs(3600)),
-    );
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading");
-                if let Some(new) = reload(&reloader, config_path).await {
-                    stamps = watched_stamps(&new);
-                    watched = new;
-                }
-            }
-            _ = tick.tick(), if watch.is_some() => {
-                let now = watched_stamps(&watched);
-                if now != stamps {
-                    tracing::info!("a watched file changed: reloading");
-                    stamps = now;
-                    if let Some(new) = reload(&reloader, config_path).await {
-                        stamps = watched_stamps(&new);
-                        watched = new;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Modification times of the watched files and of their directories. The directories
-/// matter on Kubernetes: the kubelet swaps a volume's `..data` link and only then adds
-/// the links of new keys, so a poll between the two sees the new config before its new
-/// secret file, the reload is refused, and no file changes again; the directory does.
-fn watched_stamps(files: &[PathBuf]) -> Vec<Option<std::time::SystemTime>> {
-    let mut paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-    paths.extend(files.iter().filter_map(|f| f.parent()));
-    paths.sort();
-    paths.dedup();
-    paths
-        .into_iter()
-        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
-        .collect()
-}
-
-/// Re-reads the config and applies it; a config that fails validation changes nothing.
-/// Returns the new list of watched files on success.
-async fn reload(
-    reloader: &xks_proxy::server::Reloader,
-    config_path: Option<&Path>,
-) -> Option<Vec<PathBuf>> {
-    let Some(path) = config_path else {
-        // The demo has no file: only the backend's keys can change.
-        return None;
-    };
-    match reloader.reload_file(path).await {
-        Ok(new) => Some(new.watched_files),
-        Err(e) => {
-            tracing::error!(error = %e, "reload refused; keeping the old config");
-            None
-        }
-    }
-}
-
-#[cfg(not(unix))]
-async fn wait_for_signals(_: &xks_proxy::server::Running, _: &Config, _: Option<&Path>) {
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 const DEV_CERT: &[u8] = include_bytes!("../../certs/server-ecdsa.pem");
@@ -611,7 +526,7 @@ secret_file = "secret"
         certificate: DEV_CERT,
         private_key: DEV_KEY,
     });
-    create_key(
+    xks_proxy::key_admin::create(
         &cfg.backends[0].config,
         DEMO_KEY,
         &[KeyUsage::Encrypt, KeyUsage::Decrypt],
@@ -698,77 +613,71 @@ fn parse_usages(s: &str) -> Result<Vec<KeyUsage>> {
 }
 
 fn keys(command: KeysCommand) -> Result<ExitCode> {
+    use xks_proxy::key_admin;
+    let joined = |usages: &[KeyUsage]| {
+        usages
+            .iter()
+            .map(|u| u.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     match command {
-        KeysCommand::CreateHealthCheckKey { on } => match on.load()?.1 {
-            BackendConfig::Software { .. } => {
-                bail!("the software keystore needs no health-check key (its deep check needs none)")
-            }
-            #[cfg(feature = "pkcs11")]
-            BackendConfig::Pkcs11(settings) => {
-                let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(&settings)?;
-                let made = backend.create_health_check_key()?;
-                println!("created the health-check key on {made} token(s) (the others had it)");
-                Ok(ExitCode::SUCCESS)
-            }
-        },
-        KeysCommand::GenerateMasterKey => {
-            println!(
-                "{}",
-                xks_proxy::backend::software::MasterKey::generate()
-                    .to_base64()
-                    .expose()
-            );
-            Ok(ExitCode::SUCCESS)
+        KeysCommand::CreateHealthCheckKey { on } => {
+            let made = key_admin::create_health_check_key(&on.load()?.1)?;
+            println!("created the health-check key on {made} token(s) (the others had it)");
         }
+        KeysCommand::GenerateMasterKey => println!(
+            "{}",
+            xks_proxy::backend::software::MasterKey::generate()
+                .to_base64()
+                .expose()
+        ),
         KeysCommand::Create { on, key, usage } => {
             let label = key.id();
             let (admin, backend, name) = on.load()?;
             let usages = parse_usages(&usage)?;
-            create_key(&backend, &label, &usages)?;
-            println!(
-                "created key {label} ({})",
-                usages
-                    .iter()
-                    .map(|u| u.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
-            // Every keystore on this backend has a key list and none names the new
-            // key: no tenant can use it until the operator assigns it.
-            if admin
-                .served
-                .iter()
-                .filter(|(backend, _)| *backend == name)
-                .all(|(_, keys)| keys.as_ref().is_some_and(|keys| !keys.contains(&label)))
+            let created = key_admin::create(&backend, &label, &usages)?;
+            if let (true, BackendConfig::Software { keystore, .. }) =
+                (created.new_keystore, &backend)
             {
+                eprintln!("created keystore {}", keystore.display());
+            }
+            if created.health_check_keys > 0 {
+                eprintln!(
+                    "created the health-check key on {} token(s)",
+                    created.health_check_keys
+                );
+            }
+            println!("created key {label} ({})", joined(&usages));
+            if !admin.serves(&name, &label) {
                 eprintln!(
                     "note: no [[keystores]] serves {label} yet: add it to the allowed_keys of the keystore that should (shared_keys in each, if several should), then reload"
                 );
             }
-            Ok(ExitCode::SUCCESS)
         }
         KeysCommand::List { on } => {
-            list_keys(&on.load()?.1)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        KeysCommand::Enable { on, key } => set_enabled(&on.load()?.1, &key.id(), true),
-        KeysCommand::Disable { on, key } => set_enabled(&on.load()?.1, &key.id(), false),
-        KeysCommand::Rotate { on, key } => {
-            let label = key.id();
-            let backend = on.load()?.1;
-            #[cfg(feature = "pkcs11")]
-            if let BackendConfig::Pkcs11(_) = backend {
-                bail!(
-                    "PKCS#11 keys have one version, so they do not rotate in place: create a new key (`xks-proxy keys create --config FILE NEW-LABEL`), create a new KMS key in the external key store for it, and move your application to that KMS key; {label} keeps decrypting what it encrypted until you list it in backend.disabled_keys"
+            println!("{:<40} {:<10} {:<30} STATUS", "ID", "TYPE", "USAGES");
+            for k in key_admin::list(&on.load()?.1)? {
+                let version = k.version.map(|v| format!(" (version {v})"));
+                println!(
+                    "{:<40} {:<10} {:<30} {}{}",
+                    k.id,
+                    k.spec,
+                    joined(&k.usages),
+                    k.status,
+                    version.unwrap_or_default()
                 );
             }
-            let (mut ks, _) = open_keystore(&backend)?;
-            let v = ks.rotate(&label)?;
-            ks.save()?;
+        }
+        KeysCommand::Enable { on, key } => set_enabled(&on, &key.id(), true)?,
+        KeysCommand::Disable { on, key } => set_enabled(&on, &key.id(), false)?,
+        KeysCommand::Rotate { on, key } => {
+            let label = key.id();
+            let v = key_admin::rotate(&on.load()?.1, &label)?;
             println!("key {label} now at version {v}; send SIGHUP to running proxies");
-            Ok(ExitCode::SUCCESS)
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `config import-aws-sample`: converts, then writes the config and its secret files
@@ -912,113 +821,11 @@ fn load(path: &Path) -> Result<Config> {
     Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn open_keystore(
-    backend: &BackendConfig,
-) -> Result<(xks_proxy::backend::software::Keystore, PathBuf)> {
-    use xks_proxy::backend::software::Keystore;
-    match backend {
-        BackendConfig::Software {
-            keystore,
-            master_key,
-            ..
-        } => {
-            let master = xks_proxy::backend::master_key_from(master_key)?;
-            let ks = if keystore.exists() {
-                Keystore::open(keystore, &master)?
-            } else {
-                eprintln!("creating keystore {}", keystore.display());
-                Keystore::create(keystore, &master)?
-            };
-            Ok((ks, keystore.clone()))
-        }
-        #[cfg(feature = "pkcs11")]
-        BackendConfig::Pkcs11(_) => bail!("this command is for the software keystore"),
-    }
-}
-
-fn create_key(backend: &BackendConfig, label: &str, usages: &[KeyUsage]) -> Result<()> {
-    match backend {
-        BackendConfig::Software { .. } => {
-            let (mut ks, _) = open_keystore(backend)?;
-            ks.create_key(label, usages)?;
-            ks.save()?;
-            Ok(())
-        }
-        #[cfg(feature = "pkcs11")]
-        BackendConfig::Pkcs11(settings) => {
-            let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(settings)?;
-            backend.create_key(label, usages)?;
-            // The deep health check needs its own key on every token; make it with the
-            // first customer key so an operator never has to know about it.
-            let made = backend.create_health_check_key()?;
-            if made > 0 {
-                eprintln!("created the health-check key on {made} token(s)");
-            }
-            Ok(())
-        }
-    }
-}
-
-fn list_keys(backend: &BackendConfig) -> Result<()> {
-    println!("{:<40} {:<10} {:<30} STATUS", "ID", "TYPE", "USAGES");
-    match backend {
-        BackendConfig::Software { .. } => {
-            let (ks, _) = open_keystore(backend)?;
-            for k in ks.list() {
-                println!(
-                    "{:<40} {:<10} {:<30} {} (version {})",
-                    k.id,
-                    "AES_256",
-                    k.usages
-                        .iter()
-                        .map(|u| u.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    if k.enabled { "ENABLED" } else { "DISABLED" },
-                    k.current_version,
-                );
-            }
-        }
-        #[cfg(feature = "pkcs11")]
-        BackendConfig::Pkcs11(settings) => {
-            let backend = xks_proxy::backend::pkcs11::Pkcs11Backend::open(settings)?;
-            for k in backend.list_keys()? {
-                println!(
-                    "{:<40} {:<10} {:<30} {}",
-                    k.id,
-                    k.spec.name(),
-                    k.usages
-                        .iter()
-                        .map(|u| u.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    k.status.as_str(),
-                );
-            }
-        }
-    }
+fn set_enabled(on: &Target, label: &str, enabled: bool) -> Result<()> {
+    xks_proxy::key_admin::set_enabled(&on.load()?.1, label, enabled)?;
+    println!(
+        "key {label} {}; send SIGHUP to running proxies",
+        if enabled { "enabled" } else { "disabled" }
+    );
     Ok(())
-}
-
-fn set_enabled(backend: &BackendConfig, label: &str, enabled: bool) -> Result<ExitCode> {
-    match backend {
-        BackendConfig::Software { .. } => {
-            let (mut ks, _) = open_keystore(backend)?;
-            ks.set_enabled(label, enabled)?;
-            ks.save()?;
-            println!(
-                "key {label} {}; send SIGHUP to running proxies",
-                if enabled { "enabled" } else { "disabled" }
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        #[cfg(feature = "pkcs11")]
-        BackendConfig::Pkcs11(_) if enabled => bail!(
-            "a PKCS#11 key is enabled in the config, not on the token: remove {label:?} from backend.disabled_keys, then reload (`systemctl reload xks-proxy` or SIGHUP); a key past its CKA_END_DATE needs that date changed on the token"
-        ),
-        #[cfg(feature = "pkcs11")]
-        BackendConfig::Pkcs11(_) => bail!(
-            "a PKCS#11 key is disabled in the config, not on the token: add {label:?} to backend.disabled_keys, then reload (`systemctl reload xks-proxy` or SIGHUP)"
-        ),
-    }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::secret::SecretString;
 
 pub mod raw;
+pub mod reload;
 mod sections;
 
 pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS, RawConfig};
@@ -144,7 +145,7 @@ pub enum TlsConfig {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
     pub fleet_size: u32,
     pub vendor: String,
@@ -157,7 +158,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggingConfig {
     pub format: LogFormat,
     pub level: String,
@@ -223,29 +224,6 @@ pub enum BackendConfig {
 }
 
 impl BackendConfig {
-    /// The settings that make it a different key manager: everything except what a
-    /// reload applies to the running one (the PKCS#11 disabled-key list and PIN
-    /// sources; the software keystore's file contents are re-read, its path is not).
-    /// A reload keeps a running backend whose identity is unchanged and opens a new one
-    /// otherwise.
-    pub fn identity(&self) -> BackendConfig {
-        match self {
-            BackendConfig::Software { .. } => self.clone(),
-            #[cfg(feature = "pkcs11")]
-            BackendConfig::Pkcs11(settings) => {
-                let mut fixed = settings.clone();
-                fixed.disabled_keys.clear();
-                fixed.user_pin_env = None;
-                fixed.user_pin_file = None;
-                for t in &mut fixed.failover {
-                    t.user_pin_env = None;
-                    t.user_pin_file = None;
-                }
-                BackendConfig::Pkcs11(fixed)
-            }
-        }
-    }
-
     /// `software` or `pkcs11`, for logs and operators.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -370,6 +348,19 @@ pub struct AdminConfig {
 }
 
 impl AdminConfig {
+    /// Whether some keystore on `backend` serves `key` (one with no key list serves
+    /// every key of its backend). A new key no tenant serves is unusable until the
+    /// operator assigns it; `keys create` says so.
+    pub fn serves(&self, backend: &str, key: &str) -> bool {
+        self.served
+            .iter()
+            .filter(|(b, _)| b == backend)
+            .any(|(_, keys)| {
+                keys.as_ref()
+                    .is_none_or(|keys| keys.iter().any(|k| k == key))
+            })
+    }
+
     /// The backend a key command works on: the one named, or the only one.
     pub fn backend(&self, name: Option<&str>) -> Result<&BackendEntry, ConfigError> {
         let names = || {

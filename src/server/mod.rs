@@ -7,7 +7,10 @@
 
 pub mod admission;
 pub mod connection;
+pub mod reload;
 pub mod tls;
+
+pub use reload::Reloader;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,8 +31,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::api::Api;
 use crate::api::key_manager::{KeyManager, KeyManagers};
-use crate::backend::{CallLimits, CryptoBackend};
-use crate::config::{BackendEntry, Config, HealthConfig, ServerConfig};
+use crate::config::{Config, ServerConfig};
 use admission::{Gate, Refused};
 
 #[derive(Debug, thiserror::Error)]
@@ -81,192 +83,6 @@ pub struct Running {
     tasks: tokio::task::JoinSet<()>,
 }
 
-/// Applies a new config to a running proxy without dropping a connection: everything is
-/// built first, then swapped in at once; on any error nothing changes.
-#[derive(Debug, Clone)]
-pub struct Reloader {
-    api: Arc<Api>,
-    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
-    cert_not_after: Arc<std::sync::atomic::AtomicI64>,
-    /// What the running process was started with, of the settings only a restart applies.
-    started_with: Arc<Vec<(&'static str, String)>>,
-    /// What a backend the reload opens is started with (restart-only settings).
-    limits: CallLimits,
-    health: HealthConfig,
-    shutdown: watch::Receiver<bool>,
-}
-
-/// The settings a reload cannot apply, as (config key, value) pairs an operator can
-/// read. Backends are not among them: a reload opens a backend whose settings changed
-/// (see [`Reloader::reload`]).
-fn restart_only(config: &Config) -> Vec<(&'static str, String)> {
-    vec![
-        ("server.listen", config.server.listen.to_string()),
-        (
-            "server.ping_listen",
-            format!("{:?}", config.server.ping_listen),
-        ),
-        ("admin.listen", format!("{:?}", config.admin_listen)),
-        ("limits", format!("{:?}", config.limits)),
-        // The log subscriber is installed once per process.
-        ("logging.level", config.logging.level.clone()),
-        ("logging.format", format!("{:?}", config.logging.format)),
-        // The writer thread, its files and its key are set up once. (Debug of the
-        // key is redacted: the comparison sees its source, not its bytes.)
-        ("audit", format!("{:?}", config.audit)),
-    ]
-}
-
-impl Reloader {
-    /// Reloads credentials, allow-lists, quotas, the policy, the TLS certificate and
-    /// client CA, and the backends: a backend whose settings are unchanged but for what
-    /// it reloads itself (its keystore file, the PKCS#11 disabled-key list and PINs)
-    /// stays in service and reloads; a new backend, or one whose settings changed
-    /// (re-pointed to another module, token or keystore), is opened and put in service;
-    /// a backend no keystore uses any more leaves service once the requests that started
-    /// with it have finished. Listen addresses, limits and logging need a restart: a
-    /// change to them is logged as a warning and otherwise ignored.
-    ///
-    /// All or nothing: the new credentials, policy, TLS config and backends are built
-    /// first, then the backends that stay reload, and only if all of that worked is the
-    /// rest swapped in. A backend that cannot be opened fails the reload and changes
-    /// nothing (what was opened for it is closed again).
-    pub async fn reload(&self, config: &Config) -> Result<(), ServeError> {
-        let result = self.apply(config).await;
-        note_reload(result.is_ok());
-        result
-    }
-
-    /// Reads the config file and applies it ([`Reloader::reload`]); a file that does
-    /// not load or validate changes nothing and counts as a failed reload.
-    pub async fn reload_file(&self, path: &std::path::Path) -> Result<Config, ServeError> {
-        let config = Config::load(path).inspect_err(|_| note_reload(false))?;
-        self.reload(&config).await?;
-        Ok(config)
-    }
-
-    async fn apply(&self, config: &Config) -> Result<(), ServeError> {
-        for k in &config.keystores {
-            crate::api::credential_set(k)?;
-        }
-        let policy = load_policy(config)?;
-        let tls = match (&self.tls, &config.server.tls) {
-            (Some(_), Some(t)) => Some((
-                tls::server_config(t, config.server.client_auth.as_ref())?,
-                tls::not_after(t).unwrap_or(i64::MIN),
-            )),
-            _ => None,
-        };
-        let running = self.api.tenants();
-        let mut managers = KeyManagers::new();
-        let mut staying = Vec::new();
-        for entry in &config.backends {
-            match running.managers().get(&entry.name) {
-                Some(m) if m.identity.as_ref() == Some(&entry.config.identity()) => {
-                    staying.push((Arc::clone(m), entry.config.clone()));
-                    managers.insert(entry.name.clone(), Arc::clone(m));
-                }
-                _ => {
-                    let backend = open_in_background(entry).await?;
-                    let m = self.put_in_service(entry, backend).await?;
-                    managers.insert(entry.name.clone(), m);
-                }
-            }
-        }
-        for (m, backend_config) in staying {
-            m.handle
-                // Not a KMS request: re-reading a keystore file may take longer than a
-                // request's deadline; the health check's budget bounds it.
-                .call_within(crate::api::health::CHECK_BUDGET, move |b| {
-                    // reload first: it only reads (a failure leaves the backend as it
-                    // was); reconfigure only swaps validated lists in.
-                    b.reload()?;
-                    b.reconfigure(&backend_config)
-                })
-                .await
-                .map_err(|source| ServeError::BackendReload {
-                    name: m.name.to_string(),
-                    source,
-                })?;
-        }
-        let tenants = crate::api::Tenants::from_config(&config.keystores, managers)?;
-        // Everything built and the backends agreed: swap. In-flight requests keep what
-        // they started with; new handshakes get the new certificate.
-        let new_managers = tenants.managers().clone();
-        self.api.replace_tenants(tenants);
-        for (name, old) in running.managers() {
-            match new_managers.get(name) {
-                Some(new) if Arc::ptr_eq(new, old) => {}
-                Some(_) => {
-                    tracing::info!(backend = %name, "backend re-pointed: the new settings serve new requests; the old backend closes when its requests have finished");
-                    set_backend_series(old, false);
-                }
-                None => {
-                    tracing::info!(backend = %name, "backend removed: it closes when its requests have finished");
-                    set_backend_series(old, false);
-                }
-            }
-        }
-        for name in new_managers.keys() {
-            if !running.managers().contains_key(name) {
-                tracing::info!(backend = %name, "backend added");
-            }
-        }
-        drop(running);
-        register_series(&self.api);
-        self.api.replace_policy(policy);
-        if let (Some(slot), Some((cfg, not_after))) = (&self.tls, tls) {
-            slot.store(cfg);
-            self.cert_not_after.store(not_after, Ordering::Release);
-        }
-        for ((key, was), (_, now)) in self.started_with.iter().zip(restart_only(config)) {
-            if *was != now {
-                tracing::warn!(setting = key, running = %was, config = %now, "changed in the config but needs a restart; still running with the old value");
-            }
-        }
-        tracing::info!("configuration reloaded");
-        Ok(())
-    }
-
-    async fn put_in_service(
-        &self,
-        entry: &BackendEntry,
-        backend: Arc<dyn CryptoBackend>,
-    ) -> Result<Arc<KeyManager>, ServeError> {
-        KeyManager::start(
-            &entry.name,
-            backend,
-            Some(&entry.config),
-            self.limits,
-            self.health.clone(),
-            self.shutdown.clone(),
-        )
-        .await
-        .map_err(ServeError::CallThreads)
-    }
-}
-
-/// Opens a backend for a reload off the async threads (loading a PKCS#11 module and
-/// logging in block), within the health check's budget: a module that hangs fails the
-/// reload instead of stalling it.
-async fn open_in_background(entry: &BackendEntry) -> Result<Arc<dyn CryptoBackend>, ServeError> {
-    let config = entry.config.clone();
-    let fail = |reason: String| ServeError::BackendOpen {
-        name: entry.name.clone(),
-        reason,
-    };
-    let opening = tokio::task::spawn_blocking(move || crate::backend::open(&config));
-    match tokio::time::timeout(crate::api::health::CHECK_BUDGET, opening).await {
-        Ok(Ok(Ok(backend))) => Ok(backend),
-        Ok(Ok(Err(e))) => Err(fail(e.to_string())),
-        Ok(Err(_panicked)) => Err(fail("opening it panicked".into())),
-        Err(_elapsed) => Err(fail(format!(
-            "it did not open within {} s",
-            crate::api::health::CHECK_BUDGET.as_secs()
-        ))),
-    }
-}
-
 /// Sets one key manager's gauges: its calls in flight and waiting, and 1 for each
 /// instance's current health status. A key manager that left service (`live` false)
 /// reads 0 everywhere, so none of its series can hold an alert.
@@ -306,7 +122,8 @@ pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
     for k in &config.keystores {
         crate::api::credential_set(k).map_err(|e| ConfigError::new("keystores", e.to_string()))?;
     }
-    load_policy(config).map_err(|e| ConfigError::new("policy.file", e.to_string()))?;
+    load_policy(config.policy_file.as_deref())
+        .map_err(|e| ConfigError::new("policy.file", e.to_string()))?;
     if let Some(audit) = &config.audit {
         crate::audit::preflight(audit).map_err(|e| ConfigError::new("audit.directory", e))?;
     }
@@ -352,90 +169,10 @@ pub fn preflight(config: &Config) -> Result<(), crate::config::ConfigError> {
     Ok(())
 }
 
-/// A secret the config names: the setting, where its value comes from, and whether a
-/// reload (SIGHUP, `systemctl reload`, the file watch) picks up a new value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretUse {
-    pub setting: String,
-    /// `file PATH` or `env VAR`.
-    pub source: String,
-    pub rotates_on_reload: bool,
-}
-
-/// Every secret `config`, for `config check` and the README's rotation rule: a value in
-/// a file rotates with a reload; an environment variable cannot change under a running
-/// process, and the backend's own secrets (the master key) are read once at start.
-pub fn secret_uses(config: &Config) -> Vec<SecretUse> {
-    use crate::config::{BackendConfig, SecretSource};
-    let from = |s: &SecretSource| match s {
-        SecretSource::File(f) => (format!("file {}", f.display()), true),
-        SecretSource::Env(v) => (format!("env {v}"), false),
-    };
-    let mut out = Vec::new();
-    for k in &config.keystores {
-        for c in &k.credentials {
-            let (source, rotates_on_reload) = from(&c.source);
-            out.push(SecretUse {
-                setting: format!(
-                    "keystores[{:?}].credentials[{}]",
-                    k.path_prefix, c.access_key_id
-                ),
-                source,
-                rotates_on_reload,
-            });
-        }
-    }
-    if let Some(crate::config::TlsConfig::Files { private_key, .. }) = &config.server.tls {
-        out.push(SecretUse {
-            setting: "server.tls.private_key".to_owned(),
-            source: format!("file {}", private_key.display()),
-            rotates_on_reload: true,
-        });
-    }
-    if let Some(audit) = &config.audit {
-        let (source, _) = from(&audit.key_source);
-        let field = match audit.key_source {
-            SecretSource::File(_) => "audit.key_file",
-            SecretSource::Env(_) => "audit.key_env",
-        };
-        out.push(SecretUse {
-            setting: field.to_owned(),
-            source,
-            // The writer is set up once; a new key takes a restart.
-            rotates_on_reload: false,
-        });
-    }
-    for b in &config.backends {
-        match &b.config {
-            BackendConfig::Software { master_key, .. } => {
-                let (source, _) = from(master_key);
-                let field = match master_key {
-                    SecretSource::File(_) => "master_key_file",
-                    SecretSource::Env(_) => "master_key_env",
-                };
-                out.push(SecretUse {
-                    setting: format!("{}.{field}", b.table),
-                    source,
-                    rotates_on_reload: false,
-                });
-            }
-            #[cfg(feature = "pkcs11")]
-            BackendConfig::Pkcs11(settings) => {
-                for (field, source, rotates_on_reload) in settings.pin_sources() {
-                    out.push(SecretUse {
-                        setting: format!("{}.{field}", b.table),
-                        source,
-                        rotates_on_reload,
-                    });
-                }
-            }
-        }
-    }
-    out
-}
-
-fn load_policy(config: &Config) -> Result<Option<Arc<crate::policy::Policy>>, ServeError> {
-    match &config.policy_file {
+fn load_policy(
+    file: Option<&std::path::Path>,
+) -> Result<Option<Arc<crate::policy::Policy>>, ServeError> {
+    match file {
         None => Ok(None),
         Some(path) => {
             let policy = crate::policy::Policy::from_file(path)?;
@@ -502,7 +239,7 @@ async fn bind_optional(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, 
 /// Like [`start`], on listeners the caller bound (tests, socket activation).
 pub async fn start_on(
     config: &Config,
-    mut backends: crate::backend::Opened,
+    backends: crate::backend::Opened,
     listener: TcpListener,
     ping_listener: Option<TcpListener>,
     admin_listener: Option<TcpListener>,
@@ -511,62 +248,9 @@ pub async fn start_on(
     // requiring FIPS mode on a build without it, does not start.
     crate::crypto::check(config.server.require_fips)?;
     let cert_not_after = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
-    let tls = match &config.server.tls {
-        Some(t) => {
-            let cfg = tls::server_config(t, config.server.client_auth.as_ref())?;
-            cert_not_after.store(tls::not_after(t).unwrap_or(i64::MIN), Ordering::Release);
-            if config.server.client_auth.is_some() {
-                tracing::info!(
-                    "mTLS on: clients must present a certificate with a configured subject name"
-                );
-            }
-            Some(Arc::new(ArcSwap::new(cfg)))
-        }
-        None => {
-            tracing::warn!(
-                "serving PLAIN HTTP (server.insecure_plain_http = true): only safe behind a TLS-terminating load balancer on a private network"
-            );
-            None
-        }
-    };
+    let tls = tls_config(&config.server, &cert_not_after)?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    // Every key manager's first deep check at once: a hung one delays the start by
-    // one STARTUP_BUDGET, not one per backend.
-    let mut starting = tokio::task::JoinSet::new();
-    for entry in &config.backends {
-        let backend = backends
-            .remove(&entry.name)
-            .ok_or_else(|| ServeError::BackendOpen {
-                name: entry.name.clone(),
-                reason: "not opened (start was given no backend by this name)".into(),
-            })?;
-        let (entry, limits, health, stop) = (
-            entry.clone(),
-            config.limits,
-            config.health.clone(),
-            shutdown_rx.clone(),
-        );
-        starting.spawn(async move {
-            let m = KeyManager::start(
-                &entry.name,
-                backend,
-                Some(&entry.config),
-                limits,
-                health,
-                stop,
-            )
-            .await;
-            (entry.name, m)
-        });
-    }
-    let mut managers = KeyManagers::new();
-    while let Some(started) = starting.join_next().await {
-        let (name, m) = started.map_err(|e| ServeError::BackendOpen {
-            name: "?".into(),
-            reason: e.to_string(),
-        })?;
-        managers.insert(name, m.map_err(ServeError::CallThreads)?);
-    }
+    let managers = start_key_managers(config, backends, &shutdown_rx).await?;
     let audit = match &config.audit {
         Some(a) => {
             ignore_file_size_signal();
@@ -575,15 +259,14 @@ pub async fn start_on(
         None => None,
     };
     let api = Arc::new(Api::new(config, managers)?.with_audit(audit));
-    api.replace_policy(load_policy(config)?);
+    api.replace_policy(load_policy(config.policy_file.as_deref())?);
     let reloader = Reloader {
-        started_with: Arc::new(restart_only(config)),
+        started: Arc::new(crate::config::reload::split(config).0),
         api: Arc::clone(&api),
         tls: tls.clone(),
         cert_not_after: Arc::clone(&cert_not_after),
-        limits: config.limits,
-        health: config.health.clone(),
         shutdown: shutdown_rx.clone(),
+        applying: Arc::default(),
     };
 
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
@@ -652,6 +335,75 @@ pub async fn start_on(
         shutdown,
         tasks,
     })
+}
+
+/// The TLS config the accept loop starts with (a reload swaps it), and the
+/// certificate's expiry for `/ping` and the metrics; `None` for plain HTTP.
+fn tls_config(
+    server: &ServerConfig,
+    cert_not_after: &std::sync::atomic::AtomicI64,
+) -> Result<Option<Arc<ArcSwap<rustls::ServerConfig>>>, ServeError> {
+    let Some(t) = &server.tls else {
+        tracing::warn!(
+            "serving PLAIN HTTP (server.insecure_plain_http = true): only safe behind a TLS-terminating load balancer on a private network"
+        );
+        return Ok(None);
+    };
+    let cfg = tls::server_config(t, server.client_auth.as_ref())?;
+    cert_not_after.store(tls::not_after(t).unwrap_or(i64::MIN), Ordering::Release);
+    if server.client_auth.is_some() {
+        tracing::info!(
+            "mTLS on: clients must present a certificate with a configured subject name"
+        );
+    }
+    Ok(Some(Arc::new(ArcSwap::new(cfg))))
+}
+
+/// Puts every configured backend in service (`backends` holds one per
+/// `config.backends` entry, by name).
+async fn start_key_managers(
+    config: &Config,
+    mut backends: crate::backend::Opened,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Result<KeyManagers, ServeError> {
+    // Every key manager's first deep check at once: a hung one delays the start by
+    // one STARTUP_BUDGET, not one per backend.
+    let mut starting = tokio::task::JoinSet::new();
+    for entry in &config.backends {
+        let backend = backends
+            .remove(&entry.name)
+            .ok_or_else(|| ServeError::BackendOpen {
+                name: entry.name.clone(),
+                reason: "not opened (start was given no backend by this name)".into(),
+            })?;
+        let (entry, limits, health, stop) = (
+            entry.clone(),
+            config.limits,
+            config.health.clone(),
+            shutdown_rx.clone(),
+        );
+        starting.spawn(async move {
+            let m = KeyManager::start(
+                &entry.name,
+                backend,
+                Some(&entry.config),
+                limits,
+                health,
+                stop,
+            )
+            .await;
+            (entry.name, m)
+        });
+    }
+    let mut managers = KeyManagers::new();
+    while let Some(started) = starting.join_next().await {
+        let (name, m) = started.map_err(|e| ServeError::BackendOpen {
+            name: "?".into(),
+            reason: e.to_string(),
+        })?;
+        managers.insert(name, m.map_err(ServeError::CallThreads)?);
+    }
+    Ok(managers)
 }
 
 /// A write past `RLIMIT_FSIZE` raises SIGXFSZ, whose default action kills the

@@ -249,30 +249,29 @@ impl Pkcs11Settings {
         Duration::from_millis(self.call_deadline_ms)
     }
 
-    /// Validates and resolves the tokens to open, primary first.
-    /// Each token's PIN setting and where it comes from (for `config check`'s list of
-    /// secrets): `(setting, "file PATH" | "env VAR", re-read on reload)`. A PIN file is
-    /// re-read at every reload; an environment variable cannot change under a running
-    /// process. Settings that do not plan (an error `plan` reports) list nothing.
-    pub fn pin_sources(&self) -> Vec<(String, String, bool)> {
+    /// Each token's PIN setting (as written under the backend's table, e.g.
+    /// `user_pin_file`, `failover[0].user_pin_env`) and where it comes from, for
+    /// `config check`'s list of secrets. Settings that do not plan (an error `plan`
+    /// reports) list nothing.
+    pub fn pin_sources(&self) -> Vec<(String, crate::config::SecretSource)> {
+        use crate::config::SecretSource;
         self.plan()
             .unwrap_or_default()
             .into_iter()
             .map(|p| match p.pin {
                 PinSource::File(f) => (
-                    format!("backend.{}user_pin_file", p.key_prefix),
-                    format!("file {}", f.display()),
-                    true,
+                    format!("{}user_pin_file", p.key_prefix),
+                    SecretSource::File(f),
                 ),
                 PinSource::Env(v) => (
-                    format!("backend.{}user_pin_env", p.key_prefix),
-                    format!("env {v}"),
-                    false,
+                    format!("{}user_pin_env", p.key_prefix),
+                    SecretSource::Env(v),
                 ),
             })
             .collect()
     }
 
+    /// Validates and resolves the tokens to open, primary first.
     pub(crate) fn plan(&self) -> Result<Vec<TokenPlan>, Pkcs11Error> {
         check_module("module", &self.module)?;
         let selector = token_selector("", &self.token_label, &self.token_serial)?;
@@ -353,48 +352,61 @@ impl Pkcs11Settings {
             pin: pin.clone(),
         }];
         for (i, t) in self.failover.iter().enumerate() {
-            let prefix = format!("failover[{i}].");
-            let module = match &t.module {
-                Some(m) => {
-                    check_module(&format!("{prefix}module"), m)?;
-                    m.clone()
-                }
-                None => self.module.clone(),
-            };
-            let selector = token_selector(&prefix, &t.token_label, &t.token_serial)?;
-            let pin = match (&t.user_pin_env, &t.user_pin_file) {
-                (Some(_), Some(_)) => {
-                    return Err(Pkcs11Error::setting(
-                        format!("{prefix}user_pin_env"),
-                        "set at most one of `user_pin_env` and `user_pin_file`",
-                    ));
-                }
-                (None, None) => pin.clone(),
-                (Some(var), None) => {
-                    PinSource::Env(check_env_name(&format!("{prefix}user_pin_env"), var)?)
-                }
-                (None, Some(path)) => {
-                    PinSource::File(check_pin_file(&format!("{prefix}user_pin_file"), path)?)
-                }
-            };
-            let plan = TokenPlan {
-                key_prefix: prefix.clone(),
-                module,
-                selector,
-                pin,
-            };
+            let plan = t.plan(i, &self.module, &pin)?;
             if plans
                 .iter()
                 .any(|p| p.module == plan.module && p.selector == plan.selector)
             {
                 return Err(Pkcs11Error::setting(
-                    format!("{prefix}token_label"),
+                    format!("{}token_label", plan.key_prefix),
                     format!("{} in this module is already configured", plan.selector),
                 ));
             }
             plans.push(plan);
         }
         Ok(plans)
+    }
+}
+
+impl TokenSettings {
+    /// `failover[i]` as a token to open: the primary's module and PIN unless it names
+    /// its own.
+    fn plan(
+        &self,
+        i: usize,
+        primary_module: &Path,
+        primary_pin: &PinSource,
+    ) -> Result<TokenPlan, Pkcs11Error> {
+        let prefix = format!("failover[{i}].");
+        let module = match &self.module {
+            Some(m) => {
+                check_module(&format!("{prefix}module"), m)?;
+                m.clone()
+            }
+            None => primary_module.to_path_buf(),
+        };
+        let selector = token_selector(&prefix, &self.token_label, &self.token_serial)?;
+        let pin = match (&self.user_pin_env, &self.user_pin_file) {
+            (Some(_), Some(_)) => {
+                return Err(Pkcs11Error::setting(
+                    format!("{prefix}user_pin_env"),
+                    "set at most one of `user_pin_env` and `user_pin_file`",
+                ));
+            }
+            (None, None) => primary_pin.clone(),
+            (Some(var), None) => {
+                PinSource::Env(check_env_name(&format!("{prefix}user_pin_env"), var)?)
+            }
+            (None, Some(path)) => {
+                PinSource::File(check_pin_file(&format!("{prefix}user_pin_file"), path)?)
+            }
+        };
+        Ok(TokenPlan {
+            key_prefix: prefix,
+            module,
+            selector,
+            pin,
+        })
     }
 }
 
