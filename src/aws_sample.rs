@@ -89,12 +89,41 @@ fn integer(t: Option<&toml::Table>, key: &str) -> Option<i64> {
 /// Reads the sample's settings (`text`, from `path`) into this project's config.
 /// `discover_token(module)` returns the label of the first token the module shows, as
 /// the sample would have used it; it is called only when `how.token_label` is `None`.
+///
+/// One section of the sample's settings after another, in the order the config is
+/// written: the order of the output, the warnings and the first error is the order of
+/// the calls below.
 pub fn import(
     path: &Path,
     text: &str,
     how: &Import,
     discover_token: impl FnOnce(&Path) -> Result<String, String>,
 ) -> Result<Imported, ImportError> {
+    let root = parse_settings(path, text)?;
+    let sample_root = sample_root(path, how);
+    let mut out = Imported {
+        config: String::new(),
+        secret_files: Vec::new(),
+        warnings: Vec::new(),
+        new_credentials: Vec::new(),
+    };
+    let _ = writeln!(
+        out.config,
+        "# Imported from AWS's sample proxy settings {} by `xks-proxy config import-aws-sample`.\n\
+         # Reference for every key: config/xks-proxy.toml in this project.",
+        path.display()
+    );
+    server_and_tls(&root, &sample_root, &mut out)?;
+    sigv4_logging_and_unsupported(&root, &mut out);
+    backend(&root, how, discover_token, &mut out)?;
+    keystores(&root, &mut out)?;
+    limits(&root, &mut out);
+    Ok(out)
+}
+
+/// The sample's settings as a TOML table; its bootstrap file (which only names the
+/// settings file) is refused with what to import instead.
+fn parse_settings(path: &Path, text: &str) -> Result<toml::Table, ImportError> {
     let root: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         ImportError::Syntax(path.display().to_string(), e.to_string())
     })?;
@@ -104,55 +133,62 @@ pub fn import(
             "this is the sample's bootstrap.toml, which only names the settings file: import that file instead",
         ));
     }
-    // Absolute: the new config lives elsewhere, and resolves relative paths against
-    // its own directory.
+    Ok(root)
+}
+
+/// Where the sample ran, absolute: the new config lives elsewhere, and resolves
+/// relative paths against its own directory.
+fn sample_root(path: &Path, how: &Import) -> PathBuf {
     let sample_root = how.sample_root.clone().unwrap_or_else(|| {
         path.parent()
             .and_then(Path::parent)
             .unwrap_or(Path::new("."))
             .to_path_buf()
     });
-    let sample_root = std::path::absolute(&sample_root).unwrap_or(sample_root);
-    let resolve = |p: &str| {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            sample_root.join(p)
-        }
-    };
-    let mut warnings = Vec::new();
-    let mut secret_files = Vec::new();
-    let mut new_credentials = Vec::new();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# Imported from AWS's sample proxy settings {} by `xks-proxy config import-aws-sample`.\n\
-         # Reference for every key: config/xks-proxy.toml in this project.",
-        path.display()
-    );
+    std::path::absolute(&sample_root).unwrap_or(sample_root)
+}
 
-    // --- [server] and TLS ---------------------------------------------------------
-    let server = table(&root, "server");
-    let security = table(&root, "security");
-    let tls = table(&root, "tls");
+/// A path from the sample's settings, as the sample (running in `sample_root`) read it.
+fn resolve(sample_root: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        sample_root.join(p)
+    }
+}
+
+/// `[server]` and `[security]`/`[tls]` → `[server]` and `[server.tls]`: the listeners,
+/// and TLS/mTLS or the plain-HTTP opt-out.
+fn server_and_tls(
+    root: &toml::Table,
+    sample_root: &Path,
+    out: &mut Imported,
+) -> Result<(), ImportError> {
+    let server = table(root, "server");
+    let security = table(root, "security");
+    let tls = table(root, "tls");
     let ip = string(server, "ip").unwrap_or("0.0.0.0");
     let port = integer(server, "port").ok_or_else(|| setting("server.port", "missing"))?;
-    let _ = writeln!(out, "\n[server]\nlisten = {}", q(&format!("{ip}:{port}")));
+    let _ = writeln!(
+        out.config,
+        "\n[server]\nlisten = {}",
+        q(&format!("{ip}:{port}"))
+    );
     if let Some(ping) = integer(server, "port_http_ping")
         && ping != port
     {
-        let _ = writeln!(out, "ping_listen = {}", q(&format!("{ip}:{ping}")));
+        let _ = writeln!(out.config, "ping_listen = {}", q(&format!("{ip}:{ping}")));
     }
     let tls_on = boolean(security, "is_tls_enabled").unwrap_or(false);
     if !tls_on {
-        let _ = writeln!(out, "insecure_plain_http = true");
-        warnings.push(
+        let _ = writeln!(out.config, "insecure_plain_http = true");
+        out.warnings.push(
             "security.is_tls_enabled = false: carried over as server.insecure_plain_http = true, which is only safe behind a load balancer that terminates TLS on a private network".to_owned(),
         );
     }
     if boolean(security, "is_sigv4_auth_enabled") == Some(false) {
-        warnings.push(
+        out.warnings.push(
             "security.is_sigv4_auth_enabled = false cannot be carried over: this proxy always verifies KMS's SigV4 signature (the credentials below are required)".to_owned(),
         );
     }
@@ -162,10 +198,10 @@ pub fn import(
         let key =
             string(tls, "tls_key_pem").ok_or_else(|| setting("tls.tls_key_pem", "missing"))?;
         let _ = writeln!(
-            out,
+            out.config,
             "\n[server.tls]\ncertificate = {}\nprivate_key = {}",
-            q_path(&resolve(cert)),
-            q_path(&resolve(key))
+            q_path(&resolve(sample_root, cert)),
+            q_path(&resolve(sample_root, key))
         );
         if boolean(security, "is_mtls_enabled") == Some(true) {
             let ca = string(tls, "mtls_client_ca_pem")
@@ -173,68 +209,72 @@ pub fn import(
             let name = string(tls, "mtls_client_dns_name")
                 .ok_or_else(|| setting("tls.mtls_client_dns_name", "missing"))?;
             let _ = writeln!(
-                out,
+                out.config,
                 "client_ca = {}\nclient_subjects = [{}]",
-                q_path(&resolve(ca)),
+                q_path(&resolve(sample_root, ca)),
                 q(name)
             );
         }
     } else if boolean(security, "is_mtls_enabled") == Some(true) {
-        warnings.push(
+        out.warnings.push(
             "security.is_mtls_enabled = true without TLS cannot be carried over: mTLS needs [server.tls]".to_owned(),
         );
     }
+    Ok(())
+}
+
+/// The region → `[sigv4]`, the log level → `[logging]`, and the sample's settings that
+/// have no counterpart here (its service name, file logging, Oso secondary auth, TCP
+/// keepalive), each with what to do instead.
+fn sigv4_logging_and_unsupported(root: &toml::Table, out: &mut Imported) {
+    let server = table(root, "server");
+    let security = table(root, "security");
     if let Some(region) = string(server, "region") {
-        let _ = writeln!(out, "\n[sigv4]\nregions = [{}]", q(region));
+        let _ = writeln!(out.config, "\n[sigv4]\nregions = [{}]", q(region));
     }
     if let Some(service) = string(server, "service")
         && service != "kms-xks-proxy"
     {
-        warnings.push(format!(
+        out.warnings.push(format!(
             "server.service = {service:?} is not carried over: KMS signs for kms-xks-proxy, which is the only service this proxy accepts"
         ));
     }
-    if let Some(level) = string(table(&root, "tracing"), "level") {
+    if let Some(level) = string(table(root, "tracing"), "level") {
         let level = level.to_ascii_lowercase();
-        let _ = writeln!(out, "\n[logging]\nlevel = {}", q(&level));
+        let _ = writeln!(out.config, "\n[logging]\nlevel = {}", q(&level));
         if level == "debug" || level == "trace" {
-            warnings.push(format!(
+            out.warnings.push(format!(
                 "tracing.level = {level:?} carried over; info is the level for production"
             ));
         }
     }
-    if boolean(table(&root, "tracing"), "is_file_writer_enabled") == Some(true) {
-        warnings.push(
+    if boolean(table(root, "tracing"), "is_file_writer_enabled") == Some(true) {
+        out.warnings.push(
             "tracing.is_file_writer_enabled: this proxy logs to stderr only (journald, the container runtime); rotate there".to_owned(),
         );
     }
     if security.and_then(|s| s.get("secondary_auth")).is_some() {
-        warnings.push(
+        out.warnings.push(
             "security.secondary_auth (Oso, its .polar file) cannot be carried over: write the same rules as a Cedar policy ([policy] file; examples in config/policies/)".to_owned(),
         );
     }
     if table(server.unwrap_or(&toml::Table::new()), "tcp_keepalive").is_some() {
-        warnings.push(
+        out.warnings.push(
             "server.tcp_keepalive is not carried over: idle connections are bounded by [server] idle_timeout_ms and header_read_timeout_ms instead".to_owned(),
         );
     }
+}
 
-    // --- [pkcs11] → [backend] -----------------------------------------------------
-    let pkcs11 = table(&root, "pkcs11").ok_or_else(|| setting("pkcs11", "missing"))?;
-    let logger = table(&root, "pkcs11_logger");
-    let mut module = string(Some(pkcs11), "PKCS11_HSM_MODULE")
-        .ok_or_else(|| setting("pkcs11.PKCS11_HSM_MODULE", "missing"))?
-        .to_owned();
-    // With the pkcs11-logger wrapper, the HSM's own library is the logger's target.
-    if let Some(real) = string(logger, "PKCS11_LOGGER_LIBRARY_PATH").filter(|p| !p.is_empty())
-        && module.contains("pkcs11-logger")
-    {
-        warnings.push(format!(
-            "pkcs11.PKCS11_HSM_MODULE is the pkcs11-logger wrapper: the HSM's library {real} is used directly"
-        ));
-        module = real.to_owned();
-    }
-    let module = PathBuf::from(module);
+/// `[pkcs11]` and `[hsm_capabilities]` → `[backend]`: the module, the token the sample
+/// used, its PIN (to a secret file), the IV policy and the pool size.
+fn backend(
+    root: &toml::Table,
+    how: &Import,
+    discover_token: impl FnOnce(&Path) -> Result<String, String>,
+    out: &mut Imported,
+) -> Result<(), ImportError> {
+    let pkcs11 = table(root, "pkcs11").ok_or_else(|| setting("pkcs11", "missing"))?;
+    let module = hsm_module(root, pkcs11, out)?;
     let token = match &how.token_label {
         Some(l) => l.clone(),
         None => discover_token(&module).map_err(|reason| ImportError::Token {
@@ -244,28 +284,19 @@ pub fn import(
     };
     let pin =
         string(Some(pkcs11), "user_pin").ok_or_else(|| setting("pkcs11.user_pin", "missing"))?;
-    secret_files.push((
+    out.secret_files.push((
         PathBuf::from("secrets/hsm-pin"),
         SecretString::new(pin.to_owned()),
     ));
-    let caps = table(&root, "hsm_capabilities");
-    let iv_policy = match (
-        boolean(caps, "can_generate_iv").unwrap_or(false),
-        boolean(caps, "is_zero_iv_required").unwrap_or(false),
-    ) {
-        (false, _) => "proxy_random",
-        (true, false) => "hsm_generated",
-        (true, true) => "zero_filled_returned",
-    };
     let _ = writeln!(
-        out,
+        out.config,
         "\n[backend]\nkind = \"pkcs11\"\nmodule = {}\n# The sample used the first token the module showed; this is its label.\ntoken_label = {}\nuser_pin_file = \"secrets/hsm-pin\"\niv_policy = {}",
         q_path(&module),
         q(&token),
-        q(iv_policy)
+        q(iv_policy(table(root, "hsm_capabilities")))
     );
     if let Some(n) = integer(Some(pkcs11), "session_pool_max_size").filter(|n| *n > 0) {
-        let _ = writeln!(out, "pool_size = {n}");
+        let _ = writeln!(out.config, "pool_size = {n}");
     }
     for ignored in [
         "session_pool_timeout_milli",
@@ -273,23 +304,115 @@ pub fn import(
         "session_eager_close",
     ] {
         if pkcs11.contains_key(ignored) {
-            warnings.push(format!(
+            out.warnings.push(format!(
                 "pkcs11.{ignored} has no counterpart: key-manager calls are bounded by [backend] call_deadline_ms and a bounded wait queue"
             ));
         }
     }
-    warnings.push(format!(
+    out.warnings.push(format!(
         "the token holds the sample's keys but not this proxy's health-check key: run `xks-proxy keys create-health-check-key --config FILE` once (it makes `xks-health-check`, an AES-256 key used only by the deep health check), or the health check reports UNAVAILABLE and KMS will not connect (token {token:?})"
     ));
+    Ok(())
+}
 
-    // --- [[external_key_stores]] → [[keystores]] ------------------------------------
+/// The HSM's PKCS#11 library. With the pkcs11-logger wrapper, the HSM's own library is
+/// the logger's target, and that is the one used.
+fn hsm_module(
+    root: &toml::Table,
+    pkcs11: &toml::Table,
+    out: &mut Imported,
+) -> Result<PathBuf, ImportError> {
+    let logger = table(root, "pkcs11_logger");
+    let mut module = string(Some(pkcs11), "PKCS11_HSM_MODULE")
+        .ok_or_else(|| setting("pkcs11.PKCS11_HSM_MODULE", "missing"))?
+        .to_owned();
+    if let Some(real) = string(logger, "PKCS11_LOGGER_LIBRARY_PATH").filter(|p| !p.is_empty())
+        && module.contains("pkcs11-logger")
+    {
+        out.warnings.push(format!(
+            "pkcs11.PKCS11_HSM_MODULE is the pkcs11-logger wrapper: the HSM's library {real} is used directly"
+        ));
+        module = real.to_owned();
+    }
+    Ok(PathBuf::from(module))
+}
+
+/// The IV policy matching what the sample was told the HSM can do.
+fn iv_policy(caps: Option<&toml::Table>) -> &'static str {
+    match (
+        boolean(caps, "can_generate_iv").unwrap_or(false),
+        boolean(caps, "is_zero_iv_required").unwrap_or(false),
+    ) {
+        (false, _) => "proxy_random",
+        (true, false) => "hsm_generated",
+        (true, true) => "zero_filled_returned",
+    }
+}
+
+/// One of the sample's `[[external_key_stores]]`, read.
+struct SampleStore {
+    /// Its position, for the messages.
+    index: usize,
+    prefix: String,
+    access_key_id: String,
+    secret: String,
+    keys: Vec<String>,
+}
+
+/// `[[external_key_stores]]` → `[[keystores]]`: each store's prefix, keys (own and
+/// shared), credential (kept, or made anew when the sample's is not valid) and the
+/// sample's ciphertext metadata, so its ciphertexts keep decrypting.
+fn keystores(root: &toml::Table, out: &mut Imported) -> Result<(), ImportError> {
+    let (stores, served) = read_stores(root)?;
+    let metadata = string(table(root, "server"), "ciphertext_metadata_b64").unwrap_or("");
+    for store in stores {
+        let SampleStore {
+            index: i,
+            prefix,
+            access_key_id: akid,
+            secret,
+            keys,
+        } = store;
+        let (own, shared): (Vec<_>, Vec<_>) = keys.into_iter().partition(|k| served[k] == 1);
+        let (akid, secret) = if crate::config::valid_access_key_id(&akid)
+            && crate::config::valid_secret(&secret)
+        {
+            (akid, SecretString::new(secret))
+        } else {
+            let (new_akid, new_secret) = crate::config::generate_credential();
+            out.warnings.push(format!(
+                "external_key_stores[{i}] ({prefix:?}) had no valid SigV4 credential: a new one was made ({new_akid}); give it to KMS with `xks-proxy kms-config --config FILE --prefix {prefix:?}` (UpdateCustomKeyStore)"
+            ));
+            out.new_credentials.push((prefix.clone(), new_akid.clone()));
+            (new_akid, new_secret)
+        };
+        let secret_path = PathBuf::from(format!("secrets/sigv4-{akid}"));
+        let _ = writeln!(
+            out.config,
+            "\n[[keystores]]\npath_prefix = {}\nallowed_keys = [{}]\nshared_keys = [{}]\n[[keystores.credentials]]\naccess_key_id = {}\nsecret_file = {}\n# Ciphertexts the sample made keep decrypting; new ones use this proxy's scheme.\n[keystores.aws_sample_ciphertexts]\nciphertext_metadata_b64 = {}",
+            q(&prefix),
+            own.iter().map(|k| q(k)).collect::<Vec<_>>().join(", "),
+            shared.iter().map(|k| q(k)).collect::<Vec<_>>().join(", "),
+            q(&akid),
+            q_path(&secret_path),
+            q(metadata)
+        );
+        out.secret_files.push((secret_path, secret));
+    }
+    Ok(())
+}
+
+/// The sample's stores, and how many of them serve each key: a key served by several
+/// stores must be listed as shared by each (this project refuses to let two prefixes
+/// serve a key silently).
+fn read_stores(
+    root: &toml::Table,
+) -> Result<(Vec<SampleStore>, BTreeMap<String, usize>), ImportError> {
     let stores = root
         .get("external_key_stores")
         .and_then(toml::Value::as_array)
         .filter(|a| !a.is_empty())
         .ok_or_else(|| setting("external_key_stores", "no [[external_key_stores]]"))?;
-    // A key served by several stores must be listed as shared by each (this project
-    // refuses to let two prefixes serve a key silently).
     let mut served: BTreeMap<String, usize> = BTreeMap::new();
     let mut parsed = Vec::new();
     for (i, store) in stores.iter().enumerate() {
@@ -297,18 +420,7 @@ pub fn import(
         let s = store
             .as_table()
             .ok_or_else(|| setting(&format!("external_key_stores[{i}]"), "not a table"))?;
-        let prefix = s
-            .get("uri_path_prefix")
-            .and_then(toml::Value::as_str)
-            .unwrap_or("");
-        let akid = s
-            .get("sigv4_access_key_id")
-            .and_then(toml::Value::as_str)
-            .unwrap_or("");
-        let secret = s
-            .get("sigv4_secret_access_key")
-            .and_then(toml::Value::as_str)
-            .unwrap_or("");
+        let text = |k: &str| s.get(k).and_then(toml::Value::as_str).unwrap_or("");
         let keys: Vec<String> = s
             .get("xks_key_id_set")
             .and_then(toml::Value::as_array)
@@ -323,60 +435,32 @@ pub fn import(
         for k in &keys {
             *served.entry(k.clone()).or_default() += 1;
         }
-        parsed.push((
-            prefix.to_owned(),
-            akid.to_owned(),
-            secret.to_owned(),
+        parsed.push(SampleStore {
+            index: i,
+            prefix: text("uri_path_prefix").to_owned(),
+            access_key_id: text("sigv4_access_key_id").to_owned(),
+            secret: text("sigv4_secret_access_key").to_owned(),
             keys,
-            i,
-        ));
+        });
     }
-    let metadata = string(server, "ciphertext_metadata_b64").unwrap_or("");
-    for (prefix, akid, secret, keys, i) in parsed {
-        let (own, shared): (Vec<_>, Vec<_>) = keys.into_iter().partition(|k| served[k] == 1);
-        let (akid, secret) = if crate::config::valid_access_key_id(&akid)
-            && crate::config::valid_secret(&secret)
-        {
-            (akid, SecretString::new(secret))
-        } else {
-            let (new_akid, new_secret) = crate::config::generate_credential();
-            warnings.push(format!(
-                "external_key_stores[{i}] ({prefix:?}) had no valid SigV4 credential: a new one was made ({new_akid}); give it to KMS with `xks-proxy kms-config --config FILE --prefix {prefix:?}` (UpdateCustomKeyStore)"
-            ));
-            new_credentials.push((prefix.clone(), new_akid.clone()));
-            (new_akid, new_secret)
-        };
-        let secret_path = PathBuf::from(format!("secrets/sigv4-{akid}"));
-        let _ = writeln!(
-            out,
-            "\n[[keystores]]\npath_prefix = {}\nallowed_keys = [{}]\nshared_keys = [{}]\n[[keystores.credentials]]\naccess_key_id = {}\nsecret_file = {}\n# Ciphertexts the sample made keep decrypting; new ones use this proxy's scheme.\n[keystores.aws_sample_ciphertexts]\nciphertext_metadata_b64 = {}",
-            q(&prefix),
-            own.iter().map(|k| q(k)).collect::<Vec<_>>().join(", "),
-            shared.iter().map(|k| q(k)).collect::<Vec<_>>().join(", "),
-            q(&akid),
-            q_path(&secret_path),
-            q(metadata)
-        );
-        secret_files.push((secret_path, secret));
-    }
-    if let Some(l) = table(&root, "limits") {
+    Ok((parsed, served))
+}
+
+/// `[limits]`: a limit above this proxy's cannot be carried over; a warning says so
+/// (not an error: the proxy still accepts everything the spec requires).
+fn limits(root: &toml::Table, out: &mut Imported) {
+    if let Some(l) = table(root, "limits") {
         for (k, max) in [
             ("max_plaintext_in_base64", 8192),
             ("max_aad_in_base64", 16384),
         ] {
             if integer(Some(l), k).is_some_and(|v| v > max) {
-                warnings.push(format!(
+                out.warnings.push(format!(
                     "limits.{k} above {max} is not carried over: this proxy accepts plaintext up to 8192 bytes and AAD up to 16384 bytes (the spec requires 4300 and 8192)"
                 ));
             }
         }
     }
-    Ok(Imported {
-        config: out,
-        secret_files,
-        warnings,
-        new_credentials,
-    })
 }
 
 /// The label of the first initialised token `module` shows — the token the sample used,

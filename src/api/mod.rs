@@ -517,6 +517,11 @@ impl Api {
         ping_response(self.serving())
     }
 
+    /// One request, step by step in the order the threat model wants: route (404/405
+    /// before anything else), bound and read the body, verify SigV4, admit (in-flight
+    /// limit, audit, quota), check the key id, then decode, authorize and run the
+    /// operation. The steps are plain (inlined) functions; every await stays here, so
+    /// the request's future and its work are those of the one function it was.
     async fn dispatch<B>(
         &self,
         req: Request<B>,
@@ -528,37 +533,22 @@ impl Api {
     {
         let (parts, body) = req.into_parts();
         let tenants = self.tenants.load();
-        let found = route::parse(parts.uri.path())
-            .and_then(|route| Some((route, tenants.get(route.prefix)?)));
-        let early = match &found {
-            None => Some(ApiError::UnknownPath),
-            Some(_) if parts.method != Method::POST => Some(ApiError::MethodNotAllowed),
-            Some(_) => None,
-        };
-        if let Some((route, tenant)) = &found {
-            // Only configured prefixes reach logs and metric labels (bounded cardinality).
-            log.operation = Some(route.operation.as_str());
-            log.prefix = Some(route.prefix.to_owned());
-            log.backend = Some(Arc::clone(&tenant.backend.name));
-        } else {
-            // What was asked, for the operator (a KMS store with the wrong
-            // XksProxyUriPath shows up here): a log field only.
-            log.unknown_path = Some(parts.uri.path().chars().take(MAX_LOGGED_PATH).collect());
-        }
-        let Some((route, tenant)) = found.filter(|_| early.is_none()) else {
-            // An answer given before the body is read would go out beside a reset of the
-            // unread stream (HTTP/2 RST_STREAM), and some clients (curl 7.88) then lose
-            // the answer. So the body is consumed first, within the body deadline and a
-            // bound, never buffered.
-            let mut body = std::pin::pin!(body);
-            let drain = discard(body.as_mut(), DRAIN_LIMIT_FACTOR * self.max_body);
-            let _ = tokio::time::timeout(self.body_timeout, drain).await;
-            let early = early.unwrap_or(ApiError::UnknownPath);
-            log.unauthenticated = Some(match early {
-                ApiError::MethodNotAllowed => UnauthenticatedRejection::MethodNotAllowed,
-                _ => UnauthenticatedRejection::UnknownPath,
-            });
-            return Err(early.into());
+        let (route, tenant) = match route_request(&parts, &tenants, log) {
+            Ok(found) => found,
+            Err(early) => {
+                // An answer given before the body is read would go out beside a reset of
+                // the unread stream (HTTP/2 RST_STREAM), and some clients (curl 7.88) then
+                // lose the answer. So the body is consumed first, within the body deadline
+                // and a bound, never buffered.
+                let mut body = std::pin::pin!(body);
+                let drain = discard(body.as_mut(), DRAIN_LIMIT_FACTOR * self.max_body);
+                let _ = tokio::time::timeout(self.body_timeout, drain).await;
+                log.unauthenticated = Some(match early {
+                    ApiError::MethodNotAllowed => UnauthenticatedRejection::MethodNotAllowed,
+                    _ => UnauthenticatedRejection::UnknownPath,
+                });
+                return Err(early.into());
+            }
         };
         let operation = route.operation;
         let key_id = route.key_id.map(str::to_owned);
@@ -571,13 +561,7 @@ impl Api {
         //
         // Bound the body before reading it: a declared length over the cap is refused
         // without buffering a byte; an undeclared one is cut off at the cap.
-        if let Some(len) = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            && len > self.max_body
-        {
+        if let Some(len) = self.declared_over_cap(&parts.headers) {
             // An HTTP/1.1 client still sending when we answer may see a reset instead
             // of our 501. For moderately oversized bodies, discard (never buffer) the
             // rest first so the client reads a clean error; beyond that, answer now.
@@ -603,74 +587,9 @@ impl Api {
             })?;
         drop(reading);
 
-        let verified = crate::sigv4::verify(
-            &parts,
-            &body,
-            &tenant.credentials,
-            &self.sigv4,
-            SystemTime::now(),
-        )
-        .map_err(|e| {
-            // The answer is decided (one 401 text for every cause); what follows is
-            // only for the operator's log line: the cause, who it claimed to be, and
-            // which KMS request it was.
-            log.auth_failure = Some(e.to_string());
-            log.access_key_id = crate::sigv4::presented_access_key_id(&parts);
-            log.kms_request_id = peek_kms_request_id(&body);
-            log.unauthenticated = Some(UnauthenticatedRejection::Signature);
-            log.attributed = log
-                .access_key_id
-                .as_deref()
-                .is_some_and(|a| tenant.credentials.get(a).is_some());
-            ApiError::Auth(e)
-        })?;
-        log.authenticated = true;
-        log.attributed = true;
-        log.access_key_id = Some(verified.access_key_id);
-        // Load shedding, now that the request is a client's: over the global limit,
-        // answer 429 at once rather than queue towards KMS's 250 ms timeout. Taken only
-        // after SigV4, so unauthenticated requests can never fill it.
-        let _in_flight = Arc::clone(&self.in_flight)
-            .try_acquire_owned()
-            .map_err(|_| ApiError::Overloaded)?;
-        // Fail closed early: a broken audit writer means no key work at all.
-        if let Some(trail) = &self.audit
-            && trail.on_failure() == crate::config::AuditOnFailure::FailClosed
-            && let Some(why) = trail.refusing()
-        {
-            trail.note_refusal(why);
-            log.audit_failure = Some(why.label());
-            return Err(ApiError::AuditUnavailable.into());
-        }
-        // The per-prefix quota counts authenticated requests only, so an unauthenticated
-        // flood cannot spend a tenant's quota.
-        if let Some(q) = &tenant.quota
-            && !q.try_take()
-        {
-            return Err(ApiError::QuotaExceeded.into());
-        }
-
-        // Only now, authenticated, does the caller learn anything about key ids.
-        let key_id = match key_id {
-            None => None,
-            Some(k) => {
-                if !crate::key_id::is_valid(&k) {
-                    // The spec defines key ids as 1-128 of [A-Za-z0-9._-]; an id outside
-                    // that is malformed input (400), not a well-formed id we lack (404).
-                    return Err(ApiError::Validation(format!(
-                        "external key id must be {}",
-                        crate::key_id::RULE
-                    ))
-                    .into());
-                }
-                if let Some(allowed) = &tenant.allowed_keys
-                    && !allowed.contains(&k)
-                {
-                    return Err(ApiError::KeyNotAllowed.into());
-                }
-                Some(k)
-            }
-        };
+        self.authenticate(&parts, &body, tenant, log)?;
+        let _in_flight = self.admit(tenant, log)?;
+        let key_id = allowed_key_id(tenant, key_id)?;
         let call = Call {
             key_id: key_id.as_deref().unwrap_or(""),
             backend: &tenant.backend.handle,
@@ -711,6 +630,138 @@ impl Api {
             }
         }
     }
+
+    /// The body length the request declares (Content-Length), when it is over the cap.
+    #[inline]
+    fn declared_over_cap(&self, headers: &http::HeaderMap) -> Option<usize> {
+        headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&len| len > self.max_body)
+    }
+
+    /// SigV4 against the prefix's credentials: the step that makes the request a
+    /// client's (its log line then names the verified access key id).
+    #[inline]
+    fn authenticate(
+        &self,
+        parts: &http::request::Parts,
+        body: &[u8],
+        tenant: &Tenant,
+        log: &mut RequestLog,
+    ) -> Result<(), ApiError> {
+        let verified = crate::sigv4::verify(
+            parts,
+            body,
+            &tenant.credentials,
+            &self.sigv4,
+            SystemTime::now(),
+        )
+        .map_err(|e| {
+            // The answer is decided (one 401 text for every cause); what follows is
+            // only for the operator's log line: the cause, who it claimed to be, and
+            // which KMS request it was.
+            log.auth_failure = Some(e.to_string());
+            log.access_key_id = crate::sigv4::presented_access_key_id(parts);
+            log.kms_request_id = peek_kms_request_id(body);
+            log.unauthenticated = Some(UnauthenticatedRejection::Signature);
+            log.attributed = log
+                .access_key_id
+                .as_deref()
+                .is_some_and(|a| tenant.credentials.get(a).is_some());
+            ApiError::Auth(e)
+        })?;
+        log.authenticated = true;
+        log.attributed = true;
+        log.access_key_id = Some(verified.access_key_id);
+        Ok(())
+    }
+
+    /// Admission of an authenticated request, in order: the global in-flight limit,
+    /// the audit trail (fail closed), the prefix's quota. The permit is held for the
+    /// rest of the request.
+    #[inline]
+    fn admit(
+        &self,
+        tenant: &Tenant,
+        log: &mut RequestLog,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        // Load shedding, now that the request is a client's: over the global limit,
+        // answer 429 at once rather than queue towards KMS's 250 ms timeout. Taken only
+        // after SigV4, so unauthenticated requests can never fill it.
+        let in_flight = Arc::clone(&self.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)?;
+        // Fail closed early: a broken audit writer means no key work at all.
+        if let Some(trail) = &self.audit
+            && trail.on_failure() == crate::config::AuditOnFailure::FailClosed
+            && let Some(why) = trail.refusing()
+        {
+            trail.note_refusal(why);
+            log.audit_failure = Some(why.label());
+            return Err(ApiError::AuditUnavailable);
+        }
+        // The per-prefix quota counts authenticated requests only, so an unauthenticated
+        // flood cannot spend a tenant's quota.
+        if let Some(q) = &tenant.quota
+            && !q.try_take()
+        {
+            return Err(ApiError::QuotaExceeded);
+        }
+        Ok(in_flight)
+    }
+}
+
+/// Routing: the operation and tenant the path names, noted on the log line; or why the
+/// request is refused before its body is read (404 for a path naming no configured
+/// prefix or operation, 405 for a method other than POST).
+#[inline]
+fn route_request<'p, 't>(
+    parts: &'p http::request::Parts,
+    tenants: &'t Tenants,
+    log: &mut RequestLog,
+) -> Result<(route::Route<'p>, &'t Arc<Tenant>), ApiError> {
+    let found =
+        route::parse(parts.uri.path()).and_then(|route| Some((route, tenants.get(route.prefix)?)));
+    if let Some((route, tenant)) = &found {
+        // Only configured prefixes reach logs and metric labels (bounded cardinality).
+        log.operation = Some(route.operation.as_str());
+        log.prefix = Some(route.prefix.to_owned());
+        log.backend = Some(Arc::clone(&tenant.backend.name));
+    } else {
+        // What was asked, for the operator (a KMS store with the wrong
+        // XksProxyUriPath shows up here): a log field only.
+        log.unknown_path = Some(parts.uri.path().chars().take(MAX_LOGGED_PATH).collect());
+    }
+    match found {
+        None => Err(ApiError::UnknownPath),
+        Some(_) if parts.method != Method::POST => Err(ApiError::MethodNotAllowed),
+        Some(found) => Ok(found),
+    }
+}
+
+/// The key id, looked at only now that the caller is authenticated (before, it learns
+/// nothing about key ids): well-formed, then one of the prefix's.
+#[inline]
+fn allowed_key_id(tenant: &Tenant, key_id: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(k) = key_id else {
+        return Ok(None);
+    };
+    if !crate::key_id::is_valid(&k) {
+        // The spec defines key ids as 1-128 of [A-Za-z0-9._-]; an id outside that is
+        // malformed input (400), not a well-formed id we lack (404).
+        return Err(ApiError::Validation(format!(
+            "external key id must be {}",
+            crate::key_id::RULE
+        )));
+    }
+    if let Some(allowed) = &tenant.allowed_keys
+        && !allowed.contains(&k)
+    {
+        return Err(ApiError::KeyNotAllowed);
+    }
+    Ok(Some(k))
 }
 
 impl Api {

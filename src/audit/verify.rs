@@ -159,6 +159,39 @@ pub fn verify(files: &[PathBuf], key: Option<&SealKey>) -> Report {
     report
 }
 
+/// Where a line is, for the problem it may be.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    file: &'a Path,
+    /// 1-based.
+    n: usize,
+}
+
+impl At<'_> {
+    fn problem(self, why: String) -> Problem {
+        Problem {
+            file: self.file.to_path_buf(),
+            line: self.n,
+            why,
+        }
+    }
+}
+
+/// The fields every record carries, read from one line.
+struct Record<'a> {
+    /// The line as written: what a seal's MAC covers.
+    text: &'a str,
+    v: &'a Value,
+    seq: u64,
+    prev: &'a str,
+    /// `type`, or "" (refused as an unknown type by [`tally`], after the link and seal
+    /// checks).
+    kind: &'a str,
+}
+
+/// Checks one complete line: it is a record, it links to the line before, its seal
+/// (if it is a seal) verifies, and its type is known; then counts it. The first check
+/// that fails names the problem, in that order.
 fn check_line(
     file: &Path,
     n: usize,
@@ -168,27 +201,45 @@ fn check_line(
     state: &mut State,
     report: &mut Report,
 ) -> Result<(), Problem> {
-    let here = |why: String| Problem {
-        file: file.to_path_buf(),
-        line: n,
-        why,
+    let at = At { file, n };
+    let text = std::str::from_utf8(line).map_err(|_| at.problem("not UTF-8 text".into()))?;
+    let v: Value =
+        serde_json::from_str(text).map_err(|_| at.problem("not a JSON record".into()))?;
+    let rec = Record {
+        text,
+        v: &v,
+        seq: v["seq"]
+            .as_u64()
+            .ok_or_else(|| at.problem("no seq field".into()))?,
+        prev: v["prev"]
+            .as_str()
+            .ok_or_else(|| at.problem("no prev field".into()))?,
+        kind: v["type"].as_str().unwrap_or(""),
     };
-    let text = std::str::from_utf8(line).map_err(|_| here("not UTF-8 text".into()))?;
-    let v: Value = serde_json::from_str(text).map_err(|_| here("not a JSON record".into()))?;
-    let seq = v["seq"]
-        .as_u64()
-        .ok_or_else(|| here("no seq field".into()))?;
-    let prev = v["prev"]
-        .as_str()
-        .ok_or_else(|| here("no prev field".into()))?;
-    let kind = v["type"].as_str().unwrap_or("");
-    let new_chain = kind == "chain_start" && prev == GENESIS && seq == 0;
+    check_link(at, &rec, next, state, report)?;
+    check_seal(at, &rec, key, report)?;
+    tally(at, &rec, report)?;
+    report.ends_final = rec.kind == "checkpoint" && v["final"] == true;
+    report.lines += 1;
+    state.last = Some((rec.seq, line_hash(line), file.to_path_buf(), n));
+    Ok(())
+}
+
+/// How the line joins the walk: the first line given, a new chain (noted, with whether
+/// the chain before ended cleanly), or the next line of the current chain.
+fn check_link(
+    at: At<'_>,
+    rec: &Record<'_>,
+    next: Option<&[u8]>,
+    state: &State,
+    report: &mut Report,
+) -> Result<(), Problem> {
+    let (file, n, seq) = (at.file, at.n, rec.seq);
+    let new_chain = rec.kind == "chain_start" && rec.prev == GENESIS && seq == 0;
     match &state.last {
-        None if !new_chain && prev == GENESIS => {
-            return Err(here(format!(
-                "seq {seq} claims to start a chain but is not a chain_start"
-            )));
-        }
+        None if !new_chain && rec.prev == GENESIS => Err(at.problem(format!(
+            "seq {seq} claims to start a chain but is not a chain_start"
+        ))),
         // The first file given may begin mid-chain (older files archived): the walk
         // starts from what it is given.
         None => {
@@ -198,12 +249,13 @@ fn check_line(
                     file.display()
                 ));
             }
+            Ok(())
         }
         Some(_) if new_chain => {
             report.notices.push(format!(
                 "{}:{n}: a new chain starts here ({}): the proxy could not continue the previous one",
                 file.display(),
-                describe_start(&v)
+                describe_start(rec.v)
             ));
             if !(report.ends_final && report.unsealed == 0) {
                 report.notices.push(format!(
@@ -211,63 +263,95 @@ fn check_line(
                     file.display()
                 ));
             }
+            Ok(())
         }
-        Some((last_seq, last_hash, last_file, last_line)) => {
-            let want = last_seq + 1;
-            let next_seq = next
-                .and_then(|l| serde_json::from_slice::<Value>(l).ok())
-                .and_then(|v| v["seq"].as_u64());
-            if seq > want && next_seq == Some(want) {
-                return Err(here(format!(
-                    "seq {seq} where {want} was expected, and {want} follows: records out of order"
-                )));
-            }
-            if seq > want {
-                return Err(here(format!(
-                    "seq {seq} where {want} was expected: {} record(s) missing before this line (deleted)",
-                    seq - want
-                )));
-            }
-            if seq < want {
-                return Err(here(format!(
-                    "seq {seq} where {want} was expected: records out of order (or repeated)"
-                )));
-            }
-            if prev != last_hash {
-                // The sequence is right, so the line before changed after the fact
-                // (or this line's prev did).
-                return Err(Problem {
-                    file: last_file.clone(),
-                    line: *last_line,
-                    why: format!(
-                        "seq {last_seq} was altered: its hash does not match the prev recorded by the next line ({}:{n})",
-                        file.display()
-                    ),
-                });
-            }
-        }
+        Some(last) => check_successor(at, rec, last, next),
     }
-    if matches!(kind, "chain_start" | "checkpoint") {
-        if let Some(key) = key {
-            match key.check(text) {
-                Some(true) => {
-                    report.sealed_at = Some((file.to_path_buf(), n, seq));
-                    report.unsealed = 0;
-                }
-                Some(false) => {
-                    return Err(here(format!(
-                        "the {kind}'s MAC does not verify under the given key: the line was altered or forged (or the key is wrong)"
-                    )));
-                }
-                None => return Err(here(format!("a {kind} without a MAC"))),
+}
+
+/// The next line of a chain: the seq after the last one (a gap is deleted records,
+/// unless the missing seq follows: then out of order), and a prev that is the last
+/// line's hash (else that line was altered).
+fn check_successor(
+    at: At<'_>,
+    rec: &Record<'_>,
+    (last_seq, last_hash, last_file, last_line): &(u64, String, PathBuf, usize),
+    next: Option<&[u8]>,
+) -> Result<(), Problem> {
+    let seq = rec.seq;
+    let want = last_seq + 1;
+    let next_seq = next
+        .and_then(|l| serde_json::from_slice::<Value>(l).ok())
+        .and_then(|v| v["seq"].as_u64());
+    if seq > want && next_seq == Some(want) {
+        return Err(at.problem(format!(
+            "seq {seq} where {want} was expected, and {want} follows: records out of order"
+        )));
+    }
+    if seq > want {
+        return Err(at.problem(format!(
+            "seq {seq} where {want} was expected: {} record(s) missing before this line (deleted)",
+            seq - want
+        )));
+    }
+    if seq < want {
+        return Err(at.problem(format!(
+            "seq {seq} where {want} was expected: records out of order (or repeated)"
+        )));
+    }
+    if rec.prev != last_hash {
+        // The sequence is right, so the line before changed after the fact
+        // (or this line's prev did).
+        return Err(Problem {
+            file: last_file.clone(),
+            line: *last_line,
+            why: format!(
+                "seq {last_seq} was altered: its hash does not match the prev recorded by the next line ({}:{})",
+                at.file.display(),
+                at.n
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A chain_start or checkpoint is a seal: with a key, its MAC must verify, and the
+/// lines up to it are then sealed. Without a key, or for any other line, the line
+/// counts as unsealed.
+fn check_seal(
+    at: At<'_>,
+    rec: &Record<'_>,
+    key: Option<&SealKey>,
+    report: &mut Report,
+) -> Result<(), Problem> {
+    let kind = rec.kind;
+    if matches!(kind, "chain_start" | "checkpoint")
+        && let Some(key) = key
+    {
+        match key.check(rec.text) {
+            Some(true) => {
+                report.sealed_at = Some((at.file.to_path_buf(), at.n, rec.seq));
+                report.unsealed = 0;
             }
-        } else {
-            report.unsealed += 1;
+            Some(false) => {
+                return Err(at.problem(format!(
+                    "the {kind}'s MAC does not verify under the given key: the line was altered or forged (or the key is wrong)"
+                )));
+            }
+            None => return Err(at.problem(format!("a {kind} without a MAC"))),
         }
     } else {
         report.unsealed += 1;
     }
-    match kind {
+    Ok(())
+}
+
+/// What the line adds to the report by its type: a request counted; a notice for a
+/// chain start an auditor should read, or for lost records. An unknown type is a
+/// problem.
+fn tally(at: At<'_>, rec: &Record<'_>, report: &mut Report) -> Result<(), Problem> {
+    let (file, n, v) = (at.file, at.n, rec.v);
+    match rec.kind {
         "request" => report.requests += 1,
         "chain_start" => {
             if let Some(
@@ -278,7 +362,7 @@ fn check_line(
             {
                 report
                     .notices
-                    .push(format!("{}:{n}: {}", file.display(), describe_start(&v)));
+                    .push(format!("{}:{n}: {}", file.display(), describe_start(v)));
             }
         }
         "gap" => report.notices.push(format!(
@@ -288,11 +372,8 @@ fn check_line(
             plain(&v["reason"])
         )),
         "checkpoint" => {}
-        other => return Err(here(format!("unknown record type {other:?}"))),
+        other => return Err(at.problem(format!("unknown record type {other:?}"))),
     }
-    report.ends_final = kind == "checkpoint" && v["final"] == true;
-    report.lines += 1;
-    state.last = Some((seq, line_hash(line), file.to_path_buf(), n));
     Ok(())
 }
 

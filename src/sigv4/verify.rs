@@ -903,6 +903,9 @@ mod tests {
         assert_eq!(check(&two, t0()), Err(AuthError::MultipleAuthorization));
     }
 
+    // One table on purpose (issue 17): each row is one rule of the Authorization
+    // grammar and its fixed reason, and reading the rows together is the review that
+    // no hostile form is missing or answered differently.
     /// Rule: the Authorization grammar is strict; each hostile form has a fixed
     /// reason. Optional spaces after commas (and any component order) are tolerated.
     #[test]
