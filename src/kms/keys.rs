@@ -12,6 +12,7 @@ use super::keystores::cloudhsm::cluster_invalid_configuration;
 use super::keystores::{Empty, random, target_of};
 use super::store::{ConnectionState, KmsKey, Origin, State, StoredKeyState, now_epoch};
 use super::validate::{self as v, Shown, Violations};
+use super::xks_client::XksTarget;
 use super::{Ctx, Emulator};
 use crate::api::wire::RequestMetadata;
 use crate::secret::SecretBytes;
@@ -268,6 +269,260 @@ pub(super) fn cloudhsm_key_fault(arn: &str, f: &KeyFault) -> KmsError {
     }
 }
 
+/// CreateKey's `Origin`, parsed once: the three origins a key can have, plus
+/// `EXTERNAL` (imported material), which the model allows and the emulator refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestedOrigin {
+    Stored(Origin),
+    Imported,
+}
+
+impl RequestedOrigin {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "AWS_KMS" => Some(Self::Stored(Origin::AwsKms)),
+            "EXTERNAL" => Some(Self::Imported),
+            "AWS_CLOUDHSM" => Some(Self::Stored(Origin::AwsCloudHsm)),
+            "EXTERNAL_KEY_STORE" => Some(Self::Stored(Origin::ExternalKeyStore)),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored(o) => o.as_str(),
+            Self::Imported => "EXTERNAL",
+        }
+    }
+
+    fn in_custom_key_store(self) -> bool {
+        match self {
+            Self::Stored(Origin::ExternalKeyStore | Origin::AwsCloudHsm) => true,
+            Self::Stored(Origin::AwsKms) | Self::Imported => false,
+        }
+    }
+}
+
+/// Where a new key's material lives: CreateKey's parameters once checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Placement {
+    /// `AWS_KMS`: the emulator's own material only.
+    Kms,
+    /// `AWS_CLOUDHSM`: material generated in the store's cluster.
+    CloudHsm { store_id: String },
+    /// `EXTERNAL_KEY_STORE`: the emulator's material under the proxy's external key.
+    External {
+        store_id: String,
+        xks_key_id: String,
+    },
+}
+
+/// CreateKey's members against the model (every violation at once), and the origin
+/// they ask for (`AWS_KMS` when absent).
+fn check_create_key_members(req: &CreateKeyRequest) -> Result<RequestedOrigin, KmsError> {
+    let mut vs = Violations::new();
+    vs.string(
+        "policy",
+        req.policy.as_deref(),
+        1,
+        131_072,
+        v::is_policy,
+        v::POLICY_PATTERN,
+        Shown::Yes,
+    );
+    vs.length(
+        "description",
+        req.description.as_deref(),
+        0,
+        8192,
+        Shown::Yes,
+    );
+    vs.one_of("keyUsage", req.key_usage.as_deref(), KEY_USAGES);
+    vs.one_of(
+        "customerMasterKeySpec",
+        req.customer_master_key_spec.as_deref(),
+        &KEY_SPECS[..13],
+    );
+    vs.one_of("keySpec", req.key_spec.as_deref(), KEY_SPECS);
+    vs.one_of("origin", req.origin.as_deref(), ORIGINS);
+    vs.length(
+        "customKeyStoreId",
+        req.custom_key_store_id.as_deref(),
+        1,
+        64,
+        Shown::Yes,
+    );
+    vs.string(
+        "xksKeyId",
+        req.xks_key_id.as_deref(),
+        1,
+        128,
+        v::is_xks_key_id,
+        v::XKS_KEY_ID_PATTERN,
+        Shown::Yes,
+    );
+    for (i, t) in req.tags.iter().flatten().enumerate() {
+        let m = format!("tags.{}.member", i + 1);
+        vs.required(&format!("{m}.tagKey"), &t.tag_key);
+        vs.required(&format!("{m}.tagValue"), &t.tag_value);
+        vs.length(
+            &format!("{m}.tagKey"),
+            t.tag_key.as_deref(),
+            1,
+            128,
+            Shown::Yes,
+        );
+        vs.length(
+            &format!("{m}.tagValue"),
+            t.tag_value.as_deref(),
+            0,
+            256,
+            Shown::Yes,
+        );
+    }
+    vs.finish()?;
+    // `one_of` let only the model's values through.
+    Ok(req
+        .origin
+        .as_deref()
+        .and_then(RequestedOrigin::parse)
+        .unwrap_or(RequestedOrigin::Stored(Origin::AwsKms)))
+}
+
+/// The key type and the origin's own members (brief §4.1 step 1: Validation for a
+/// missing or illegal combination, UnsupportedOperation for a key type the emulator
+/// or a custom key store cannot hold). The order decides which error wins.
+fn check_key_type(req: &CreateKeyRequest, origin: RequestedOrigin) -> Result<(), KmsError> {
+    if req.key_spec.is_some() && req.customer_master_key_spec.is_some() {
+        return Err(KmsError::validation(
+            "You cannot specify KeySpec and CustomerMasterKeySpec in the same request. \
+             CustomerMasterKeySpec is deprecated.",
+        ));
+    }
+    let spec = req
+        .key_spec
+        .as_deref()
+        .or(req.customer_master_key_spec.as_deref())
+        .unwrap_or("SYMMETRIC_DEFAULT");
+    let usage = req.key_usage.as_deref().unwrap_or("ENCRYPT_DECRYPT");
+    if origin == RequestedOrigin::Stored(Origin::ExternalKeyStore) {
+        let mut vs = Violations::new();
+        vs.required("customKeyStoreId", &req.custom_key_store_id);
+        vs.required("xksKeyId", &req.xks_key_id);
+        vs.finish()?;
+    } else if req.xks_key_id.is_some() {
+        return Err(KmsError::validation(format!(
+            "XksKeyId is valid only with Origin EXTERNAL_KEY_STORE, not {}.",
+            origin.as_str()
+        )));
+    }
+    let in_store = origin.in_custom_key_store();
+    if spec != "SYMMETRIC_DEFAULT" {
+        return Err(KmsError::new(
+            Exception::UnsupportedOperation,
+            if in_store {
+                format!("{spec} KMS keys are not supported in a custom key store.")
+            } else {
+                format!("The KMS emulator supports only SYMMETRIC_DEFAULT keys, not {spec}.")
+            },
+        ));
+    }
+    if usage != "ENCRYPT_DECRYPT" {
+        return Err(KmsError::validation(format!(
+            "KeyUsage {usage} is not compatible with KeySpec SYMMETRIC_DEFAULT."
+        )));
+    }
+    if req.multi_region == Some(true) {
+        return Err(KmsError::new(
+            Exception::UnsupportedOperation,
+            if in_store {
+                "Multi-Region keys are not supported in a custom key store."
+            } else {
+                "The KMS emulator does not support multi-Region keys."
+            },
+        ));
+    }
+    Ok(())
+}
+
+/// [`check_key_type`], then the origin decides where the key lives; a custom key
+/// store ID belongs to the two custom-key-store origins only.
+fn placement_of(req: &CreateKeyRequest, origin: RequestedOrigin) -> Result<Placement, KmsError> {
+    check_key_type(req, origin)?;
+    let store_id = req.custom_key_store_id.clone();
+    match origin {
+        RequestedOrigin::Imported => Err(KmsError::new(
+            Exception::UnsupportedOperation,
+            "The KMS emulator does not support imported key material (Origin EXTERNAL).",
+        )),
+        RequestedOrigin::Stored(Origin::AwsKms) => match store_id {
+            Some(_) => Err(KmsError::validation(
+                "CustomKeyStoreId requires Origin AWS_CLOUDHSM or EXTERNAL_KEY_STORE.",
+            )),
+            None => Ok(Placement::Kms),
+        },
+        RequestedOrigin::Stored(Origin::AwsCloudHsm) => match store_id {
+            Some(store_id) => Ok(Placement::CloudHsm { store_id }),
+            None => Err(KmsError::validation(
+                "Origin AWS_CLOUDHSM requires a CustomKeyStoreId.",
+            )),
+        },
+        // Both members are required for this origin: `check_key_type` said so.
+        RequestedOrigin::Stored(Origin::ExternalKeyStore) => {
+            match (store_id, req.xks_key_id.clone()) {
+                (Some(store_id), Some(xks_key_id)) => Ok(Placement::External {
+                    store_id,
+                    xks_key_id,
+                }),
+                (None, _) | (_, None) => Err(KmsError::internal(&"XKS members unchecked")),
+            }
+        }
+    }
+}
+
+/// CreateKey's checks of an external key store (brief §4.1 steps 2–3): it exists, is
+/// an external one, is CONNECTED, and no key in it (pending deletion included: it
+/// still holds its external key) uses `xks_key_id`. Gives where the proxy is.
+fn check_xks_store(st: &State, store_id: &str, xks_key_id: &str) -> Result<XksTarget, KmsError> {
+    let s = st.stores.get(store_id).ok_or_else(|| {
+        KmsError::new(
+            Exception::CustomKeyStoreNotFound,
+            format!("Custom key store {store_id} does not exist."),
+        )
+    })?;
+    if s.xks().is_none() {
+        return Err(KmsError::new(
+            Exception::UnsupportedOperation,
+            format!(
+                "Custom key store {store_id} is an AWS_CLOUDHSM key store; use Origin \
+                 AWS_CLOUDHSM."
+            ),
+        ));
+    }
+    if s.connection_state != ConnectionState::Connected {
+        return Err(KmsError::new(
+            Exception::CustomKeyStoreInvalidState,
+            format!(
+                "Custom key store {store_id} is not connected to its external key store \
+                 proxy. Connect the external key store and try the request again."
+            ),
+        ));
+    }
+    if st
+        .keys_in_store(store_id)
+        .any(|k| k.xks_key_id.as_deref() == Some(xks_key_id))
+    {
+        return Err(KmsError::new(
+            Exception::XksKeyAlreadyInUse,
+            format!(
+                "The external key {xks_key_id} is already associated with a KMS key in \
+                 custom key store {store_id}."
+            ),
+        ));
+    }
+    target_of(s).ok_or_else(|| KmsError::internal(&"store type changed"))
+}
+
 fn is_uuid(s: &str) -> bool {
     uuid::Uuid::try_parse(s).is_ok() && s.len() == 36
 }
@@ -477,159 +732,66 @@ impl Emulator {
         )
     }
 
+    /// CreateKey: the members' syntax, then the parameter combination (which decides
+    /// where the key lives), then the store's own checks and its outcall for a key in
+    /// a custom key store.
     pub async fn create_key(
         &self,
         ctx: &Ctx,
         req: CreateKeyRequest,
     ) -> Result<KeyMetadataResponse, KmsError> {
-        let mut vs = Violations::new();
-        vs.string(
-            "policy",
-            req.policy.as_deref(),
-            1,
-            131_072,
-            v::is_policy,
-            v::POLICY_PATTERN,
-            Shown::Yes,
-        );
-        vs.length(
-            "description",
-            req.description.as_deref(),
-            0,
-            8192,
-            Shown::Yes,
-        );
-        vs.one_of("keyUsage", req.key_usage.as_deref(), KEY_USAGES);
-        vs.one_of(
-            "customerMasterKeySpec",
-            req.customer_master_key_spec.as_deref(),
-            &KEY_SPECS[..13],
-        );
-        vs.one_of("keySpec", req.key_spec.as_deref(), KEY_SPECS);
-        vs.one_of("origin", req.origin.as_deref(), ORIGINS);
-        vs.length(
-            "customKeyStoreId",
-            req.custom_key_store_id.as_deref(),
-            1,
-            64,
-            Shown::Yes,
-        );
-        vs.string(
-            "xksKeyId",
-            req.xks_key_id.as_deref(),
-            1,
-            128,
-            v::is_xks_key_id,
-            v::XKS_KEY_ID_PATTERN,
-            Shown::Yes,
-        );
-        if let Some(tags) = &req.tags {
-            for (i, t) in tags.iter().enumerate() {
-                let m = format!("tags.{}.member", i + 1);
-                vs.required(&format!("{m}.tagKey"), &t.tag_key);
-                vs.required(&format!("{m}.tagValue"), &t.tag_value);
-                vs.length(
-                    &format!("{m}.tagKey"),
-                    t.tag_key.as_deref(),
-                    1,
-                    128,
-                    Shown::Yes,
-                );
-                vs.length(
-                    &format!("{m}.tagValue"),
-                    t.tag_value.as_deref(),
-                    0,
-                    256,
-                    Shown::Yes,
-                );
+        let origin = check_create_key_members(&req)?;
+        let placement = placement_of(&req, origin)?;
+        let key = self.new_key(req, &placement)?;
+        let (id, arn, origin) = (key.id.clone(), key.arn.clone(), key.origin);
+        match placement {
+            Placement::Kms => self.store().transact(|st, ch| {
+                st.keys.insert(id.clone(), key);
+                ch.key(&id);
+                Ok(())
+            })?,
+            Placement::External {
+                store_id,
+                xks_key_id,
+            } => {
+                self.create_xks_key(ctx, key, &store_id, &xks_key_id)
+                    .await?
             }
+            Placement::CloudHsm { store_id } => self.create_cloudhsm_key(key, &store_id).await?,
         }
-        vs.finish()?;
+        tracing::info!(key_arn = %arn, origin = origin.as_str(), "KMS key created");
+        self.store().read(|st| {
+            let k = st.keys.get(&id).ok_or_else(|| key_not_found(&arn))?;
+            Ok(KeyMetadataResponse {
+                key_metadata: self.metadata_of(st, k),
+            })
+        })
+    }
 
-        // Parameter combinations (brief §4.1: Validation for illegal combinations,
-        // UnsupportedOperation for key types a store cannot hold).
-        let origin = req.origin.as_deref().unwrap_or("AWS_KMS");
-        if req.key_spec.is_some() && req.customer_master_key_spec.is_some() {
-            return Err(KmsError::validation(
-                "You cannot specify KeySpec and CustomerMasterKeySpec in the same request. \
-                 CustomerMasterKeySpec is deprecated.",
-            ));
-        }
-        let spec = req
-            .key_spec
-            .as_deref()
-            .or(req.customer_master_key_spec.as_deref())
-            .unwrap_or("SYMMETRIC_DEFAULT");
-        let usage = req.key_usage.as_deref().unwrap_or("ENCRYPT_DECRYPT");
-        if origin == "EXTERNAL_KEY_STORE" {
-            let mut vs = Violations::new();
-            vs.required("customKeyStoreId", &req.custom_key_store_id);
-            vs.required("xksKeyId", &req.xks_key_id);
-            vs.finish()?;
-        } else if req.xks_key_id.is_some() {
-            return Err(KmsError::validation(format!(
-                "XksKeyId is valid only with Origin EXTERNAL_KEY_STORE, not {origin}."
-            )));
-        }
-        let in_store = matches!(origin, "EXTERNAL_KEY_STORE" | "AWS_CLOUDHSM");
-        if spec != "SYMMETRIC_DEFAULT" {
-            return Err(KmsError::new(
-                Exception::UnsupportedOperation,
-                if in_store {
-                    format!("{spec} KMS keys are not supported in a custom key store.")
-                } else {
-                    format!("The KMS emulator supports only SYMMETRIC_DEFAULT keys, not {spec}.")
-                },
-            ));
-        }
-        if usage != "ENCRYPT_DECRYPT" {
-            return Err(KmsError::validation(format!(
-                "KeyUsage {usage} is not compatible with KeySpec SYMMETRIC_DEFAULT."
-            )));
-        }
-        if req.multi_region == Some(true) {
-            return Err(KmsError::new(
-                Exception::UnsupportedOperation,
-                if in_store {
-                    "Multi-Region keys are not supported in a custom key store."
-                } else {
-                    "The KMS emulator does not support multi-Region keys."
-                },
-            ));
-        }
-        match origin {
-            "EXTERNAL" => {
-                return Err(KmsError::new(
-                    Exception::UnsupportedOperation,
-                    "The KMS emulator does not support imported key material (Origin EXTERNAL).",
-                ));
-            }
-            "AWS_KMS" if req.custom_key_store_id.is_some() => {
-                return Err(KmsError::validation(
-                    "CustomKeyStoreId requires Origin AWS_CLOUDHSM or EXTERNAL_KEY_STORE.",
-                ));
-            }
-            "AWS_CLOUDHSM" if req.custom_key_store_id.is_none() => {
-                return Err(KmsError::validation(
-                    "Origin AWS_CLOUDHSM requires a CustomKeyStoreId.",
-                ));
-            }
-            _ => {}
-        }
-
+    /// A new key, Enabled, with fresh backing material, placed as CreateKey decided.
+    fn new_key(&self, req: CreateKeyRequest, placement: &Placement) -> Result<KmsKey, KmsError> {
         let id = uuid::Uuid::new_v4().to_string();
-        let arn = self.key_arn(&id);
-        let material = SecretBytes::new(random::<32>()?.to_vec());
-        let backing_key_id = random::<16>()?;
-        let mut key = KmsKey {
-            id: id.clone(),
-            arn: arn.clone(),
-            origin: Origin::AwsKms,
-            custom_key_store_id: None,
-            xks_key_id: None,
+        let (origin, custom_key_store_id, xks_key_id) = match placement {
+            Placement::Kms => (Origin::AwsKms, None, None),
+            Placement::CloudHsm { store_id } => (Origin::AwsCloudHsm, Some(store_id.clone()), None),
+            Placement::External {
+                store_id,
+                xks_key_id,
+            } => (
+                Origin::ExternalKeyStore,
+                Some(store_id.clone()),
+                Some(xks_key_id.clone()),
+            ),
+        };
+        Ok(KmsKey {
+            arn: self.key_arn(&id),
+            id,
+            origin,
+            custom_key_store_id,
+            xks_key_id,
             state: StoredKeyState::Enabled,
-            description: req.description.clone().unwrap_or_default(),
-            policy: req.policy.clone().unwrap_or_else(|| self.default_policy()),
+            description: req.description.unwrap_or_default(),
+            policy: req.policy.unwrap_or_else(|| self.default_policy()),
             tags: req
                 .tags
                 .unwrap_or_default()
@@ -645,144 +807,119 @@ impl Emulator {
             deletion_date: None,
             pending_window_days: None,
             purge_at: None,
-            material,
-            backing_key_id,
-        };
-
-        if origin == "EXTERNAL_KEY_STORE" {
-            let store_id = req.custom_key_store_id.clone().unwrap_or_default();
-            let xks_key_id = req.xks_key_id.clone().unwrap_or_default();
-            self.purge_expired_keys()?;
-            let check = |st: &State| -> Result<_, KmsError> {
-                let s = st.stores.get(&store_id).ok_or_else(|| {
-                    KmsError::new(
-                        Exception::CustomKeyStoreNotFound,
-                        format!("Custom key store {store_id} does not exist."),
-                    )
-                })?;
-                if s.xks().is_none() {
-                    return Err(KmsError::new(
-                        Exception::UnsupportedOperation,
-                        format!(
-                            "Custom key store {store_id} is an AWS_CLOUDHSM key store; use \
-                             Origin AWS_CLOUDHSM."
-                        ),
-                    ));
-                }
-                if s.connection_state != ConnectionState::Connected {
-                    return Err(KmsError::new(
-                        Exception::CustomKeyStoreInvalidState,
-                        format!(
-                            "Custom key store {store_id} is not connected to its external key \
-                             store proxy. Connect the external key store and try the request again."
-                        ),
-                    ));
-                }
-                // Keys pending deletion still hold their external key.
-                if st
-                    .keys_in_store(&store_id)
-                    .any(|k| k.xks_key_id.as_deref() == Some(xks_key_id.as_str()))
-                {
-                    return Err(KmsError::new(
-                        Exception::XksKeyAlreadyInUse,
-                        format!(
-                            "The external key {xks_key_id} is already associated with a KMS key \
-                             in custom key store {store_id}."
-                        ),
-                    ));
-                }
-                target_of(s).ok_or_else(|| KmsError::internal(&"store type changed"))
-            };
-            let target = self.store().read(check)?;
-            let md = RequestMetadata {
-                kms_request_id: ctx.request_id.clone(),
-                kms_operation: "CreateKey".to_owned(),
-                aws_principal_arn: Some(ctx.principal_arn.clone()),
-                ..RequestMetadata::default()
-            };
-            let meta = self
-                .xks()
-                .key_metadata(&target, &xks_key_id, md)
-                .await
-                .map_err(|f| {
-                    tracing::info!(failure = ?f, "CreateKey GetKeyMetadata failed");
-                    f.for_create_key()
-                })?;
-            let invalid = |what: String| KmsError::new(Exception::XksKeyInvalidConfiguration, what);
-            if meta.key_spec != "AES_256" {
-                return Err(invalid(format!(
-                    "The external key {xks_key_id} is not a 256-bit AES key (its keySpec is {}). \
-                     KMS keys in an external key store need an AES_256 external key.",
-                    meta.key_spec.chars().take(32).collect::<String>()
-                )));
-            }
-            if !(meta.key_usage.iter().any(|u| u == "ENCRYPT")
-                && meta.key_usage.iter().any(|u| u == "DECRYPT"))
-            {
-                return Err(invalid(format!(
-                    "The external key {xks_key_id} does not allow both ENCRYPT and DECRYPT. \
-                     Enable both operations on the key in the external key manager."
-                )));
-            }
-            if meta.key_status != "ENABLED" {
-                return Err(invalid(format!(
-                    "The external key {xks_key_id} is not enabled in the external key manager. \
-                     Enable the external key and try the request again."
-                )));
-            }
-            key.origin = Origin::ExternalKeyStore;
-            key.custom_key_store_id = Some(store_id.clone());
-            key.xks_key_id = Some(xks_key_id.clone());
-            self.store().transact(|st, ch| {
-                check(st)?;
-                st.keys.insert(id.clone(), key);
-                ch.key(&id);
-                Ok(())
-            })?;
-        } else if origin == "AWS_CLOUDHSM" {
-            let store_id = req.custom_key_store_id.clone().unwrap_or_default();
-            self.purge_expired_keys()?;
-            self.store()
-                .read(|st| self.check_cloudhsm_store(st, &store_id))?;
-            // The material: a new AES-256 key in the cluster, labelled with the ARN.
-            let emu = self.clone();
-            let (sid, label) = (store_id.clone(), arn.clone());
-            tokio::task::spawn_blocking(move || emu.shared.hsm.create_key(&sid, &label))
-                .await
-                .map_err(|e| KmsError::internal(&e))?
-                .map_err(|f| {
-                    tracing::warn!(key_arn = %arn, fault = ?f, "generating the key in the CloudHSM cluster failed");
-                    cloudhsm_key_fault(&arn, &f)
-                })?;
-            key.origin = Origin::AwsCloudHsm;
-            key.custom_key_store_id = Some(store_id.clone());
-            let recorded = self.store().transact(|st, ch| {
-                self.check_cloudhsm_store(st, &store_id)?;
-                st.keys.insert(id.clone(), key);
-                ch.key(&id);
-                Ok(())
-            });
-            if let Err(e) = recorded {
-                // Do not leave material no KMS key refers to.
-                if let Err(f) = self.shared.hsm.destroy_key(&store_id, &arn) {
-                    tracing::warn!(key_arn = %arn, fault = ?f, "removing the unrecorded key from the CloudHSM cluster failed");
-                }
-                return Err(e);
-            }
-        } else {
-            self.store().transact(|st, ch| {
-                st.keys.insert(id.clone(), key);
-                ch.key(&id);
-                Ok(())
-            })?;
-        }
-        tracing::info!(key_arn = %arn, origin, "KMS key created");
-        self.store().read(|st| {
-            let k = st.keys.get(&id).ok_or_else(|| key_not_found(&arn))?;
-            Ok(KeyMetadataResponse {
-                key_metadata: self.metadata_of(st, k),
-            })
+            material: SecretBytes::new(random::<32>()?.to_vec()),
+            backing_key_id: random::<16>()?,
         })
+    }
+
+    /// CreateKey in an external key store (brief §4.1 steps 2–5): the store and the
+    /// external key's uniqueness, the proxy's GetKeyMetadata, the same checks again
+    /// in the transaction that records the key.
+    async fn create_xks_key(
+        &self,
+        ctx: &Ctx,
+        key: KmsKey,
+        store_id: &str,
+        xks_key_id: &str,
+    ) -> Result<(), KmsError> {
+        self.purge_expired_keys()?;
+        self.store()
+            .check_call_recheck(
+                |st| check_xks_store(st, store_id, xks_key_id),
+                |target| self.check_external_key(ctx, target, xks_key_id),
+                |st, ch, _, ()| {
+                    let id = key.id.clone();
+                    st.keys.insert(id.clone(), key);
+                    ch.key(&id);
+                    Ok(())
+                },
+                |()| {},
+            )
+            .await
+    }
+
+    /// GetKeyMetadata (`kmsOperation=CreateKey`, no `kmsKeyArn`: the key does not exist
+    /// yet); the external key must be an enabled AES-256 key that can encrypt and
+    /// decrypt (brief §4.1 step 4), with one message per unmet requirement.
+    async fn check_external_key(
+        &self,
+        ctx: &Ctx,
+        target: XksTarget,
+        xks_key_id: &str,
+    ) -> Result<(), KmsError> {
+        let md = RequestMetadata {
+            kms_request_id: ctx.request_id.clone(),
+            kms_operation: "CreateKey".to_owned(),
+            aws_principal_arn: Some(ctx.principal_arn.clone()),
+            ..RequestMetadata::default()
+        };
+        let meta = self
+            .xks()
+            .key_metadata(&target, xks_key_id, md)
+            .await
+            .map_err(|f| {
+                tracing::info!(failure = ?f, "CreateKey GetKeyMetadata failed");
+                f.for_create_key()
+            })?;
+        let invalid = |what: String| KmsError::new(Exception::XksKeyInvalidConfiguration, what);
+        if meta.key_spec != "AES_256" {
+            return Err(invalid(format!(
+                "The external key {xks_key_id} is not a 256-bit AES key (its keySpec is {}). \
+                 KMS keys in an external key store need an AES_256 external key.",
+                meta.key_spec.chars().take(32).collect::<String>()
+            )));
+        }
+        if !(meta.key_usage.iter().any(|u| u == "ENCRYPT")
+            && meta.key_usage.iter().any(|u| u == "DECRYPT"))
+        {
+            return Err(invalid(format!(
+                "The external key {xks_key_id} does not allow both ENCRYPT and DECRYPT. \
+                 Enable both operations on the key in the external key manager."
+            )));
+        }
+        if meta.key_status != "ENABLED" {
+            return Err(invalid(format!(
+                "The external key {xks_key_id} is not enabled in the external key manager. \
+                 Enable the external key and try the request again."
+            )));
+        }
+        Ok(())
+    }
+
+    /// CreateKey in a CloudHSM key store: the store's checks, a new AES-256 key in the
+    /// cluster labelled with the ARN, the checks again in the transaction; material
+    /// no KMS key would refer to (the re-check refused) is destroyed again.
+    async fn create_cloudhsm_key(&self, key: KmsKey, store_id: &str) -> Result<(), KmsError> {
+        self.purge_expired_keys()?;
+        let arn = key.arn.clone();
+        let arn = arn.as_str();
+        self.store()
+            .check_call_recheck(
+                |st| self.check_cloudhsm_store(st, store_id),
+                |()| async move {
+                    let emu = self.clone();
+                    let (sid, label) = (store_id.to_owned(), arn.to_owned());
+                    tokio::task::spawn_blocking(move || emu.shared.hsm.create_key(&sid, &label))
+                        .await
+                        .map_err(|e| KmsError::internal(&e))?
+                        .map_err(|f| {
+                            tracing::warn!(key_arn = %arn, fault = ?f, "generating the key in the CloudHSM cluster failed");
+                            cloudhsm_key_fault(arn, &f)
+                        })
+                },
+                |st, ch, (), ()| {
+                    let id = key.id.clone();
+                    st.keys.insert(id.clone(), key);
+                    ch.key(&id);
+                    Ok(())
+                },
+                |()| {
+                    if let Err(f) = self.shared.hsm.destroy_key(store_id, arn) {
+                        tracing::warn!(key_arn = %arn, fault = ?f, "removing the unrecorded key from the CloudHSM cluster failed");
+                    }
+                },
+            )
+            .await
     }
 
     pub fn describe_key(&self, req: KeyIdRequest) -> Result<KeyMetadataResponse, KmsError> {
@@ -952,5 +1089,108 @@ impl Emulator {
                 key_id: k.arn.clone(),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: serde_json::Value) -> CreateKeyRequest {
+        serde_json::from_value(json).expect("request")
+    }
+
+    fn placement(json: serde_json::Value) -> Result<Placement, (Exception, String)> {
+        let req = request(json);
+        check_create_key_members(&req)
+            .and_then(|origin| placement_of(&req, origin))
+            .map_err(|e| (e.exception, e.message))
+    }
+
+    #[test]
+    fn every_origin_of_the_model_parses_to_itself() {
+        for o in ORIGINS {
+            assert_eq!(
+                RequestedOrigin::parse(o).map(RequestedOrigin::as_str),
+                Some(*o)
+            );
+        }
+        assert_eq!(RequestedOrigin::parse("aws_kms"), None);
+    }
+
+    /// Brief §4.1 step 1: the origin decides where the key lives; AWS_KMS by default.
+    #[test]
+    fn the_origin_places_the_key() {
+        assert_eq!(placement(serde_json::json!({})), Ok(Placement::Kms));
+        assert_eq!(
+            placement(serde_json::json!({"Origin": "AWS_CLOUDHSM", "CustomKeyStoreId": "cks-1"})),
+            Ok(Placement::CloudHsm {
+                store_id: "cks-1".into()
+            })
+        );
+        assert_eq!(
+            placement(serde_json::json!({
+                "Origin": "EXTERNAL_KEY_STORE", "CustomKeyStoreId": "cks-1", "XksKeyId": "k"
+            })),
+            Ok(Placement::External {
+                store_id: "cks-1".into(),
+                xks_key_id: "k".into()
+            })
+        );
+    }
+
+    /// Brief §4.1 step 1: Validation for a missing or illegal combination,
+    /// UnsupportedOperation for what a store (or the emulator) cannot hold.
+    #[test]
+    fn illegal_combinations_are_refused_with_the_documented_exception() {
+        let cases = [
+            (
+                serde_json::json!({"Origin": "EXTERNAL_KEY_STORE", "CustomKeyStoreId": "cks-1"}),
+                Exception::Validation,
+            ),
+            (serde_json::json!({"XksKeyId": "k"}), Exception::Validation),
+            (
+                serde_json::json!({"Origin": "AWS_CLOUDHSM", "KeySpec": "RSA_2048"}),
+                Exception::UnsupportedOperation,
+            ),
+            (
+                serde_json::json!({"KeyUsage": "SIGN_VERIFY"}),
+                Exception::Validation,
+            ),
+            (
+                serde_json::json!({"MultiRegion": true}),
+                Exception::UnsupportedOperation,
+            ),
+            (
+                serde_json::json!({"Origin": "EXTERNAL"}),
+                Exception::UnsupportedOperation,
+            ),
+            (
+                serde_json::json!({"CustomKeyStoreId": "cks-1"}),
+                Exception::Validation,
+            ),
+            (
+                serde_json::json!({"Origin": "AWS_CLOUDHSM"}),
+                Exception::Validation,
+            ),
+        ];
+        for (json, want) in cases {
+            let got = placement(json.clone()).map_err(|(e, _)| e);
+            assert_eq!(got, Err(want), "{json}");
+        }
+    }
+
+    /// The order of the checks decides which error wins: the key type before the
+    /// origin's own rules (an imported RSA key is refused for its type).
+    #[test]
+    fn the_key_type_is_checked_before_the_origin() {
+        let got = placement(serde_json::json!({"Origin": "EXTERNAL", "KeySpec": "RSA_2048"}));
+        assert_eq!(
+            got,
+            Err((
+                Exception::UnsupportedOperation,
+                "The KMS emulator supports only SYMMETRIC_DEFAULT keys, not RSA_2048.".into()
+            ))
+        );
     }
 }

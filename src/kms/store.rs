@@ -406,6 +406,37 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// The one way an operation calls out — the XKS proxy, a CloudHSM token — between
+    /// its checks and its change: `check` runs on a snapshot and hands `call` what it
+    /// needs; the lock is released for the call (it is never held across an
+    /// `.await`); then, in the transaction, `check` runs again on the state as it is
+    /// *now* — another request may have taken the name or the endpoint, or moved the
+    /// store's connection, meanwhile — and `apply` gets the re-check's result and the
+    /// call's. A refusal by the first check means no call; a refusal by the re-check
+    /// or by `apply` means no change, and `undo` gets the call's result back so that a
+    /// call with a side effect (a key made in a token) can be reverted.
+    pub async fn check_call_recheck<P, R, T, Fut>(
+        &self,
+        check: impl Fn(&State) -> Result<P, KmsError>,
+        call: impl FnOnce(P) -> Fut,
+        apply: impl FnOnce(&mut State, &mut Changes, P, &R) -> Result<T, KmsError>,
+        undo: impl FnOnce(R),
+    ) -> Result<T, KmsError>
+    where
+        Fut: std::future::Future<Output = Result<R, KmsError>>,
+    {
+        let checked = self.read(&check)?;
+        let called = call(checked).await?;
+        let applied = self.transact(|st, ch| {
+            let now = check(st)?;
+            apply(st, ch, now, &called)
+        });
+        if applied.is_err() {
+            undo(called);
+        }
+        applied
+    }
 }
 
 fn persist(db: &redb::Database, state: &State, changes: &Changes) -> Result<(), StoreError> {
@@ -796,5 +827,93 @@ mod tests {
         let r: Result<(), KmsError> = store.transact(|_, _| Err(KmsError::validation("no")));
         assert!(r.is_err());
         assert!(store.read(|st| st.stores.is_empty()));
+    }
+
+    /// The check of [`Store::check_call_recheck`] for these tests: the name "s" is
+    /// free (as Create's name-uniqueness rule, brief §3.2).
+    fn name_free(st: &State) -> Result<usize, KmsError> {
+        match st.store_by_name("s") {
+            Some(_) => Err(KmsError::new(
+                crate::kms::Exception::CustomKeyStoreNameInUse,
+                "taken",
+            )),
+            None => Ok(st.stores.len()),
+        }
+    }
+
+    fn add(st: &mut State, ch: &mut Changes, s: CustomKeyStore) {
+        ch.store(&s.id);
+        st.stores.insert(s.id.clone(), s);
+    }
+
+    /// keystores module doc: "check everything under the lock, release it for the
+    /// call, then re-check under the lock before applying".
+    #[tokio::test]
+    async fn the_recheck_sees_what_changed_during_the_call_and_undoes_it() {
+        let store = Store::in_memory().expect("memory");
+        let undone = std::cell::Cell::new(None);
+        let r = store
+            .check_call_recheck(
+                name_free,
+                |_| async {
+                    // Another request takes the name while the call is out.
+                    store.transact(|st, ch| {
+                        add(st, ch, sample_store());
+                        Ok(())
+                    })?;
+                    Ok("made in the token")
+                },
+                |_, _, _, _| -> Result<(), KmsError> { panic!("applied after a refused re-check") },
+                |made| undone.set(Some(made)),
+            )
+            .await;
+        assert_eq!(
+            r.map_err(|e| e.exception),
+            Err(crate::kms::Exception::CustomKeyStoreNameInUse)
+        );
+        assert_eq!(undone.get(), Some("made in the token"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_first_check_makes_no_call() {
+        let store = Store::in_memory().expect("memory");
+        store
+            .transact(|st, ch| {
+                add(st, ch, sample_store());
+                Ok(())
+            })
+            .expect("seed");
+        let called = std::cell::Cell::new(false);
+        let r = store
+            .check_call_recheck(
+                name_free,
+                |_| async {
+                    called.set(true);
+                    Ok(())
+                },
+                |_, _, _, _| Ok(()),
+                |()| panic!("nothing to undo"),
+            )
+            .await;
+        assert!(r.is_err());
+        assert!(!called.get());
+    }
+
+    #[tokio::test]
+    async fn apply_gets_the_recheck_and_the_call_and_commits() {
+        let store = Store::in_memory().expect("memory");
+        let r = store
+            .check_call_recheck(
+                name_free,
+                |before| async move { Ok(before + 40) },
+                |st, ch, now, called| {
+                    add(st, ch, sample_store());
+                    Ok(now + called + 2)
+                },
+                |_| panic!("nothing to undo"),
+            )
+            .await;
+        assert_eq!(r.expect("applied"), 42);
+        assert!(store.read(|st| st.store_by_name("s").is_some()));
     }
 }

@@ -14,14 +14,17 @@
 
 use super::{
     CreateCustomKeyStoreRequest, Empty, UpdateCustomKeyStoreRequest, check_unique,
-    check_update_members, invalid_state, not_found,
+    check_update_members, check_update_state, not_found, xks,
 };
 use crate::kms::clusters::{Cluster, certificate_der};
 use crate::kms::error::{Exception, KmsError};
 use crate::kms::hsm::Refusal;
-use crate::kms::store::{CloudHsmSettings, ConnectionErrorCode, ConnectionState, State};
+use crate::kms::store::{
+    CloudHsmSettings, ConnectionErrorCode, ConnectionState, CustomKeyStore, State,
+};
 use crate::kms::validate::{Shown, Violations};
 use crate::kms::{Ctx, Emulator};
+use crate::secret::SecretString;
 
 /// Refused logins after which CloudHSM locks kmsuser out.
 pub const LOCKOUT_AFTER: u32 = 5;
@@ -83,6 +86,40 @@ fn cluster_not_related() -> KmsError {
     )
 }
 
+/// A connect attempt's login: the rotated password, or why it was refused.
+struct Login {
+    outcome: Result<SecretString, Refusal>,
+    /// Whether the token was asked (only a login on the token counts for lockout).
+    on_token: bool,
+}
+
+/// Records a login in the store's settings — the rotated password, the failed-login
+/// count (the 5th refused password locks kmsuser out) — and gives the
+/// ConnectionErrorCode of a failure.
+fn record_login(h: &mut CloudHsmSettings, login: &Login) -> Option<ConnectionErrorCode> {
+    match &login.outcome {
+        Ok(new_password) => {
+            h.password = new_password.clone();
+            h.failed_logins = 0;
+            h.retry_after_lockout = false;
+            None
+        }
+        Err(r) if !login.on_token => Some(r.code),
+        Err(r) => {
+            h.retry_after_lockout = false;
+            if r.code == ConnectionErrorCode::InvalidCredentials {
+                h.failed_logins = h.failed_logins.saturating_add(1);
+                if h.failed_logins >= LOCKOUT_AFTER {
+                    return Some(ConnectionErrorCode::UserLockedOut);
+                }
+            } else if r.code == ConnectionErrorCode::UserLockedOut {
+                h.failed_logins = h.failed_logins.max(LOCKOUT_AFTER);
+            }
+            Some(r.code)
+        }
+    }
+}
+
 /// A cluster backs at most one store, and so does every cluster sharing its backup
 /// history (checked against every store but `exclude`).
 pub(super) fn check_cluster_free(
@@ -109,15 +146,35 @@ pub(super) fn check_cluster_free(
     Ok(())
 }
 
+/// CreateCustomKeyStore's CloudHSM key store, once the request's members are checked
+/// (`keystores`): its settings. The cluster is checked against the registry and the
+/// other stores by [`Emulator::check_new_cluster`].
+pub(super) fn settings_of_create(
+    req: CreateCustomKeyStoreRequest,
+) -> Result<CloudHsmSettings, KmsError> {
+    let password = req
+        .key_store_password
+        .ok_or_else(|| KmsError::validation("keyStorePassword missing"))?
+        .0;
+    Ok(CloudHsmSettings {
+        cluster_id: req.cloud_hsm_cluster_id.unwrap_or_default(),
+        trust_anchor: req.trust_anchor_certificate.unwrap_or_default(),
+        password,
+        failed_logins: 0,
+        retry_after_lockout: false,
+    })
+}
+
 impl Emulator {
-    /// CreateCustomKeyStore's CloudHSM part, after the common checks: the cluster
-    /// exists, is active, the trust anchor is its own, no store uses it (or a related
-    /// cluster), and it has two active HSMs in different AZs. Does not log in (KMS
-    /// checks kmsuser only at Connect).
-    pub(super) fn new_cloudhsm_settings(
+    /// CreateCustomKeyStore's CloudHSM rules, after the quota and the name: the
+    /// cluster exists, is active, the trust anchor is its own, no store uses it (or a
+    /// related cluster), and it has two active HSMs in different AZs. Does not log in
+    /// (KMS checks kmsuser only at Connect).
+    pub(super) fn check_new_cluster(
         &self,
-        req: CreateCustomKeyStoreRequest,
-    ) -> Result<CloudHsmSettings, KmsError> {
+        st: &State,
+        c: &CloudHsmSettings,
+    ) -> Result<(), KmsError> {
         if !cfg!(feature = "pkcs11") {
             return Err(KmsError::new(
                 Exception::CloudHsmClusterNotFound,
@@ -125,35 +182,24 @@ impl Emulator {
                  was built without; create an EXTERNAL_KEY_STORE instead.",
             ));
         }
-        let cluster_id = req.cloud_hsm_cluster_id.unwrap_or_default();
-        let anchor = req.trust_anchor_certificate.unwrap_or_default();
-        let password = req
-            .key_store_password
-            .ok_or_else(|| KmsError::validation("keyStorePassword missing"))?
-            .0;
         let cluster = self
             .config()
             .clusters
-            .get(&cluster_id)
+            .get(&c.cluster_id)
             .ok_or_else(cluster_not_found)?;
         if !cluster.is_active() {
             return Err(cluster_not_active());
         }
-        if certificate_der(anchor.as_bytes()).as_deref() != Some(&cluster.trust_anchor_der[..]) {
+        if certificate_der(c.trust_anchor.as_bytes()).as_deref()
+            != Some(&cluster.trust_anchor_der[..])
+        {
             return Err(incorrect_trust_anchor());
         }
-        self.store()
-            .read(|st| check_cluster_free(self, st, None, cluster))?;
+        check_cluster_free(self, st, None, cluster)?;
         if !cluster.meets_hsm_requirement() {
             return Err(cluster_invalid_configuration());
         }
-        Ok(CloudHsmSettings {
-            cluster_id,
-            trust_anchor: anchor,
-            password,
-            failed_logins: 0,
-            retry_after_lockout: false,
-        })
+        Ok(())
     }
 
     /// Connect's synchronous part for a CloudHSM store: an inactive cluster fails the
@@ -170,7 +216,7 @@ impl Emulator {
     /// the session. The rotated password and the failed-login count are recorded even
     /// when the attempt has gone stale (the token changed either way).
     pub(super) async fn cloudhsm_connect_attempt(&self, id: &str, attempt: u64) {
-        let current = |s: &crate::kms::store::CustomKeyStore| {
+        let current = |s: &CustomKeyStore| {
             s.attempt == attempt && s.connection_state == ConnectionState::Connecting
         };
         let Some(c) = self.store().read(|st| {
@@ -181,40 +227,7 @@ impl Emulator {
         }) else {
             return;
         };
-        let cluster = self.config().clusters.get(&c.cluster_id).cloned();
-        let mut logged_in = false;
-        let outcome = match cluster {
-            None => Err(Refusal {
-                code: ConnectionErrorCode::ClusterNotFound,
-                reason: format!("cluster {} is not in the registry", c.cluster_id),
-            }),
-            Some(cl) if cl.active_hsms() == 0 => Err(Refusal {
-                code: ConnectionErrorCode::InsufficientCloudhsmHsms,
-                reason: format!("cluster {} has no active HSM", cl.id),
-            }),
-            Some(_) if c.failed_logins >= LOCKOUT_AFTER && !c.retry_after_lockout => Err(Refusal {
-                code: ConnectionErrorCode::UserLockedOut,
-                reason: "kmsuser is locked out; reset its password on the cluster, then \
-                             UpdateCustomKeyStore KeyStorePassword"
-                    .to_owned(),
-            }),
-            Some(cl) => {
-                logged_in = true;
-                let emu = self.clone();
-                let store_id = id.to_owned();
-                let password = c.password.clone();
-                tokio::task::spawn_blocking(move || {
-                    emu.shared.hsm.connect(&store_id, &cl, &password)
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(Refusal {
-                        code: ConnectionErrorCode::InternalError,
-                        reason: format!("login task failed: {e}"),
-                    })
-                })
-            }
-        };
+        let login = self.cloudhsm_login(id, &c).await;
         let applied = self.store().transact(|st, ch| {
             let Some(s) = st.stores.get_mut(id) else {
                 return Ok((false, None));
@@ -223,45 +236,18 @@ impl Emulator {
             let Some(h) = s.cloudhsm_mut() else {
                 return Ok((false, None));
             };
-            let mut code = None;
-            match &outcome {
-                Ok(new_password) => {
-                    h.password = new_password.clone();
-                    h.failed_logins = 0;
-                    h.retry_after_lockout = false;
-                }
-                Err(r) => {
-                    let mut c = r.code;
-                    if logged_in {
-                        h.retry_after_lockout = false;
-                        if c == ConnectionErrorCode::InvalidCredentials {
-                            h.failed_logins = h.failed_logins.saturating_add(1);
-                            if h.failed_logins >= LOCKOUT_AFTER {
-                                c = ConnectionErrorCode::UserLockedOut;
-                            }
-                        } else if c == ConnectionErrorCode::UserLockedOut {
-                            h.failed_logins = h.failed_logins.max(LOCKOUT_AFTER);
-                        }
-                    }
-                    code = Some(c);
-                }
-            }
+            let code = record_login(h, &login);
             if is_current {
-                match code {
-                    None => {
-                        s.connection_state = ConnectionState::Connected;
-                        s.connection_error_code = None;
-                    }
-                    Some(c) => {
-                        s.connection_state = ConnectionState::Failed;
-                        s.connection_error_code = Some(c);
-                    }
-                }
+                s.connection_error_code = code;
+                s.connection_state = match code {
+                    None => ConnectionState::Connected,
+                    Some(_) => ConnectionState::Failed,
+                };
             }
             ch.store(id);
             Ok((is_current, code))
         });
-        match (&applied, &outcome) {
+        match (&applied, &login.outcome) {
             (Ok((true, None)), _) => {
                 tracing::info!(custom_key_store_id = %id, "custom key store connected; kmsuser password rotated")
             }
@@ -280,10 +266,57 @@ impl Emulator {
         }
         // A session nobody wants any more: the attempt went stale, or was not recorded.
         let keep = matches!(applied, Ok((true, None)));
-        if outcome.is_ok() && !keep {
+        if login.outcome.is_ok() && !keep {
             let emu = self.clone();
             let store_id = id.to_owned();
             let _ = tokio::task::spawn_blocking(move || emu.shared.hsm.release(&store_id)).await;
+        }
+    }
+
+    /// The attempt's login: refused without touching the token when the cluster is
+    /// missing, has no active HSM, or kmsuser is locked out (and no new password
+    /// came since); otherwise a login on the token that rotates the password.
+    async fn cloudhsm_login(&self, id: &str, c: &CloudHsmSettings) -> Login {
+        let refused = |code, reason| Login {
+            outcome: Err(Refusal { code, reason }),
+            on_token: false,
+        };
+        let cluster = self.config().clusters.get(&c.cluster_id).cloned();
+        let Some(cl) = cluster else {
+            return refused(
+                ConnectionErrorCode::ClusterNotFound,
+                format!("cluster {} is not in the registry", c.cluster_id),
+            );
+        };
+        if cl.active_hsms() == 0 {
+            return refused(
+                ConnectionErrorCode::InsufficientCloudhsmHsms,
+                format!("cluster {} has no active HSM", cl.id),
+            );
+        }
+        if c.failed_logins >= LOCKOUT_AFTER && !c.retry_after_lockout {
+            return refused(
+                ConnectionErrorCode::UserLockedOut,
+                "kmsuser is locked out; reset its password on the cluster, then \
+                 UpdateCustomKeyStore KeyStorePassword"
+                    .to_owned(),
+            );
+        }
+        let emu = self.clone();
+        let store_id = id.to_owned();
+        let password = c.password.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || emu.shared.hsm.connect(&store_id, &cl, &password))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Refusal {
+                        code: ConnectionErrorCode::InternalError,
+                        reason: format!("login task failed: {e}"),
+                    })
+                });
+        Login {
+            outcome,
+            on_token: true,
         }
     }
 
@@ -319,89 +352,33 @@ impl Emulator {
     }
 
     /// UpdateCustomKeyStore for a CloudHSM key store (`keystores` dispatches here).
+    /// Nothing is called out, so it checks and applies in one transaction.
     pub(super) fn update_cloudhsm_store(
         &self,
         _ctx: &Ctx,
         req: UpdateCustomKeyStoreRequest,
     ) -> Result<Empty, KmsError> {
-        let mut vs = Violations::new();
-        check_update_members(&mut vs, &req);
-        let foreign = [
-            ("xksProxyUriEndpoint", req.xks_proxy_uri_endpoint.is_some()),
-            ("xksProxyUriPath", req.xks_proxy_uri_path.is_some()),
-            (
-                "xksProxyAuthenticationCredential",
-                req.xks_proxy_authentication_credential.is_some(),
-            ),
-            ("xksProxyConnectivity", req.xks_proxy_connectivity.is_some()),
-            (
-                "xksProxyVpcEndpointServiceName",
-                req.xks_proxy_vpc_endpoint_service_name.is_some(),
-            ),
-            (
-                "xksProxyVpcEndpointServiceOwner",
-                req.xks_proxy_vpc_endpoint_service_owner.is_some(),
-            ),
-        ];
-        for (member, present) in foreign {
-            if present {
-                vs.custom(
-                    member,
-                    Some(""),
-                    Shown::Redacted,
-                    "Member is not valid for an AWS_CLOUDHSM custom key store",
-                );
-            }
-        }
-        vs.finish()?;
+        check_cloudhsm_update(&req)?;
         let id = req.custom_key_store_id.clone().unwrap_or_default();
         let offline = req.key_store_password.is_some() || req.cloud_hsm_cluster_id.is_some();
-
         self.store().transact(|st, ch| {
             let s = st.stores.get(&id).ok_or_else(|| not_found(&id))?;
-            match s.connection_state {
-                ConnectionState::Disconnected => {}
-                ConnectionState::Connected if offline => {
-                    return Err(invalid_state(
-                        &id,
-                        s.connection_state,
-                        "the key store password and the CloudHSM cluster can be changed only \
-                         while the store is DISCONNECTED.",
-                    ));
-                }
-                ConnectionState::Connected => {}
-                ConnectionState::Connecting
-                | ConnectionState::Disconnecting
-                | ConnectionState::Failed => {
-                    return Err(invalid_state(
-                        &id,
-                        s.connection_state,
-                        "a store can be updated only while CONNECTED or DISCONNECTED.",
-                    ));
-                }
-            }
+            check_update_state(
+                &id,
+                s.connection_state,
+                offline,
+                "the key store password and the CloudHSM cluster can be changed only while \
+                 the store is DISCONNECTED.",
+            )?;
             let current = s
                 .cloudhsm()
                 .ok_or_else(|| KmsError::internal(&"store type changed"))?
+                .cluster_id
                 .clone();
             if let Some(new_id) = &req.cloud_hsm_cluster_id
-                && *new_id != current.cluster_id
+                && *new_id != current
             {
-                let clusters = &self.config().clusters;
-                let new = clusters.get(new_id).ok_or_else(cluster_not_found)?;
-                if !new.is_active() {
-                    return Err(cluster_not_active());
-                }
-                let related = clusters
-                    .get(&current.cluster_id)
-                    .is_some_and(|old| old.is_related(new));
-                if !related {
-                    return Err(cluster_not_related());
-                }
-                if !new.meets_hsm_requirement() {
-                    return Err(cluster_invalid_configuration());
-                }
-                check_cluster_free(self, st, Some(&id), new)?;
+                self.check_related_cluster(st, &id, &current, new_id)?;
             }
             check_unique(
                 st,
@@ -409,7 +386,6 @@ impl Emulator {
                 req.new_custom_key_store_name.as_deref(),
                 None,
             )?;
-
             let s = st.stores.get_mut(&id).ok_or_else(|| not_found(&id))?;
             if let Some(n) = &req.new_custom_key_store_name {
                 s.name = n.clone();
@@ -430,5 +406,123 @@ impl Emulator {
         })?;
         tracing::info!(custom_key_store_id = %id, "custom key store updated");
         Ok(Empty {})
+    }
+
+    /// Update's rules for another cluster (brief §10): it exists, is active, shares
+    /// the current cluster's backup history, has two active HSMs in different AZs,
+    /// and no other store uses it (or a related cluster).
+    fn check_related_cluster(
+        &self,
+        st: &State,
+        id: &str,
+        current: &str,
+        new_id: &str,
+    ) -> Result<(), KmsError> {
+        let clusters = &self.config().clusters;
+        let new = clusters.get(new_id).ok_or_else(cluster_not_found)?;
+        if !new.is_active() {
+            return Err(cluster_not_active());
+        }
+        if !clusters.get(current).is_some_and(|old| old.is_related(new)) {
+            return Err(cluster_not_related());
+        }
+        if !new.meets_hsm_requirement() {
+            return Err(cluster_invalid_configuration());
+        }
+        check_cluster_free(self, st, Some(id), new)
+    }
+}
+
+/// UpdateCustomKeyStore's members for a CloudHSM key store: their syntax, then no
+/// XKS member.
+fn check_cloudhsm_update(req: &UpdateCustomKeyStoreRequest) -> Result<(), KmsError> {
+    let mut vs = Violations::new();
+    check_update_members(&mut vs, req);
+    let xks = xks::members_present(&xks::XksMembers {
+        endpoint: req.xks_proxy_uri_endpoint.as_deref(),
+        path: req.xks_proxy_uri_path.as_deref(),
+        vpc_name: req.xks_proxy_vpc_endpoint_service_name.as_deref(),
+        vpc_owner: req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
+        connectivity: req.xks_proxy_connectivity.as_deref(),
+        credential: req.xks_proxy_authentication_credential.as_ref(),
+    });
+    for (member, present) in xks {
+        if present {
+            vs.custom(
+                member,
+                Some(""),
+                Shown::Redacted,
+                "Member is not valid for an AWS_CLOUDHSM custom key store",
+            );
+        }
+    }
+    vs.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(failed_logins: u32) -> CloudHsmSettings {
+        CloudHsmSettings {
+            cluster_id: "cluster-234567abcdef".into(),
+            trust_anchor: String::new(),
+            password: SecretString::from("old-password"),
+            failed_logins,
+            retry_after_lockout: true,
+        }
+    }
+
+    fn refused(code: ConnectionErrorCode, on_token: bool) -> Login {
+        Login {
+            outcome: Err(Refusal {
+                code,
+                reason: String::new(),
+            }),
+            on_token,
+        }
+    }
+
+    /// Module doc: "The 5th consecutive refusal ... ends FAILED USER_LOCKED_OUT".
+    #[test]
+    fn the_fifth_refused_password_locks_kmsuser_out() {
+        let mut h = settings(LOCKOUT_AFTER - 2);
+        let wrong = refused(ConnectionErrorCode::InvalidCredentials, true);
+        assert_eq!(
+            record_login(&mut h, &wrong),
+            Some(ConnectionErrorCode::InvalidCredentials)
+        );
+        assert_eq!(
+            record_login(&mut h, &wrong),
+            Some(ConnectionErrorCode::UserLockedOut)
+        );
+        assert_eq!(h.failed_logins, LOCKOUT_AFTER);
+        assert!(!h.retry_after_lockout);
+    }
+
+    /// Module doc: a refusal without touching the token does not count.
+    #[test]
+    fn a_refusal_before_the_token_counts_nothing() {
+        let mut h = settings(1);
+        let r = record_login(
+            &mut h,
+            &refused(ConnectionErrorCode::ClusterNotFound, false),
+        );
+        assert_eq!(r, Some(ConnectionErrorCode::ClusterNotFound));
+        assert_eq!(h.failed_logins, 1);
+        assert!(h.retry_after_lockout);
+    }
+
+    /// Module doc: "success clears the count"; the rotated password is kept.
+    #[test]
+    fn a_login_keeps_the_rotated_password_and_clears_the_count() {
+        let mut h = settings(LOCKOUT_AFTER);
+        let ok = Login {
+            outcome: Ok(SecretString::from("rotated")),
+            on_token: true,
+        };
+        assert_eq!(record_login(&mut h, &ok), None);
+        assert_eq!(h.password.expose(), "rotated");
+        assert_eq!((h.failed_logins, h.retry_after_lockout), (0, false));
     }
 }

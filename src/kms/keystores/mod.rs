@@ -7,9 +7,10 @@
 //! checks, Update's rules, the kmsuser login and password rotation) in [`cloudhsm`];
 //! so the rules of each store type read apart.
 //!
-//! Pattern for every operation that calls the proxy: check everything under the
-//! lock, release it for the network call, then re-check under the lock before
-//! applying — another request may have changed the store meanwhile.
+//! Every operation that calls out (the proxy, a token) goes through
+//! [`Store::check_call_recheck`](super::store::Store::check_call_recheck): check
+//! everything under the lock, release it for the call, then re-check under the lock
+//! before applying — another request may have changed the store meanwhile.
 
 pub mod cloudhsm;
 pub mod xks;
@@ -227,6 +228,29 @@ fn checked_store_id(id: &Option<String>) -> Result<String, KmsError> {
     Ok(id.clone().unwrap_or_default())
 }
 
+/// Update's state rule for both store types (brief §3.5, §3.8): a store changes only
+/// while CONNECTED or DISCONNECTED, and the `offline` fields (where KMS connects to:
+/// `what` names them) only while DISCONNECTED.
+fn check_update_state(
+    id: &str,
+    state: ConnectionState,
+    offline: bool,
+    what: &str,
+) -> Result<(), KmsError> {
+    match state {
+        ConnectionState::Disconnected => Ok(()),
+        ConnectionState::Connected if offline => Err(invalid_state(id, state, what)),
+        ConnectionState::Connected => Ok(()),
+        ConnectionState::Connecting | ConnectionState::Disconnecting | ConnectionState::Failed => {
+            Err(invalid_state(
+                id,
+                state,
+                "a store can be updated only while CONNECTED or DISCONNECTED.",
+            ))
+        }
+    }
+}
+
 /// UpdateCustomKeyStore's members whose syntax is the same for both store types (the
 /// type-specific rules then say which of them a store may change).
 fn check_update_members(vs: &mut Violations, req: &UpdateCustomKeyStoreRequest) {
@@ -255,191 +279,220 @@ fn check_update_members(vs: &mut Violations, req: &UpdateCustomKeyStoreRequest) 
     );
 }
 
+/// `CustomKeyStoreType`, parsed once (`AWS_CLOUDHSM` when absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreType {
+    CloudHsm,
+    External,
+}
+
+impl StoreType {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            CLOUDHSM_TYPE => Some(Self::CloudHsm),
+            XKS_TYPE => Some(Self::External),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::CloudHsm => CLOUDHSM_TYPE,
+            Self::External => XKS_TYPE,
+        }
+    }
+}
+
+/// The quota of [`MAX_STORES`] custom key stores (brief §2), counting every type and
+/// every connection state.
+fn check_store_limit(st: &State) -> Result<(), KmsError> {
+    if st.stores.len() >= MAX_STORES {
+        return Err(KmsError::new(
+            Exception::LimitExceeded,
+            format!(
+                "You have reached the maximum of {MAX_STORES} custom key stores in this \
+                 account and Region."
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// CreateCustomKeyStore's members against the model (every violation at once), and
+/// the store type they ask for.
+fn check_create_members(req: &CreateCustomKeyStoreRequest) -> Result<StoreType, KmsError> {
+    let mut vs = Violations::new();
+    vs.required("customKeyStoreName", &req.custom_key_store_name);
+    vs.length(
+        "customKeyStoreName",
+        req.custom_key_store_name.as_deref(),
+        1,
+        256,
+        Shown::Yes,
+    );
+    vs.one_of(
+        "customKeyStoreType",
+        req.custom_key_store_type.as_deref(),
+        &[CLOUDHSM_TYPE, XKS_TYPE],
+    );
+    vs.string(
+        "cloudHsmClusterId",
+        req.cloud_hsm_cluster_id.as_deref(),
+        19,
+        24,
+        v::is_cluster_id,
+        v::CLUSTER_ID_PATTERN,
+        Shown::Yes,
+    );
+    vs.length(
+        "trustAnchorCertificate",
+        req.trust_anchor_certificate.as_deref(),
+        1,
+        5000,
+        Shown::Yes,
+    );
+    vs.length(
+        "keyStorePassword",
+        req.key_store_password.as_ref().map(|p| p.0.expose()),
+        7,
+        32,
+        Shown::Redacted,
+    );
+    check_xks_members(&mut vs, xks_members_of_create(req), false);
+    vs.finish()?;
+    // `one_of` let only the model's values through.
+    Ok(req
+        .custom_key_store_type
+        .as_deref()
+        .and_then(StoreType::parse)
+        .unwrap_or(StoreType::CloudHsm))
+}
+
+/// The members the store type needs and the other type's members it must not have
+/// (KMS's exact reaction is unknown; brief §3.1: Validation), then an external key
+/// store's connectivity rules. Gives the connectivity (PUBLIC when absent).
+fn check_type_members(
+    req: &CreateCustomKeyStoreRequest,
+    store_type: StoreType,
+) -> Result<Connectivity, KmsError> {
+    let mut vs = Violations::new();
+    let hsm_members = [
+        ("cloudHsmClusterId", req.cloud_hsm_cluster_id.is_some()),
+        (
+            "trustAnchorCertificate",
+            req.trust_anchor_certificate.is_some(),
+        ),
+        ("keyStorePassword", req.key_store_password.is_some()),
+    ];
+    let xks_members = xks::members_present(&xks_members_of_create(req));
+    let (required, foreign) = match store_type {
+        // The first four XKS members are required; the VPC ones depend on connectivity.
+        StoreType::External => (&xks_members[..4], &hsm_members[..]),
+        StoreType::CloudHsm => (&hsm_members[..], &xks_members[..]),
+    };
+    let type_name = store_type.as_str();
+    for (member, present) in required {
+        if !present {
+            vs.custom(
+                member,
+                None,
+                Shown::Yes,
+                &format!("Member must not be null for a {type_name} custom key store"),
+            );
+        }
+    }
+    for (member, present) in foreign {
+        if *present {
+            vs.custom(
+                member,
+                Some(""),
+                Shown::Redacted,
+                &format!("Member is not valid for a {type_name} custom key store"),
+            );
+        }
+    }
+    let connectivity = req
+        .xks_proxy_connectivity
+        .as_deref()
+        .and_then(Connectivity::parse)
+        .unwrap_or(Connectivity::PublicEndpoint);
+    if store_type == StoreType::External {
+        let m = xks_members_of_create(req);
+        xks::check_connectivity_members(
+            &mut vs,
+            connectivity,
+            xks::ConnectivityChange::Create,
+            m.endpoint,
+            m.vpc_name,
+            m.vpc_owner,
+        );
+    }
+    vs.finish()?;
+    Ok(connectivity)
+}
+
 impl Emulator {
+    /// CreateCustomKeyStore (brief §3.2): the members' syntax, the store type's own
+    /// members, then quota, name, the type's uniqueness and cluster rules and, for a
+    /// PUBLIC external key store, the proxy's health — checked again when the new
+    /// store is recorded DISCONNECTED.
     pub async fn create_custom_key_store(
         &self,
         ctx: &Ctx,
         req: CreateCustomKeyStoreRequest,
     ) -> Result<CreateCustomKeyStoreResponse, KmsError> {
-        // 1. Syntax.
-        let mut vs = Violations::new();
-        vs.required("customKeyStoreName", &req.custom_key_store_name);
-        vs.length(
-            "customKeyStoreName",
-            req.custom_key_store_name.as_deref(),
-            1,
-            256,
-            Shown::Yes,
-        );
-        vs.one_of(
-            "customKeyStoreType",
-            req.custom_key_store_type.as_deref(),
-            &[CLOUDHSM_TYPE, XKS_TYPE],
-        );
-        vs.string(
-            "cloudHsmClusterId",
-            req.cloud_hsm_cluster_id.as_deref(),
-            19,
-            24,
-            v::is_cluster_id,
-            v::CLUSTER_ID_PATTERN,
-            Shown::Yes,
-        );
-        vs.length(
-            "trustAnchorCertificate",
-            req.trust_anchor_certificate.as_deref(),
-            1,
-            5000,
-            Shown::Yes,
-        );
-        vs.length(
-            "keyStorePassword",
-            req.key_store_password.as_ref().map(|p| p.0.expose()),
-            7,
-            32,
-            Shown::Redacted,
-        );
-        check_xks_members(&mut vs, xks_members_of_create(&req), false);
-        vs.finish()?;
+        let store_type = check_create_members(&req)?;
+        let connectivity = check_type_members(&req, store_type)?;
         let name = req.custom_key_store_name.clone().unwrap_or_default();
-
-        // Type-specific members (KMS's exact reaction is unknown; brief: Validation).
-        let is_xks = req.custom_key_store_type.as_deref() == Some(XKS_TYPE);
-        let mut vs = Violations::new();
-        let hsm_members = [
-            ("cloudHsmClusterId", req.cloud_hsm_cluster_id.is_some()),
-            (
-                "trustAnchorCertificate",
-                req.trust_anchor_certificate.is_some(),
-            ),
-            ("keyStorePassword", req.key_store_password.is_some()),
-        ];
-        let xks_members = [
-            ("xksProxyUriEndpoint", req.xks_proxy_uri_endpoint.is_some()),
-            ("xksProxyUriPath", req.xks_proxy_uri_path.is_some()),
-            (
-                "xksProxyAuthenticationCredential",
-                req.xks_proxy_authentication_credential.is_some(),
-            ),
-            ("xksProxyConnectivity", req.xks_proxy_connectivity.is_some()),
-            (
-                "xksProxyVpcEndpointServiceName",
-                req.xks_proxy_vpc_endpoint_service_name.is_some(),
-            ),
-            (
-                "xksProxyVpcEndpointServiceOwner",
-                req.xks_proxy_vpc_endpoint_service_owner.is_some(),
-            ),
-        ];
-        let (required, foreign, type_name) = if is_xks {
-            (&xks_members[..4], &hsm_members[..], XKS_TYPE)
-        } else {
-            (&hsm_members[..], &xks_members[..], CLOUDHSM_TYPE)
+        let kind = match store_type {
+            StoreType::External => StoreKind::External(xks::settings_of_create(
+                req,
+                connectivity,
+                &self.config().account_id,
+            )?),
+            StoreType::CloudHsm => StoreKind::CloudHsm(cloudhsm::settings_of_create(req)?),
         };
-        for (member, present) in required {
-            if !present {
-                vs.custom(
-                    member,
-                    None,
-                    Shown::Yes,
-                    &format!("Member must not be null for a {type_name} custom key store"),
-                );
-            }
-        }
-        for (member, present) in foreign {
-            if *present {
-                vs.custom(
-                    member,
-                    Some(""),
-                    Shown::Redacted,
-                    &format!("Member is not valid for a {type_name} custom key store"),
-                );
-            }
-        }
-        let connectivity = req
-            .xks_proxy_connectivity
-            .as_deref()
-            .and_then(Connectivity::parse)
-            .unwrap_or(Connectivity::PublicEndpoint);
-        if is_xks {
-            match connectivity {
-                Connectivity::VpcEndpointService => {
-                    vs.required(
-                        "xksProxyVpcEndpointServiceName",
-                        &req.xks_proxy_vpc_endpoint_service_name,
+        let id = self
+            .store()
+            .check_call_recheck(
+                |st| self.check_new_store(st, &name, &kind),
+                |()| self.create_health_check(ctx, &kind),
+                |st, ch, (), ()| {
+                    let id = new_store_id()?;
+                    st.stores.insert(
+                        id.clone(),
+                        CustomKeyStore {
+                            id: id.clone(),
+                            name: name.clone(),
+                            creation_date: now_epoch(),
+                            connection_state: ConnectionState::Disconnected,
+                            connection_error_code: None,
+                            attempt: 0,
+                            kind: kind.clone(),
+                        },
                     );
-                }
-                Connectivity::PublicEndpoint => {
-                    for (member, present) in &xks_members[4..] {
-                        if *present {
-                            vs.custom(
-                                member,
-                                Some(""),
-                                Shown::Redacted,
-                                "Member is only valid with VPC_ENDPOINT_SERVICE connectivity",
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        vs.finish()?;
-
-        // 2. Quota and name (3. XKS uniqueness below, with the settings).
-        self.store().read(|st| {
-            if st.stores.len() >= MAX_STORES {
-                return Err(KmsError::new(
-                    Exception::LimitExceeded,
-                    format!(
-                        "You have reached the maximum of {MAX_STORES} custom key stores in \
-                         this account and Region."
-                    ),
-                ));
-            }
-            check_unique(st, None, Some(&name), None)
-        })?;
-
-        let kind = if is_xks {
-            StoreKind::External(self.new_xks_settings(ctx, req, connectivity).await?)
-        } else {
-            StoreKind::CloudHsm(self.new_cloudhsm_settings(req)?)
-        };
-
-        // 5. Store it DISCONNECTED (re-checking: the world moved during the call).
-        let id = new_store_id()?;
-        self.store().transact(|st, ch| {
-            if st.stores.len() >= MAX_STORES {
-                return Err(KmsError::new(
-                    Exception::LimitExceeded,
-                    format!("You have reached the maximum of {MAX_STORES} custom key stores."),
-                ));
-            }
-            check_unique(st, None, Some(&name), kind.xks())?;
-            if let StoreKind::CloudHsm(c) = &kind
-                && let Some(cluster) = self.config().clusters.get(&c.cluster_id)
-            {
-                cloudhsm::check_cluster_free(self, st, None, cluster)?;
-            }
-            st.stores.insert(
-                id.clone(),
-                CustomKeyStore {
-                    id: id.clone(),
-                    name: name.clone(),
-                    creation_date: now_epoch(),
-                    connection_state: ConnectionState::Disconnected,
-                    connection_error_code: None,
-                    attempt: 0,
-                    kind: kind.clone(),
+                    ch.store(&id);
+                    Ok(id)
                 },
-            );
-            ch.store(&id);
-            Ok(())
-        })?;
+                |()| {},
+            )
+            .await?;
         // The name is the caller's: a `&str` field, escaped by both log formats.
         tracing::info!(custom_key_store_id = %id, name = name.as_str(), "custom key store created");
         Ok(CreateCustomKeyStoreResponse {
             custom_key_store_id: id,
         })
+    }
+
+    /// What a new store must satisfy against the others, in the order that decides
+    /// which error wins: the quota, the name, then the type's own rules.
+    fn check_new_store(&self, st: &State, name: &str, kind: &StoreKind) -> Result<(), KmsError> {
+        check_store_limit(st)?;
+        check_unique(st, None, Some(name), kind.xks())?;
+        match kind {
+            StoreKind::External(_) => Ok(()),
+            StoreKind::CloudHsm(c) => self.check_new_cluster(st, c),
+        }
     }
 
     pub fn connect_custom_key_store(
@@ -814,5 +867,57 @@ fn entry(s: &CustomKeyStore) -> CustomKeyStoresListEntry {
         }),
         cloud_hsm_cluster_id: s.cloudhsm().map(|c| c.cluster_id.clone()),
         trust_anchor_certificate: s.cloudhsm().map(|c| c.trust_anchor.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brief §3.8, Update rows: name, credential and path while CONNECTED or
+    /// DISCONNECTED; any other field only while DISCONNECTED; never in the other
+    /// states.
+    #[test]
+    fn update_is_allowed_by_state_and_by_what_it_changes() {
+        use ConnectionState as S;
+        let allowed = |state, offline| check_update_state("cks-1", state, offline, "x").is_ok();
+        assert!(allowed(S::Disconnected, true));
+        assert!(allowed(S::Connected, false));
+        assert!(!allowed(S::Connected, true));
+        for state in [S::Connecting, S::Disconnecting, S::Failed] {
+            assert!(!allowed(state, false));
+        }
+    }
+
+    /// Brief §2: at most 10 stores, counting every type and state.
+    #[test]
+    fn the_eleventh_store_is_over_the_limit() {
+        let mut st = State::default();
+        assert!(check_store_limit(&st).is_ok());
+        for i in 0..MAX_STORES {
+            let id = format!("cks-{i}");
+            st.stores.insert(
+                id.clone(),
+                CustomKeyStore {
+                    id,
+                    name: format!("s{i}"),
+                    creation_date: 0.0,
+                    connection_state: ConnectionState::Failed,
+                    connection_error_code: None,
+                    attempt: 0,
+                    kind: StoreKind::CloudHsm(super::super::store::CloudHsmSettings {
+                        cluster_id: String::new(),
+                        trust_anchor: String::new(),
+                        password: SecretString::from("p"),
+                        failed_logins: 0,
+                        retry_after_lockout: false,
+                    }),
+                },
+            );
+        }
+        assert_eq!(
+            check_store_limit(&st).map_err(|e| e.exception),
+            Err(Exception::LimitExceeded)
+        );
     }
 }

@@ -6,14 +6,17 @@
 
 use super::{
     CreateCustomKeyStoreRequest, CredentialInput, Empty, UpdateCustomKeyStoreRequest,
-    check_unique as check_any_unique, check_update_members, invalid_state, not_found,
+    check_unique as check_any_unique, check_update_members, check_update_state, not_found,
 };
 use crate::api::wire::RequestMetadata;
 use crate::kms::error::{Exception, KmsError};
-use crate::kms::store::{ConnectionState, Connectivity, CustomKeyStore, State, XksSettings};
+use crate::kms::store::{
+    ConnectionState, Connectivity, CustomKeyStore, State, StoreKind, XksSettings,
+};
 use crate::kms::validate::{self as v, Shown, Violations};
 use crate::kms::xks_client::{XksFailure, XksTarget};
 use crate::kms::{Ctx, Emulator, HealthCheckStats};
+use crate::secret::SecretString;
 
 /// Checks the credential's syntax: both members required, lengths and patterns.
 pub(super) fn check_credential(vs: &mut Violations, c: &CredentialInput) {
@@ -127,6 +130,288 @@ pub(super) fn xks_members_of_create(req: &CreateCustomKeyStoreRequest) -> XksMem
     }
 }
 
+/// The six XKS members of a request, in the model's order, and whether each is
+/// present: the first four are what every external key store needs.
+pub(super) fn members_present(m: &XksMembers<'_>) -> [(&'static str, bool); 6] {
+    [
+        ("xksProxyUriEndpoint", m.endpoint.is_some()),
+        ("xksProxyUriPath", m.path.is_some()),
+        ("xksProxyAuthenticationCredential", m.credential.is_some()),
+        ("xksProxyConnectivity", m.connectivity.is_some()),
+        ("xksProxyVpcEndpointServiceName", m.vpc_name.is_some()),
+        ("xksProxyVpcEndpointServiceOwner", m.vpc_owner.is_some()),
+    ]
+}
+
+/// How a request sets an external key store's connectivity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConnectivityChange {
+    /// CreateCustomKeyStore: a new store.
+    Create,
+    /// UpdateCustomKeyStore switching to the other connectivity.
+    Switch,
+    /// UpdateCustomKeyStore keeping the store's connectivity.
+    Keep,
+}
+
+/// The connectivity rules, written once for Create and Update (brief §3.2, §3.5): a
+/// VPC store needs a VPC endpoint service name (Update asks for it, and for a new
+/// endpoint, only when it switches to VPC); a PUBLIC store has no VPC member (Update
+/// may send an empty name to clear it, and needs a new endpoint when it switches to
+/// PUBLIC). The `endpoint`, `vpc_name` and `vpc_owner` are the request's members.
+pub(super) fn check_connectivity_members(
+    vs: &mut Violations,
+    connectivity: Connectivity,
+    change: ConnectivityChange,
+    endpoint: Option<&str>,
+    vpc_name: Option<&str>,
+    vpc_owner: Option<&str>,
+) {
+    const NAME: &str = "xksProxyVpcEndpointServiceName";
+    const OWNER: &str = "xksProxyVpcEndpointServiceOwner";
+    const VPC_ONLY: &str = "Member is only valid with VPC_ENDPOINT_SERVICE connectivity";
+    if change == ConnectivityChange::Switch {
+        vs.required("xksProxyUriEndpoint", &endpoint);
+    }
+    match (connectivity, change) {
+        (Connectivity::VpcEndpointService, _) => {
+            if change != ConnectivityChange::Keep {
+                vs.required(NAME, &vpc_name);
+            }
+            // Only Update lets "" through the syntax check (to clear the name).
+            if vpc_name == Some("") {
+                vs.length(NAME, vpc_name, 20, 64, Shown::Yes);
+            }
+        }
+        (Connectivity::PublicEndpoint, ConnectivityChange::Create) => {
+            for (member, value) in [(NAME, vpc_name), (OWNER, vpc_owner)] {
+                if value.is_some() {
+                    vs.custom(member, Some(""), Shown::Redacted, VPC_ONLY);
+                }
+            }
+        }
+        (Connectivity::PublicEndpoint, ConnectivityChange::Switch | ConnectivityChange::Keep) => {
+            if vpc_name.is_some_and(|s| !s.is_empty()) {
+                vs.custom(
+                    NAME,
+                    vpc_name,
+                    Shown::Yes,
+                    "Member must be null or empty for PUBLIC_ENDPOINT connectivity",
+                );
+            }
+            if vpc_owner.is_some() {
+                vs.custom(OWNER, vpc_owner, Shown::Yes, VPC_ONLY);
+            }
+        }
+    }
+}
+
+/// The credential's two members once their syntax is checked.
+fn credential_of(c: CredentialInput) -> Result<(String, SecretString), KmsError> {
+    let (Some(akid), Some(secret)) = (c.access_key_id, c.raw_secret_access_key) else {
+        return Err(KmsError::validation("credential incomplete"));
+    };
+    Ok((akid.0.expose().to_owned(), secret.0))
+}
+
+/// CreateCustomKeyStore's external key store, once the request's members are checked
+/// (`keystores`): its settings, with the VPC endpoint service owner defaulting to the
+/// caller's account for a VPC store.
+pub(super) fn settings_of_create(
+    req: CreateCustomKeyStoreRequest,
+    connectivity: Connectivity,
+    account_id: &str,
+) -> Result<XksSettings, KmsError> {
+    let cred = req
+        .xks_proxy_authentication_credential
+        .ok_or_else(|| KmsError::validation("credential missing"))?;
+    let (access_key_id, secret) = credential_of(cred)?;
+    Ok(XksSettings {
+        endpoint: req.xks_proxy_uri_endpoint.unwrap_or_default(),
+        path: req.xks_proxy_uri_path.unwrap_or_default(),
+        connectivity,
+        access_key_id,
+        secret,
+        vpc_service_name: req.xks_proxy_vpc_endpoint_service_name,
+        vpc_service_owner: match connectivity {
+            Connectivity::VpcEndpointService => Some(
+                req.xks_proxy_vpc_endpoint_service_owner
+                    .unwrap_or_else(|| account_id.to_owned()),
+            ),
+            Connectivity::PublicEndpoint => None,
+        },
+    })
+}
+
+/// UpdateCustomKeyStore's members for an external key store, once checked.
+#[derive(Debug)]
+pub(super) struct XksUpdate {
+    name: Option<String>,
+    credential: Option<(String, SecretString)>,
+    path: Option<String>,
+    endpoint: Option<String>,
+    connectivity: Option<Connectivity>,
+    /// `Some("")` clears the name (switching to PUBLIC).
+    vpc_name: Option<String>,
+    vpc_owner: Option<String>,
+}
+
+impl XksUpdate {
+    /// Fields that say where KMS connects: changed only while DISCONNECTED.
+    fn offline_fields(&self) -> bool {
+        self.endpoint.is_some()
+            || self.connectivity.is_some()
+            || self.vpc_name.is_some()
+            || self.vpc_owner.is_some()
+    }
+
+    /// Fields that change how KMS reaches the proxy: they need its health check.
+    fn connection_fields(&self) -> bool {
+        self.credential.is_some() || self.path.is_some() || self.offline_fields()
+    }
+}
+
+/// UpdateCustomKeyStore's members for an external key store: their syntax, then no
+/// CloudHSM member (the dispatcher has checked `customKeyStoreId` already).
+fn check_xks_update(req: UpdateCustomKeyStoreRequest) -> Result<(String, XksUpdate), KmsError> {
+    let mut vs = Violations::new();
+    check_update_members(&mut vs, &req);
+    check_xks_members(
+        &mut vs,
+        XksMembers {
+            endpoint: req.xks_proxy_uri_endpoint.as_deref(),
+            path: req.xks_proxy_uri_path.as_deref(),
+            vpc_name: req.xks_proxy_vpc_endpoint_service_name.as_deref(),
+            vpc_owner: req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
+            connectivity: req.xks_proxy_connectivity.as_deref(),
+            credential: req.xks_proxy_authentication_credential.as_ref(),
+        },
+        true,
+    );
+    vs.finish()?;
+    let mut vs = Violations::new();
+    if req.key_store_password.is_some() {
+        vs.custom(
+            "keyStorePassword",
+            Some(""),
+            Shown::Redacted,
+            "Member is not valid for an EXTERNAL_KEY_STORE custom key store",
+        );
+    }
+    if req.cloud_hsm_cluster_id.is_some() {
+        vs.custom(
+            "cloudHsmClusterId",
+            req.cloud_hsm_cluster_id.as_deref(),
+            Shown::Yes,
+            "Member is not valid for an EXTERNAL_KEY_STORE custom key store",
+        );
+    }
+    vs.finish()?;
+    let update = XksUpdate {
+        name: req.new_custom_key_store_name,
+        credential: req
+            .xks_proxy_authentication_credential
+            .map(credential_of)
+            .transpose()?,
+        path: req.xks_proxy_uri_path,
+        endpoint: req.xks_proxy_uri_endpoint,
+        // `one_of` let only the model's values through.
+        connectivity: req
+            .xks_proxy_connectivity
+            .as_deref()
+            .and_then(Connectivity::parse),
+        vpc_name: req.xks_proxy_vpc_endpoint_service_name,
+        vpc_owner: req.xks_proxy_vpc_endpoint_service_owner,
+    };
+    Ok((req.custom_key_store_id.unwrap_or_default(), update))
+}
+
+/// The store as `update` would leave it, built from the state as it is: the state
+/// rule, the connectivity rules against the store's current connectivity, then the
+/// uniqueness of what changes.
+fn next_xks_store(
+    st: &State,
+    id: &str,
+    update: &XksUpdate,
+    account_id: &str,
+) -> Result<CustomKeyStore, KmsError> {
+    let s = st.stores.get(id).ok_or_else(|| not_found(id))?;
+    check_update_state(
+        id,
+        s.connection_state,
+        update.offline_fields(),
+        "the proxy endpoint, connectivity and VPC endpoint service can be changed only \
+         while the store is DISCONNECTED.",
+    )?;
+    let mut next = s.clone();
+    if let Some(n) = &update.name {
+        next.name = n.clone();
+    }
+    let nx = next
+        .xks_mut()
+        .ok_or_else(|| KmsError::internal(&"store type changed"))?;
+    apply_xks_update(nx, update, account_id)?;
+    let name = update.name.is_some().then_some(next.name.as_str());
+    let xks = update.connection_fields().then(|| next.xks()).flatten();
+    check_any_unique(st, Some(id), name, xks)?;
+    Ok(next)
+}
+
+/// Applies `update` to a store's settings, after the connectivity rules for the
+/// connectivity it ends with. A VPC store keeps its service owner unless given one
+/// (the caller's account when it had none); a PUBLIC store has neither VPC field.
+fn apply_xks_update(
+    x: &mut XksSettings,
+    update: &XksUpdate,
+    account_id: &str,
+) -> Result<(), KmsError> {
+    let before = x.connectivity;
+    let after = update.connectivity.unwrap_or(before);
+    let change = if before == after {
+        ConnectivityChange::Keep
+    } else {
+        ConnectivityChange::Switch
+    };
+    let mut vs = Violations::new();
+    check_connectivity_members(
+        &mut vs,
+        after,
+        change,
+        update.endpoint.as_deref(),
+        update.vpc_name.as_deref(),
+        update.vpc_owner.as_deref(),
+    );
+    vs.finish()?;
+    if let Some((akid, secret)) = &update.credential {
+        x.access_key_id = akid.clone();
+        x.secret = secret.clone();
+    }
+    if let Some(p) = &update.path {
+        x.path = p.clone();
+    }
+    if let Some(e) = &update.endpoint {
+        x.endpoint = e.clone();
+    }
+    x.connectivity = after;
+    match after {
+        Connectivity::VpcEndpointService => {
+            if let Some(svc) = &update.vpc_name {
+                x.vpc_service_name = Some(svc.clone());
+            }
+            if let Some(o) = &update.vpc_owner {
+                x.vpc_service_owner = Some(o.clone());
+            } else if x.vpc_service_owner.is_none() {
+                x.vpc_service_owner = Some(account_id.to_owned());
+            }
+        }
+        Connectivity::PublicEndpoint => {
+            x.vpc_service_name = None;
+            x.vpc_service_owner = None;
+        }
+    }
+    Ok(())
+}
+
 /// XKS uniqueness (brief §3.2): endpoint + path, a VPC store's endpoint, the VPC
 /// endpoint service, against every store but `exclude`.
 pub(super) fn check_unique(
@@ -173,13 +458,17 @@ pub(super) fn check_unique(
 
 /// Where an external key store's calls go; `None` for other store types.
 pub(in crate::kms) fn target_of(s: &CustomKeyStore) -> Option<XksTarget> {
-    let x = s.xks()?;
-    Some(XksTarget {
+    s.xks().map(target_of_settings)
+}
+
+/// Where calls with these settings go.
+pub(super) fn target_of_settings(x: &XksSettings) -> XksTarget {
+    XksTarget {
         endpoint: x.endpoint.clone(),
         path: x.path.clone(),
         access_key_id: x.access_key_id.clone(),
         secret: x.secret.clone(),
-    })
+    }
 }
 
 pub(super) fn health_metadata(request_id: &str, operation: &str) -> RequestMetadata {
@@ -264,263 +553,150 @@ fn record_health(emu: &Emulator, id: &str, request_id: &str, failure: Option<Xks
 }
 
 impl Emulator {
-    /// CreateCustomKeyStore's XKS part, after the common checks: the settings from the
-    /// request, their uniqueness, and for a PUBLIC store the synchronous health check
-    /// KMS makes before it creates anything.
-    pub(super) async fn new_xks_settings(
+    /// GetHealthStatus for Create or Update (`operation`) with the store's new
+    /// settings: a failure fails the request with the store-administration exception
+    /// of brief §7 (the proxy's own message goes to the log only).
+    async fn proxy_health(
         &self,
         ctx: &Ctx,
-        req: CreateCustomKeyStoreRequest,
-        connectivity: Connectivity,
-    ) -> Result<XksSettings, KmsError> {
-        let cred = req
-            .xks_proxy_authentication_credential
-            .ok_or_else(|| KmsError::validation("credential missing"))?;
-        let (Some(akid), Some(secret)) = (cred.access_key_id, cred.raw_secret_access_key) else {
-            return Err(KmsError::validation("credential incomplete"));
-        };
-        let xks = XksSettings {
-            endpoint: req.xks_proxy_uri_endpoint.unwrap_or_default(),
-            path: req.xks_proxy_uri_path.unwrap_or_default(),
-            connectivity,
-            access_key_id: akid.0.expose().to_owned(),
-            secret: secret.0,
-            vpc_service_name: req.xks_proxy_vpc_endpoint_service_name,
-            vpc_service_owner: match connectivity {
-                // Defaults to the caller's account for VPC stores.
-                Connectivity::VpcEndpointService => Some(
-                    req.xks_proxy_vpc_endpoint_service_owner
-                        .unwrap_or_else(|| self.config().account_id.clone()),
-                ),
-                Connectivity::PublicEndpoint => None,
-            },
-        };
-        warn_if_ip(&xks.endpoint);
-        self.store().read(|st| check_unique(st, None, &xks))?;
-
-        // 4. PUBLIC stores: a synchronous health check, as KMS does.
-        if connectivity == Connectivity::PublicEndpoint {
-            let target = XksTarget {
-                endpoint: xks.endpoint.clone(),
-                path: xks.path.clone(),
-                access_key_id: xks.access_key_id.clone(),
-                secret: xks.secret.clone(),
-            };
-            self.xks()
-                .health(
-                    &target,
-                    health_metadata(&ctx.request_id, "CreateCustomKeyStore"),
-                )
-                .await
-                .map_err(|f| {
-                    tracing::info!(failure = ?f, "CreateCustomKeyStore health check failed");
-                    f.for_store_admin()
-                })?;
-        }
-
-        Ok(xks)
+        target: &XksTarget,
+        operation: &'static str,
+    ) -> Result<(), KmsError> {
+        self.xks()
+            .health(target, health_metadata(&ctx.request_id, operation))
+            .await
+            .map(|_| ())
+            .map_err(|f| {
+                tracing::info!(failure = ?f, "{operation} health check failed");
+                f.for_store_admin()
+            })
     }
 
-    /// UpdateCustomKeyStore for an external key store (`keystores` dispatches here).
+    /// Create's outcall: a PUBLIC external key store's proxy must answer
+    /// GetHealthStatus (`kmsOperation=CreateCustomKeyStore`) before KMS creates
+    /// anything; a VPC store is not contacted at create time (nor is a cluster).
+    pub(super) async fn create_health_check(
+        &self,
+        ctx: &Ctx,
+        kind: &StoreKind,
+    ) -> Result<(), KmsError> {
+        let Some(x) = kind.xks() else {
+            return Ok(());
+        };
+        warn_if_ip(&x.endpoint);
+        match x.connectivity {
+            Connectivity::PublicEndpoint => {
+                self.proxy_health(ctx, &target_of_settings(x), "CreateCustomKeyStore")
+                    .await
+            }
+            Connectivity::VpcEndpointService => Ok(()),
+        }
+    }
+
+    /// UpdateCustomKeyStore for an external key store (`keystores` dispatches here):
+    /// the new settings are built from the store as it is, checked with the proxy
+    /// (the old ones stay in force if it fails), then built and checked again from
+    /// the store as it is when they are recorded.
     pub(super) async fn update_xks_store(
         &self,
         ctx: &Ctx,
         req: UpdateCustomKeyStoreRequest,
     ) -> Result<Empty, KmsError> {
-        // The dispatcher (`keystores`) has checked `customKeyStoreId` already.
-        let mut vs = Violations::new();
-        check_update_members(&mut vs, &req);
-        check_xks_members(
-            &mut vs,
-            XksMembers {
-                endpoint: req.xks_proxy_uri_endpoint.as_deref(),
-                path: req.xks_proxy_uri_path.as_deref(),
-                vpc_name: req.xks_proxy_vpc_endpoint_service_name.as_deref(),
-                vpc_owner: req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
-                connectivity: req.xks_proxy_connectivity.as_deref(),
-                credential: req.xks_proxy_authentication_credential.as_ref(),
-            },
-            true,
-        );
-        vs.finish()?;
-        let id = req.custom_key_store_id.clone().unwrap_or_default();
+        let (id, update) = check_xks_update(req)?;
+        let account_id = &self.config().account_id;
+        self.store()
+            .check_call_recheck(
+                |st| next_xks_store(st, &id, &update, account_id),
+                |next| self.update_health_check(ctx, &update, next),
+                |st, ch, again, &attempt| {
+                    if again.attempt != attempt {
+                        return Err(KmsError::new(
+                            Exception::CustomKeyStoreInvalidState,
+                            format!(
+                                "Custom key store {id} changed its connection state during \
+                                 the update; retry the request."
+                            ),
+                        ));
+                    }
+                    st.stores.insert(id.clone(), again);
+                    ch.store(&id);
+                    Ok(())
+                },
+                |_| {},
+            )
+            .await?;
+        tracing::info!(custom_key_store_id = %id, "custom key store updated");
+        Ok(Empty {})
+    }
 
-        // Fields of the wrong store type.
-        let mut vs = Violations::new();
-        if req.key_store_password.is_some() {
-            vs.custom(
-                "keyStorePassword",
-                Some(""),
-                Shown::Redacted,
-                "Member is not valid for an EXTERNAL_KEY_STORE custom key store",
-            );
-        }
-        if req.cloud_hsm_cluster_id.is_some() {
-            vs.custom(
-                "cloudHsmClusterId",
-                req.cloud_hsm_cluster_id.as_deref(),
-                Shown::Yes,
-                "Member is not valid for an EXTERNAL_KEY_STORE custom key store",
-            );
-        }
-        vs.finish()?;
-
-        let renames = req.new_custom_key_store_name.is_some();
-        let live_fields =
-            req.xks_proxy_authentication_credential.is_some() || req.xks_proxy_uri_path.is_some();
-        let offline_fields = req.xks_proxy_uri_endpoint.is_some()
-            || req.xks_proxy_connectivity.is_some()
-            || req.xks_proxy_vpc_endpoint_service_name.is_some()
-            || req.xks_proxy_vpc_endpoint_service_owner.is_some();
-        let connection_fields = live_fields || offline_fields;
-
-        // Build the new settings from a snapshot, checking state and uniqueness.
-        let build = |st: &State| -> Result<(CustomKeyStore, u64), KmsError> {
-            let s = st.stores.get(&id).ok_or_else(|| not_found(&id))?;
-            match s.connection_state {
-                ConnectionState::Disconnected => {}
-                ConnectionState::Connected if offline_fields => {
-                    return Err(invalid_state(
-                        &id,
-                        s.connection_state,
-                        "the proxy endpoint, connectivity and VPC endpoint service can be \
-                         changed only while the store is DISCONNECTED.",
-                    ));
-                }
-                ConnectionState::Connected => {}
-                ConnectionState::Connecting
-                | ConnectionState::Disconnecting
-                | ConnectionState::Failed => {
-                    return Err(invalid_state(
-                        &id,
-                        s.connection_state,
-                        "a store can be updated only while CONNECTED or DISCONNECTED.",
-                    ));
-                }
-            }
-            let mut next = s.clone();
-            if let Some(n) = &req.new_custom_key_store_name {
-                next.name = n.clone();
-            }
-            let before = s
-                .xks()
-                .ok_or_else(|| KmsError::internal(&"store type changed"))?
-                .connectivity;
-            let nx = next
-                .xks_mut()
-                .ok_or_else(|| KmsError::internal(&"store type changed"))?;
-            if let Some(c) = &req.xks_proxy_authentication_credential {
-                let (Some(a), Some(k)) = (&c.access_key_id, &c.raw_secret_access_key) else {
-                    return Err(KmsError::validation("credential incomplete"));
-                };
-                nx.access_key_id = a.0.expose().to_owned();
-                nx.secret = k.0.clone();
-            }
-            if let Some(p) = &req.xks_proxy_uri_path {
-                nx.path = p.clone();
-            }
-            if let Some(e) = &req.xks_proxy_uri_endpoint {
-                nx.endpoint = e.clone();
-            }
-            let after = req
-                .xks_proxy_connectivity
-                .as_deref()
-                .and_then(Connectivity::parse)
-                .unwrap_or(before);
-            nx.connectivity = after;
-            let svc = req.xks_proxy_vpc_endpoint_service_name.as_deref();
-            let mut vs = Violations::new();
-            match after {
-                Connectivity::VpcEndpointService => {
-                    if before != after {
-                        vs.required("xksProxyUriEndpoint", &req.xks_proxy_uri_endpoint);
-                        vs.required(
-                            "xksProxyVpcEndpointServiceName",
-                            &req.xks_proxy_vpc_endpoint_service_name,
-                        );
-                    }
-                    if svc == Some("") {
-                        vs.length("xksProxyVpcEndpointServiceName", svc, 20, 64, Shown::Yes);
-                    }
-                    if let Some(svc) = svc {
-                        nx.vpc_service_name = Some(svc.to_owned());
-                    }
-                    if let Some(o) = &req.xks_proxy_vpc_endpoint_service_owner {
-                        nx.vpc_service_owner = Some(o.clone());
-                    } else if nx.vpc_service_owner.is_none() {
-                        nx.vpc_service_owner = Some(self.config().account_id.clone());
-                    }
-                }
-                Connectivity::PublicEndpoint => {
-                    if before != after {
-                        vs.required("xksProxyUriEndpoint", &req.xks_proxy_uri_endpoint);
-                    }
-                    if svc.is_some_and(|s| !s.is_empty()) {
-                        vs.custom(
-                            "xksProxyVpcEndpointServiceName",
-                            svc,
-                            Shown::Yes,
-                            "Member must be null or empty for PUBLIC_ENDPOINT connectivity",
-                        );
-                    }
-                    if req.xks_proxy_vpc_endpoint_service_owner.is_some() {
-                        vs.custom(
-                            "xksProxyVpcEndpointServiceOwner",
-                            req.xks_proxy_vpc_endpoint_service_owner.as_deref(),
-                            Shown::Yes,
-                            "Member is only valid with VPC_ENDPOINT_SERVICE connectivity",
-                        );
-                    }
-                    nx.vpc_service_name = None;
-                    nx.vpc_service_owner = None;
-                }
-            }
-            vs.finish()?;
-            let name = renames.then_some(next.name.as_str());
-            let xks = connection_fields.then(|| next.xks()).flatten();
-            check_any_unique(st, Some(&id), name, xks)?;
-            Ok((next, s.attempt))
-        };
-
-        let (next, attempt) = self.store().read(build)?;
+    /// Update's outcall: GetHealthStatus with the NEW values, when the request changes
+    /// how KMS reaches a PUBLIC store. Gives the connection attempt the new settings
+    /// were built on, so that the re-check can tell a connect or disconnect meanwhile.
+    async fn update_health_check(
+        &self,
+        ctx: &Ctx,
+        update: &XksUpdate,
+        next: CustomKeyStore,
+    ) -> Result<u64, KmsError> {
         let Some(target) = target_of(&next) else {
             return Err(KmsError::internal(&"store type changed"));
         };
         warn_if_ip(&target.endpoint);
-
-        // Health check with the NEW values before anything is applied.
-        if connection_fields
+        if update.connection_fields()
             && next.xks().map(|x| x.connectivity) == Some(Connectivity::PublicEndpoint)
         {
-            self.xks()
-                .health(
-                    &target,
-                    health_metadata(&ctx.request_id, "UpdateCustomKeyStore"),
-                )
-                .await
-                .map_err(|f| {
-                    tracing::info!(failure = ?f, "UpdateCustomKeyStore health check failed");
-                    f.for_store_admin()
-                })?;
+            self.proxy_health(ctx, &target, "UpdateCustomKeyStore")
+                .await?;
         }
+        Ok(next.attempt)
+    }
+}
 
-        self.store().transact(|st, ch| {
-            // Re-derive from the current state so concurrent changes are not lost.
-            let (again, now_attempt) = build(st)?;
-            if now_attempt != attempt {
-                return Err(KmsError::new(
-                    Exception::CustomKeyStoreInvalidState,
-                    format!(
-                        "Custom key store {id} changed its connection state during the update; \
-                         retry the request."
-                    ),
-                ));
-            }
-            st.stores.insert(id.clone(), again);
-            ch.store(&id);
-            Ok(())
-        })?;
-        tracing::info!(custom_key_store_id = %id, "custom key store updated");
-        Ok(Empty {})
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn violations(
+        connectivity: Connectivity,
+        change: ConnectivityChange,
+        endpoint: Option<&str>,
+        vpc_name: Option<&str>,
+        vpc_owner: Option<&str>,
+    ) -> Option<String> {
+        let mut vs = Violations::new();
+        check_connectivity_members(&mut vs, connectivity, change, endpoint, vpc_name, vpc_owner);
+        vs.finish().err().map(|e| e.message)
+    }
+
+    const SVC: Option<&str> = Some("com.amazonaws.vpce.us-east-1.vpce-svc-0001");
+    const ENDPOINT: Option<&str> = Some("https://xks.test.example");
+    use super::ConnectivityChange::{Create, Keep, Switch};
+    use crate::kms::store::Connectivity::{PublicEndpoint as Public, VpcEndpointService as Vpc};
+
+    /// Brief §3.2: a VPC store needs its endpoint service name; a PUBLIC one has none.
+    #[test]
+    fn create_asks_a_vpc_store_for_its_service_name_and_a_public_one_for_none() {
+        assert_eq!(violations(Vpc, Create, ENDPOINT, SVC, None), None);
+        assert!(
+            violations(Vpc, Create, ENDPOINT, None, None)
+                .is_some_and(|m| m.contains("'xksProxyVpcEndpointServiceName'"))
+        );
+        assert_eq!(violations(Public, Create, ENDPOINT, None, None), None);
+        let m = violations(Public, Create, ENDPOINT, SVC, Some("111122223333")).expect("refused");
+        assert!(m.starts_with("2 validation errors"), "{m}");
+        assert!(!m.contains("vpce-svc"), "{m}");
+    }
+
+    /// Brief §3.5: switching needs a new endpoint (and, to VPC, a service name);
+    /// switching to PUBLIC accepts an empty service name; keeping asks for nothing.
+    #[test]
+    fn update_asks_for_what_a_switch_needs() {
+        assert_eq!(violations(Vpc, Keep, None, None, None), None);
+        let m = violations(Vpc, Switch, None, None, None).expect("refused");
+        assert!(m.starts_with("2 validation errors"), "{m}");
+        assert!(violations(Public, Switch, None, None, None).is_some());
+        assert_eq!(violations(Public, Switch, ENDPOINT, Some(""), None), None);
+        assert!(violations(Public, Keep, None, SVC, None).is_some());
+        assert!(violations(Vpc, Keep, None, Some(""), None).is_some());
     }
 }
