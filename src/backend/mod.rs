@@ -239,22 +239,60 @@ pub trait CryptoBackend: Send + Sync + 'static {
         true
     }
 
-    /// Re-reads keys and their state (SIGHUP). On error the old state stays in force.
-    fn reload(&self) -> Result<(), BackendError> {
-        Ok(())
+    /// Phase 1 of a reload (SIGHUP, the file watch): reads and checks everything this
+    /// backend applies to itself — its key file and, with `config`, the live part of
+    /// its new settings ([`crate::config::reload::split_backend`]: PKCS#11 PINs and
+    /// disabled keys) — and changes nothing. Blocking: the reloader calls it on a call
+    /// thread for each backend that stays, and commits them all
+    /// ([`CryptoBackend::commit_reload`]) only once every backend and the tenants are
+    /// ready, so a reload is all or nothing across backends. On error the backend
+    /// serves exactly as before.
+    fn prepare_reload(
+        &self,
+        config: Option<&crate::config::BackendConfig>,
+    ) -> Result<PreparedReload, BackendError> {
+        let _ = config;
+        Ok(PreparedReload::Nothing)
     }
 
-    /// Applies the reloadable parts of a new backend config (e.g. the PKCS#11
-    /// `disabled_keys` list). Module, token and pool changes need a restart.
+    /// Phase 2: applies what [`CryptoBackend::prepare_reload`] checked. Cannot fail, does
+    /// no I/O and does not block (a pointer swap, a lock held for a moment): it runs on
+    /// an async thread. A `prepared` value of another backend's kind applies nothing.
+    fn commit_reload(&self, prepared: PreparedReload) {
+        let _ = prepared;
+    }
+
+    /// Both phases at once, for one backend on its own (tools, tests): re-reads its
+    /// keys. On error the old state stays in force.
+    fn reload(&self) -> Result<(), BackendError> {
+        self.prepare_reload(None).map(|p| self.commit_reload(p))
+    }
+
+    /// Both phases at once with the live part of `config` (e.g. the PKCS#11
+    /// `disabled_keys` list). Module, token and pool changes make another backend.
     fn reconfigure(&self, config: &crate::config::BackendConfig) -> Result<(), BackendError> {
-        let _ = config;
-        Ok(())
+        self.prepare_reload(Some(config))
+            .map(|p| self.commit_reload(p))
     }
 
     /// How many calls the backend can serve at once (its session-pool size).
     fn concurrency(&self) -> usize {
         64
     }
+}
+
+/// A backend's reload, read and checked, waiting to be applied
+/// ([`CryptoBackend::prepare_reload`]); dropping it applies nothing.
+#[derive(Debug)]
+#[must_use = "a prepared reload does nothing until it is committed"]
+pub enum PreparedReload {
+    /// Nothing to apply.
+    Nothing,
+    /// A software keystore file, re-read and verified.
+    Software(software::PreparedKeystore),
+    /// New PINs and a checked disabled-key list.
+    #[cfg(feature = "pkcs11")]
+    Pkcs11(pkcs11::PreparedSettings),
 }
 
 /// Bounds on how async code uses a blocking backend.
@@ -463,6 +501,12 @@ impl Handle {
         let result = self.call_within(self.limits.deadline, f).await;
         self.observe(&result);
         result
+    }
+
+    /// Applies a prepared reload ([`CryptoBackend::commit_reload`]) on the calling
+    /// thread: it cannot fail and does not block, so it needs no call thread.
+    pub fn commit_reload(&self, prepared: PreparedReload) {
+        self.backend.commit_reload(prepared);
     }
 
     /// [`Handle::call`] with its own budget instead of the request deadline: for work

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::api::Api;
 use crate::api::key_manager::{KeyManager, KeyManagers};
-use crate::backend::CryptoBackend;
+use crate::backend::{CryptoBackend, PreparedReload};
 use crate::config::reload::{Reloadable, RestartOnly, split, split_backend};
 use crate::config::{BackendEntry, Config};
 
@@ -48,10 +48,11 @@ impl Reloader {
     /// a restart ([`RestartOnly`]): a change to one is logged as a warning naming its
     /// key, and otherwise ignored.
     ///
-    /// All or nothing: the new credentials, policy, TLS config and backends are built
-    /// first, then the backends that stay reload, and only if all of that worked is the
-    /// rest swapped in. A backend that cannot be opened fails the reload and changes
-    /// nothing (what was opened for it is closed again).
+    /// All or nothing, in two phases: first the new credentials, policy, TLS config,
+    /// new backends and tenants are built and every backend that stays reads and checks
+    /// its part ([`CryptoBackend::prepare_reload`]); only if all of that worked does
+    /// anything change: the staying backends commit theirs and the rest is swapped in.
+    /// A backend that cannot open or prepare fails the reload and changes nothing.
     pub async fn reload(&self, config: &Config) -> Result<(), ServeError> {
         let _one_at_a_time = self.applying.lock().await;
         let result = self.apply(config).await;
@@ -82,8 +83,12 @@ impl Reloader {
             _ => None,
         };
         let running = self.api.tenants();
-        let managers = self.backends(&live, running.managers()).await?;
+        let (managers, prepared) = self.backends(&live, running.managers()).await?;
         let tenants = crate::api::Tenants::from_config(live.keystores, managers)?;
+        // Every backend that stays has read and checked its part: apply them all.
+        for (m, p) in prepared {
+            m.handle.commit_reload(p);
+        }
         // Everything built and the backends agreed: swap. In-flight requests keep what
         // they started with; new handshakes get the new certificate.
         let new_managers = tenants.managers().clone();
@@ -104,13 +109,15 @@ impl Reloader {
     }
 
     /// The key managers the new config names: running ones whose identity is
-    /// unchanged (after they reloaded their live part), and new ones opened for the
-    /// rest. The first backend that cannot open or reload fails the whole reload.
+    /// unchanged, each with its reload prepared (read and checked, not applied), and
+    /// new ones opened for the rest. The first backend that cannot open or prepare
+    /// fails the whole reload; dropping what was prepared applies nothing, and what was
+    /// opened for it closes again.
     async fn backends(
         &self,
         live: &Reloadable<'_>,
         running: &KeyManagers,
-    ) -> Result<KeyManagers, ServeError> {
+    ) -> Result<(KeyManagers, Vec<(Arc<KeyManager>, PreparedReload)>), ServeError> {
         let mut managers = KeyManagers::new();
         let mut staying = Vec::new();
         for entry in live.backends {
@@ -127,23 +134,23 @@ impl Reloader {
                 }
             }
         }
+        let mut prepared = Vec::with_capacity(staying.len());
         for (m, backend_config) in staying {
-            m.handle
+            let p = m
+                .handle
                 // Not a KMS request: re-reading a keystore file may take longer than a
                 // request's deadline; the health check's budget bounds it.
                 .call_within(crate::api::health::CHECK_BUDGET, move |b| {
-                    // reload first: it only reads (a failure leaves the backend as it
-                    // was); reconfigure only swaps validated lists in.
-                    b.reload()?;
-                    b.reconfigure(&backend_config)
+                    b.prepare_reload(Some(&backend_config))
                 })
                 .await
                 .map_err(|source| ServeError::BackendReload {
                     name: m.name.to_string(),
                     source,
                 })?;
+            prepared.push((m, p));
         }
-        Ok(managers)
+        Ok((managers, prepared))
     }
 
     async fn put_in_service(

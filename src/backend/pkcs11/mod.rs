@@ -696,39 +696,79 @@ fn today() -> time::Date {
     time::OffsetDateTime::now_utc().date()
 }
 
-impl CryptoBackend for Pkcs11Backend {
-    fn reconfigure(&self, config: &crate::config::BackendConfig) -> Result<(), BackendError> {
-        #[allow(irrefutable_let_patterns)]
-        if let crate::config::BackendConfig::Pkcs11(settings) = config {
-            // Every PIN is read before anything changes: a reload that cannot read one
-            // applies nothing (the reloader then keeps the whole old config).
-            let plans = settings
-                .plan()
-                .map_err(|e| BackendError::Failed(e.to_string()))?;
-            let mut pins = Vec::new();
-            for (token, plan) in self.inner.tokens.iter().zip(&plans) {
-                // A changed token list makes another backend identity, which the
-                // reloader opens anew (`BackendConfig::identity`); here only the same
-                // token at the same place gets a new PIN.
-                if token.selector == plan.selector {
-                    let pin = plan
-                        .pin
-                        .resolve(&plan.key_prefix)
-                        .map_err(|e| BackendError::Failed(e.to_string()))?;
-                    pins.push((token, pin));
-                }
+/// The live part of new PKCS#11 settings, read and checked by a reload's first phase:
+/// the PIN of each token that stays where it is, and the disabled-key list (every entry
+/// names a key on the token). Not yet applied.
+pub struct PreparedSettings {
+    /// (index into the backend's tokens, its PIN).
+    pins: Vec<(usize, crate::secret::SecretString)>,
+    disabled: HashSet<String>,
+}
+
+impl std::fmt::Debug for PreparedSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // PINs are secrets: only how many.
+        f.debug_struct("PreparedSettings")
+            .field("pins", &self.pins.len())
+            .field("disabled", &self.disabled.len())
+            .finish()
+    }
+}
+
+impl Pkcs11Backend {
+    /// Phase 1 of a reload: every PIN read and the disabled-key list checked against
+    /// the token before anything changes, so a reload that cannot read one applies
+    /// nothing (the reloader then keeps the whole old config).
+    fn prepare_settings(&self, settings: &Pkcs11Settings) -> Result<PreparedSettings, Pkcs11Error> {
+        let plans = settings.plan()?;
+        let mut pins = Vec::new();
+        for (i, (token, plan)) in self.inner.tokens.iter().zip(&plans).enumerate() {
+            // A changed token list makes another backend identity, which the reloader
+            // opens anew (`config::reload::split_backend`); here only the same token at
+            // the same place gets a new PIN.
+            if token.selector == plan.selector {
+                pins.push((i, plan.pin.resolve(&plan.key_prefix)?));
             }
-            self.check_disabled_keys(&settings.disabled_keys)
-                .map_err(|e| BackendError::Failed(e.to_string()))?;
-            // Everything checked: apply.
-            for (token, pin) in pins {
-                token.replace_pin(pin);
-            }
-            let disabled: HashSet<String> = settings.disabled_keys.iter().cloned().collect();
-            tracing::info!(count = disabled.len(), "PKCS#11 disabled-key list reloaded");
-            self.inner.disabled.store(Arc::new(disabled));
         }
-        Ok(())
+        self.check_disabled_keys(&settings.disabled_keys)?;
+        Ok(PreparedSettings {
+            pins,
+            disabled: settings.disabled_keys.iter().cloned().collect(),
+        })
+    }
+
+    /// Phase 2: the checked PINs and list swapped in (a lock and a pointer swap).
+    fn apply_settings(&self, PreparedSettings { pins, disabled }: PreparedSettings) {
+        for (i, pin) in pins {
+            self.inner.tokens[i].replace_pin(pin);
+        }
+        tracing::info!(count = disabled.len(), "PKCS#11 disabled-key list reloaded");
+        self.inner.disabled.store(Arc::new(disabled));
+    }
+}
+
+impl CryptoBackend for Pkcs11Backend {
+    fn prepare_reload(
+        &self,
+        config: Option<&crate::config::BackendConfig>,
+    ) -> Result<crate::backend::PreparedReload, BackendError> {
+        #[allow(irrefutable_let_patterns)]
+        let Some(crate::config::BackendConfig::Pkcs11(settings)) = config else {
+            return Ok(crate::backend::PreparedReload::Nothing);
+        };
+        self.prepare_settings(settings)
+            .map(crate::backend::PreparedReload::Pkcs11)
+            .map_err(|e| BackendError::Failed(e.to_string()))
+    }
+
+    fn commit_reload(&self, prepared: crate::backend::PreparedReload) {
+        match prepared {
+            crate::backend::PreparedReload::Pkcs11(p) => self.apply_settings(p),
+            crate::backend::PreparedReload::Nothing => {}
+            crate::backend::PreparedReload::Software(_) => {
+                debug_assert!(false, "a software reload committed to a PKCS#11 backend");
+            }
+        }
     }
 
     fn key_metadata(&self, key: &str) -> Result<KeyMetadata, BackendError> {

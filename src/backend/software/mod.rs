@@ -46,6 +46,17 @@ pub const EKM_VENDOR: &str = "xks-proxy software keystore";
 const HEALTH_PROBE: &[u8] = b"xks-proxy software keystore health probe";
 const HEALTH_AAD: &[u8] = b"xks-proxy health";
 
+/// A keystore file read and verified by a reload's first phase, not yet in service.
+pub struct PreparedKeystore(Keystore);
+
+impl std::fmt::Debug for PreparedKeystore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedKeystore")
+            .field("keys", &self.0.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The software keystore as a [`CryptoBackend`].
 ///
 /// Never blocks (all work is in-memory AES-GCM) unless simulated latency is set.
@@ -113,14 +124,17 @@ impl SoftwareBackend {
     /// file is verified completely before it replaces the old state; on any error the
     /// old state stays in service and health reports DEGRADED until a reload succeeds.
     pub fn reload(&self) -> Result<(), KeystoreError> {
+        let prepared = self.read_keystore()?;
+        self.apply(prepared);
+        Ok(())
+    }
+
+    /// Phase 1: the keystore file, read and verified; nothing changes. A file that
+    /// cannot be read marks the backend DEGRADED (the file on disk is what the operator
+    /// must fix) while it keeps serving the keys it has.
+    fn read_keystore(&self) -> Result<PreparedKeystore, KeystoreError> {
         match Keystore::open(&self.path, &self.master) {
-            Ok(keystore) => {
-                let keys = keystore.len();
-                self.keystore.store(Arc::new(keystore));
-                self.reload_failed.store(false, Ordering::Release);
-                tracing::info!(path = %self.path.display(), keys, "software keystore reloaded");
-                Ok(())
-            }
+            Ok(keystore) => Ok(PreparedKeystore(keystore)),
             Err(e) => {
                 self.reload_failed.store(true, Ordering::Release);
                 tracing::warn!(
@@ -131,6 +145,14 @@ impl SoftwareBackend {
                 Err(e)
             }
         }
+    }
+
+    /// Phase 2: swaps the verified keystore in.
+    fn apply(&self, PreparedKeystore(keystore): PreparedKeystore) {
+        let keys = keystore.len();
+        self.keystore.store(Arc::new(keystore));
+        self.reload_failed.store(false, Ordering::Release);
+        tracing::info!(path = %self.path.display(), keys, "software keystore reloaded");
     }
 
     /// Test/demo knob: sleep this long in every encrypt/decrypt/metadata call
@@ -194,10 +216,25 @@ fn usable<'k>(
 }
 
 impl CryptoBackend for SoftwareBackend {
-    fn reload(&self) -> Result<(), BackendError> {
-        // Inherent reload keeps the old keystore on error; the reason goes to the log
-        // (it names the file, never key material).
-        SoftwareBackend::reload(self).map_err(|e| BackendError::Failed(e.to_string()))
+    fn prepare_reload(
+        &self,
+        _config: Option<&crate::config::BackendConfig>,
+    ) -> Result<super::PreparedReload, BackendError> {
+        // The reason goes to the log (it names the file, never key material).
+        self.read_keystore()
+            .map(super::PreparedReload::Software)
+            .map_err(|e| BackendError::Failed(e.to_string()))
+    }
+
+    fn commit_reload(&self, prepared: super::PreparedReload) {
+        match prepared {
+            super::PreparedReload::Software(keystore) => self.apply(keystore),
+            super::PreparedReload::Nothing => {}
+            #[cfg(feature = "pkcs11")]
+            super::PreparedReload::Pkcs11(_) => {
+                debug_assert!(false, "a PKCS#11 reload committed to a software backend");
+            }
+        }
     }
 
     fn key_metadata(&self, key: &str) -> Result<KeyMetadata, BackendError> {
