@@ -9,8 +9,10 @@
 //!   codes to [`BackendError`] plus the recovery action.
 //! - `module.rs`: one loaded library per path per process; C_Initialize/C_Finalize and
 //!   the lock that makes re-initialisation safe under load.
+//! - `lifecycle.rs`: a token's state machine (not ready, serving, lost, refused): the
+//!   only writer of that state, and the backoff of recovery attempts.
 //! - `token.rs`: a token's slot, its bounded pool of logged-in sessions, its key-handle
-//!   cache, its up/down state, and the retry rules of one operation.
+//!   cache, and the retry rules of one operation.
 //! - `keys.rs`: key attributes → spec/usages/end date; search and creation templates.
 //! - `gcm.rs`: CKM_AES_GCM with the three IV policies; tag split/join.
 //! - `recovery.rs`: the background thread that probes tokens and re-initialises lost
@@ -30,6 +32,7 @@
 mod errors;
 mod gcm;
 mod keys;
+mod lifecycle;
 mod module;
 mod recovery;
 mod settings;
