@@ -21,9 +21,6 @@
 //! by every backend on the module). The lifecycle only records which epoch and
 //! generation it serves in.
 
-// Wired into `Token` in the next step of issue 17 §2.
-#![allow(dead_code)]
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -246,12 +243,18 @@ impl TokenLifecycle {
     }
 
     /// A recovery attempt failed: the next one waits 100 ms doubling per attempt,
-    /// capped at `max`, and the outage takes the latest code.
+    /// capped at `max`, and a lost token's outage takes the latest code.
     pub(crate) fn attempt_failed(&self, code: &str, max: Duration, now: Instant) {
         let mut d = self.detail();
         match &mut d.phase {
-            Phase::Lost(o) | Phase::Refused(o) => {
+            Phase::Lost(o) => {
                 o.code = code.to_owned();
+                o.attempts = o.attempts.saturating_add(1);
+                o.next_attempt = now + backoff(o.attempts, max);
+            }
+            // The refusal stays the reason given (as `down_code` always named it),
+            // whatever the failed attempt's own code was.
+            Phase::Refused(o) => {
                 o.attempts = o.attempts.saturating_add(1);
                 o.next_attempt = now + backoff(o.attempts, max);
             }
@@ -594,9 +597,10 @@ mod tests {
         let t0 = Instant::now();
         let l = TokenLifecycle::default();
         let _ = l.login_refused("CKR_PIN_INCORRECT", t0);
-        l.attempt_failed("CKR_PIN_INCORRECT", MAX, t0);
+        l.attempt_failed("CKR_GENERAL_ERROR", MAX, t0);
         assert_eq!(outage(&l).attempts, 1);
         assert_eq!(l.due(t0), Due::Refused);
+        assert_eq!(l.down_code(), "CKR_PIN_INCORRECT");
     }
 
     /// Row `pin_changed`: Refused → Lost due now, with a wake; on any other phase it

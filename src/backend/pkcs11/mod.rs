@@ -216,7 +216,7 @@ impl Pkcs11Backend {
                     Err(token::SlotError::Call(e)) => Pkcs11Error::call(&e),
                     Ok(_) => Pkcs11Error::Unavailable(code.clone()),
                 };
-                token.note_down(&code);
+                token.build_failed(&code);
                 not_yet.push((plan.selector.clone(), err.to_string()));
                 first_error.get_or_insert(err);
             }

@@ -1,5 +1,5 @@
-//! One token (primary or failover): its slot, its bounded pool of logged-in sessions,
-//! its key-handle cache, its up/down state, and the retry rules of one operation.
+//! One token (primary or failover): its bounded pool of logged-in sessions, its
+//! key-handle cache, its lifecycle, and the retry rules of one operation.
 //!
 //! Concurrency model:
 //! - A session is used by one thread at a time: [`Lease`] takes it out of the pool
@@ -10,8 +10,11 @@
 //!   C_FindObjects per key per token per (re)initialisation, never on the hot path.
 //!   Entries carry the module generation they were found in and are evicted on
 //!   CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID.
-//! - `up` is an atomic read by every request before touching the token, so a lost
-//!   token fails (or fails over) at once instead of making each request rediscover it.
+//! - Whether the token serves is its [`TokenLifecycle`]: two atomics read by every
+//!   request before touching the token, so a lost token fails (or fails over) at once
+//!   instead of making each request rediscover it. Every change of that state goes
+//!   through a lifecycle transition; this file performs the transition's effect (log,
+//!   counter, wake) after the lifecycle's lock is released.
 //! - Every PKCS#11 call runs under a [`ModuleGuard`] (see `module.rs`); a lease
 //!   borrows the guard, so no session outlives the generation it belongs to.
 //!
@@ -33,6 +36,7 @@ use cryptoki::types::AuthPin;
 
 use super::errors::{Fault, Op, ckr_name, classify, error_code};
 use super::keys::{KeyInfo, choose, id_template, read_key_info};
+use super::lifecycle::{Due, Effect, TokenLifecycle};
 use super::module::{Exclusive, Module, ModuleGuard};
 use super::settings::{IvPolicy, KeyIdAttribute, Selector};
 use crate::backend::{BackendError, EkmHealth};
@@ -111,27 +115,6 @@ impl TokenIdent {
     }
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct Down {
-    pub code: String,
-    pub since: Instant,
-    pub attempts: u32,
-    pub next_attempt: Instant,
-}
-
-#[derive(Debug)]
-struct TokenState {
-    slot: Option<Slot>,
-    /// The module generation the pool and cache were built in.
-    generation: u64,
-    ident: Option<TokenIdent>,
-    down: Option<Down>,
-    /// C_Login refused the PIN: never retried automatically (each try counts towards
-    /// locking the token). Cleared by a reload that brings a different PIN
-    /// ([`Token::replace_pin`]) or a restart.
-    login_refused: Option<String>,
-}
-
 struct PooledSession {
     session: Session,
     generation: u64,
@@ -143,11 +126,14 @@ struct PoolInner {
     /// Sessions of the current epoch, idle or leased.
     open: usize,
     /// Bumped by every teardown: leased sessions of an older epoch are closed on
-    /// return instead of rejoining the pool.
+    /// return instead of rejoining the pool. A validity stamp owned by the pool (it
+    /// guards `open`'s accounting); the lifecycle records the epoch it serves in.
     epoch: u64,
 }
 
-/// A cached key: its handle and attributes, found in `generation`.
+/// A cached key: its handle and attributes, found in `generation` (a validity stamp:
+/// an entry from an older module generation is a lookup that raced a
+/// re-initialisation, and is looked up again).
 #[derive(Debug)]
 pub(crate) struct CachedKey {
     pub handle: ObjectHandle,
@@ -165,8 +151,8 @@ pub(crate) struct Token {
     /// the PIN source); read at every login.
     pin: Mutex<SecretString>,
     shared: Arc<Shared>,
-    up: AtomicBool,
-    state: Mutex<TokenState>,
+    /// Serving, lost, refused or not ready; see `lifecycle.rs`.
+    lifecycle: TokenLifecycle,
     pool: Mutex<PoolInner>,
     pool_cv: Condvar,
     keys: RwLock<HashMap<String, Arc<CachedKey>>>,
@@ -177,7 +163,7 @@ impl std::fmt::Debug for Token {
         f.debug_struct("Token")
             .field("index", &self.index)
             .field("selector", &self.selector)
-            .field("up", &self.up.load(Ordering::Relaxed))
+            .field("serving", &self.lifecycle.is_serving())
             .finish_non_exhaustive()
     }
 }
@@ -249,14 +235,7 @@ impl Token {
             selector,
             pin: Mutex::new(pin),
             shared,
-            up: AtomicBool::new(false),
-            state: Mutex::new(TokenState {
-                slot: None,
-                generation: 0,
-                ident: None,
-                down: None,
-                login_refused: None,
-            }),
+            lifecycle: TokenLifecycle::default(),
             pool: Mutex::new(PoolInner {
                 idle: Vec::new(),
                 open: 0,
@@ -267,16 +246,57 @@ impl Token {
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, TokenState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     pub(crate) fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.lifecycle.is_serving()
     }
 
-    pub(crate) fn down(&self) -> Option<Down> {
-        self.state().down.clone()
+    /// What the recovery thread should do with this token now.
+    pub(crate) fn due(&self) -> Due {
+        self.lifecycle.due(Instant::now())
+    }
+
+    /// How long until the next recovery attempt of a token that is down.
+    pub(crate) fn retry_in(&self) -> Option<Duration> {
+        self.lifecycle.retry_in(Instant::now())
+    }
+
+    /// The code of the current outage, if the token is down.
+    pub(crate) fn outage_code(&self) -> Option<String> {
+        self.lifecycle.outage_code()
+    }
+
+    /// Whether the token was ever built since start.
+    pub(crate) fn ever_served(&self) -> bool {
+        self.lifecycle.ever_served()
+    }
+
+    /// Performs a transition's effect, with the lifecycle's lock released.
+    fn perform(&self, effect: Effect, code: &str) {
+        match effect {
+            Effect::None => {}
+            Effect::NewLoss => {
+                tracing::warn!(
+                    token = %self.selector,
+                    module = %self.module.path().display(),
+                    code,
+                    "PKCS#11 token lost; failing over / recovering"
+                );
+                self.shared
+                    .stats
+                    .token_losses
+                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.wake.notify();
+            }
+            Effect::Recovered { after } => {
+                self.shared.stats.recoveries.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    token = %self.selector,
+                    after_ms = after.as_millis() as u64,
+                    "PKCS#11 token recovered"
+                );
+            }
+            Effect::Wake => self.shared.wake.notify(),
+        }
     }
 
     fn login_pin(&self) -> AuthPin {
@@ -304,8 +324,7 @@ impl Token {
             }
             changed
         };
-        let mut st = self.state();
-        let Some(code) = st.login_refused.clone() else {
+        let Some(code) = self.lifecycle.refusal() else {
             if changed {
                 tracing::info!(token = %self.selector, "PKCS#11 user PIN replaced; new sessions log in with it");
             }
@@ -315,77 +334,38 @@ impl Token {
             tracing::warn!(token = %self.selector, %code, "PKCS#11 login was refused and the reloaded PIN is the same one; not retrying (would lock the token)");
             return;
         }
-        st.login_refused = None;
-        if let Some(d) = &mut st.down {
-            d.next_attempt = Instant::now();
-        }
-        drop(st);
+        let effect = self.lifecycle.pin_changed(Instant::now());
         tracing::info!(token = %self.selector, "PKCS#11 user PIN replaced after a refused login; logging in again");
-        self.shared.wake.notify();
+        self.perform(effect, &code);
     }
 
+    /// The refused login's code, if C_Login refused the PIN (cleared only by a
+    /// reload that brings a different PIN, or a restart).
     pub(crate) fn login_refused(&self) -> Option<String> {
-        self.state().login_refused.clone()
+        self.lifecycle.refusal()
     }
 
     pub(crate) fn ident(&self) -> Option<TokenIdent> {
-        self.state().ident.clone()
+        self.lifecycle.ident()
     }
 
     /// Why this token is not serving, as a code name.
     pub(crate) fn down_code(&self) -> String {
-        let st = self.state();
-        st.login_refused
-            .clone()
-            .or_else(|| st.down.as_ref().map(|d| d.code.clone()))
-            .unwrap_or_else(|| "token not ready".into())
+        self.lifecycle.down_code()
     }
 
     /// Marks the token lost: requests stop using it at once, and the recovery thread
     /// is woken to rebuild it.
     pub(crate) fn mark_down(&self, code: &str) {
-        self.up.store(false, Ordering::Release);
-        let mut st = self.state();
-        if st.down.is_none() {
-            let now = Instant::now();
-            tracing::warn!(
-                token = %self.selector,
-                module = %self.module.path().display(),
-                code,
-                "PKCS#11 token lost; failing over / recovering"
-            );
-            self.shared
-                .stats
-                .token_losses
-                .fetch_add(1, Ordering::Relaxed);
-            st.down = Some(Down {
-                code: code.to_owned(),
-                since: now,
-                attempts: 0,
-                next_attempt: now,
-            });
-        }
-        drop(st);
-        self.shared.wake.notify();
+        let effect = self.lifecycle.lost(code, Instant::now());
+        self.perform(effect, code);
     }
 
     /// Schedules the next recovery attempt with exponential backoff (100 ms doubling,
     /// capped at `recovery_backoff_max_ms`), recording the latest failure code.
-    pub(crate) fn backoff(&self, code: &str) {
-        let mut st = self.state();
-        let now = Instant::now();
-        let max = self.shared.backoff_max;
-        let d = st.down.get_or_insert_with(|| Down {
-            code: code.to_owned(),
-            since: now,
-            attempts: 0,
-            next_attempt: now,
-        });
-        d.code = code.to_owned();
-        d.attempts = d.attempts.saturating_add(1);
-        let exp = d.attempts.min(16);
-        let delay = Duration::from_millis(100u64.saturating_mul(1 << exp.saturating_sub(1)));
-        d.next_attempt = now + delay.min(max);
+    pub(crate) fn attempt_failed(&self, code: &str) {
+        self.lifecycle
+            .attempt_failed(code, self.shared.backoff_max, Instant::now());
     }
 
     // ---------------------------------------------------------------- build / teardown
@@ -417,9 +397,9 @@ impl Token {
     /// Healthy tokens sharing the module are only paused here (no "lost" record): they
     /// are rebuilt before the write lock is released.
     ///
-    /// `up` is left as it is: requests already wait on the module lock (briefly), and
-    /// a token rebuilt before the lock is released never looks down to them. A token
-    /// that fails to rebuild is marked down then.
+    /// The lifecycle is left as it is: requests already wait on the module lock
+    /// (briefly), and a token rebuilt before the lock is released never looks down to
+    /// them. A token that fails to rebuild is marked down then.
     pub(crate) fn teardown(&self, ex: &Exclusive<'_>) {
         self.teardown_with(ex.ctx, ex.generation);
     }
@@ -431,26 +411,13 @@ impl Token {
             return Err(code);
         }
         self.build(ex.ctx, ex.generation)
-            .inspect_err(|code| self.note_down(code))
+            .inspect_err(|code| self.build_failed(code))
     }
 
-    /// Records the token as down with `code` without counting a new loss (used when a
-    /// re-initialisation could not bring it back).
-    pub(crate) fn note_down(&self, code: &str) {
-        self.up.store(false, Ordering::Release);
-        let mut st = self.state();
-        let now = Instant::now();
-        match &mut st.down {
-            Some(d) => d.code = code.to_owned(),
-            None => {
-                st.down = Some(Down {
-                    code: code.to_owned(),
-                    since: now,
-                    attempts: 0,
-                    next_attempt: now + Duration::from_millis(100),
-                });
-            }
-        }
+    /// Records the token as down with `code` without counting a new loss (a start, or
+    /// a re-initialisation, could not bring it up).
+    pub(crate) fn build_failed(&self, code: &str) {
+        self.lifecycle.build_failed(code, Instant::now());
     }
 
     /// Light recovery: new sessions in the current module generation, without
@@ -501,21 +468,10 @@ impl Token {
             pool.idle = sessions;
         }
         self.pool_cv.notify_all();
-        let mut st = self.state();
-        let was_down = st.down.take();
-        st.slot = Some(slot);
-        st.generation = generation;
-        st.ident = Some(ident);
-        drop(st);
-        self.up.store(true, Ordering::Release);
-        if let Some(d) = was_down {
-            self.shared.stats.recoveries.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                token = %self.selector,
-                after_ms = d.since.elapsed().as_millis() as u64,
-                "PKCS#11 token recovered"
-            );
-        }
+        let effect = self
+            .lifecycle
+            .built(generation, epoch, slot, ident, Instant::now());
+        self.perform(effect, "");
         Ok(())
     }
 
@@ -550,7 +506,8 @@ impl Token {
                     if self.shared.serving.load(Ordering::Acquire) {
                         tracing::error!(token = %self.selector, %code, "PKCS#11 login refused; not retrying (would lock the token)");
                     }
-                    self.state().login_refused = Some(code.clone());
+                    let effect = self.lifecycle.login_refused(&code, Instant::now());
+                    self.perform(effect, &code);
                 }
                 Err(code)
             }
@@ -644,11 +601,10 @@ impl Token {
             return Err(Fault::TokenLost(self.down_code()));
         }
         let guard = self.module.enter(self.shared.module_wait())?;
-        let generation = self.state().generation;
-        if generation != guard.generation() || !self.is_up() {
-            return Err(Fault::TokenLost(self.down_code()));
+        match self.lifecycle.ticket() {
+            Some(ticket) if ticket.generation == guard.generation() => Ok(guard),
+            Some(_) | None => Err(Fault::TokenLost(self.down_code())),
         }
-        Ok(guard)
     }
 
     /// [`Token::checkout`], marking the token down when no session can be opened on it
@@ -690,7 +646,7 @@ impl Token {
                 pool.open += 1;
                 let epoch = pool.epoch;
                 drop(pool);
-                let slot = self.state().slot;
+                let slot = self.lifecycle.slot();
                 let opened = match slot {
                     Some(slot) => self.open_session(guard.ctx(), slot),
                     None => Err(ckr_name(RvError::TokenNotPresent)),
@@ -813,8 +769,8 @@ impl Token {
     /// a lost token. (SoftHSM answers CKR_GENERAL_ERROR once its directory is gone.)
     pub(crate) fn confirm_alive(&self, guard: &ModuleGuard<'_>) -> Result<(), Fault> {
         let slot = self
-            .state()
-            .slot
+            .lifecycle
+            .slot()
             .ok_or_else(|| Fault::TokenLost(ckr_name(RvError::TokenNotPresent)))?;
         let info = guard
             .ctx()
@@ -863,8 +819,8 @@ impl Token {
             .enter_blocking()
             .map_err(|f| super::Pkcs11Error::Unavailable(f.into_backend_error().to_string()))?;
         let slot = self
-            .state()
-            .slot
+            .lifecycle
+            .slot()
             .ok_or_else(|| super::Pkcs11Error::Unavailable(self.down_code()))?;
         let session = guard
             .ctx()
