@@ -190,10 +190,11 @@ impl TokenLifecycle {
         effect
     }
 
-    /// A request or probe found the token lost. Serving → `Lost` (the first code is
-    /// kept; the loss is counted once). Any other phase is unchanged, but the recovery
-    /// thread is still woken (it may be sleeping on a long backoff).
-    pub(crate) fn lost(&self, code: &str, now: Instant) -> Effect {
+    /// A request or probe found the token lost; `_ticket` is what it entered with.
+    /// Serving → `Lost` (the first code is kept; the loss is counted once). Any other
+    /// phase is unchanged, but the recovery thread is still woken (it may be sleeping
+    /// on a long backoff).
+    pub(crate) fn lost(&self, _ticket: Ticket, code: &str, now: Instant) -> Effect {
         let mut d = self.detail();
         match d.phase {
             Phase::Serving { .. } => {
@@ -396,6 +397,10 @@ mod tests {
         }
     }
 
+    fn at(generation: u64, epoch: u64) -> Ticket {
+        Ticket { generation, epoch }
+    }
+
     fn slot() -> Slot {
         Slot::try_from(1u64).expect("slot id")
     }
@@ -447,7 +452,7 @@ mod tests {
         assert!(l.ever_served());
         assert_eq!(l.slot(), Some(slot()));
 
-        let _ = l.lost("CKR_DEVICE_REMOVED", t0);
+        let _ = l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t0);
         let later = t0 + Duration::from_millis(1500);
         assert_eq!(
             l.built(4, 8, slot(), ident(), later),
@@ -476,7 +481,7 @@ mod tests {
     fn lost_takes_a_serving_token_down_once() {
         let t0 = Instant::now();
         let l = serving(0, 0, t0);
-        assert_eq!(l.lost("CKR_DEVICE_REMOVED", t0), Effect::NewLoss);
+        assert_eq!(l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t0), Effect::NewLoss);
         assert_eq!(l.ticket(), None);
         assert_eq!(outage(&l), Outage::new("CKR_DEVICE_REMOVED", t0, t0));
         assert_eq!(l.due(t0), Due::Now);
@@ -489,9 +494,9 @@ mod tests {
     fn a_repeated_loss_keeps_the_first_code_and_counts_once() {
         let t0 = Instant::now();
         let l = serving(0, 0, t0);
-        assert_eq!(l.lost("CKR_DEVICE_REMOVED", t0), Effect::NewLoss);
+        assert_eq!(l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t0), Effect::NewLoss);
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(l.lost("CKR_GENERAL_ERROR", t1), Effect::Wake);
+        assert_eq!(l.lost(at(0, 0), "CKR_GENERAL_ERROR", t1), Effect::Wake);
         assert_eq!(outage(&l), Outage::new("CKR_DEVICE_REMOVED", t0, t0));
     }
 
@@ -500,10 +505,10 @@ mod tests {
     fn lost_on_a_token_that_is_not_serving_only_wakes() {
         let t0 = Instant::now();
         let l = TokenLifecycle::default();
-        assert_eq!(l.lost("CKR_DEVICE_REMOVED", t0), Effect::Wake);
+        assert_eq!(l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t0), Effect::Wake);
         assert_eq!(l.phase(), Phase::NotReady);
         let _ = l.login_refused("CKR_PIN_INCORRECT", t0);
-        assert_eq!(l.lost("CKR_DEVICE_REMOVED", t0), Effect::Wake);
+        assert_eq!(l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t0), Effect::Wake);
         assert_eq!(l.refusal().as_deref(), Some("CKR_PIN_INCORRECT"));
     }
 
@@ -547,7 +552,7 @@ mod tests {
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_secs(3);
         let l = serving(0, 0, t0);
-        assert_eq!(l.lost("CKR_DEVICE_REMOVED", t0), Effect::NewLoss);
+        assert_eq!(l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t0), Effect::NewLoss);
         assert_eq!(l.login_refused("CKR_PIN_INCORRECT", t1), Effect::None);
         let o = outage(&l);
         assert_eq!((o.code.as_str(), o.since), ("CKR_PIN_INCORRECT", t0));
@@ -569,7 +574,7 @@ mod tests {
     fn attempt_failed_backs_off_exponentially_up_to_the_cap() {
         let t0 = Instant::now();
         let l = serving(0, 0, t0);
-        let _ = l.lost("CKR_DEVICE_REMOVED", t0);
+        let _ = l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t0);
         let mut delays = Vec::new();
         for _ in 0..6 {
             l.attempt_failed("CKR_TOKEN_NOT_PRESENT", MAX, t0);
@@ -632,7 +637,7 @@ mod tests {
             let t = t0 + Duration::from_secs(i);
             l.attempt_failed("CKR_PIN_INCORRECT", MAX, t);
             l.build_failed("CKR_GENERAL_ERROR", t);
-            let _ = l.lost("CKR_DEVICE_REMOVED", t);
+            let _ = l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t);
             assert_eq!(l.due(t + Duration::from_secs(60)), Due::Refused);
         }
         assert_eq!(l.down_code(), "CKR_PIN_INCORRECT");
@@ -660,7 +665,7 @@ mod tests {
                 let _ = l.built(0, 0, slot(), ident(), t0);
             },
             &|l| {
-                let _ = l.lost("CKR_DEVICE_REMOVED", t0);
+                let _ = l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t0);
             },
             &|l| {
                 let _ = l.built(1, 9, slot(), ident(), t0);

@@ -36,7 +36,7 @@ use cryptoki::types::AuthPin;
 
 use super::errors::{Fault, Op, ckr_name, classify, error_code};
 use super::keys::{KeyInfo, choose, id_template, read_key_info};
-use super::lifecycle::{Due, Effect, TokenLifecycle};
+use super::lifecycle::{Due, Effect, Ticket, TokenLifecycle};
 use super::module::{Exclusive, Module, ModuleGuard};
 use super::settings::{IvPolicy, KeyIdAttribute, Selector};
 use crate::backend::{BackendError, EkmHealth};
@@ -355,9 +355,9 @@ impl Token {
     }
 
     /// Marks the token lost: requests stop using it at once, and the recovery thread
-    /// is woken to rebuild it.
-    pub(crate) fn mark_down(&self, code: &str) {
-        let effect = self.lifecycle.lost(code, Instant::now());
+    /// is woken to rebuild it. `ticket` is what the reporter entered the token with.
+    fn mark_down(&self, ticket: Ticket, code: &str) {
+        let effect = self.lifecycle.lost(ticket, code, Instant::now());
         self.perform(effect, code);
     }
 
@@ -526,8 +526,8 @@ impl Token {
         deadline: Instant,
         mut f: impl FnMut(&OpCtx<'_>, &CachedKey) -> Result<T, Fault>,
     ) -> Result<T, Fault> {
-        let guard = self.enter()?;
-        let mut lease = self.checkout_or_mark(&guard, deadline)?;
+        let (guard, ticket) = self.enter()?;
+        let mut lease = self.checkout_or_mark(&guard, ticket, deadline)?;
         let mut stale_retry = true;
         let mut session_retry = true;
         loop {
@@ -560,7 +560,7 @@ impl Token {
                     self.evict(key_id);
                     if let Err(lost) = self.confirm_alive(&guard) {
                         lease.discard();
-                        self.mark_down(&lost.clone().code());
+                        self.mark_down(ticket, &lost.clone().code());
                         return Err(lost);
                     }
                     return Err(Fault::Final(BackendError::KeyNotFound));
@@ -569,7 +569,7 @@ impl Token {
                     session_retry = false;
                     tracing::debug!(token = %self.selector, %code, "PKCS#11 session lost; retrying on a fresh one");
                     lease.discard();
-                    lease = self.checkout_or_mark(&guard, deadline)?;
+                    lease = self.checkout_or_mark(&guard, ticket, deadline)?;
                 }
                 Err(Fault::TokenLost(code)) if code == ckr_name(RvError::GeneralError) => {
                     // CKR_GENERAL_ERROR is what SoftHSM answers once its token is gone,
@@ -579,14 +579,14 @@ impl Token {
                         Ok(()) => Err(Fault::Final(BackendError::Failed(code))),
                         Err(lost) => {
                             lease.discard();
-                            self.mark_down(&lost.clone().code());
+                            self.mark_down(ticket, &lost.clone().code());
                             Err(lost)
                         }
                     };
                 }
                 Err(Fault::SessionLost(code)) | Err(Fault::TokenLost(code)) => {
                     lease.discard();
-                    self.mark_down(&code);
+                    self.mark_down(ticket, &code);
                     return Err(Fault::TokenLost(code));
                 }
                 Err(other) => return Err(other),
@@ -594,15 +594,16 @@ impl Token {
         }
     }
 
-    /// A module guard for this token, or a `TokenLost` if the token is down or its
-    /// pool belongs to an older module generation (recovery will rebuild it).
-    fn enter(&self) -> Result<ModuleGuard<'_>, Fault> {
+    /// A module guard for this token and the ticket a loss report must carry, or a
+    /// `TokenLost` if the token is down or its pool belongs to an older module
+    /// generation (recovery will rebuild it). Two atomic loads: no lock of the token's.
+    fn enter(&self) -> Result<(ModuleGuard<'_>, Ticket), Fault> {
         if !self.is_up() {
             return Err(Fault::TokenLost(self.down_code()));
         }
         let guard = self.module.enter(self.shared.module_wait())?;
         match self.lifecycle.ticket() {
-            Some(ticket) if ticket.generation == guard.generation() => Ok(guard),
+            Some(ticket) if ticket.generation == guard.generation() => Ok((guard, ticket)),
             Some(_) | None => Err(Fault::TokenLost(self.down_code())),
         }
     }
@@ -612,11 +613,12 @@ impl Token {
     fn checkout_or_mark<'g>(
         &'g self,
         guard: &'g ModuleGuard<'g>,
+        ticket: Ticket,
         deadline: Instant,
     ) -> Result<Lease<'g>, Fault> {
         self.checkout(guard, deadline).inspect_err(|f| {
             if let Fault::TokenLost(code) = f {
-                self.mark_down(code);
+                self.mark_down(ticket, code);
             }
         })
     }
@@ -784,11 +786,11 @@ impl Token {
 
     /// C_GetTokenInfo only: the health check when no health-check key is configured.
     pub(crate) fn shallow_check(&self) -> Result<(), Fault> {
-        let guard = self.enter()?;
+        let (guard, ticket) = self.enter()?;
         let result = self.confirm_alive(&guard);
         drop(guard);
         if let Err(Fault::TokenLost(code)) = &result {
-            self.mark_down(code);
+            self.mark_down(ticket, code);
         }
         result
     }
@@ -799,10 +801,12 @@ impl Token {
         if !self.is_up() {
             return;
         }
-        let Ok(guard) = self.enter() else { return };
+        let Ok((guard, ticket)) = self.enter() else {
+            return;
+        };
         if let Err(Fault::TokenLost(code)) = self.confirm_alive(&guard) {
             drop(guard);
-            self.mark_down(&code);
+            self.mark_down(ticket, &code);
         }
     }
 
