@@ -59,7 +59,7 @@ pub use settings::{
 use self::errors::{Fault, Op};
 use self::keys::{KeyInfo, id_attribute_type, id_template};
 use self::module::Module;
-use self::token::{Counters, OpCtx, Shared, Token, Wake};
+use self::token::{Counters, Shared, Token, Wake};
 // Token selection, shared with the KMS emulator's CloudHSM stand-in clusters.
 pub(crate) use self::settings::Selector;
 pub(crate) use self::token::{SlotError, find_slot};
@@ -628,7 +628,14 @@ impl Pkcs11Backend {
                 &probe,
                 aad,
             )?;
-            let opened = decrypt_on(ctx, key, &sealed.iv, &sealed.ciphertext, &sealed.tag, aad)?;
+            let opened = gcm::decrypt(
+                ctx.session(),
+                key.handle,
+                &sealed.iv,
+                &sealed.ciphertext,
+                &sealed.tag,
+                aad,
+            )?;
             if opened.expose() != probe {
                 return Err(Fault::Final(BackendError::Failed(
                     "health round trip returned different bytes".into(),
@@ -654,26 +661,6 @@ impl Drop for Pkcs11Backend {
         }
         // The tokens close their sessions when the last reference goes (Token::drop).
     }
-}
-
-/// C_Decrypt on a leased session, trusting an ambiguous failure code as a tag mismatch
-/// only once the token has answered C_GetTokenInfo.
-fn decrypt_on(
-    ctx: &OpCtx<'_>,
-    key: &token::CachedKey,
-    iv: &[u8],
-    ciphertext: &[u8],
-    tag: &[u8],
-    aad: &[u8],
-) -> Result<SecretBytes, Fault> {
-    gcm::decrypt(ctx.session(), key.handle, iv, ciphertext, tag, aad).map_err(|failure| {
-        if failure.confirm_token
-            && let Err(lost) = ctx.confirm_alive()
-        {
-            return lost;
-        }
-        failure.fault
-    })
 }
 
 fn refuse_duplicate(s: &Session, key_id: &str) -> Result<(), Pkcs11Error> {
@@ -792,9 +779,9 @@ impl CryptoBackend for Pkcs11Backend {
                 {
                     return Err(Fault::Final(BackendError::InvalidCiphertext));
                 }
-                decrypt_on(
-                    ctx,
-                    cached,
+                gcm::decrypt(
+                    ctx.session(),
+                    cached.handle,
                     opening.iv,
                     opening.ciphertext,
                     opening.tag,

@@ -517,9 +517,10 @@ impl Token {
     // ---------------------------------------------------------------- request path
 
     /// Runs `f` on a leased session with the key `key_id`, applying the retry rules:
-    /// a stale handle is looked up again once, a lost session is replaced once, a lost
-    /// token is marked down (the caller fails over). `f` sees the cached key and
-    /// decides (usage, status) before doing crypto.
+    /// a stale handle is looked up again once, a lost session is replaced once, and
+    /// every other failure goes to [`Token::settle`], which alone decides whether the
+    /// token is lost (the caller then fails over). `f` sees the cached key and decides
+    /// (usage, status) before doing crypto.
     pub(crate) fn with_key<T>(
         &self,
         key_id: &str,
@@ -535,63 +536,71 @@ impl Token {
                 Some(key) => {
                     let ctx = OpCtx {
                         token: self,
-                        guard: &guard,
                         lease: &lease,
                     };
                     f(&ctx, &key)
                 }
-                None => {
-                    // FindObjects found nothing. On a vanished SoftHSM token that is
-                    // also what a search says: make sure the token is really there
-                    // before telling KMS the key does not exist.
-                    self.confirm_alive(&guard)?;
-                    Err(Fault::Final(BackendError::KeyNotFound))
-                }
+                // FindObjects found nothing. On a vanished SoftHSM token that is also
+                // what a search says: "no such key" only if the token still answers.
+                None => Err(Fault::Suspect(BackendError::KeyNotFound)),
             });
-            match step {
+            let fault = match step {
                 Ok(v) => return Ok(v),
-                Err(Fault::StaleHandle) if stale_retry => {
+                Err(fault) => fault,
+            };
+            match fault {
+                Fault::StaleHandle if stale_retry => {
                     stale_retry = false;
                     self.evict(key_id);
                 }
-                Err(Fault::StaleHandle) => {
+                Fault::StaleHandle => {
                     // Stale again right after a fresh lookup: the key vanished between
                     // search and use, or the token did.
                     self.evict(key_id);
-                    if let Err(lost) = self.confirm_alive(&guard) {
-                        lease.discard();
-                        self.mark_down(ticket, &lost.clone().code());
-                        return Err(lost);
-                    }
-                    return Err(Fault::Final(BackendError::KeyNotFound));
+                    let suspect = Fault::Suspect(BackendError::KeyNotFound);
+                    return Err(self.settle(&guard, ticket, Some(lease), suspect));
                 }
-                Err(Fault::SessionLost(code)) if session_retry => {
+                Fault::SessionLost(code) if session_retry => {
                     session_retry = false;
                     tracing::debug!(token = %self.selector, %code, "PKCS#11 session lost; retrying on a fresh one");
                     lease.discard();
                     lease = self.checkout_or_mark(&guard, ticket, deadline)?;
                 }
-                Err(Fault::TokenLost(code)) if code == ckr_name(RvError::GeneralError) => {
-                    // CKR_GENERAL_ERROR is what SoftHSM answers once its token is gone,
-                    // but also what some HSMs answer for one odd object or request:
-                    // only a token that fails C_GetTokenInfo too is lost.
-                    return match self.confirm_alive(&guard) {
-                        Ok(()) => Err(Fault::Final(BackendError::Failed(code))),
-                        Err(lost) => {
-                            lease.discard();
-                            self.mark_down(ticket, &lost.clone().code());
-                            Err(lost)
-                        }
-                    };
+                fault @ (Fault::Final(_)
+                | Fault::Suspect(_)
+                | Fault::SessionLost(_)
+                | Fault::TokenLost(_)) => {
+                    return Err(self.settle(&guard, ticket, Some(lease), fault));
                 }
-                Err(Fault::SessionLost(code)) | Err(Fault::TokenLost(code)) => {
-                    lease.discard();
-                    self.mark_down(ticket, &code);
-                    return Err(Fault::TokenLost(code));
-                }
-                Err(other) => return Err(other),
             }
         }
+    }
+
+    /// The one place that decides whether the token is lost, and the only caller of
+    /// the lifecycle's `lost`: a `Suspect` outcome stands if C_GetTokenInfo still
+    /// answers, else the token is lost; a `TokenLost` (or a session lost again after
+    /// its one retry) is a lost token; anything else passes through. A lost token's
+    /// session is discarded (never returned to the pool).
+    fn settle(
+        &self,
+        guard: &ModuleGuard<'_>,
+        ticket: Ticket,
+        lease: Option<Lease<'_>>,
+        fault: Fault,
+    ) -> Fault {
+        let code = match fault {
+            Fault::Suspect(outcome) => match self.confirm_alive(guard) {
+                Ok(()) => return Fault::Final(outcome),
+                Err(code) => code,
+            },
+            Fault::SessionLost(code) | Fault::TokenLost(code) => code,
+            passed @ (Fault::Final(_) | Fault::StaleHandle) => return passed,
+        };
+        if let Some(lease) = lease {
+            lease.discard();
+        }
+        self.mark_down(ticket, &code);
+        Fault::TokenLost(code)
     }
 
     /// A module guard for this token and the ticket a loss report must carry, or a
@@ -608,19 +617,17 @@ impl Token {
         }
     }
 
-    /// [`Token::checkout`], marking the token down when no session can be opened on it
-    /// (so the next requests fail over at once instead of trying again).
+    /// [`Token::checkout`], with a failure to open a session settled (so a token on
+    /// which no session can be opened is lost, and the next requests fail over at
+    /// once instead of trying again).
     fn checkout_or_mark<'g>(
         &'g self,
         guard: &'g ModuleGuard<'g>,
         ticket: Ticket,
         deadline: Instant,
     ) -> Result<Lease<'g>, Fault> {
-        self.checkout(guard, deadline).inspect_err(|f| {
-            if let Fault::TokenLost(code) = f {
-                self.mark_down(ticket, code);
-            }
-        })
+        self.checkout(guard, deadline)
+            .map_err(|fault| self.settle(guard, ticket, None, fault))
     }
 
     /// Takes an idle session, waiting until `deadline` (then `Busy`).
@@ -767,32 +774,34 @@ impl Token {
             .remove(key_id);
     }
 
-    /// C_GetTokenInfo on our slot, and the token there must still be ours. A failure is
-    /// a lost token. (SoftHSM answers CKR_GENERAL_ERROR once its directory is gone.)
-    pub(crate) fn confirm_alive(&self, guard: &ModuleGuard<'_>) -> Result<(), Fault> {
+    /// C_GetTokenInfo on our slot, and the token there must still be ours; else the
+    /// code of the failure. (SoftHSM answers CKR_GENERAL_ERROR once its directory is
+    /// gone.) Only [`Token::settle`] and [`Token::check_alive`] ask.
+    fn confirm_alive(&self, guard: &ModuleGuard<'_>) -> Result<(), String> {
         let slot = self
             .lifecycle
             .slot()
-            .ok_or_else(|| Fault::TokenLost(ckr_name(RvError::TokenNotPresent)))?;
+            .ok_or_else(|| ckr_name(RvError::TokenNotPresent))?;
         let info = guard
             .ctx()
             .get_token_info(slot)
-            .map_err(|e| Fault::TokenLost(error_code(&e)))?;
+            .map_err(|e| error_code(&e))?;
         if !self.selector.matches(&info) {
-            return Err(Fault::TokenLost(ckr_name(RvError::TokenNotRecognized)));
+            return Err(ckr_name(RvError::TokenNotRecognized));
         }
         Ok(())
+    }
+
+    /// [`Token::confirm_alive`], a failure settled as a lost token.
+    fn check_alive(&self, guard: &ModuleGuard<'_>, ticket: Ticket) -> Result<(), Fault> {
+        self.confirm_alive(guard)
+            .map_err(|code| self.settle(guard, ticket, None, Fault::TokenLost(code)))
     }
 
     /// C_GetTokenInfo only: the health check when no health-check key is configured.
     pub(crate) fn shallow_check(&self) -> Result<(), Fault> {
         let (guard, ticket) = self.enter()?;
-        let result = self.confirm_alive(&guard);
-        drop(guard);
-        if let Err(Fault::TokenLost(code)) = &result {
-            self.mark_down(ticket, code);
-        }
-        result
+        self.check_alive(&guard, ticket)
     }
 
     /// The liveness probe the recovery thread runs on serving tokens, so a lost token
@@ -804,10 +813,8 @@ impl Token {
         let Ok((guard, ticket)) = self.enter() else {
             return;
         };
-        if let Err(Fault::TokenLost(code)) = self.confirm_alive(&guard) {
-            drop(guard);
-            self.mark_down(ticket, &code);
-        }
+        // A failure is settled (the token marked lost) inside; nothing else to do.
+        let _ = self.check_alive(&guard, ticket);
     }
 
     // ---------------------------------------------------------------- admin helpers
@@ -883,20 +890,15 @@ impl Drop for Token {
     }
 }
 
-/// What an operation closure gets: the leased session and a way to check the token.
+/// What an operation closure gets: the leased session and the token's IV policy.
 pub(crate) struct OpCtx<'a> {
     token: &'a Token,
-    guard: &'a ModuleGuard<'a>,
     lease: &'a Lease<'a>,
 }
 
 impl OpCtx<'_> {
     pub(crate) fn session(&self) -> &Session {
         self.lease.session()
-    }
-
-    pub(crate) fn confirm_alive(&self) -> Result<(), Fault> {
-        self.token.confirm_alive(self.guard)
     }
 
     pub(crate) fn iv_policy(&self) -> IvPolicy {
