@@ -190,13 +190,23 @@ impl TokenLifecycle {
         effect
     }
 
-    /// A request or probe found the token lost; `_ticket` is what it entered with.
+    /// A request or probe found the token lost; `ticket` is what it entered with.
     /// Serving → `Lost` (the first code is kept; the loss is counted once). Any other
     /// phase is unchanged, but the recovery thread is still woken (it may be sleeping
     /// on a long backoff).
-    pub(crate) fn lost(&self, _ticket: Ticket, code: &str, now: Instant) -> Effect {
+    ///
+    /// A report from an older pool epoch or module generation than the one serving is
+    /// ignored: it comes from a session of a pool that has been rebuilt since (a light
+    /// recovery), and must not take the fresh pool down or count a second loss. If the
+    /// token really is gone, the next request or the probe (every second) says so.
+    pub(crate) fn lost(&self, ticket: Ticket, code: &str, now: Instant) -> Effect {
         let mut d = self.detail();
         match d.phase {
+            Phase::Serving { generation, epoch }
+                if (generation, epoch) != (ticket.generation, ticket.epoch) =>
+            {
+                Effect::None
+            }
             Phase::Serving { .. } => {
                 d.phase = Phase::Lost(Outage::new(code, now, now));
                 self.publish(&d.phase);
@@ -266,7 +276,8 @@ impl TokenLifecycle {
                 d.phase = Phase::Lost(o);
             }
             // The token is serving again (a re-initialisation by another backend on the
-            // same module rebuilt it): the failure is already history.
+            // same module rebuilt it while this attempt failed): the failure is already
+            // history, and a serving token has no next attempt to schedule.
             Phase::Serving { .. } => {}
         }
         self.publish(&d.phase);
@@ -452,7 +463,7 @@ mod tests {
         assert!(l.ever_served());
         assert_eq!(l.slot(), Some(slot()));
 
-        let _ = l.lost(at(0, 0), "CKR_DEVICE_REMOVED", t0);
+        let _ = l.lost(at(3, 7), "CKR_DEVICE_REMOVED", t0);
         let later = t0 + Duration::from_millis(1500);
         assert_eq!(
             l.built(4, 8, slot(), ident(), later),
@@ -625,6 +636,43 @@ mod tests {
         let s = serving(0, 0, t0);
         assert_eq!(s.pin_changed(t1), Effect::None);
         assert!(s.is_serving());
+    }
+
+    /// Rule (stale-epoch guard): a loss reported with a ticket from before a rebuild
+    /// is ignored (no second loss counted, the rebuilt token keeps serving); one with
+    /// the current ticket still takes the token down.
+    #[test]
+    fn a_loss_reported_from_an_older_epoch_is_ignored() {
+        let t0 = Instant::now();
+        let l = serving(2, 4, t0);
+        let old = l.ticket().expect("serving");
+        assert_eq!(l.lost(old, "CKR_DEVICE_REMOVED", t0), Effect::NewLoss);
+        let _ = l.built(2, 5, slot(), ident(), t0);
+        assert_eq!(l.lost(old, "CKR_SESSION_HANDLE_INVALID", t0), Effect::None);
+        assert_eq!(l.ticket(), Some(at(2, 5)));
+        let _ = l.built(3, 6, slot(), ident(), t0);
+        assert_eq!(l.lost(at(2, 6), "CKR_GENERAL_ERROR", t0), Effect::None);
+        assert!(l.is_serving());
+        assert_eq!(l.lost(at(3, 6), "CKR_DEVICE_REMOVED", t0), Effect::NewLoss);
+        assert_eq!(l.ticket(), None);
+    }
+
+    /// Rule: a failed recovery attempt on a token that serves again (another backend's
+    /// re-initialisation rebuilt it) changes nothing.
+    #[test]
+    fn a_failed_attempt_on_a_serving_token_is_ignored() {
+        let t0 = Instant::now();
+        let l = serving(1, 1, t0);
+        l.attempt_failed("CKR_TOKEN_NOT_PRESENT", MAX, t0);
+        assert_eq!(
+            l.phase(),
+            Phase::Serving {
+                generation: 1,
+                epoch: 1
+            }
+        );
+        assert_eq!(l.retry_in(t0), None);
+        assert_eq!(l.due(t0), Due::Serving);
     }
 
     /// Rule: without a changed PIN a refusal is never retried, whatever else happens.
