@@ -81,8 +81,9 @@ impl Outage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Effect {
     None,
-    /// Serving → not serving because of a request or probe: warn, count
-    /// `token_losses`, wake the recovery thread.
+    /// Serving → not serving because a request or probe found the token lost (or a
+    /// session refill met a refused login): warn, count `token_losses`, wake the
+    /// recovery thread. Never from a start or a failed rebuild.
     NewLoss,
     /// Lost or refused → serving: count `recoveries`, log how long it took.
     Recovered {

@@ -356,6 +356,7 @@ impl Token {
 
     /// Marks the token lost: requests stop using it at once, and the recovery thread
     /// is woken to rebuild it. `ticket` is what the reporter entered the token with.
+    /// Only [`Token::settle`] calls it: that is where "lost" is decided.
     fn mark_down(&self, ticket: Ticket, code: &str) {
         let effect = self.lifecycle.lost(ticket, code, Instant::now());
         self.perform(effect, code);
