@@ -100,6 +100,11 @@ pub(crate) enum Fault {
     /// The token, slot or module is gone: mark the token down (requests fail fast or
     /// fail over), and let the recovery thread re-initialise it.
     TokenLost(String),
+    /// This outcome if the token still answers C_GetTokenInfo, else the token is lost:
+    /// for what a vanished token answers and an ordinary failure shares
+    /// (CKR_GENERAL_ERROR, a tag mismatch on SoftHSM / nShield, an empty search).
+    /// Resolved by `Token::settle`; it never leaves `Token::with_key`.
+    Suspect(BackendError),
 }
 
 impl Fault {
@@ -118,6 +123,10 @@ impl Fault {
             Fault::Final(e) => e,
             Fault::StaleHandle => BackendError::KeyNotFound,
             Fault::SessionLost(code) | Fault::TokenLost(code) => BackendError::Unavailable(code),
+            Fault::Suspect(e) => {
+                debug_assert!(false, "an unsettled Fault::Suspect left Token::with_key");
+                e
+            }
         }
     }
 }
@@ -126,8 +135,9 @@ impl Fault {
 ///
 /// - Decrypt failures are `InvalidCiphertext` **only on C_Decrypt/C_DecryptInit**:
 ///   SoftHSM reports a tag mismatch as CKR_GENERAL_ERROR, nShield as
-///   CKR_FUNCTION_FAILED, the rest as CKR_ENCRYPTED_DATA_INVALID (the caller confirms
-///   the token is alive before trusting the first two; see `token.rs`).
+///   CKR_FUNCTION_FAILED, the rest as CKR_ENCRYPTED_DATA_INVALID. The first two are
+///   also what a vanished token answers, so they are `Suspect`: trusted only once the
+///   token answers C_GetTokenInfo (`Token::settle`). So is CKR_GENERAL_ERROR anywhere.
 /// - Stale handles → re-lookup; lost sessions → fresh session; lost token/module →
 ///   recovery and `Unavailable("<CKR name>")`.
 /// - Resource exhaustion → `Busy` (ThrottlingException: KMS backs off and retries).
@@ -149,7 +159,11 @@ pub(crate) fn classify(err: &CkError, op: Op) -> Fault {
         RvError::GeneralError | RvError::FunctionFailed
             if in_decrypt && matches!(function, Function::Decrypt) =>
         {
-            Fault::Final(BackendError::InvalidCiphertext)
+            Fault::Suspect(BackendError::InvalidCiphertext)
+        }
+        // An odd refusal to start decrypting, unless the token is gone.
+        RvError::FunctionFailed if in_decrypt && decrypt_call => {
+            Fault::Suspect(BackendError::Failed(name))
         }
         // An IV or tag length the token refuses is a bad ciphertext, not a broken HSM.
         RvError::MechanismParamInvalid | RvError::DataLenRange | RvError::DataInvalid
@@ -183,11 +197,14 @@ pub(crate) fn classify(err: &CkError, op: Op) -> Fault {
         | RvError::TokenNotRecognized
         | RvError::SlotIdInvalid
         | RvError::CryptokiNotInitialized
-        | RvError::GeneralError
         | RvError::PinExpired
         | RvError::PinLocked
         | RvError::PinIncorrect
         | RvError::UserPinNotInitialized => Fault::TokenLost(name),
+
+        // --- what SoftHSM answers once its token is gone, but also what some HSMs
+        //     answer for one odd object or request: lost only if C_GetTokenInfo fails ---
+        RvError::GeneralError => Fault::Suspect(BackendError::Failed(name)),
 
         // --- out of resources: ask the caller to back off ---
         RvError::SessionCount | RvError::DeviceMemory | RvError::HostMemory => {
@@ -273,18 +290,25 @@ mod tests {
         type Row = (R, F, Op, Fault);
         let table: Vec<Row> = vec![
             // Decrypt authentication failures, per vendor.
+            // SoftHSM's and nShield's tag mismatch, trusted once the token answers.
             (
                 R::GeneralError,
                 F::Decrypt,
                 Op::Decrypt,
-                Fault::Final(B::InvalidCiphertext),
+                Fault::Suspect(B::InvalidCiphertext),
             ), // SoftHSM
             (
                 R::FunctionFailed,
                 F::Decrypt,
                 Op::Decrypt,
-                Fault::Final(B::InvalidCiphertext),
+                Fault::Suspect(B::InvalidCiphertext),
             ), // nShield
+            (
+                R::FunctionFailed,
+                F::DecryptInit,
+                Op::Decrypt,
+                Fault::Suspect(B::Failed("CKR_FUNCTION_FAILED".into())),
+            ),
             (
                 R::EncryptedDataInvalid,
                 F::Decrypt,
@@ -303,24 +327,25 @@ mod tests {
                 Op::Decrypt,
                 Fault::Final(B::InvalidCiphertext),
             ),
-            // ... but the same codes elsewhere are not ciphertext problems.
+            // ... but the same codes elsewhere are not ciphertext problems: a failure,
+            // or a lost token if C_GetTokenInfo fails too.
             (
                 R::GeneralError,
                 F::Encrypt,
                 Op::Encrypt,
-                Fault::TokenLost("CKR_GENERAL_ERROR".into()),
+                Fault::Suspect(B::Failed("CKR_GENERAL_ERROR".into())),
             ),
             (
                 R::GeneralError,
                 F::DecryptInit,
                 Op::Decrypt,
-                Fault::TokenLost("CKR_GENERAL_ERROR".into()),
+                Fault::Suspect(B::Failed("CKR_GENERAL_ERROR".into())),
             ),
             (
                 R::GeneralError,
                 F::GetTokenInfo,
                 Op::Lookup,
-                Fault::TokenLost("CKR_GENERAL_ERROR".into()),
+                Fault::Suspect(B::Failed("CKR_GENERAL_ERROR".into())),
             ),
             (
                 R::FunctionFailed,

@@ -104,57 +104,26 @@ pub(crate) fn decrypt(
     ciphertext: &[u8],
     tag: &[u8],
     aad: &[u8],
-) -> Result<SecretBytes, DecryptFailure> {
+) -> Result<SecretBytes, Fault> {
     let mut input = Vec::with_capacity(ciphertext.len() + tag.len());
     input.extend_from_slice(ciphertext);
     input.extend_from_slice(tag);
     let mut iv_buf = iv.to_vec();
-    let params = GcmParams::new(&mut iv_buf, aad, TAG_BITS.into())
-        .map_err(|e| DecryptFailure::plain(classify(&e, Op::Decrypt)))?;
+    let params =
+        GcmParams::new(&mut iv_buf, aad, TAG_BITS.into()).map_err(|e| classify(&e, Op::Decrypt))?;
     let mechanism = Mechanism::AesGcm(params);
-    match session.decrypt(&mechanism, key, &input) {
-        Ok(plain) => {
-            let plain = SecretBytes::new(plain);
-            if plain.len() != ciphertext.len() {
-                return Err(DecryptFailure::plain(Fault::Final(BackendError::Failed(
-                    "unexpected AES-GCM output length from the HSM".into(),
-                ))));
-            }
-            Ok(plain)
-        }
-        Err(e) => {
-            let ambiguous = matches!(
-                e,
-                cryptoki::error::Error::Pkcs11(
-                    cryptoki::error::RvError::GeneralError
-                        | cryptoki::error::RvError::FunctionFailed,
-                    _
-                )
-            );
-            Err(DecryptFailure {
-                fault: classify(&e, Op::Decrypt),
-                confirm_token: ambiguous,
-            })
-        }
+    // A tag mismatch reported as CKR_GENERAL_ERROR / CKR_FUNCTION_FAILED comes back as
+    // a `Suspect`: the token settles it (see `classify`).
+    let plain = session
+        .decrypt(&mechanism, key, &input)
+        .map_err(|e| classify(&e, Op::Decrypt))?;
+    let plain = SecretBytes::new(plain);
+    if plain.len() != ciphertext.len() {
+        return Err(Fault::Final(BackendError::Failed(
+            "unexpected AES-GCM output length from the HSM".into(),
+        )));
     }
-}
-
-/// A decrypt failure, and whether its meaning depends on the token still being there.
-#[derive(Debug)]
-pub(crate) struct DecryptFailure {
-    pub fault: Fault,
-    /// True for CKR_GENERAL_ERROR / CKR_FUNCTION_FAILED: a tag mismatch on SoftHSM /
-    /// nShield, but also what a vanished token answers.
-    pub confirm_token: bool,
-}
-
-impl DecryptFailure {
-    fn plain(fault: Fault) -> Self {
-        Self {
-            fault,
-            confirm_token: false,
-        }
-    }
+    Ok(plain)
 }
 
 #[cfg(test)]

@@ -9,8 +9,10 @@
 //!   codes to [`BackendError`] plus the recovery action.
 //! - `module.rs`: one loaded library per path per process; C_Initialize/C_Finalize and
 //!   the lock that makes re-initialisation safe under load.
+//! - `lifecycle.rs`: a token's state machine (not ready, serving, lost, refused): the
+//!   only writer of that state, and the backoff of recovery attempts.
 //! - `token.rs`: a token's slot, its bounded pool of logged-in sessions, its key-handle
-//!   cache, its up/down state, and the retry rules of one operation.
+//!   cache, and the retry rules of one operation.
 //! - `keys.rs`: key attributes → spec/usages/end date; search and creation templates.
 //! - `gcm.rs`: CKM_AES_GCM with the three IV policies; tag split/join.
 //! - `recovery.rs`: the background thread that probes tokens and re-initialises lost
@@ -30,6 +32,7 @@
 mod errors;
 mod gcm;
 mod keys;
+mod lifecycle;
 mod module;
 mod recovery;
 mod settings;
@@ -56,7 +59,7 @@ pub use settings::{
 use self::errors::{Fault, Op};
 use self::keys::{KeyInfo, id_attribute_type, id_template};
 use self::module::Module;
-use self::token::{Counters, OpCtx, Shared, Token, Wake};
+use self::token::{Counters, Shared, Token, Wake};
 // Token selection, shared with the KMS emulator's CloudHSM stand-in clusters.
 pub(crate) use self::settings::Selector;
 pub(crate) use self::token::{SlotError, find_slot};
@@ -213,7 +216,7 @@ impl Pkcs11Backend {
                     Err(token::SlotError::Call(e)) => Pkcs11Error::call(&e),
                     Ok(_) => Pkcs11Error::Unavailable(code.clone()),
                 };
-                token.note_down(&code);
+                token.build_failed(&code);
                 not_yet.push((plan.selector.clone(), err.to_string()));
                 first_error.get_or_insert(err);
             }
@@ -625,7 +628,14 @@ impl Pkcs11Backend {
                 &probe,
                 aad,
             )?;
-            let opened = decrypt_on(ctx, key, &sealed.iv, &sealed.ciphertext, &sealed.tag, aad)?;
+            let opened = gcm::decrypt(
+                ctx.session(),
+                key.handle,
+                &sealed.iv,
+                &sealed.ciphertext,
+                &sealed.tag,
+                aad,
+            )?;
             if opened.expose() != probe {
                 return Err(Fault::Final(BackendError::Failed(
                     "health round trip returned different bytes".into(),
@@ -651,26 +661,6 @@ impl Drop for Pkcs11Backend {
         }
         // The tokens close their sessions when the last reference goes (Token::drop).
     }
-}
-
-/// C_Decrypt on a leased session, trusting an ambiguous failure code as a tag mismatch
-/// only once the token has answered C_GetTokenInfo.
-fn decrypt_on(
-    ctx: &OpCtx<'_>,
-    key: &token::CachedKey,
-    iv: &[u8],
-    ciphertext: &[u8],
-    tag: &[u8],
-    aad: &[u8],
-) -> Result<SecretBytes, Fault> {
-    gcm::decrypt(ctx.session(), key.handle, iv, ciphertext, tag, aad).map_err(|failure| {
-        if failure.confirm_token
-            && let Err(lost) = ctx.confirm_alive()
-        {
-            return lost;
-        }
-        failure.fault
-    })
 }
 
 fn refuse_duplicate(s: &Session, key_id: &str) -> Result<(), Pkcs11Error> {
@@ -829,9 +819,9 @@ impl CryptoBackend for Pkcs11Backend {
                 {
                     return Err(Fault::Final(BackendError::InvalidCiphertext));
                 }
-                decrypt_on(
-                    ctx,
-                    cached,
+                gcm::decrypt(
+                    ctx.session(),
+                    cached.handle,
                     opening.iv,
                     opening.ciphertext,
                     opening.tag,

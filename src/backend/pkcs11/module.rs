@@ -223,7 +223,7 @@ impl Module {
                 let code = super::errors::error_code(&e);
                 tracing::warn!(module = %self.path.display(), %code, "C_Initialize failed during recovery; will retry");
                 for t in &tokens {
-                    t.note_down(&code);
+                    t.build_failed(&code);
                 }
                 return Err(code);
             }

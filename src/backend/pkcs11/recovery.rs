@@ -1,7 +1,7 @@
 //! The recovery thread: notices lost tokens and brings them back, without a restart.
 //!
 //! One background thread per backend (`xks-pkcs11-recovery`). It never serves
-//! requests; requests only read the tokens' `up` flags, so a lost token costs them
+//! requests; requests only read the tokens' lifecycles (two atomics), so a lost token costs them
 //! nothing but an immediate `Unavailable` (or a failover) while this thread works.
 //!
 //! Each round:
@@ -29,6 +29,7 @@ use std::sync::{Arc, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::lifecycle::Due;
 use super::token::{Shared, Token};
 
 /// How often serving tokens are probed.
@@ -98,21 +99,17 @@ fn run<T: Tokens>(owner: Weak<T>, shared: Arc<Shared>, stop: Arc<std::sync::atom
 
 /// Recovers `t` if it is down and due; returns how long until it next needs attention.
 fn attend(t: &Token) -> Option<Duration> {
-    if t.is_up() || t.login_refused().is_some() {
-        return None;
-    }
-    let now = Instant::now();
-    if let Some(d) = t.down()
-        && d.next_attempt > now
-    {
-        return Some(d.next_attempt - now);
+    match t.due() {
+        // A refused PIN waits for a reload with a different one.
+        Due::Serving | Due::Refused => return None,
+        Due::In(wait) => return Some(wait),
+        Due::Now => {}
     }
     match recover(t) {
         Ok(()) => None,
         Err(code) => {
-            t.backoff(&code);
-            t.down()
-                .map(|d| d.next_attempt.saturating_duration_since(Instant::now()))
+            t.attempt_failed(&code);
+            t.retry_in()
         }
     }
 }
@@ -134,7 +131,7 @@ fn recover(t: &Token) -> Result<(), String> {
     // re-initialise a module that is serving other tokens every few seconds: only
     // light attempts for it. A token that was serving and got lost may re-initialise
     // (that is what brings a SoftHSM token back).
-    if t.ident().is_none() && t.module.others_up(t) {
+    if !t.ever_served() && t.module.others_up(t) {
         return Err(light_code);
     }
     tracing::debug!(token = %t.selector, code = %light_code, "light PKCS#11 recovery failed; re-initialising the module");
@@ -142,5 +139,5 @@ fn recover(t: &Token) -> Result<(), String> {
     if t.is_up() {
         return Ok(());
     }
-    Err(t.down().map(|d| d.code).unwrap_or(light_code))
+    Err(t.outage_code().unwrap_or(light_code))
 }

@@ -1,5 +1,5 @@
-//! One token (primary or failover): its slot, its bounded pool of logged-in sessions,
-//! its key-handle cache, its up/down state, and the retry rules of one operation.
+//! One token (primary or failover): its bounded pool of logged-in sessions, its
+//! key-handle cache, its lifecycle, and the retry rules of one operation.
 //!
 //! Concurrency model:
 //! - A session is used by one thread at a time: [`Lease`] takes it out of the pool
@@ -10,8 +10,11 @@
 //!   C_FindObjects per key per token per (re)initialisation, never on the hot path.
 //!   Entries carry the module generation they were found in and are evicted on
 //!   CKR_OBJECT_HANDLE_INVALID / CKR_KEY_HANDLE_INVALID.
-//! - `up` is an atomic read by every request before touching the token, so a lost
-//!   token fails (or fails over) at once instead of making each request rediscover it.
+//! - Whether the token serves is its [`TokenLifecycle`]: two atomics read by every
+//!   request before touching the token, so a lost token fails (or fails over) at once
+//!   instead of making each request rediscover it. Every change of that state goes
+//!   through a lifecycle transition; this file performs the transition's effect (log,
+//!   counter, wake) after the lifecycle's lock is released.
 //! - Every PKCS#11 call runs under a [`ModuleGuard`] (see `module.rs`); a lease
 //!   borrows the guard, so no session outlives the generation it belongs to.
 //!
@@ -33,6 +36,7 @@ use cryptoki::types::AuthPin;
 
 use super::errors::{Fault, Op, ckr_name, classify, error_code};
 use super::keys::{KeyInfo, choose, id_template, read_key_info};
+use super::lifecycle::{Due, Effect, Ticket, TokenLifecycle};
 use super::module::{Exclusive, Module, ModuleGuard};
 use super::settings::{IvPolicy, KeyIdAttribute, Selector};
 use crate::backend::{BackendError, EkmHealth};
@@ -111,27 +115,6 @@ impl TokenIdent {
     }
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct Down {
-    pub code: String,
-    pub since: Instant,
-    pub attempts: u32,
-    pub next_attempt: Instant,
-}
-
-#[derive(Debug)]
-struct TokenState {
-    slot: Option<Slot>,
-    /// The module generation the pool and cache were built in.
-    generation: u64,
-    ident: Option<TokenIdent>,
-    down: Option<Down>,
-    /// C_Login refused the PIN: never retried automatically (each try counts towards
-    /// locking the token). Cleared by a reload that brings a different PIN
-    /// ([`Token::replace_pin`]) or a restart.
-    login_refused: Option<String>,
-}
-
 struct PooledSession {
     session: Session,
     generation: u64,
@@ -143,11 +126,14 @@ struct PoolInner {
     /// Sessions of the current epoch, idle or leased.
     open: usize,
     /// Bumped by every teardown: leased sessions of an older epoch are closed on
-    /// return instead of rejoining the pool.
+    /// return instead of rejoining the pool. A validity stamp owned by the pool (it
+    /// guards `open`'s accounting); the lifecycle records the epoch it serves in.
     epoch: u64,
 }
 
-/// A cached key: its handle and attributes, found in `generation`.
+/// A cached key: its handle and attributes, found in `generation` (a validity stamp:
+/// an entry from an older module generation is a lookup that raced a
+/// re-initialisation, and is looked up again).
 #[derive(Debug)]
 pub(crate) struct CachedKey {
     pub handle: ObjectHandle,
@@ -165,8 +151,8 @@ pub(crate) struct Token {
     /// the PIN source); read at every login.
     pin: Mutex<SecretString>,
     shared: Arc<Shared>,
-    up: AtomicBool,
-    state: Mutex<TokenState>,
+    /// Serving, lost, refused or not ready; see `lifecycle.rs`.
+    lifecycle: TokenLifecycle,
     pool: Mutex<PoolInner>,
     pool_cv: Condvar,
     keys: RwLock<HashMap<String, Arc<CachedKey>>>,
@@ -177,7 +163,7 @@ impl std::fmt::Debug for Token {
         f.debug_struct("Token")
             .field("index", &self.index)
             .field("selector", &self.selector)
-            .field("up", &self.up.load(Ordering::Relaxed))
+            .field("serving", &self.lifecycle.is_serving())
             .finish_non_exhaustive()
     }
 }
@@ -249,14 +235,7 @@ impl Token {
             selector,
             pin: Mutex::new(pin),
             shared,
-            up: AtomicBool::new(false),
-            state: Mutex::new(TokenState {
-                slot: None,
-                generation: 0,
-                ident: None,
-                down: None,
-                login_refused: None,
-            }),
+            lifecycle: TokenLifecycle::default(),
             pool: Mutex::new(PoolInner {
                 idle: Vec::new(),
                 open: 0,
@@ -267,16 +246,57 @@ impl Token {
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, TokenState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     pub(crate) fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.lifecycle.is_serving()
     }
 
-    pub(crate) fn down(&self) -> Option<Down> {
-        self.state().down.clone()
+    /// What the recovery thread should do with this token now.
+    pub(crate) fn due(&self) -> Due {
+        self.lifecycle.due(Instant::now())
+    }
+
+    /// How long until the next recovery attempt of a token that is down.
+    pub(crate) fn retry_in(&self) -> Option<Duration> {
+        self.lifecycle.retry_in(Instant::now())
+    }
+
+    /// The code of the current outage, if the token is down.
+    pub(crate) fn outage_code(&self) -> Option<String> {
+        self.lifecycle.outage_code()
+    }
+
+    /// Whether the token was ever built since start.
+    pub(crate) fn ever_served(&self) -> bool {
+        self.lifecycle.ever_served()
+    }
+
+    /// Performs a transition's effect, with the lifecycle's lock released.
+    fn perform(&self, effect: Effect, code: &str) {
+        match effect {
+            Effect::None => {}
+            Effect::NewLoss => {
+                tracing::warn!(
+                    token = %self.selector,
+                    module = %self.module.path().display(),
+                    code,
+                    "PKCS#11 token lost; failing over / recovering"
+                );
+                self.shared
+                    .stats
+                    .token_losses
+                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.wake.notify();
+            }
+            Effect::Recovered { after } => {
+                self.shared.stats.recoveries.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    token = %self.selector,
+                    after_ms = after.as_millis() as u64,
+                    "PKCS#11 token recovered"
+                );
+            }
+            Effect::Wake => self.shared.wake.notify(),
+        }
     }
 
     fn login_pin(&self) -> AuthPin {
@@ -304,8 +324,7 @@ impl Token {
             }
             changed
         };
-        let mut st = self.state();
-        let Some(code) = st.login_refused.clone() else {
+        let Some(code) = self.lifecycle.refusal() else {
             if changed {
                 tracing::info!(token = %self.selector, "PKCS#11 user PIN replaced; new sessions log in with it");
             }
@@ -315,77 +334,39 @@ impl Token {
             tracing::warn!(token = %self.selector, %code, "PKCS#11 login was refused and the reloaded PIN is the same one; not retrying (would lock the token)");
             return;
         }
-        st.login_refused = None;
-        if let Some(d) = &mut st.down {
-            d.next_attempt = Instant::now();
-        }
-        drop(st);
+        let effect = self.lifecycle.pin_changed(Instant::now());
         tracing::info!(token = %self.selector, "PKCS#11 user PIN replaced after a refused login; logging in again");
-        self.shared.wake.notify();
+        self.perform(effect, &code);
     }
 
+    /// The refused login's code, if C_Login refused the PIN (cleared only by a
+    /// reload that brings a different PIN, or a restart).
     pub(crate) fn login_refused(&self) -> Option<String> {
-        self.state().login_refused.clone()
+        self.lifecycle.refusal()
     }
 
     pub(crate) fn ident(&self) -> Option<TokenIdent> {
-        self.state().ident.clone()
+        self.lifecycle.ident()
     }
 
     /// Why this token is not serving, as a code name.
     pub(crate) fn down_code(&self) -> String {
-        let st = self.state();
-        st.login_refused
-            .clone()
-            .or_else(|| st.down.as_ref().map(|d| d.code.clone()))
-            .unwrap_or_else(|| "token not ready".into())
+        self.lifecycle.down_code()
     }
 
     /// Marks the token lost: requests stop using it at once, and the recovery thread
-    /// is woken to rebuild it.
-    pub(crate) fn mark_down(&self, code: &str) {
-        self.up.store(false, Ordering::Release);
-        let mut st = self.state();
-        if st.down.is_none() {
-            let now = Instant::now();
-            tracing::warn!(
-                token = %self.selector,
-                module = %self.module.path().display(),
-                code,
-                "PKCS#11 token lost; failing over / recovering"
-            );
-            self.shared
-                .stats
-                .token_losses
-                .fetch_add(1, Ordering::Relaxed);
-            st.down = Some(Down {
-                code: code.to_owned(),
-                since: now,
-                attempts: 0,
-                next_attempt: now,
-            });
-        }
-        drop(st);
-        self.shared.wake.notify();
+    /// is woken to rebuild it. `ticket` is what the reporter entered the token with.
+    /// Only [`Token::settle`] calls it: that is where "lost" is decided.
+    fn mark_down(&self, ticket: Ticket, code: &str) {
+        let effect = self.lifecycle.lost(ticket, code, Instant::now());
+        self.perform(effect, code);
     }
 
     /// Schedules the next recovery attempt with exponential backoff (100 ms doubling,
     /// capped at `recovery_backoff_max_ms`), recording the latest failure code.
-    pub(crate) fn backoff(&self, code: &str) {
-        let mut st = self.state();
-        let now = Instant::now();
-        let max = self.shared.backoff_max;
-        let d = st.down.get_or_insert_with(|| Down {
-            code: code.to_owned(),
-            since: now,
-            attempts: 0,
-            next_attempt: now,
-        });
-        d.code = code.to_owned();
-        d.attempts = d.attempts.saturating_add(1);
-        let exp = d.attempts.min(16);
-        let delay = Duration::from_millis(100u64.saturating_mul(1 << exp.saturating_sub(1)));
-        d.next_attempt = now + delay.min(max);
+    pub(crate) fn attempt_failed(&self, code: &str) {
+        self.lifecycle
+            .attempt_failed(code, self.shared.backoff_max, Instant::now());
     }
 
     // ---------------------------------------------------------------- build / teardown
@@ -417,9 +398,9 @@ impl Token {
     /// Healthy tokens sharing the module are only paused here (no "lost" record): they
     /// are rebuilt before the write lock is released.
     ///
-    /// `up` is left as it is: requests already wait on the module lock (briefly), and
-    /// a token rebuilt before the lock is released never looks down to them. A token
-    /// that fails to rebuild is marked down then.
+    /// The lifecycle is left as it is: requests already wait on the module lock
+    /// (briefly), and a token rebuilt before the lock is released never looks down to
+    /// them. A token that fails to rebuild is marked down then.
     pub(crate) fn teardown(&self, ex: &Exclusive<'_>) {
         self.teardown_with(ex.ctx, ex.generation);
     }
@@ -431,26 +412,13 @@ impl Token {
             return Err(code);
         }
         self.build(ex.ctx, ex.generation)
-            .inspect_err(|code| self.note_down(code))
+            .inspect_err(|code| self.build_failed(code))
     }
 
-    /// Records the token as down with `code` without counting a new loss (used when a
-    /// re-initialisation could not bring it back).
-    pub(crate) fn note_down(&self, code: &str) {
-        self.up.store(false, Ordering::Release);
-        let mut st = self.state();
-        let now = Instant::now();
-        match &mut st.down {
-            Some(d) => d.code = code.to_owned(),
-            None => {
-                st.down = Some(Down {
-                    code: code.to_owned(),
-                    since: now,
-                    attempts: 0,
-                    next_attempt: now + Duration::from_millis(100),
-                });
-            }
-        }
+    /// Records the token as down with `code` without counting a new loss (a start, or
+    /// a re-initialisation, could not bring it up).
+    pub(crate) fn build_failed(&self, code: &str) {
+        self.lifecycle.build_failed(code, Instant::now());
     }
 
     /// Light recovery: new sessions in the current module generation, without
@@ -501,21 +469,10 @@ impl Token {
             pool.idle = sessions;
         }
         self.pool_cv.notify_all();
-        let mut st = self.state();
-        let was_down = st.down.take();
-        st.slot = Some(slot);
-        st.generation = generation;
-        st.ident = Some(ident);
-        drop(st);
-        self.up.store(true, Ordering::Release);
-        if let Some(d) = was_down {
-            self.shared.stats.recoveries.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                token = %self.selector,
-                after_ms = d.since.elapsed().as_millis() as u64,
-                "PKCS#11 token recovered"
-            );
-        }
+        let effect = self
+            .lifecycle
+            .built(generation, epoch, slot, ident, Instant::now());
+        self.perform(effect, "");
         Ok(())
     }
 
@@ -550,7 +507,8 @@ impl Token {
                     if self.shared.serving.load(Ordering::Acquire) {
                         tracing::error!(token = %self.selector, %code, "PKCS#11 login refused; not retrying (would lock the token)");
                     }
-                    self.state().login_refused = Some(code.clone());
+                    let effect = self.lifecycle.login_refused(&code, Instant::now());
+                    self.perform(effect, &code);
                 }
                 Err(code)
             }
@@ -560,17 +518,18 @@ impl Token {
     // ---------------------------------------------------------------- request path
 
     /// Runs `f` on a leased session with the key `key_id`, applying the retry rules:
-    /// a stale handle is looked up again once, a lost session is replaced once, a lost
-    /// token is marked down (the caller fails over). `f` sees the cached key and
-    /// decides (usage, status) before doing crypto.
+    /// a stale handle is looked up again once, a lost session is replaced once, and
+    /// every other failure goes to [`Token::settle`], which alone decides whether the
+    /// token is lost (the caller then fails over). `f` sees the cached key and decides
+    /// (usage, status) before doing crypto.
     pub(crate) fn with_key<T>(
         &self,
         key_id: &str,
         deadline: Instant,
         mut f: impl FnMut(&OpCtx<'_>, &CachedKey) -> Result<T, Fault>,
     ) -> Result<T, Fault> {
-        let guard = self.enter()?;
-        let mut lease = self.checkout_or_mark(&guard, deadline)?;
+        let (guard, ticket) = self.enter()?;
+        let mut lease = self.checkout_or_mark(&guard, ticket, deadline)?;
         let mut stale_retry = true;
         let mut session_retry = true;
         loop {
@@ -578,91 +537,98 @@ impl Token {
                 Some(key) => {
                     let ctx = OpCtx {
                         token: self,
-                        guard: &guard,
                         lease: &lease,
                     };
                     f(&ctx, &key)
                 }
-                None => {
-                    // FindObjects found nothing. On a vanished SoftHSM token that is
-                    // also what a search says: make sure the token is really there
-                    // before telling KMS the key does not exist.
-                    self.confirm_alive(&guard)?;
-                    Err(Fault::Final(BackendError::KeyNotFound))
-                }
+                // FindObjects found nothing. On a vanished SoftHSM token that is also
+                // what a search says: "no such key" only if the token still answers.
+                None => Err(Fault::Suspect(BackendError::KeyNotFound)),
             });
-            match step {
+            let fault = match step {
                 Ok(v) => return Ok(v),
-                Err(Fault::StaleHandle) if stale_retry => {
+                Err(fault) => fault,
+            };
+            match fault {
+                Fault::StaleHandle if stale_retry => {
                     stale_retry = false;
                     self.evict(key_id);
                 }
-                Err(Fault::StaleHandle) => {
+                Fault::StaleHandle => {
                     // Stale again right after a fresh lookup: the key vanished between
                     // search and use, or the token did.
                     self.evict(key_id);
-                    if let Err(lost) = self.confirm_alive(&guard) {
-                        lease.discard();
-                        self.mark_down(&lost.clone().code());
-                        return Err(lost);
-                    }
-                    return Err(Fault::Final(BackendError::KeyNotFound));
+                    let suspect = Fault::Suspect(BackendError::KeyNotFound);
+                    return Err(self.settle(&guard, ticket, Some(lease), suspect));
                 }
-                Err(Fault::SessionLost(code)) if session_retry => {
+                Fault::SessionLost(code) if session_retry => {
                     session_retry = false;
                     tracing::debug!(token = %self.selector, %code, "PKCS#11 session lost; retrying on a fresh one");
                     lease.discard();
-                    lease = self.checkout_or_mark(&guard, deadline)?;
+                    lease = self.checkout_or_mark(&guard, ticket, deadline)?;
                 }
-                Err(Fault::TokenLost(code)) if code == ckr_name(RvError::GeneralError) => {
-                    // CKR_GENERAL_ERROR is what SoftHSM answers once its token is gone,
-                    // but also what some HSMs answer for one odd object or request:
-                    // only a token that fails C_GetTokenInfo too is lost.
-                    return match self.confirm_alive(&guard) {
-                        Ok(()) => Err(Fault::Final(BackendError::Failed(code))),
-                        Err(lost) => {
-                            lease.discard();
-                            self.mark_down(&lost.clone().code());
-                            Err(lost)
-                        }
-                    };
+                fault @ (Fault::Final(_)
+                | Fault::Suspect(_)
+                | Fault::SessionLost(_)
+                | Fault::TokenLost(_)) => {
+                    return Err(self.settle(&guard, ticket, Some(lease), fault));
                 }
-                Err(Fault::SessionLost(code)) | Err(Fault::TokenLost(code)) => {
-                    lease.discard();
-                    self.mark_down(&code);
-                    return Err(Fault::TokenLost(code));
-                }
-                Err(other) => return Err(other),
             }
         }
     }
 
-    /// A module guard for this token, or a `TokenLost` if the token is down or its
-    /// pool belongs to an older module generation (recovery will rebuild it).
-    fn enter(&self) -> Result<ModuleGuard<'_>, Fault> {
+    /// The one place that decides whether the token is lost, and the only caller of
+    /// the lifecycle's `lost`: a `Suspect` outcome stands if C_GetTokenInfo still
+    /// answers, else the token is lost; a `TokenLost` (or a session lost again after
+    /// its one retry) is a lost token; anything else passes through. A lost token's
+    /// session is discarded (never returned to the pool).
+    fn settle(
+        &self,
+        guard: &ModuleGuard<'_>,
+        ticket: Ticket,
+        lease: Option<Lease<'_>>,
+        fault: Fault,
+    ) -> Fault {
+        let code = match fault {
+            Fault::Suspect(outcome) => match self.confirm_alive(guard) {
+                Ok(()) => return Fault::Final(outcome),
+                Err(code) => code,
+            },
+            Fault::SessionLost(code) | Fault::TokenLost(code) => code,
+            passed @ (Fault::Final(_) | Fault::StaleHandle) => return passed,
+        };
+        if let Some(lease) = lease {
+            lease.discard();
+        }
+        self.mark_down(ticket, &code);
+        Fault::TokenLost(code)
+    }
+
+    /// A module guard for this token and the ticket a loss report must carry, or a
+    /// `TokenLost` if the token is down or its pool belongs to an older module
+    /// generation (recovery will rebuild it). Two atomic loads: no lock of the token's.
+    fn enter(&self) -> Result<(ModuleGuard<'_>, Ticket), Fault> {
         if !self.is_up() {
             return Err(Fault::TokenLost(self.down_code()));
         }
         let guard = self.module.enter(self.shared.module_wait())?;
-        let generation = self.state().generation;
-        if generation != guard.generation() || !self.is_up() {
-            return Err(Fault::TokenLost(self.down_code()));
+        match self.lifecycle.ticket() {
+            Some(ticket) if ticket.generation == guard.generation() => Ok((guard, ticket)),
+            Some(_) | None => Err(Fault::TokenLost(self.down_code())),
         }
-        Ok(guard)
     }
 
-    /// [`Token::checkout`], marking the token down when no session can be opened on it
-    /// (so the next requests fail over at once instead of trying again).
+    /// [`Token::checkout`], with a failure to open a session settled (so a token on
+    /// which no session can be opened is lost, and the next requests fail over at
+    /// once instead of trying again).
     fn checkout_or_mark<'g>(
         &'g self,
         guard: &'g ModuleGuard<'g>,
+        ticket: Ticket,
         deadline: Instant,
     ) -> Result<Lease<'g>, Fault> {
-        self.checkout(guard, deadline).inspect_err(|f| {
-            if let Fault::TokenLost(code) = f {
-                self.mark_down(code);
-            }
-        })
+        self.checkout(guard, deadline)
+            .map_err(|fault| self.settle(guard, ticket, None, fault))
     }
 
     /// Takes an idle session, waiting until `deadline` (then `Busy`).
@@ -690,7 +656,7 @@ impl Token {
                 pool.open += 1;
                 let epoch = pool.epoch;
                 drop(pool);
-                let slot = self.state().slot;
+                let slot = self.lifecycle.slot();
                 let opened = match slot {
                     Some(slot) => self.open_session(guard.ctx(), slot),
                     None => Err(ckr_name(RvError::TokenNotPresent)),
@@ -809,32 +775,34 @@ impl Token {
             .remove(key_id);
     }
 
-    /// C_GetTokenInfo on our slot, and the token there must still be ours. A failure is
-    /// a lost token. (SoftHSM answers CKR_GENERAL_ERROR once its directory is gone.)
-    pub(crate) fn confirm_alive(&self, guard: &ModuleGuard<'_>) -> Result<(), Fault> {
+    /// C_GetTokenInfo on our slot, and the token there must still be ours; else the
+    /// code of the failure. (SoftHSM answers CKR_GENERAL_ERROR once its directory is
+    /// gone.) Only [`Token::settle`] and [`Token::check_alive`] ask.
+    fn confirm_alive(&self, guard: &ModuleGuard<'_>) -> Result<(), String> {
         let slot = self
-            .state()
-            .slot
-            .ok_or_else(|| Fault::TokenLost(ckr_name(RvError::TokenNotPresent)))?;
+            .lifecycle
+            .slot()
+            .ok_or_else(|| ckr_name(RvError::TokenNotPresent))?;
         let info = guard
             .ctx()
             .get_token_info(slot)
-            .map_err(|e| Fault::TokenLost(error_code(&e)))?;
+            .map_err(|e| error_code(&e))?;
         if !self.selector.matches(&info) {
-            return Err(Fault::TokenLost(ckr_name(RvError::TokenNotRecognized)));
+            return Err(ckr_name(RvError::TokenNotRecognized));
         }
         Ok(())
     }
 
+    /// [`Token::confirm_alive`], a failure settled as a lost token.
+    fn check_alive(&self, guard: &ModuleGuard<'_>, ticket: Ticket) -> Result<(), Fault> {
+        self.confirm_alive(guard)
+            .map_err(|code| self.settle(guard, ticket, None, Fault::TokenLost(code)))
+    }
+
     /// C_GetTokenInfo only: the health check when no health-check key is configured.
     pub(crate) fn shallow_check(&self) -> Result<(), Fault> {
-        let guard = self.enter()?;
-        let result = self.confirm_alive(&guard);
-        drop(guard);
-        if let Err(Fault::TokenLost(code)) = &result {
-            self.mark_down(code);
-        }
-        result
+        let (guard, ticket) = self.enter()?;
+        self.check_alive(&guard, ticket)
     }
 
     /// The liveness probe the recovery thread runs on serving tokens, so a lost token
@@ -843,11 +811,11 @@ impl Token {
         if !self.is_up() {
             return;
         }
-        let Ok(guard) = self.enter() else { return };
-        if let Err(Fault::TokenLost(code)) = self.confirm_alive(&guard) {
-            drop(guard);
-            self.mark_down(&code);
-        }
+        let Ok((guard, ticket)) = self.enter() else {
+            return;
+        };
+        // A failure is settled (the token marked lost) inside; nothing else to do.
+        let _ = self.check_alive(&guard, ticket);
     }
 
     // ---------------------------------------------------------------- admin helpers
@@ -863,8 +831,8 @@ impl Token {
             .enter_blocking()
             .map_err(|f| super::Pkcs11Error::Unavailable(f.into_backend_error().to_string()))?;
         let slot = self
-            .state()
-            .slot
+            .lifecycle
+            .slot()
             .ok_or_else(|| super::Pkcs11Error::Unavailable(self.down_code()))?;
         let session = guard
             .ctx()
@@ -923,20 +891,15 @@ impl Drop for Token {
     }
 }
 
-/// What an operation closure gets: the leased session and a way to check the token.
+/// What an operation closure gets: the leased session and the token's IV policy.
 pub(crate) struct OpCtx<'a> {
     token: &'a Token,
-    guard: &'a ModuleGuard<'a>,
     lease: &'a Lease<'a>,
 }
 
 impl OpCtx<'_> {
     pub(crate) fn session(&self) -> &Session {
         self.lease.session()
-    }
-
-    pub(crate) fn confirm_alive(&self) -> Result<(), Fault> {
-        self.token.confirm_alive(self.guard)
     }
 
     pub(crate) fn iv_policy(&self) -> IvPolicy {
