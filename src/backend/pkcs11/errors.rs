@@ -282,6 +282,9 @@ mod tests {
     }
 
     /// The whole mapping, pinned: (code, function, op) → caller-visible error + action.
+    // One table on purpose, however long: each row is one rule of the mapping, and
+    // reading the rows side by side (which codes mean "lost", which "suspect", which
+    // the caller's fault) is the review.
     #[test]
     fn error_mapping_table() {
         use BackendError as B;
