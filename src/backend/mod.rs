@@ -969,7 +969,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_backend_fails_one_call_and_the_thread_serves_the_next() {
         let backend = Paced::blocking(Duration::ZERO);
-        let h = Handle::new("test", backend.clone(), limits(1, 4, 1000)).expect("threads");
+        // A generous deadline: the panic hook may print a backtrace (RUST_BACKTRACE),
+        // which took over a second on a loaded machine and made the call a Timeout.
+        let h = Handle::new("test", backend.clone(), limits(1, 4, 10_000)).expect("threads");
         backend.panic_next.store(true, Ordering::SeqCst);
         assert_eq!(
             call_thread(&h).await,
