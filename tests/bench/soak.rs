@@ -13,7 +13,7 @@
 //! Runner contract (tests/run-all.sh): the SoftHSM test needs the variables
 //! tests/softhsm/setup.sh exports.
 
-mod kms_support;
+use crate::kms_support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
