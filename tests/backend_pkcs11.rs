@@ -36,6 +36,8 @@
 #![cfg(feature = "pkcs11")]
 
 mod conformance;
+mod harness;
+mod softhsm;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -101,47 +103,14 @@ fn softhsm_conf() -> PathBuf {
 }
 
 fn module_path() -> PathBuf {
-    if let Some(m) = std::env::var_os("XKS_TEST_PKCS11_MODULE") {
-        return PathBuf::from(m);
-    }
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-        "/usr/lib64/pkcs11/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file())
-    .unwrap_or_else(|| panic!("libsofthsm2.so not found; set XKS_TEST_PKCS11_MODULE"))
+    softhsm::module()
+        .unwrap_or_else(|| panic!("libsofthsm2.so not found; set XKS_TEST_PKCS11_MODULE"))
 }
 
 /// `softhsm2-util --init-token --free` with the conf of this process's environment
 /// (or `conf`, for the fault child's own directory).
 fn init_token(label: &str, conf: Option<&Path>) {
-    let mut cmd = Command::new("softhsm2-util");
-    cmd.args([
-        "--init-token",
-        "--free",
-        "--label",
-        label,
-        "--so-pin",
-        SO_PIN,
-        "--pin",
-        USER_PIN,
-    ]);
-    if let Some(conf) = conf {
-        cmd.env("SOFTHSM2_CONF", conf);
-    }
-    let out = cmd
-        .output()
-        .expect("run softhsm2-util (apt-get install softhsm2)");
-    assert!(
-        out.status.success(),
-        "softhsm2-util --init-token {label} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    softhsm::init_token(label, SO_PIN, USER_PIN, conf);
 }
 
 /// Creates every token of this process once, before anything initialises SoftHSM.
@@ -930,9 +899,6 @@ fn fault_child() {
 
 /// Polls `done` every 20 ms until it holds; fails naming `what` after `limit`.
 fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < until, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let held = harness::poll(limit, || done().then_some(()));
+    assert!(held.is_some(), "{what}: not within {limit:?}");
 }

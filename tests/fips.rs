@@ -231,12 +231,7 @@ async fn the_tls_config_health_version_and_metric_say_whether_fips_mode_is_on() 
     assert_eq!(model.contains("FIPS 140-3 mode"), FIPS, "{model}");
 
     let admin = p.running.admin_addr.expect("admin listener");
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let metrics = scrape_metrics(admin).await;
     let want = format!("xks_fips_mode {}", u8::from(FIPS));
     assert!(
         metrics.lines().any(|l| l == want),

@@ -37,12 +37,7 @@ async fn distrusting_handshake(addr: std::net::SocketAddr) {
 }
 
 async fn metrics_text(admin: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
+    scrape_metrics(admin).await
 }
 
 #[test]

@@ -4,27 +4,14 @@
 //! and searches it. (A CloudHSM store's whole life on a real token, rotated passwords
 //! included, is searched the same way in `kms_cloudhsm_sdk`.)
 
+mod common;
+mod harness;
 mod kms_support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
+use common::Capture;
 use kms_support::*;
 use serde_json::json;
 use xks_proxy::secret::SecretString;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test]
 async fn secrets_and_plaintext_never_reach_logs_describe_or_debug() {

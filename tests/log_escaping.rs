@@ -103,7 +103,7 @@ fn json_lines_escape_request_strings() {
     assert!(seen, "{logs}");
 }
 
-/// (Here, not in tests/operating.rs: tracing caches each log call site's interest per
+/// (Here, not in tests/proxy/operating.rs: tracing caches each log call site's interest per
 /// process, and a test running beside it without a subscriber could make these lines
 /// go unrecorded. Every test in this file records under its own subscriber.)
 /// Issue 12, "rejections you can diagnose from the proxy's own log": a 401 line names

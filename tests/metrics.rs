@@ -41,12 +41,7 @@ fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 async fn scrape(admin: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text")
+    scrape_metrics(admin).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

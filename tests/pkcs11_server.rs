@@ -6,7 +6,9 @@
 #![cfg(feature = "pkcs11")]
 
 mod common;
+mod harness;
 mod kms_support;
+mod softhsm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,18 +35,7 @@ fn with_pkcs11_backend(text: &str, label: &str) -> String {
 }
 
 fn module() -> PathBuf {
-    std::env::var_os("XKS_TEST_PKCS11_MODULE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            [
-                "/usr/lib/softhsm/libsofthsm2.so",
-                "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-            ]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-        })
-        .expect("libsofthsm2.so (apt-get install softhsm2; tests/run-all.sh does it)")
+    softhsm::module().expect("libsofthsm2.so (apt-get install softhsm2; tests/run-all.sh does it)")
 }
 
 /// This file's tokens, all made before anything in the process initialises SoftHSM (it
@@ -58,11 +49,7 @@ fn tokens() -> &'static std::sync::Mutex<Vec<String>> {
         );
         let labels: Vec<String> = (0..4).map(|i| format!("srv-{}-{i}", std::process::id())).collect();
         for label in &labels {
-            let out = std::process::Command::new("softhsm2-util")
-                .args(["--init-token", "--free", "--label", label, "--so-pin", "97531", "--pin", USER_PIN])
-                .output()
-                .expect("softhsm2-util");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            softhsm::init_token(label, "97531", USER_PIN, None);
         }
         std::sync::Mutex::new(labels)
     })
@@ -445,6 +432,42 @@ fn token_dir_of_its_own(dir: &std::path::Path, label: &str) -> (PathBuf, PathBuf
     (hsm, conf)
 }
 
+/// `xks-proxy keys create KEY <args>` for `config`, on the SoftHSM token directory of
+/// `conf`.
+fn keys_create(config: &std::path::Path, conf: &std::path::Path, args: &[&str]) {
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
+        .args(["keys", "create", KEY])
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("SOFTHSM2_CONF", conf)
+        .output()
+        .expect("keys create");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
+/// `xks-proxy serve --config <config>` as a child on the SoftHSM token directory of
+/// `conf` (INFO logs), and a client signing with `cred`.
+fn serve_child(
+    config: &std::path::Path,
+    conf: &std::path::Path,
+    cred: &Cred,
+) -> (kms_support::procs::Proc, Client) {
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"));
+    serve
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("SOFTHSM2_CONF", conf)
+        .env("RUST_LOG", "info");
+    let proxy = kms_support::procs::Proc::spawn(serve, "listening on https://");
+    let client = Client::new(proxy.addr, false, cred.clone());
+    (proxy, client)
+}
+
 /// A child `xks-proxy serve` on a SoftHSM token directory of its own (its own
 /// `SOFTHSM2_CONF`), so that a test can move, lock or re-PIN the token without
 /// disturbing the other tests of this process. `extra` is appended to the config; the
@@ -468,25 +491,8 @@ impl OwnToken {
             with_pkcs11_backend(&text, label) + "\n[health]\ncheck_interval_secs = 50\n" + extra;
         let config = dir.path().join("proxy.toml");
         std::fs::write(&config, &text).expect("config");
-        let made = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
-            .args(["keys", "create", KEY, "--config"])
-            .arg(&config)
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .expect("keys create");
-        assert!(
-            made.status.success(),
-            "{}",
-            String::from_utf8_lossy(&made.stderr)
-        );
-        let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"));
-        serve
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("SOFTHSM2_CONF", &conf)
-            .env("RUST_LOG", "info");
-        let proxy = kms_support::procs::Proc::spawn(serve, "listening on https://");
-        let client = Client::new(proxy.addr, false, creds[0].clone());
+        keys_create(&config, &conf, &[]);
+        let (proxy, client) = serve_child(&config, &conf, &creds[0]);
         OwnToken {
             dir,
             hsm,
@@ -1195,26 +1201,9 @@ impl ThreeTenants {
         // The same key id on both tokens, made with the operator's command and its
         // --backend choice.
         for backend in ["hsm-a", "hsm-b"] {
-            let made = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"))
-                .args(["keys", "create", KEY, "--backend", backend, "--config"])
-                .arg(&config)
-                .env("SOFTHSM2_CONF", &conf)
-                .output()
-                .expect("keys create");
-            assert!(
-                made.status.success(),
-                "{}",
-                String::from_utf8_lossy(&made.stderr)
-            );
+            keys_create(&config, &conf, &["--backend", backend]);
         }
-        let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_xks-proxy"));
-        serve
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("SOFTHSM2_CONF", &conf)
-            .env("RUST_LOG", "info");
-        let proxy = kms_support::procs::Proc::spawn(serve, "listening on https://");
-        let client = Client::new(proxy.addr, false, creds[0].clone());
+        let (proxy, client) = serve_child(&config, &conf, &creds[0]);
         let admin = wait_for_log_addr(&proxy, "metrics listening on http://");
         ThreeTenants {
             dir,
@@ -1312,17 +1301,14 @@ impl ThreeTenants {
 
 /// The address a child logged after `marker` (e.g. its metrics listener).
 fn wait_for_log_addr(proxy: &kms_support::procs::Proc, marker: &str) -> std::net::SocketAddr {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
+    let out = harness::poll(Duration::from_secs(30), || {
         let out = proxy.output();
-        if let Some(at) = out.find(marker) {
-            let rest = &out[at + marker.len()..];
-            let end = rest.find('/').expect("address ends with a path");
-            return rest[..end].parse().expect("socket address");
-        }
-        assert!(Instant::now() < until, "{marker} not logged:\n{out}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        out.find(marker)
+            .map(|at| out[at + marker.len()..].to_owned())
+    })
+    .unwrap_or_else(|| panic!("{marker} not logged:\n{}", proxy.output()));
+    let end = out.find('/').expect("address ends with a path");
+    out[..end].parse().expect("socket address")
 }
 
 /// One series' value from Prometheus text: `name{labels…}` with every given label.

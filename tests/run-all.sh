@@ -81,7 +81,7 @@ skip() {
 
 # Rust: unit, integration and end-to-end tests; every test binary runs even when one
 # fails (--no-fail-fast). `bench` adds the load generator xks-bench and the tests that
-# run it (bench_smoke, soak); the product is built without it below.
+# run it (tests/bench/: bench_smoke, soak); the product is built without it below.
 stage "cargo test" cargo test --all-targets --locked --features bench --no-fail-fast
 # The software-only build (no PKCS#11 backend, no cryptoki).
 stage "cargo test --no-default-features" \

@@ -20,12 +20,7 @@ fn backend_calls(metrics: &str) -> f64 {
 }
 
 async fn scrape(admin: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text")
+    scrape_metrics(admin).await
 }
 
 /// Sums a histogram's bucket counts for one outcome from Prometheus text.

@@ -2,13 +2,15 @@
 //! a temp dir, and a client that signs every request like KMS (aws-sigv4).
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
 use xks_proxy::backend::KeyUsage;
 use xks_proxy::backend::software::{Keystore, MasterKey};
 use xks_proxy::config::Config;
@@ -249,19 +251,7 @@ impl Client {
         tamper: impl FnOnce(&mut http::Request<Bytes>),
     ) -> Reply {
         let mut req = http::Request::post(url).body(body).expect("request");
-        xks_proxy::sigv4::sign_request(
-            &mut req,
-            &self.cred.akid,
-            &self.cred.secret,
-            &self.region,
-            SERVICE,
-            SystemTime::now(),
-        )
-        .expect("sign");
-        req.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
+        sign_like_kms(&mut req, &self.cred.akid, &self.cred.secret, &self.region);
         tamper(&mut req);
         self.send(req).await
     }
@@ -403,4 +393,94 @@ impl Capture {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
     }
+}
+
+/// The admin listener's `/metrics` text (Prometheus exposition format).
+pub async fn scrape_metrics(admin: impl std::fmt::Display) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text")
+}
+
+/// Signs `req` as KMS does (SigV4, service `kms-xks-proxy`, now), then sets the JSON
+/// content type (KMS does not sign it).
+pub fn sign_like_kms(
+    req: &mut http::Request<Bytes>,
+    akid: &str,
+    secret: &SecretString,
+    region: &str,
+) {
+    xks_proxy::sigv4::sign_request(req, akid, secret, region, SERVICE, SystemTime::now())
+        .expect("sign");
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+}
+
+/// A signed Encrypt of `plaintext` under [`KEY`], for tests that drive the connection
+/// themselves: the HTTP/2 form (absolute URI) or the HTTP/1.1 form (path and Host).
+pub fn signed_encrypt(p: &TestProxy, plaintext: &[u8], h2: bool) -> http::Request<Bytes> {
+    let authority = format!("localhost:{}", p.addr().port());
+    let path = format!("{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt");
+    let body = Bytes::from(serde_json::to_vec(&encrypt_body(plaintext, None)).expect("json"));
+    let mut req = if h2 {
+        http::Request::post(format!("https://{authority}{path}"))
+    } else {
+        http::Request::post(path).header(http::header::HOST, &authority)
+    }
+    .body(body)
+    .expect("request");
+    sign_like_kms(&mut req, &p.creds[0].akid, &p.creds[0].secret, REGION);
+    req
+}
+
+/// A TCP connection to `addr` from `source` (any 127/8 address works on loopback).
+pub async fn tcp_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// A TLS connection to the proxy offering `alpn`, optionally with a client certificate,
+/// for tests that speak HTTP on it themselves.
+pub async fn raw_tls(
+    addr: SocketAddr,
+    source: IpAddr,
+    alpn: &[u8],
+    client_cert: Option<(&str, &str)>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots);
+    let mut config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(repo().join(cert))
+                .expect("cert")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("cert");
+            let key =
+                rustls_pki_types::PrivateKeyDer::from_pem_file(repo().join(key)).expect("key");
+            builder
+                .with_client_auth_cert(certs, key)
+                .expect("client auth")
+        }
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tcp_from(source, addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
 }

@@ -1,6 +1,6 @@
 //! The backend conformance suite: one set of checks, written once over
 //! `&dyn CryptoBackend`, that every backend must pass (the software keystore in
-//! `tests/backend_software.rs`, a real SoftHSMv2 token in the PKCS#11 tests).
+//! `tests/proxy/backend_software.rs`, a real SoftHSMv2 token in the PKCS#11 tests).
 //!
 //! Each backend test creates the keys of a [`Fixture`] its own way and calls
 //! [`run_all`]. Every check names itself in its assertion messages, and its doc line

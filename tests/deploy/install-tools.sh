@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/deploy/install-tools.sh — installs what the deploy tests (tests/deploy_*.rs)
+# tests/deploy/install-tools.sh — installs what the deploy tests (tests/deploy/deploy_*.rs)
 # need, when it is missing:
 #   - haproxy (Debian package; the fleet test runs it as a user process, never as a service)
 #   - systemd-analyze (Debian package systemd; only to verify the unit file)

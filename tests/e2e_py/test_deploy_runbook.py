@@ -12,7 +12,7 @@
 
 What cannot run here (systemctl, docker, kubectl apply, CloudFormation in an account) is
 checked statically by the first three tests, and the files those commands use are linted
-by tests/deploy_lint.rs.
+by tests/deploy/deploy_lint.rs.
 """
 
 import json

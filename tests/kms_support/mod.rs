@@ -11,6 +11,7 @@
 
 pub mod procs;
 pub mod readme;
+pub mod sdk;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -186,14 +187,12 @@ impl Emu {
 
     /// Polls until the store leaves CONNECTING (bounded: 30 s).
     pub async fn wait_connection(&self, id: &str) -> Value {
-        for _ in 0..600 {
+        let left = crate::harness::poll_async(Duration::from_secs(30), || async {
             let s = self.store(id).await;
-            if s["ConnectionState"] != "CONNECTING" {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("store {id} stayed CONNECTING");
+            (s["ConnectionState"] != "CONNECTING").then_some(s)
+        })
+        .await;
+        left.unwrap_or_else(|| panic!("store {id} stayed CONNECTING"))
     }
 
     /// Connects and waits for CONNECTED.

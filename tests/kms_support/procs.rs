@@ -95,11 +95,7 @@ impl Proc {
     }
 
     fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        assert!(crate::harness::signal(self.pid(), sig));
     }
 }
 

@@ -3,19 +3,16 @@
 
 use std::process::Command;
 
+use crate::softhsm;
+
 /// The host files a shipped config names (certificate, key, keystore, PKCS#11 module),
 /// stood in for by the repository's test certificate, a fresh keystore and SoftHSM's
 /// library: `config check` now reads them as `serve` would (issue 12), so the shipped
 /// paths themselves only exist on a real host.
 fn with_stand_ins(text: &str, tmp: &std::path::Path) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let softhsm = [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    ]
-    .into_iter()
-    .find(|p| std::path::Path::new(p).is_file())
-    .unwrap_or("/usr/lib/softhsm/libsofthsm2.so");
+    let module = softhsm::module().unwrap_or_else(|| "/usr/lib/softhsm/libsofthsm2.so".into());
+    let softhsm = &*module.to_string_lossy();
     let mut text = text
         .replace(
             "/etc/xks-proxy/tls/fullchain.pem",

@@ -13,8 +13,6 @@
 //! Runner contract (tests/run-all.sh): the SoftHSM test needs the variables
 //! tests/softhsm/setup.sh exports.
 
-mod kms_support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -141,7 +139,7 @@ fn soak_10k_round_trips_on_the_software_keystore_with_a_proxy_restart_loses_noth
 #[cfg(feature = "pkcs11")]
 #[test]
 fn soak_10k_round_trips_on_softhsm_with_a_proxy_restart_loses_nothing() {
-    use kms_support::procs::Backend;
+    use crate::kms_support::procs::Backend;
     let Some(Backend::SoftHsm {
         module,
         token_label,

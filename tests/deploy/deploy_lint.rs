@@ -9,15 +9,15 @@
 //! linter fails the test; the one exception is `systemd-analyze`, which the issue asks
 //! for "when available": without it the unit is still checked directive by directive.
 
-mod deploy;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use deploy::*;
 use serde_json::Value;
+use support::*;
 
 const MIN: Duration = Duration::from_secs(60);
 
@@ -94,7 +94,7 @@ fn systemd_unit_is_hardened() {
     assert!(one("ExecStartPre").contains("xks-proxy config check --config"));
     // Secrets are files the proxy re-reads on reload, never the environment: a running
     // process cannot see a changed variable, so a credential there could not rotate.
-    // (tests/deploy_rotation.rs runs the rotation with this unit's ExecReload.)
+    // (tests/deploy/deploy_rotation.rs runs the rotation with this unit's ExecReload.)
     for k in [
         "EnvironmentFile",
         "Environment",
@@ -332,7 +332,7 @@ fn every_deploy_config_passes_config_check() {
         checked.push(rel);
     }
     // No TOML in deploy/ escapes the check (softhsm-demo.toml is a template, checked by
-    // tests/deploy_container.rs after the entrypoint fills it in).
+    // tests/deploy/deploy_container.rs after the entrypoint fills it in).
     let mut all = Vec::new();
     for dir in ["systemd", "container", "kubernetes", "aws"] {
         for e in std::fs::read_dir(deploy().join(dir)).expect("dir") {
@@ -989,7 +989,7 @@ fn served_by<'a>(docs: &'a [Value], pod: &'a Value, path: &str) -> Option<(&'a V
 #[test]
 fn kubernetes_mounts_hold_every_file_the_config_names() {
     // The config the pods run names its files by path; each must be a key of the
-    // ConfigMap or Secret mounted at its directory (tests/deploy_rotation.rs lays the
+    // ConfigMap or Secret mounted at its directory (tests/deploy/deploy_rotation.rs lays the
     // volumes out this way and swaps them as the kubelet does).
     let (_tmp, _, docs) = render(None);
     let dep = find(&docs, "Deployment", "xks-proxy");

@@ -4,7 +4,7 @@
 //! failure mapping, the quota, persistence across a restart and the periodic health
 //! check. Everything runs over real sockets on 127.0.0.1.
 
-mod kms_support;
+use crate::kms_support;
 
 use std::time::Duration;
 
@@ -30,19 +30,14 @@ async fn setup_with(f: impl FnOnce(&mut Config)) -> (Responder, Emu) {
 
 /// Polls `check` every 20 ms until it yields `Some`; fails naming `what` after 30 s (a
 /// generous bound for an event, never a timing assertion).
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(std::time::Instant::now() < until, "{what}: not within 30 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::harness::poll_async(Duration::from_secs(30), check)
+        .await
+        .unwrap_or_else(|| panic!("{what}: not within 30 s"))
 }
 
 /// A connected store with one XKS key on `key-1`; returns (store id, key ARN).

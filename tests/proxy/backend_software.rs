@@ -2,7 +2,7 @@
 //! to the software keystore (file integrity, master key handling, atomic saves,
 //! rotation, hot reload, redaction).
 
-mod conformance;
+use crate::conformance;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -577,7 +577,8 @@ fn master_key_from_env() {
     let output = std::process::Command::new(std::env::current_exe().expect("current_exe"))
         .args([
             "--exact",
-            "master_key_from_env_child",
+            // Its name in the `proxy` test binary (tests/proxy/main.rs).
+            "backend_software::master_key_from_env_child",
             "--nocapture",
             "--test-threads=1",
         ])

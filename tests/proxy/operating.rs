@@ -2,7 +2,7 @@
 //! connection, mTLS enforced in the handshake, quotas and load shedding, metrics, key
 //! rotation, and the operator CLI. All against the real server.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -408,12 +408,7 @@ async fn metrics_on_the_admin_listener() {
             .status,
         404
     );
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let text = scrape_metrics(admin).await;
     for needle in [
         "xks_requests_total{",
         "outcome=\"ok\"",

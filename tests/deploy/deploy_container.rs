@@ -7,15 +7,15 @@
 //! The demo serves from a SoftHSM token: it needs the (default) `pkcs11` feature.
 #![cfg(feature = "pkcs11")]
 
-mod deploy;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use deploy::*;
 use serde_json::json;
+use support::*;
 
 const HOST: &str = "localhost";
 

@@ -20,9 +20,9 @@
 //! moved under a temp dir, listeners to 127.0.0.1:0, and the Kubernetes watch interval
 //! from 10 s to 1 s; nothing else changes.
 
-mod common;
-mod deploy;
-mod kms_support;
+use crate::common;
+use crate::kms_support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -50,7 +50,7 @@ fn bin() -> Command {
 /// A shipped config with its host paths moved under `root` and its listeners on
 /// loopback port 0.
 fn staged(rel: &str, root: &Path) -> String {
-    let text = std::fs::read_to_string(deploy::deploy().join(rel)).expect(rel);
+    let text = std::fs::read_to_string(support::deploy().join(rel)).expect(rel);
     let root = root.display().to_string();
     text.lines()
         .map(|line| {
@@ -377,7 +377,7 @@ fn make_keystore(config: &Path) {
 }
 
 fn dev_cert() -> (Vec<u8>, Vec<u8>) {
-    let certs = deploy::repo().join("certs");
+    let certs = support::repo().join("certs");
     (
         std::fs::read(certs.join("server-ecdsa.pem")).expect("cert"),
         std::fs::read(certs.join("server-ecdsa.key")).expect("key"),
@@ -397,7 +397,7 @@ fn old_credential() -> Cred {
 /// The shipped unit's `ExecReload=` line.
 fn unit_exec_reload() -> String {
     let unit =
-        std::fs::read_to_string(deploy::deploy().join("systemd/xks-proxy.service")).expect("unit");
+        std::fs::read_to_string(support::deploy().join("systemd/xks-proxy.service")).expect("unit");
     let reload: Vec<&str> = unit
         .lines()
         .filter_map(|l| l.trim().strip_prefix("ExecReload="))
@@ -520,14 +520,14 @@ async fn container_rotation_writes_files_in_the_mounted_directory_and_sends_sigh
 // ---------------------------------------------------------------------------- Kubernetes
 
 /// Where the Deployment mounts what (checked against the rendered manifests by
-/// tests/deploy_lint.rs, `kubernetes_mounts_hold_every_file_the_config_names`).
+/// tests/deploy/deploy_lint.rs, `kubernetes_mounts_hold_every_file_the_config_names`).
 const K8S_CONFIG_DIR: &str = "etc/xks-proxy/config";
 const K8S_SECRETS_DIR: &str = "etc/xks-proxy/secrets";
 const K8S_TLS_DIR: &str = "etc/xks-proxy/tls";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_rotation_swaps_the_volumes_and_every_pod_reloads_by_itself() {
-    let deployment = std::fs::read_to_string(deploy::deploy().join("kubernetes/deployment.yaml"))
+    let deployment = std::fs::read_to_string(support::deploy().join("kubernetes/deployment.yaml"))
         .expect("deployment");
     for needle in [
         "mountPath: /etc/xks-proxy/config\n",

@@ -13,7 +13,7 @@
 //! Needs `haproxy` (Debian package; run here as a user process with a generated config,
 //! never as a service): `tests/deploy/install-tools.sh` installs it.
 
-mod deploy;
+use crate::support;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,15 +23,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kms::Client;
-use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{
     ConnectionStateType, CustomKeyStoreType, OriginType, XksProxyAuthenticationCredentialType,
     XksProxyConnectivityType,
 };
-use deploy::*;
 use serde_json::Value;
+use support::*;
 
 const HOST: &str = "xks.test.example"; // a name the dev certificate carries
 const KEY: &str = "fleet-key-1";
@@ -153,21 +152,8 @@ fn wait_status(stats: &str, server: &str, want: &str, limit: Duration) {
 }
 
 fn sdk(emulator: &str) -> Client {
-    let conf = aws_sdk_kms::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(format!("http://{emulator}"))
-        .credentials_provider(Credentials::new(
-            "AKIDFLEETTEST",
-            "fleet-test",
-            None,
-            None,
-            "test",
-        ))
-        // Count every failure here: no SDK retries.
-        .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
-        .build();
-    Client::from_conf(conf)
+    // Counts every failure here: the client does no retries.
+    crate::kms_support::sdk::client(&format!("http://{emulator}"), "AKIDFLEETTEST", "fleet-test")
 }
 
 /// What became of one KMS call.
@@ -453,26 +439,8 @@ secret_file = "sigv4-secret"
         .custom_key_store_id()
         .expect("id")
         .to_owned();
-    kms.connect_custom_key_store()
-        .custom_key_store_id(&store)
-        .send()
-        .await
-        .expect("ConnectCustomKeyStore");
-    let mut state = None;
-    for _ in 0..200 {
-        let d = kms
-            .describe_custom_key_stores()
-            .custom_key_store_id(&store)
-            .send()
-            .await
-            .expect("describe");
-        state = d.custom_key_stores()[0].connection_state().cloned();
-        if state != Some(ConnectionStateType::Connecting) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(state, Some(ConnectionStateType::Connected));
+    let s = crate::kms_support::sdk::connect(&kms, &store).await;
+    assert_eq!(s.connection_state(), Some(&ConnectionStateType::Connected));
     let key = kms
         .create_key()
         .origin(OriginType::ExternalKeyStore)

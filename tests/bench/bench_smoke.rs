@@ -5,10 +5,11 @@
 //! attackers) must finish with a well-formed report, every attacker kind must have
 //! connected, and no forged request may ever be answered 200.
 
-mod common;
+use crate::common;
+use crate::harness;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -306,20 +307,7 @@ async fn xks_bench_flood_runs_every_attacker_and_reports_a_verdict() {
 
 #[test]
 fn null_server_answers_and_exits_when_its_parent_closes_stdin() {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_xks-bench"))
-        .args(["null-server", "--exit-on-stdin-eof", "--max-secs", "120"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start null server");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("announce line");
-    let info: Value = serde_json::from_str(&line).expect("JSON announce line");
+    let (mut server, info) = start_server(&["null-server"]);
     let url = info["url"].as_str().expect("url").to_owned();
     let dir = tempfile::tempdir().expect("tempdir");
     let secret = dir.path().join("secret");
@@ -353,20 +341,45 @@ fn null_server_answers_and_exits_when_its_parent_closes_stdin() {
     );
     check_report(&out, "encrypt");
     // Closing stdin stops the server (how `figures` makes sure no server outlives it).
-    drop(server.stdin.take());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline && server.try_wait().expect("wait").is_none() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = server.try_wait().expect("wait");
-    if status.is_none() {
-        let _ = server.kill();
-    }
+    let status = stop_server(&mut server, Duration::from_secs(20));
     assert!(status.is_some(), "null server did not exit on stdin EOF");
 }
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// An `xks-bench` server (`args[0]`: `null-server`, `proxy-server`) as a child that
+/// exits when its stdin closes (bounded by `--max-secs` too), and the JSON line it
+/// announced itself with.
+fn start_server(args: &[&str]) -> (Child, Value) {
+    let mut server = Command::new(env!("CARGO_BIN_EXE_xks-bench"))
+        .arg(args[0])
+        .args(["--exit-on-stdin-eof", "--max-secs", "120"])
+        .args(&args[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", args[0]));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("announce line");
+    let info: Value = serde_json::from_str(&line).expect("JSON announce line");
+    (server, info)
+}
+
+/// Closes the server's stdin and waits up to `limit` for it to exit (killed if not).
+fn stop_server(server: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    drop(server.stdin.take());
+    let status = harness::wait_exit(server, limit);
+    if status.is_none() {
+        let _ = server.kill();
+    }
+    status
 }
 
 /// Issue 16 §2's benchmark is runnable: `proxy-server --audit-dir` serves with the
@@ -376,21 +389,13 @@ fn path(p: &Path) -> &str {
 fn the_audit_on_proxy_server_records_every_request_of_a_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let trail = dir.path().join("trail");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_xks-bench"))
-        .args(["proxy-server", "--exit-on-stdin-eof", "--max-secs", "120"])
-        .args(["--log-level", "warn", "--audit-dir", path(&trail)])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start proxy server");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("announce line");
-    let info: Value = serde_json::from_str(&line).expect("JSON announce line");
+    let (mut server, info) = start_server(&[
+        "proxy-server",
+        "--log-level",
+        "warn",
+        "--audit-dir",
+        path(&trail),
+    ]);
     let s = |k: &str| info[k].as_str().expect(k).to_owned();
     let (url, prefix, key, akid, secret) = (
         s("url"),
@@ -429,15 +434,7 @@ fn the_audit_on_proxy_server_records_every_request_of_a_run() {
         Duration::from_secs(60),
     );
     let report = check_report(&out, "encrypt");
-    drop(server.stdin.take());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline && server.try_wait().expect("wait").is_none() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = server.try_wait().expect("wait");
-    if status.is_none() {
-        let _ = server.kill();
-    }
+    let status = stop_server(&mut server, Duration::from_secs(30));
     assert!(status.is_some(), "proxy server did not exit on stdin EOF");
     let files = xks_proxy::audit::audit_files(&trail).expect("trail");
     let verified = xks_proxy::audit::verify(&files, None);

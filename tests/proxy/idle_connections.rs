@@ -7,10 +7,9 @@
 //!
 //! The pauses below only separate the pieces in time; no test asserts a speed.
 
-mod common;
+use crate::common;
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -26,50 +25,9 @@ const BOUND: Duration = Duration::from_secs(20);
 const PAUSE: Duration = Duration::from_millis(50);
 
 async fn tls(p: &TestProxy) -> TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::pem::PemObject;
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(p.addr()).await.expect("connect");
-    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
+    raw_tls(p.addr(), [127, 0, 0, 1].into(), b"http/1.1", None)
         .await
         .expect("tls")
-}
-
-/// A signed Encrypt request (HTTP/1.1 form: path and Host header).
-fn signed_encrypt(p: &TestProxy, plaintext: &[u8]) -> http::Request<Bytes> {
-    let authority = format!("localhost:{}", p.addr().port());
-    let path = format!("{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt");
-    let body = Bytes::from(serde_json::to_vec(&encrypt_body(plaintext, None)).expect("json"));
-    let mut req = http::Request::post(path)
-        .header(http::header::HOST, &authority)
-        .body(body)
-        .expect("request");
-    xks_proxy::sigv4::sign_request(
-        &mut req,
-        &p.creds[0].akid,
-        &p.creds[0].secret,
-        REGION,
-        SERVICE,
-        SystemTime::now(),
-    )
-    .expect("sign");
-    req.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    req
 }
 
 /// The request as HTTP/1.1 bytes on the wire.
@@ -132,7 +90,7 @@ async fn request_after_request_on_one_keep_alive_connection() {
         .expect("h1 handshake");
     let conn = tokio::spawn(async move { drop(conn.await) });
     for i in 0..5u8 {
-        let req = signed_encrypt(&p, &[i; 16]).map(Full::new);
+        let req = signed_encrypt(&p, &[i; 16], false).map(Full::new);
         let resp = tokio::time::timeout(BOUND, send.send_request(req))
             .await
             .expect("answer in time")
@@ -160,7 +118,7 @@ async fn a_request_in_pieces_and_pipelined_requests_reach_hyper_whole() {
     let mut pending = Vec::new();
 
     // A first request, so that the connection has answered once.
-    io.write_all(&wire(&signed_encrypt(&p, b"first")))
+    io.write_all(&wire(&signed_encrypt(&p, b"first", false)))
         .await
         .expect("write");
     assert_kept_alive(&read_response(&mut io, &mut pending).await);
@@ -168,7 +126,7 @@ async fn a_request_in_pieces_and_pipelined_requests_reach_hyper_whole() {
 
     // A request in three pieces with pauses: the first starts the next request
     // and the rest follow.
-    let bytes = wire(&signed_encrypt(&p, b"in pieces"));
+    let bytes = wire(&signed_encrypt(&p, b"in pieces", false));
     for piece in [&bytes[..1], &bytes[1..40], &bytes[40..]] {
         io.write_all(piece).await.expect("write");
         io.flush().await.expect("flush");
@@ -179,15 +137,15 @@ async fn a_request_in_pieces_and_pipelined_requests_reach_hyper_whole() {
 
     // Two pipelined requests in one write: the second may sit in hyper's buffer when
     // the first is answered, and must not be lost between the two answers.
-    let mut two = wire(&signed_encrypt(&p, b"pipelined 1"));
-    two.extend_from_slice(&wire(&signed_encrypt(&p, b"pipelined 2")));
+    let mut two = wire(&signed_encrypt(&p, b"pipelined 1", false));
+    two.extend_from_slice(&wire(&signed_encrypt(&p, b"pipelined 2", false)));
     io.write_all(&two).await.expect("write");
     assert_kept_alive(&read_response(&mut io, &mut pending).await);
     assert_kept_alive(&read_response(&mut io, &mut pending).await);
     tokio::time::sleep(PAUSE).await;
 
     // And the connection still serves after all that.
-    io.write_all(&wire(&signed_encrypt(&p, b"last")))
+    io.write_all(&wire(&signed_encrypt(&p, b"last", false)))
         .await
         .expect("write");
     assert_kept_alive(&read_response(&mut io, &mut pending).await);

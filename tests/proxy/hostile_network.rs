@@ -7,14 +7,13 @@
 //! Waits are for events (a counter the server exposes, a connection closing, a response
 //! arriving), each with a generous bound; no test asserts a speed.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -22,8 +21,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_rustls::client::TlsStream;
 
 /// Every wait in this file is bounded by this (never reached when things work).
 const BOUND: Duration = Duration::from_secs(20);
@@ -45,84 +42,8 @@ impl http_body::Body for Stalled {
     }
 }
 
-/// A TCP connection to `addr` from `source` (any 127/8 address works on loopback).
-async fn tcp_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    socket.connect(addr).await
-}
-
-/// A TLS connection to the proxy offering `alpn`, optionally with a client certificate.
-async fn tls(
-    addr: SocketAddr,
-    source: IpAddr,
-    alpn: &[u8],
-    client_cert: Option<(&str, &str)>,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::pem::PemObject;
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca_pem()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots);
-    let mut config = match client_cert {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(repo().join(cert))
-                .expect("cert")
-                .collect::<Result<Vec<_>, _>>()
-                .expect("cert");
-            let key =
-                rustls_pki_types::PrivateKeyDer::from_pem_file(repo().join(key)).expect("key");
-            builder
-                .with_client_auth_cert(certs, key)
-                .expect("client auth")
-        }
-    };
-    config.alpn_protocols = vec![alpn.to_vec()];
-    let tcp = tcp_from(source, addr).await?;
-    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-}
-
 fn lo(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
-}
-
-/// A signed Encrypt request for `key`, ready for a hyper client connection (`h2`:
-/// absolute URI; HTTP/1.1: path and Host header).
-fn signed_encrypt(p: &TestProxy, h2: bool) -> http::Request<Full<Bytes>> {
-    let authority = format!("localhost:{}", p.addr().port());
-    let path = format!("{PREFIX}/kms/xks/v1/keys/{KEY}/encrypt");
-    let body = Bytes::from(serde_json::to_vec(&encrypt_body(b"hostile", None)).expect("json"));
-    let mut req = if h2 {
-        http::Request::post(format!("https://{authority}{path}"))
-    } else {
-        http::Request::post(path).header(http::header::HOST, &authority)
-    }
-    .body(body)
-    .expect("request");
-    xks_proxy::sigv4::sign_request(
-        &mut req,
-        &p.creds[0].akid,
-        &p.creds[0].secret,
-        REGION,
-        SERVICE,
-        SystemTime::now(),
-    )
-    .expect("sign");
-    req.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    req.map(Full::new)
 }
 
 /// An unsigned Encrypt head (any credentials would do: they are never checked before
@@ -146,7 +67,9 @@ type H2<B> = hyper::client::conn::http2::SendRequest<B>;
 
 /// An HTTP/1.1 client connection; its task's handle ends when the server closes it.
 async fn h1(p: &TestProxy, source: IpAddr) -> (H1, tokio::task::JoinHandle<()>) {
-    let io = tls(p.addr(), source, b"http/1.1", None).await.expect("tls");
+    let io = raw_tls(p.addr(), source, b"http/1.1", None)
+        .await
+        .expect("tls");
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .expect("h1 handshake");
@@ -158,7 +81,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let io = tls(p.addr(), source, b"h2", None).await.expect("tls");
+    let io = raw_tls(p.addr(), source, b"h2", None).await.expect("tls");
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
@@ -240,7 +163,9 @@ async fn slow_bodies_hold_no_in_flight_permit() {
     // a body and never sends it.
     let mut raw = Vec::new();
     for _ in 0..4 {
-        let mut io = tls(p.addr(), lo(2), b"http/1.1", None).await.expect("tls");
+        let mut io = raw_tls(p.addr(), lo(2), b"http/1.1", None)
+            .await
+            .expect("tls");
         let head = format!(
             "POST {PREFIX}/kms/xks/v1/keys/{KEY}/encrypt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
         );
@@ -307,7 +232,9 @@ async fn a_silent_connection_is_closed_after_the_header_timeout() {
         ..Options::default()
     })
     .await;
-    let mut io = tls(p.addr(), lo(1), b"http/1.1", None).await.expect("tls");
+    let mut io = raw_tls(p.addr(), lo(1), b"http/1.1", None)
+        .await
+        .expect("tls");
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(BOUND, io.read(&mut buf))
         .await
@@ -328,10 +255,12 @@ async fn a_slow_request_head_is_cut_off() {
         ..Options::default()
     })
     .await;
-    let io = tls(p.addr(), lo(1), b"http/1.1", None).await.expect("tls");
+    let io = raw_tls(p.addr(), lo(1), b"http/1.1", None)
+        .await
+        .expect("tls");
     // One authenticated request by hand, then half a head.
     let mut io = io;
-    let req = signed_encrypt(&p, false);
+    let req = signed_encrypt(&p, b"hostile", false).map(Full::new);
     let (parts, body) = req.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
     let mut head = format!("POST {} HTTP/1.1\r\n", parts.uri);
@@ -362,7 +291,7 @@ enum Conn {
 impl Conn {
     /// Sends one signed Encrypt and returns its status.
     async fn encrypt(&mut self, p: &TestProxy, h2: bool) -> u16 {
-        let req = signed_encrypt(p, h2);
+        let req = signed_encrypt(p, b"hostile", h2).map(Full::new);
         match self {
             Conn::H1(s) => {
                 s.ready().await.expect("ready");
@@ -435,12 +364,12 @@ async fn one_source_cannot_take_every_connection() {
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(
-            tls(p.addr(), lo(2), b"http/1.1", None)
+            raw_tls(p.addr(), lo(2), b"http/1.1", None)
                 .await
                 .expect("within the cap"),
         );
     }
-    let fourth = tls(p.addr(), lo(2), b"http/1.1", None).await;
+    let fourth = raw_tls(p.addr(), lo(2), b"http/1.1", None).await;
     assert!(
         fourth.is_err(),
         "the fourth connection from one source is refused"
@@ -455,7 +384,7 @@ async fn one_source_cannot_take_every_connection() {
     let mut again = Err(std::io::Error::other("not yet"));
     tokio::time::timeout(BOUND, async {
         while again.is_err() {
-            again = tls(p.addr(), lo(2), b"http/1.1", None).await;
+            again = raw_tls(p.addr(), lo(2), b"http/1.1", None).await;
         }
     })
     .await
@@ -531,7 +460,7 @@ async fn a_refused_client_certificate_ends_in_a_handshake_failure_alert() {
         ),
         ("certs/wrong-name-client.pem", "certs/wrong-name-client.key"),
     ] {
-        let alert = match tls(p.addr(), lo(1), b"http/1.1", Some((cert, key))).await {
+        let alert = match raw_tls(p.addr(), lo(1), b"http/1.1", Some((cert, key))).await {
             Err(e) => e,
             Ok(mut io) => {
                 // TLS 1.3: the client is done; the server's verdict follows.
@@ -559,7 +488,7 @@ async fn a_refused_client_certificate_ends_in_a_handshake_failure_alert() {
         );
     }
     // The good certificate still works.
-    let mut io = tls(
+    let mut io = raw_tls(
         p.addr(),
         lo(1),
         b"http/1.1",

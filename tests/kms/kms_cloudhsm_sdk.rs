@@ -5,20 +5,20 @@
 //! operator's reset), so the emulator is not its own oracle.
 #![cfg(feature = "pkcs11")]
 
-mod kms_support;
+use crate::kms_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kms::Client;
-use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{
     ConnectionErrorCodeType, ConnectionStateType, CustomKeyStoresListEntry, KeyState, OriginType,
 };
 use kms_support::procs::{Proc, emulator_bin};
+use kms_support::sdk::{self, code, connect, describe, service_code, settled};
 
 /// The emulator binary: `KMS_EMULATOR_BIN` when set (as for the boto3 suite), else
 /// the one Cargo built for this test.
@@ -219,25 +219,11 @@ fn standard_clusters(hsm: &Hsm) -> PathBuf {
 }
 
 fn sdk(emulator: &Proc) -> Client {
-    let conf = aws_sdk_kms::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(format!("http://{}", emulator.addr))
-        .credentials_provider(Credentials::new("AKIDSDK", "sdk-secret", None, None, "t"))
-        .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
-        .build();
-    Client::from_conf(conf)
-}
-
-fn code<E: ProvideErrorMetadata, R>(r: Result<R, aws_sdk_kms::error::SdkError<E>>) -> String {
-    match r {
-        Ok(_) => panic!("call unexpectedly succeeded"),
-        Err(e) => e
-            .as_service_error()
-            .and_then(|s| s.code())
-            .unwrap_or_else(|| panic!("not a service error"))
-            .to_owned(),
-    }
+    kms_support::sdk::client(
+        &format!("http://{}", emulator.addr),
+        "AKIDSDK",
+        "sdk-secret",
+    )
 }
 
 async fn create(
@@ -255,53 +241,11 @@ async fn create(
         .send()
         .await
         .map(|o| o.custom_key_store_id().expect("id").to_owned())
-        .map_err(|e| {
-            e.as_service_error()
-                .and_then(|s| s.code())
-                .unwrap_or("not a service error")
-                .to_owned()
-        })
-}
-
-async fn describe(kms: &Client, id: &str) -> CustomKeyStoresListEntry {
-    kms.describe_custom_key_stores()
-        .custom_key_store_id(id)
-        .send()
-        .await
-        .expect("describe")
-        .custom_key_stores()[0]
-        .clone()
-}
-
-/// Polls until the store leaves CONNECTING/DISCONNECTING (bounded).
-async fn settled(kms: &Client, id: &str) -> CustomKeyStoresListEntry {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = describe(kms, id).await;
-        match s.connection_state() {
-            Some(ConnectionStateType::Connecting | ConnectionStateType::Disconnecting) => {}
-            _ => return s,
-        }
-        assert!(Instant::now() < deadline, "store {id} never settled: {s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn connect(kms: &Client, id: &str) -> CustomKeyStoresListEntry {
-    kms.connect_custom_key_store()
-        .custom_key_store_id(id)
-        .send()
-        .await
-        .expect("connect");
-    settled(kms, id).await
+        .map_err(service_code)
 }
 
 async fn disconnect(kms: &Client, id: &str) {
-    kms.disconnect_custom_key_store()
-        .custom_key_store_id(id)
-        .send()
-        .await
-        .expect("disconnect");
+    sdk::disconnect(kms, id).await;
     let s = settled(kms, id).await;
     assert_eq!(
         s.connection_state(),

@@ -2,7 +2,7 @@
 //! over HTTP/1.1 and HTTP/2. curl signs its own set of headers (content-type among them),
 //! which our verifier must accept exactly as SigV4 defines.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::process::Command;

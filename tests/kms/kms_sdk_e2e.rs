@@ -3,12 +3,11 @@
 //! by `aws-sdk-kms` through the whole external-key-store lifecycle, plus the failure
 //! paths asserted by exception name and ConnectionErrorCode.
 
-mod kms_support;
+use crate::kms_support;
 
 use std::time::Duration;
 
 use aws_sdk_kms::Client;
-use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{
@@ -16,26 +15,18 @@ use aws_sdk_kms::types::{
     XksProxyAuthenticationCredentialType, XksProxyConnectivityType,
 };
 use kms_support::procs::{Backend, Proc, ProxySetup, start_emulator};
+use kms_support::sdk::{code, connect, disconnect, service_code};
 use kms_support::{AKID, AKID2, ENDPOINT, SECRET, SECRET2};
 
 const PREFIX: &str = "/tenant-a";
 const PATH: &str = "/tenant-a/kms/xks/v1";
 
 fn sdk(emulator: &Proc) -> Client {
-    let conf = aws_sdk_kms::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(format!("http://{}", emulator.addr))
-        .credentials_provider(Credentials::new(
-            "AKIDSDKCALLER",
-            "sdk-caller-secret",
-            None,
-            None,
-            "test",
-        ))
-        .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
-        .build();
-    Client::from_conf(conf)
+    kms_support::sdk::client(
+        &format!("http://{}", emulator.addr),
+        "AKIDSDKCALLER",
+        "sdk-caller-secret",
+    )
 }
 
 fn cred(akid: &str, secret: &str) -> XksProxyAuthenticationCredentialType {
@@ -44,18 +35,6 @@ fn cred(akid: &str, secret: &str) -> XksProxyAuthenticationCredentialType {
         .raw_secret_access_key(secret)
         .build()
         .expect("credential")
-}
-
-/// The error code of a failed SDK call.
-fn code<E: ProvideErrorMetadata, R>(r: Result<R, aws_sdk_kms::error::SdkError<E>>) -> String {
-    match r {
-        Ok(_) => panic!("call unexpectedly succeeded"),
-        Err(e) => e
-            .as_service_error()
-            .and_then(|s| s.code())
-            .unwrap_or_else(|| panic!("not a service error"))
-            .to_owned(),
-    }
 }
 
 async fn create_store(
@@ -75,44 +54,7 @@ async fn create_store(
         .send()
         .await
         .map(|o| o.custom_key_store_id().expect("id").to_owned())
-        .map_err(|e| {
-            e.as_service_error()
-                .and_then(|s| s.code())
-                .unwrap_or("not a service error")
-                .to_owned()
-        })
-}
-
-/// Connects and waits (bounded) for the attempt to end; returns the entry.
-async fn connect(kms: &Client, id: &str) -> aws_sdk_kms::types::CustomKeyStoresListEntry {
-    kms.connect_custom_key_store()
-        .custom_key_store_id(id)
-        .send()
-        .await
-        .expect("connect accepted");
-    // Bounded: 600 x 50 ms.
-    for _ in 0..600 {
-        let d = kms
-            .describe_custom_key_stores()
-            .custom_key_store_id(id)
-            .send()
-            .await
-            .expect("describe");
-        let s = d.custom_key_stores()[0].clone();
-        if s.connection_state() != Some(&ConnectionStateType::Connecting) {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("store stayed CONNECTING");
-}
-
-async fn disconnect(kms: &Client, id: &str) {
-    kms.disconnect_custom_key_store()
-        .custom_key_store_id(id)
-        .send()
-        .await
-        .expect("disconnect");
+        .map_err(service_code)
 }
 
 async fn encrypt(kms: &Client, key: &str, data: &[u8]) -> Result<Blob, String> {
@@ -582,20 +524,12 @@ async fn sdk_signatures_are_verified_when_asked() {
     let arn = key.key_metadata().and_then(|m| m.arn()).expect("arn");
     let blob = encrypt(&kms, arn, b"signed").await.expect("encrypt");
     assert_eq!(decrypt(&kms, &blob).await, b"signed");
-    let wrong = aws_sdk_kms::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(format!("http://{}", emulator.addr))
-        .credentials_provider(Credentials::new(
-            "AKIDSDKCALLER",
-            "not-the-secret",
-            None,
-            None,
-            "test",
-        ))
-        .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
-        .build();
-    let r = Client::from_conf(wrong).list_keys().send().await;
+    let wrong = kms_support::sdk::client(
+        &format!("http://{}", emulator.addr),
+        "AKIDSDKCALLER",
+        "not-the-secret",
+    );
+    let r = wrong.list_keys().send().await;
     assert_eq!(code(r), "InvalidSignatureException");
 }
 

@@ -6,12 +6,13 @@
 //!
 //! Waits are for events (a result, a log line, the child's exit), each bounded.
 
-mod common;
-mod kms_support;
+use crate::common;
+use crate::harness;
+use crate::kms_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Client, Cred, TestProxy};
@@ -185,18 +186,11 @@ async fn try_encrypt(client: &Client, url: &str, id: &str) -> Result<(u16, Value
     let mut req = http::Request::post(url)
         .body(Bytes::from(serde_json::to_vec(&body).expect("json")))
         .expect("request");
-    xks_proxy::sigv4::sign_request(
+    common::sign_like_kms(
         &mut req,
         &client.cred.akid,
         &client.cred.secret,
         &client.region,
-        common::SERVICE,
-        SystemTime::now(),
-    )
-    .expect("sign");
-    req.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
     );
     let req = reqwest::Request::try_from(req.map(reqwest::Body::from)).expect("request");
     let resp = client.http.execute(req).await.map_err(|e| e.to_string())?;
@@ -255,36 +249,21 @@ fn start_limited(setup: &ProxySetup, fsize: u64) -> Proc {
 }
 
 fn wait_exit(proc: &mut Proc) -> ExitStatus {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if let Some(status) = proc.child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the child did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    harness::wait_exit(&mut proc.child, BOUND).expect("the child did not exit")
 }
 
 fn terminate(proc: &mut Proc) -> ExitStatus {
-    let ok = Command::new("kill")
-        .args(["-TERM", &proc.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
+    assert!(harness::signal(proc.pid(), "-TERM"));
     wait_exit(proc)
 }
 
 /// Waits (bounded) until the child's output has a line containing `what`.
 fn wait_for_output(proc: &Proc, what: &str) -> String {
-    let deadline = Instant::now() + BOUND;
-    loop {
+    harness::poll(BOUND, || {
         let out = proc.output();
-        if let Some(line) = out.lines().find(|l| l.contains(what)) {
-            return line.to_owned();
-        }
-        assert!(Instant::now() < deadline, "no {what:?} in:\n{out}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        out.lines().find(|l| l.contains(what)).map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("no {what:?} in:\n{}", proc.output()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,12 +476,7 @@ async fn a_full_disk_with_continue_answers_200_and_counts_dropped_records() {
     // The writer's failure is counted once it has happened (it writes behind the
     // answers): wait for its log line, then read the counters.
     wait_for_output(&proc, "audit trail write failed");
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::scrape_metrics(&admin).await;
     let sum = |name: &str| -> f64 {
         metrics
             .lines()

@@ -1,4 +1,4 @@
-//! Shared helpers of the deploy tests (`tests/deploy_*.rs`): where the repository and the
+//! Shared helpers of the deploy tests (`tests/deploy/deploy_*.rs`): where the repository and the
 //! linters are, running a command with a deadline, and child processes that die with
 //! the test.
 //!
@@ -10,7 +10,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::harness;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -116,23 +118,12 @@ pub struct Guard(pub Child);
 
 impl Guard {
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
-            .status();
+        let _ = harness::signal(self.0.id(), sig);
     }
 
     /// Waits up to `limit` for the process to exit.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(Some(s)) = self.0.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        harness::wait_exit(&mut self.0, limit)
     }
 }
 
@@ -145,28 +136,12 @@ impl Drop for Guard {
     }
 }
 
-/// A free TCP port on `ip` (bound, then released: another process could take it in
-/// between, which on a loopback address of our own is unlikely enough for a test).
-pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
-}
+pub use crate::harness::free_port;
 
-/// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
-pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Polls `f` until it returns `Some`, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    harness::poll(limit, f)
+        .unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
 }
 
 /// One plain-HTTP GET (HTTP/1.0, no keep-alive): status code and body, or None if the

@@ -5,11 +5,12 @@
 //!
 //! Waits are for events (counters, log lines, the child's exit), each bounded.
 
-mod kms_support;
+use crate::common;
+use crate::kms_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use kms_support::procs::{Backend, Proc, ProxySetup};
@@ -50,19 +51,7 @@ async fn call(
     let mut req = http::Request::post(url)
         .body(Bytes::from(serde_json::to_vec(&body).expect("json")))
         .expect("request");
-    xks_proxy::sigv4::sign_request(
-        &mut req,
-        AKID,
-        &SECRET.into(),
-        "us-east-1",
-        "kms-xks-proxy",
-        SystemTime::now(),
-    )
-    .expect("sign");
-    req.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    common::sign_like_kms(&mut req, AKID, &SECRET.into(), "us-east-1");
     let req = reqwest::Request::try_from(req.map(reqwest::Body::from)).expect("request");
     let resp = http.execute(req).await.map_err(|e| format!("{e:?}"))?;
     let status = resp.status().as_u16();

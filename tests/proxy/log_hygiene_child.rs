@@ -14,7 +14,8 @@
 //! reachable from the binary's config can be made to panic from outside; only the
 //! unit test in `src/backend/mod.rs` (a test-only backend) exercises it.
 
-mod common;
+use crate::common;
+use crate::harness;
 
 use std::io::Read;
 use std::path::Path;
@@ -159,22 +160,13 @@ impl ProxyChild {
     /// SIGTERM, then waits (bounded) for the exit and for both pipes to reach EOF.
     /// Returns the exit status and everything written to stderr and stdout.
     fn terminate(&mut self) -> (ExitStatus, Vec<u8>, Vec<u8>) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(ok.success(), "kill -TERM failed");
+        assert!(
+            harness::signal(self.child.id(), "-TERM"),
+            "kill -TERM failed"
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the proxy did not exit within 30 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = harness::wait_exit(&mut self.child, Duration::from_secs(30))
+            .expect("the proxy did not exit within 30 s of SIGTERM");
         // The child is gone: its pipes are closed, so the readers finish promptly.
         for r in self.readers.drain(..) {
             while !r.is_finished() {

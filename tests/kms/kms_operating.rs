@@ -2,10 +2,10 @@
 //! emulator presenting a KMS-like client certificate (`cks.kms.us-east-1.amazonaws.com`),
 //! and secondary-authorization denials surfacing as the KMS exceptions the brief names
 //! (CreateKey → CustomKeyStoreInvalidStateException, crypto → KMSInvalidStateException).
-//! Credential rotation through UpdateCustomKeyStore is covered in tests/kms_sdk_e2e.rs.
+//! Credential rotation through UpdateCustomKeyStore is covered in tests/kms/kms_sdk_e2e.rs.
 
-mod common;
-mod kms_support;
+use crate::common;
+use crate::kms_support;
 
 use common::{Options, TestProxy, prepare};
 use kms_support::{AKID, Emu, SECRET, b64, config_for};

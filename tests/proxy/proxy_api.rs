@@ -1,7 +1,7 @@
 //! The four XKS APIs and every error row, over real TLS, against the real server, with
 //! a client that signs like KMS (aws-sigv4). Each test cites the spec rule it checks.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;
@@ -723,7 +723,7 @@ async fn ping_on_the_main_and_the_plain_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_bodies_get_a_spec_error_not_a_hang() {
     // A declared length over the cap is refused without buffering it (the chunked case
-    // is in tests/curl.rs, sent by curl): 200 KiB over HTTP/1.1, 1 MiB over HTTP/2.
+    // is in tests/proxy/curl.rs, sent by curl): 200 KiB over HTTP/1.1, 1 MiB over HTTP/2.
     let p = TestProxy::start(Options::default()).await;
     let url = key_url(&p, KEY, "encrypt");
     let started = std::time::Instant::now();

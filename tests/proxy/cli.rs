@@ -1,8 +1,9 @@
 //! The `xks-proxy` binary as an operator uses it: help, config errors before binding,
 //! the demo quick start (its printed curl lines must work), key commands, signals.
 
-mod common;
-mod kms_support;
+use crate::common;
+use crate::harness;
+use crate::kms_support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -17,22 +18,11 @@ fn bin() -> Command {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
+    assert!(harness::signal(child.id(), sig));
 }
 
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "process did not exit in time");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    harness::wait_exit(child, within).expect("process did not exit in time")
 }
 
 #[test]
