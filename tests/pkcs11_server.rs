@@ -1447,6 +1447,70 @@ async fn three_tenants_on_three_backends_one_token_dies_and_the_others_serve_on(
     );
 }
 
+/// Issue 17 §1: a reload is all or nothing across backends. hsm-a's new disabled-key
+/// list is valid and the software keystore of `soft` is unreadable: the reload is
+/// refused, and hsm-a must not have applied its part (before the reload became
+/// two-phase, each backend that stays committed in turn, and hsm-a — first by name —
+/// disabled the key although the reload as a whole failed). With the keystore back,
+/// the same file applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_one_backend_refuses_applies_nothing_to_the_others() {
+    let t = ThreeTenants::serve();
+    assert_eq!(t.encrypt("/a").await.status, 200);
+    let creds = [Cred {
+        akid: t.client.cred.akid.clone(),
+        secret: t.client.cred.secret.clone(),
+    }];
+    let text = three_tenant_config(&creds, "");
+    let pin_line = "user_pin_file = \"pin\"\n";
+    let at = text.find(pin_line).expect("hsm-a's PIN line") + pin_line.len();
+    let disabling = format!(
+        "{}disabled_keys = [\"{KEY}\"]\n{}",
+        &text[..at],
+        &text[at..]
+    );
+    assert!(
+        disabling.find("disabled_keys") < disabling.find("[backends.hsm-b]"),
+        "the list is hsm-a's"
+    );
+    let keystore = t.dir.path().join("keystore.json");
+    let saved = std::fs::read(&keystore).expect("keystore");
+    std::fs::write(&keystore, b"{ not a keystore").expect("corrupt");
+    let applied = t.reload(&disabling).await;
+    std::fs::write(&keystore, &saved).expect("restore");
+    assert!(
+        !applied,
+        "soft cannot read its keystore: the reload is refused"
+    );
+    assert!(
+        t.proxy
+            .output()
+            .contains("backend 'soft' refused the reload"),
+        "{}",
+        t.proxy.output()
+    );
+    let r = t.encrypt("/a").await;
+    assert_eq!(
+        r.status, 200,
+        "hsm-a applied nothing of a refused reload: {:?}",
+        r.body
+    );
+    assert_eq!(
+        t.encrypt("/c").await.status,
+        200,
+        "soft serves its old keys"
+    );
+    // The same file, now that every backend can read its part: it applies.
+    assert!(t.reload(&disabling).await, "{}", t.proxy.output());
+    let r = t.encrypt("/a").await;
+    assert_eq!((r.status, r.error_name()), (400, "InvalidStateException"));
+    assert_eq!(
+        t.encrypt("/b").await.status,
+        200,
+        "hsm-b's key is another key"
+    );
+}
+
 /// Issue 14 §3, reload: backends are added, removed and re-pointed without a restart,
 /// all or nothing; a backend whose module cannot be loaded fails the reload and
 /// nothing changes.
